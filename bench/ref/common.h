@@ -1,0 +1,205 @@
+/* Shared helpers for the C reference programs in bench/ref.
+ * These programs measure the physical limits our Python code is compared
+ * against, so they do the simplest correct thing and nothing clever. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define MIB (1024UL * 1024UL)
+
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+static inline void die(const char *what)
+{
+    fprintf(stderr, "%s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+static inline double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* "4G", "256M", "64K" or plain bytes. */
+static inline uint64_t parse_size(const char *s)
+{
+    char *end;
+    uint64_t v = strtoull(s, &end, 10);
+    switch (*end) {
+    case 'G': case 'g': v <<= 10; /* fall through */
+    case 'M': case 'm': v <<= 10; /* fall through */
+    case 'K': case 'k': v <<= 10;
+    }
+    return v;
+}
+
+/* Listen on 127.0.0.1 with a kernel-chosen port; returns the fd, sets *port. */
+static inline int tcp_listen(int *port)
+{
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof a;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0 || bind(fd, (void *)&a, sizeof a) || listen(fd, 4) ||
+        getsockname(fd, (void *)&a, &len))
+        die("listen");
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
+static inline int tcp_connect(int port, int nodelay)
+{
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0 || connect(fd, (void *)&a, sizeof a))
+        die("connect");
+    if (nodelay)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, sizeof nodelay);
+    return fd;
+}
+
+static inline int tcp_accept(int lfd, int nodelay)
+{
+    int fd = accept(lfd, NULL, NULL);
+    if (fd < 0)
+        die("accept");
+    if (nodelay)
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, sizeof nodelay);
+    return fd;
+}
+
+static inline void send_all(int fd, const void *buf, size_t n)
+{
+    const char *p = buf;
+    while (n) {
+        ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            die("send");
+        p += r, n -= r;
+    }
+}
+
+/* Returns bytes received; fewer than n only at EOF. */
+static inline size_t recv_all(int fd, void *buf, size_t n)
+{
+    char *p = buf;
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = recv(fd, p + got, n - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            die("recv");
+        if (r == 0)
+            break;
+        got += r;
+    }
+    return got;
+}
+
+/* The syscall first (what the project uses), /dev/userfaultfd as fallback. */
+static inline int uffd_open(void)
+{
+    int fd = syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd < 0) {
+        int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+        if (dev >= 0) {
+            fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+            close(dev);
+        }
+    }
+    if (fd < 0) {
+        fprintf(stderr, "userfaultfd unavailable: run as root, or sysctl "
+                        "vm.unprivileged_userfaultfd=1, or allow /dev/userfaultfd\n");
+        exit(1);
+    }
+    struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+    if (ioctl(fd, UFFDIO_API, &api))
+        die("UFFDIO_API");
+    return fd;
+}
+
+static inline void uffd_register(int uffd, void *addr, size_t len)
+{
+    struct uffdio_register reg = { .range = { (uintptr_t)addr, len },
+                                   .mode = UFFDIO_REGISTER_MODE_MISSING };
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg))
+        die("UFFDIO_REGISTER");
+}
+
+/* A fresh anonymous region registered for MISSING faults. */
+static inline char *uffd_region(int uffd, size_t len)
+{
+    char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        die("mmap");
+    uffd_register(uffd, p, len);
+    return p;
+}
+
+/* Place len bytes at dst; returns the bytes this call actually placed.
+ * A range that meets an existing page fails with EAGAIN and copy = bytes
+ * placed before it; retrying at that page fails with EEXIST: skip the page.
+ * EAGAIN with copy <= 0 means the mm changed under us: retry as is. */
+static inline size_t uffd_place(int uffd, char *dst, const char *src, size_t len, uint64_t *eexist)
+{
+    size_t placed = 0;
+    while (len) {
+        struct uffdio_copy c = { .dst = (uintptr_t)dst, .src = (uintptr_t)src, .len = len };
+        if (ioctl(uffd, UFFDIO_COPY, &c) == 0) {
+            placed += len;
+            break;
+        }
+        size_t step;
+        if (errno == EAGAIN) {
+            if (c.copy <= 0)
+                continue;
+            step = c.copy;
+            placed += step;
+        } else if (errno == EEXIST) {
+            step = PAGE;
+            if (eexist)
+                ++*eexist;
+        } else {
+            die("UFFDIO_COPY");
+        }
+        dst += step, src += step, len -= step;
+    }
+    return placed;
+}
+
+static inline int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Nearest-rank percentile of a sorted array. */
+static inline double pct(const double *v, size_t n, double p)
+{
+    size_t k = (size_t)(p / 100.0 * n + 0.999999);
+    return v[k ? k - 1 : 0];
+}

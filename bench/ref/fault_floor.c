@@ -1,0 +1,184 @@
+/* fault_floor: the floor of one postcopy fault served over the network.
+ *   usage: fault_floor [K=2000] [REGION_MIB=256]
+ * Threads:  source  - serves page requests on a TCP_NODELAY connection
+ *                     (request: 8-byte page index, reply: 4096 bytes)
+ *           handler - polls the uffd, reads uffd_msg, requests the page,
+ *                     receives it, UFFDIO_COPY (wakes the vCPU)
+ *           vCPU    - (main thread) touches K random missing pages one after
+ *                     another and times each access with CLOCK_MONOTONIC
+ * Run twice: with an idle link, then "loaded" while a second connection in
+ * the same process saturates with an ideal-placer stream (TCP receive +
+ * UFFDIO_COPY into a second registered region), as the bulk channel would.
+ * Prints {"fault_idle_us": {p50,p99,max}, "fault_loaded_us": {...}}. */
+#include "common.h"
+
+#define RUN (256 * 1024)           /* bulk run, as ideal_placer's default */
+#define BULK_LEN (256 * MIB)       /* bulk target, re-zapped on wrap-around */
+
+static size_t region_len;
+static char *region;               /* the faulting "guest" */
+static int uffd, src_lfd, bulk_lfd, src_port, bulk_port;
+static volatile int stop_handler, stop_bulk;
+static volatile uint64_t bulk_bytes;
+
+static void *source(void *arg)     /* serves one page per 8-byte request */
+{
+    (void)arg;
+    int fd = tcp_accept(src_lfd, 1);
+    uint64_t idx, page[PAGE / 8];
+    memset(page, 0xab, sizeof page);
+    while (recv_all(fd, &idx, 8) == 8) {
+        page[0] = idx;             /* stamped so the vCPU can check what it got */
+        send_all(fd, page, PAGE);
+    }
+    close(fd);
+    return NULL;
+}
+
+static void *handler(void *arg)
+{
+    (void)arg;
+    int fd = tcp_connect(src_port, 1);
+    char *page = aligned_alloc(PAGE, PAGE);
+    struct uffd_msg msgs[16];
+    struct pollfd p = { .fd = uffd, .events = POLLIN };
+    while (!stop_handler) {
+        /* A timeout so the thread notices stop_handler; faults wake it at once. */
+        if (poll(&p, 1, 50) <= 0)
+            continue;
+        ssize_t n = read(uffd, msgs, sizeof msgs);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            continue;
+        if (n < 0)
+            die("read uffd");
+        for (size_t i = 0; i < n / sizeof msgs[0]; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t addr = msgs[i].arg.pagefault.address & ~(PAGE - 1);
+            uint64_t idx = (addr - (uintptr_t)region) / PAGE;
+            send_all(fd, &idx, 8);
+            if (recv_all(fd, page, PAGE) != PAGE)
+                die("source closed");
+            uffd_place(uffd, (char *)addr, page, PAGE, NULL);  /* EEXIST is harmless */
+        }
+    }
+    close(fd);
+    return NULL;
+}
+
+static void *bulk_sender(void *arg)
+{
+    (void)arg;
+    char *buf = malloc(MIB);
+    memset(buf, 0x5a, MIB);
+    int fd = tcp_connect(bulk_port, 0);
+    while (!stop_bulk)
+        send_all(fd, buf, MIB);
+    close(fd);                     /* EOF ends the bulk placer */
+    free(buf);
+    return NULL;
+}
+
+static void *bulk_placer(void *arg)
+{
+    (void)arg;
+    /* Its own uffd and region, like a second guest RAM block: nothing faults
+     * there, it only competes for CPU, memory bandwidth and the loopback. */
+    int u = uffd_open();
+    char *dst = uffd_region(u, BULK_LEN);
+    char *buf = aligned_alloc(PAGE, RUN);
+    int fd = tcp_accept(bulk_lfd, 0);
+    for (size_t off = 0;; off = (off + RUN) % BULK_LEN) {
+        if (recv_all(fd, buf, RUN) != RUN)
+            break;
+        if (!off && bulk_bytes)    /* wrapped: make the region missing again */
+            madvise(dst, BULK_LEN, MADV_DONTNEED);
+        uffd_place(u, dst + off, buf, RUN, NULL);
+        bulk_bytes += RUN;
+    }
+    close(fd);
+    munmap(dst, BULK_LEN);
+    close(u);
+    return NULL;
+}
+
+/* Touch k random distinct missing pages; returns the sorted latencies in µs. */
+static double *touch_pages(size_t k)
+{
+    size_t npages = region_len / PAGE;
+    uint32_t *order = malloc(npages * sizeof *order);
+    double *lat = malloc(k * sizeof *lat);
+    for (size_t i = 0; i < npages; i++)
+        order[i] = i;
+    for (size_t i = 0; i < k; i++) {     /* partial Fisher-Yates */
+        size_t j = i + (size_t)random() % (npages - i);
+        uint32_t t = order[i]; order[i] = order[j]; order[j] = t;
+    }
+    for (size_t i = 0; i < k; i++) {
+        volatile uint64_t *p = (volatile uint64_t *)(region + (size_t)order[i] * PAGE);
+        double t0 = now_s();
+        uint64_t v = *p;                 /* blocks in the kernel until placed */
+        lat[i] = (now_s() - t0) * 1e6;
+        if (v != order[i]) {
+            fprintf(stderr, "page %u holds %lu\n", order[i], v);
+            exit(1);
+        }
+    }
+    free(order);
+    qsort(lat, k, sizeof *lat, cmp_double);
+    return lat;
+}
+
+static void print_stats(const char *name, double *lat, size_t k)
+{
+    printf("\"%s\": {\"p50\": %.1f, \"p99\": %.1f, \"max\": %.1f, \"count\": %zu}",
+           name, pct(lat, k, 50), pct(lat, k, 99), lat[k - 1], k);
+}
+
+int main(int argc, char **argv)
+{
+    size_t k = argc > 1 ? strtoul(argv[1], NULL, 10) : 2000;
+    region_len = (argc > 2 ? strtoul(argv[2], NULL, 10) : 256) * MIB;
+    if (!k || k > region_len / PAGE) {
+        fprintf(stderr, "usage: fault_floor [K <= pages] [REGION_MIB]\n");
+        return 2;
+    }
+    srandom(1);
+    uffd = uffd_open();
+    region = uffd_region(uffd, region_len);
+    src_lfd = tcp_listen(&src_port);
+    bulk_lfd = tcp_listen(&bulk_port);
+
+    pthread_t ts, th, tb, tp;
+    pthread_create(&ts, NULL, source, NULL);
+    pthread_create(&th, NULL, handler, NULL);
+
+    touch_pages(16);                     /* warm-up: connection, code, caches */
+    madvise(region, region_len, MADV_DONTNEED);
+    double *idle = touch_pages(k);
+
+    /* Loaded: fresh missing pages, stream running at full speed first. */
+    madvise(region, region_len, MADV_DONTNEED);
+    pthread_create(&tp, NULL, bulk_placer, NULL);
+    pthread_create(&tb, NULL, bulk_sender, NULL);
+    while (bulk_bytes < 64 * MIB)
+        usleep(1000);
+    uint64_t b0 = bulk_bytes;
+    double t0 = now_s();
+    double *loaded = touch_pages(k);
+    double bulk_gbps = (bulk_bytes - b0) / (now_s() - t0) / 1e9;
+    stop_bulk = 1;
+    pthread_join(tb, NULL);
+    pthread_join(tp, NULL);
+
+    stop_handler = 1;
+    pthread_join(th, NULL);              /* closing its socket ends the source */
+    pthread_join(ts, NULL);
+
+    printf("{");
+    print_stats("fault_idle_us", idle, k);
+    printf(", ");
+    print_stats("fault_loaded_us", loaded, k);
+    printf(", \"loaded_stream_gbps\": %.3f}\n", bulk_gbps);
+    return 0;
+}

@@ -1,0 +1,44 @@
+"""Exceptions: one base class, so commands can turn any of them into one line."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class MigrateError(Exception):
+    """Base of every error uffd-migrate reports to a user.
+
+    Args:
+        message: what went wrong, in one line.
+        hint: how to fix it, or ``None``.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class UsageError(MigrateError):
+    """The user asked for something impossible (bad option, port in use...)."""
+
+
+class LocalProtocolError(MigrateError):
+    """We tried to misuse the protocol: a bug on our side."""
+
+
+class RemoteProtocolError(MigrateError):
+    """The peer broke the protocol: close that connection, keep serving."""
+
+
+class PeerError(MigrateError):
+    """The peer reported an error of its own, or went away."""
+
+
+class UffdError(MigrateError, OSError):
+    """A userfaultfd operation failed; keeps ``errno`` and the operation's name."""
+
+    def __init__(self, operation: str, err: int, hint: str | None = None) -> None:
+        MigrateError.__init__(self, f"{operation} failed: {os.strerror(err)} ({_errno.errorcode.get(err, err)})", hint)
+        self.errno = err
+        self.operation = operation

@@ -1,0 +1,210 @@
+"""The demo guest: a memory region plus native vCPU threads running a workload.
+
+A vCPU's whole CPU state is three integers (PRNG state, step count, read
+hash); with the seed and the per-vCPU step counts, ``replay`` rebuilds the
+exact memory a migrated guest must have, which is how migrations are proven.
+
+Guest memory is touched only by C functions (cffi releases the GIL), called
+from vCPU threads or from worker threads: on the destination, any access may
+sleep in the kernel until the page is placed.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+
+from ._native import ffi, lib
+from .errors import UsageError
+from .uffd import PAGE_SIZE
+
+
+class Workload(enum.IntEnum):
+    """Access patterns; values are the C ``enum workload``."""
+
+    uniform = lib.WL_UNIFORM
+    hotset = lib.WL_HOTSET
+    sequential = lib.WL_SEQUENTIAL
+    readmostly = lib.WL_READMOSTLY
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Everything needed to build a guest, on either side (it travels in the handshake)."""
+
+    pages: int
+    vcpus: int = 2
+    workload: Workload = Workload.hotset
+    seed: int = 1
+    zero_permille: int = 250
+    rate: int = 0  # accesses per second per vCPU; 0 means as fast as it goes
+
+    def __post_init__(self) -> None:
+        if self.pages < 1:
+            raise UsageError("the guest needs at least one page")
+        if not 1 <= self.vcpus <= min(self.pages, 256):
+            raise UsageError(f"{self.vcpus} vCPUs do not fit a guest of {self.pages} pages",
+                             hint="use at least one page per vCPU and at most 256 vCPUs")
+        if not 0 <= self.zero_permille <= 1000:
+            raise UsageError("the zero fraction must be within 0..1")
+        if self.rate < 0:
+            raise UsageError("the access rate cannot be negative")
+
+    @property
+    def size(self) -> int:
+        return self.pages * PAGE_SIZE
+
+    def vcpu_slice(self, index: int) -> tuple[int, int]:
+        """(first page, page count) of vCPU ``index``: slices are disjoint, so order never matters."""
+        first = index * self.pages // self.vcpus
+        return first, (index + 1) * self.pages // self.vcpus - first
+
+
+@dataclass(frozen=True)
+class StallSummary:
+    """Accesses that faulted, as the vCPUs measured them (all vCPUs merged)."""
+
+    count: int
+    total_ns: int
+    max_ns: int
+    buckets: tuple[int, ...]
+
+    def percentile_us(self, q: float) -> float:
+        """Upper edge of the histogram bucket holding the q-quantile, in µs (0 when empty)."""
+        if not self.count:
+            return 0.0
+        rank, seen = q * self.count, 0
+        for b, n in enumerate(self.buckets):
+            seen += n
+            if n and seen >= rank:
+                return min(_bucket_upper_ns(b), self.max_ns) / 1000
+        return self.max_ns / 1000
+
+    def as_dict(self) -> dict[str, float]:
+        return {"count": self.count, "p50": self.percentile_us(0.5), "p99": self.percentile_us(0.99),
+                "max": self.max_ns / 1000, "total_ms": self.total_ns / 1e6}
+
+
+def _bucket_upper_ns(b: int) -> int:
+    """Inverse of the C ``bucket_of``: 8 sub-buckets per power of two."""
+    if b < 8:
+        return b + 1
+    msb, sub = divmod(b, 8)
+    return (8 + sub + 1) << (msb - 3)
+
+
+class Guest:
+    """Guest memory and its vCPUs.
+
+    Args:
+        spec: what guest to build.
+        fill: write the initial contents (the source); the destination leaves
+            the region untouched so that every page faults until placed.
+    """
+
+    def __init__(self, spec: GuestSpec, *, fill: bool) -> None:
+        self.spec = spec
+        self.base: int = lib.region_map(spec.size)
+        if not self.base:
+            raise UsageError(f"cannot map a guest of {spec.size >> 20} MiB", hint="use a smaller --guest-mib")
+        self._states = ffi.new("vcpu_state_t[]", spec.vcpus)
+        self._stalls = ffi.new("stall_stats_t[]", spec.vcpus)
+        self._stop = ffi.new("int *")
+        self._threads: list[threading.Thread] = []
+        for i in range(spec.vcpus):
+            lib.vcpu_init(self._states + i, spec.seed, i)
+        if fill:
+            lib.guest_fill(self.base, 0, spec.pages, spec.seed, spec.zero_permille)
+
+    def start(self, max_steps: list[int] | None = None) -> None:
+        """Starts one native thread per vCPU; each runs until ``stop`` or its step budget."""
+        if self._threads:
+            raise RuntimeError("vCPUs already running")
+        self._stop[0] = 0
+        s = self.spec
+        for i in range(s.vcpus):
+            first, count = s.vcpu_slice(i)
+            budget = max_steps[i] if max_steps is not None else 2**64 - 1
+            t = threading.Thread(target=lib.vcpu_run, name=f"vcpu{i}", daemon=True,
+                                 args=(self.base, first, count, int(s.workload), self._states + i,
+                                       budget, s.rate, self._stop, self._stalls + i))
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stops the vCPUs and waits for them.
+
+        Blocks while a vCPU sleeps in a fault, so call it from a worker thread
+        on the destination.
+        """
+        self._stop[0] = 1
+        self.join()
+
+    def join(self) -> None:
+        """Waits for every vCPU to finish (its step budget, or a ``stop``)."""
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def export_state(self) -> list[tuple[int, int, int]]:
+        """CPU state of every vCPU as (prng, steps, acc); only meaningful while stopped."""
+        return [(st.prng, st.steps, st.acc) for st in self._states]
+
+    def import_state(self, states: list[tuple[int, int, int]]) -> None:
+        """Loads CPU state exported by ``export_state`` (on the other side)."""
+        if len(states) != self.spec.vcpus:
+            raise ValueError(f"{len(states)} vCPU states for {self.spec.vcpus} vCPUs")
+        for st, (prng, steps, acc) in zip(self._states, states):
+            st.prng, st.steps, st.acc = prng, steps, acc
+
+    def steps(self) -> list[int]:
+        return [st.steps for st in self._states]
+
+    def stalls(self) -> StallSummary:
+        """Merged stall histogram of all vCPUs (read while they run: a snapshot)."""
+        s = self._stalls
+        n = self.spec.vcpus
+        return StallSummary(
+            count=sum(s[i].count for i in range(n)),
+            total_ns=sum(s[i].total_ns for i in range(n)),
+            max_ns=max(s[i].max_ns for i in range(n)),
+            buckets=tuple(sum(s[i].buckets[b] for i in range(n)) for b in range(lib.STALL_BUCKETS)),
+        )
+
+    def digest(self) -> int:
+        """64-bit digest of all guest memory; every page must be present (or it faults)."""
+        return lib.guest_digest(self.base, self.spec.pages)
+
+    def read_pages(self, first: int, count: int, out: bytearray, is_zero: bytearray) -> None:
+        """Copies pages out of guest memory and flags the all-zero ones (the source's stream)."""
+        if first < 0 or count < 0 or first + count > self.spec.pages:
+            raise ValueError(f"pages {first}+{count} are outside the guest")
+        lib.guest_read_pages(self.base + first * PAGE_SIZE, ffi.from_buffer(out), count,
+                             ffi.from_buffer(is_zero))
+
+    def close(self) -> None:
+        """Unmaps guest memory; vCPUs must be stopped."""
+        if self._threads:
+            raise RuntimeError("stop the vCPUs before closing the guest")
+        if self.base:
+            lib.region_unmap(self.base, self.spec.size)
+            self.base = 0
+
+
+def replay(spec: GuestSpec, steps: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
+    """Runs the workload on a fresh guest for exactly ``steps[i]`` steps per vCPU, without migration.
+
+    Returns:
+        (digest, CPU states): what a correctly migrated guest must show.
+    """
+    guest = Guest(spec, fill=True)
+    try:
+        guest.start(max_steps=steps)
+        guest.join()
+        return guest.digest(), guest.export_state()
+    finally:
+        guest.close()

@@ -1,0 +1,40 @@
+"""cffi build script (API mode): compiles native/*.c into ``migrate._native``.
+
+The headers are both the cdef and the compiler's declarations, so kernel
+values and struct layouts come from the compiler, never typed in by hand.
+"""
+import pathlib
+import shutil
+import sys
+import sysconfig
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).parent
+HEADERS = ["uffd.h", "guest.h"]
+SOURCES = ["uffd.c", "guest.c"]
+
+
+def _check_toolchain() -> None:
+    """Fail early with a hint rather than with a compiler's traceback."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        sys.exit(f"uffd-migrate: C compiler {cc!r} not found; hint: apt-get install gcc")
+    if not pathlib.Path("/usr/include/linux/userfaultfd.h").exists():
+        sys.exit("uffd-migrate: <linux/userfaultfd.h> not found; hint: apt-get install linux-libc-dev")
+
+
+_check_toolchain()
+ffibuilder = FFI()
+ffibuilder.cdef("\n".join((HERE / h).read_text() for h in HEADERS))
+ffibuilder.set_source(
+    "migrate._native",
+    "#include <stdint.h>\n" + "".join(f'#include "{h}"\n' for h in HEADERS),
+    # setuptools wants source paths relative to the project root.
+    sources=[f"native/{s}" for s in SOURCES],
+    include_dirs=["native"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

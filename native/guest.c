@@ -1,0 +1,193 @@
+/* The demo guest's "hardware": deterministic vCPU workloads.  See guest.h. */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "guest.h"
+
+#define WORDS_PER_PAGE (GUEST_PAGE_SIZE / 8)
+/* Shorter than any userfaultfd round trip (8 µs or more here), longer than a
+ * cache or TLB miss, so only an access that may have faulted pays a
+ * getrusage(). */
+#define STALL_THRESHOLD_NS 2000
+
+static inline uint64_t splitmix(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ULL;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+static inline uint64_t xorshift(uint64_t *s)
+{
+    uint64_t x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+/* Uniform index in [0, n) from 32 random bits, without a division. */
+static inline uint64_t below(uint64_t r32, uint64_t n)
+{
+    return (r32 * n) >> 32;
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+void guest_fill(uint64_t base, uint64_t first, uint64_t count, uint64_t seed, uint32_t zero_permille)
+{
+    for (uint64_t p = first; p < first + count; p++) {
+        uint64_t h = splitmix(seed ^ (p << 16));
+        /* Zero pages are simply never written: a fresh mapping reads as zero
+         * and costs no memory. */
+        if (h % 1000 < zero_permille)
+            continue;
+        uint64_t *w = (uint64_t *)(uintptr_t)(base + p * GUEST_PAGE_SIZE);
+        for (uint64_t i = 0; i < WORDS_PER_PAGE; i++)
+            w[i] = splitmix(h + i);
+    }
+}
+
+void vcpu_init(vcpu_state_t *st, uint64_t seed, uint32_t index)
+{
+    st->prng = splitmix(seed * 0x100000001B3ULL + index) | 1; /* xorshift state must be nonzero */
+    st->steps = 0;
+    st->acc = 0;
+}
+
+static unsigned bucket_of(uint64_t ns)
+{
+    if (ns < 8)
+        return (unsigned)ns;
+    unsigned msb = 63 - (unsigned)__builtin_clzll(ns);
+    unsigned b = msb * 8 + (unsigned)((ns >> (msb - 3)) & 7);
+    return b < STALL_BUCKETS ? b : STALL_BUCKETS - 1;
+}
+
+static uint64_t page_faults(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_THREAD, &ru);
+    return (uint64_t)(ru.ru_minflt + ru.ru_majflt);
+}
+
+static void record_stall(stall_stats_t *s, uint64_t ns)
+{
+    s->count++;
+    s->total_ns += ns;
+    if (ns > s->max_ns)
+        s->max_ns = ns;
+    s->buckets[bucket_of(ns)]++;
+}
+
+int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
+             vcpu_state_t *st, uint64_t max_steps, uint64_t rate,
+             int *stop, stall_stats_t *stalls)
+{
+    if (count == 0)
+        return 0;
+    uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * GUEST_PAGE_SIZE);
+    uint64_t hot = count / 10 ? count / 10 : 1;
+    uint64_t prng = st->prng, steps = st->steps, acc = st->acc;
+    uint64_t start = now_ns(), start_steps = steps, last = 0, last_page = UINT64_MAX;
+    /* Only the first access to a page can fault, so only accesses that change
+     * page are timed (one clock read each, reusing the previous one when the
+     * step before was timed too).  A slow access counts as a stall when this
+     * thread's fault counter moved: a userfaultfd fault is counted there once
+     * the kernel retries it after the page is placed. */
+    uint64_t faults = page_faults();
+
+    while (steps < max_steps && !__atomic_load_n(stop, __ATOMIC_RELAXED)) {
+        uint64_t r = xorshift(&prng);
+        uint64_t pick = r >> 32, ctl = (r >> 9) & 0xff, page, word = r & (WORDS_PER_PAGE - 1);
+        int write;
+        switch (workload) {
+        case WL_HOTSET: /* 90% of accesses to the first 10% of the slice */
+            page = below(pick, ctl < 230 ? hot : count);
+            write = ctl & 1;
+            break;
+        case WL_SEQUENTIAL:
+            page = (steps / WORDS_PER_PAGE) % count;
+            word = steps % WORDS_PER_PAGE;
+            write = ctl & 1;
+            break;
+        case WL_READMOSTLY:
+            page = below(pick, count);
+            write = ctl < 13; /* about 5% writes */
+            break;
+        default: /* WL_UNIFORM */
+            page = below(pick, count);
+            write = ctl >= 64; /* 75% writes */
+            break;
+        }
+        int timed = page != last_page;
+        if (timed && last == 0)
+            last = now_ns();
+        uint64_t *w = mem + page * WORDS_PER_PAGE + word;
+        if (write)
+            *w = r ^ steps;
+        else
+            acc = (acc ^ *w) * 0x100000001B3ULL;
+        steps++;
+        if (timed) {
+            uint64_t t = now_ns();
+            if (t - last > STALL_THRESHOLD_NS) {
+                uint64_t f = page_faults();
+                if (f != faults)
+                    record_stall(stalls, t - last);
+                faults = f;
+            }
+            last = t;
+            last_page = page;
+        } else {
+            last = 0;
+        }
+        if (rate && (steps & 63) == 0) {
+            uint64_t t = now_ns(), due = start + (steps - start_steps) * 1000000000ULL / rate;
+            if (due > t) {
+                struct timespec ts = { (time_t)((due - t) / 1000000000ULL), (long)((due - t) % 1000000000ULL) };
+                nanosleep(&ts, NULL);
+                last = 0;
+            }
+        }
+    }
+    st->prng = prng;
+    st->steps = steps;
+    st->acc = acc;
+    return 0;
+}
+
+uint64_t guest_digest(uint64_t base, uint64_t npages)
+{
+    const uint64_t *w = (const uint64_t *)(uintptr_t)base;
+    uint64_t n = npages * WORDS_PER_PAGE;
+    /* Four independent lanes keep the multiplier busy; the lane order makes
+     * the digest position-sensitive. */
+    uint64_t h[4] = { 1, 2, 3, 4 };
+    for (uint64_t i = 0; i < n; i += 4)
+        for (int l = 0; l < 4; l++)
+            h[l] = (h[l] ^ w[i + l]) * 0x9E3779B97F4A7C15ULL + (h[l] >> 29);
+    return splitmix(h[0] ^ splitmix(h[1] ^ splitmix(h[2] ^ splitmix(h[3] ^ npages))));
+}
+
+void guest_read_pages(uint64_t src, void *dst, uint64_t npages, uint8_t *is_zero)
+{
+    const uint64_t *s = (const uint64_t *)(uintptr_t)src;
+    uint64_t *d = dst;
+    for (uint64_t p = 0; p < npages; p++, s += WORDS_PER_PAGE, d += WORDS_PER_PAGE) {
+        uint64_t any = 0;
+        for (int i = 0; i < WORDS_PER_PAGE; i++)
+            any |= d[i] = s[i];
+        is_zero[p] = any == 0;
+    }
+}

@@ -1,0 +1,50 @@
+/*
+ * The demo guest: a memory region and deterministic vCPU workloads.
+ *
+ * Read by the C compiler and by cffi's cdef parser: plain declarations only.
+ * Guest memory is touched only here, by threads that do not hold the GIL:
+ * on the destination any access may sleep in a userfaultfd fault.
+ */
+
+#define GUEST_PAGE_SIZE 4096
+#define STALL_BUCKETS 512
+
+/* A vCPU's whole CPU state: what migrate-src sends at switchover. */
+typedef struct {
+    uint64_t prng;   /* xorshift64* state */
+    uint64_t steps;  /* accesses executed so far */
+    uint64_t acc;    /* running hash of every value read: proves reads saw the right data */
+} vcpu_state_t;
+
+/* Accesses that faulted on a missing page, as the vCPU itself saw them:
+ * a log-linear histogram (8 sub-buckets per power of two of nanoseconds). */
+typedef struct {
+    uint64_t count;
+    uint64_t total_ns;
+    uint64_t max_ns;
+    uint64_t buckets[STALL_BUCKETS];
+} stall_stats_t;
+
+enum workload { WL_UNIFORM = 0, WL_HOTSET = 1, WL_SEQUENTIAL = 2, WL_READMOSTLY = 3 };
+
+/* Deterministic initial contents of pages [first, first+count) of a guest
+ * whose memory starts at base; about zero_permille/1000 pages stay all-zero. */
+void guest_fill(uint64_t base, uint64_t first, uint64_t count, uint64_t seed,
+                uint32_t zero_permille);
+
+/* Initial CPU state of vCPU index for a seed. */
+void vcpu_init(vcpu_state_t *st, uint64_t seed, uint32_t index);
+
+/* Runs the workload on pages [first, first+count) until *stop is set or
+ * st->steps reaches max_steps.  rate is accesses per second (0: unlimited).
+ * Accesses that faulted are timed into stalls.  Returns 0. */
+int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
+             vcpu_state_t *st, uint64_t max_steps, uint64_t rate,
+             int *stop, stall_stats_t *stalls);
+
+/* 64-bit digest of npages pages at base (a fast multiply-mix over words). */
+uint64_t guest_digest(uint64_t base, uint64_t npages);
+
+/* Copies npages pages from guest memory at src to dst and stores, for each
+ * page, 1 if it is all zero: the source streams zero pages as zero runs. */
+void guest_read_pages(uint64_t src, void *dst, uint64_t npages, uint8_t *is_zero);

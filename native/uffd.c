@@ -1,0 +1,139 @@
+/* Thin userfaultfd layer: see uffd.h.  No policy lives here. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#include "uffd.h"
+
+#define PAGE 4096ULL
+
+int uffd_open(int *syscall_errno, int *device_errno)
+{
+    *syscall_errno = 0;
+    *device_errno = 0;
+    /* User-mode-only faults are all we need (guest memory is touched only
+     * by user code) and are allowed whatever vm.unprivileged_userfaultfd says. */
+    int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd >= 0)
+        return fd;
+    *syscall_errno = errno;
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0) {
+        *device_errno = errno;
+        return -1;
+    }
+    fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        *device_errno = errno;
+    close(dev);
+    return fd < 0 ? -1 : fd;
+}
+
+int uffd_api(int fd, uint64_t *features)
+{
+    /* Thread ids in fault messages let a watchdog name the stuck vCPU. */
+    struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_THREAD_ID };
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *features = api.features;
+    return 0;
+}
+
+int uffd_register(int fd, uint64_t addr, uint64_t len)
+{
+    struct uffdio_register reg = {
+        .range = { .start = addr, .len = len },
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    return ioctl(fd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
+}
+
+/* One placement ioctl over a range: on -EAGAIN the kernel reports how far it
+ * got in *done (negative errno otherwise), so the loop resumes there; on
+ * -EEXIST the first page is already present and is skipped. */
+static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len,
+                 uint64_t *placed, uint64_t *existed)
+{
+    uint64_t off = 0;
+    while (off < len) {
+        int64_t done;
+        int rc;
+        if (zero) {
+            struct uffdio_zeropage z = { .range = { .start = dst + off, .len = len - off } };
+            rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+            done = z.zeropage;
+        } else {
+            struct uffdio_copy c = { .dst = dst + off, .src = (uint64_t)(uintptr_t)(src + off),
+                                     .len = len - off, .mode = 0 };
+            rc = ioctl(fd, UFFDIO_COPY, &c);
+            done = c.copy;
+        }
+        if (rc == 0) {
+            *placed += len - off;
+            return 0;
+        }
+        int err = errno;
+        if (done > 0) {
+            *placed += (uint64_t)done;
+            off += (uint64_t)done;
+        }
+        if (err == EEXIST) {
+            *existed += PAGE;
+            off += PAGE;
+        } else if (err != EAGAIN) {
+            return -err;
+        }
+    }
+    return 0;
+}
+
+int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len,
+              uint64_t *placed, uint64_t *existed)
+{
+    *placed = *existed = 0;
+    return place(fd, 0, dst, src, len, placed, existed);
+}
+
+int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t *placed, uint64_t *existed)
+{
+    *placed = *existed = 0;
+    return place(fd, 1, dst, NULL, len, placed, existed);
+}
+
+int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max)
+{
+    struct uffd_msg msgs[64];
+    if (max > 64)
+        max = 64;
+    ssize_t n = read(fd, msgs, sizeof(msgs[0]) * (size_t)max);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    int count = 0;
+    for (ssize_t i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        addrs[count] = msgs[i].arg.pagefault.address;
+        tids[count] = msgs[i].arg.pagefault.feat.ptid;
+        count++;
+    }
+    return count;
+}
+
+uint64_t region_map(uint64_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
+}
+
+int region_unmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
+}

@@ -1,0 +1,37 @@
+/*
+ * Thin userfaultfd layer for uffd-migrate.
+ *
+ * This header is read twice: by the C compiler (through build_ffi.py's
+ * set_source) and by cffi's cdef parser, so it holds plain declarations only.
+ * Every function returns 0 (or a count) on success and -errno on failure.
+ */
+
+/* Opens a non-blocking userfaultfd: the syscall first (user-mode faults only,
+ * allowed even when vm.unprivileged_userfaultfd=0), then /dev/userfaultfd.
+ * Returns the fd, or -1 with both errnos stored for a readable hint. */
+int uffd_open(int *syscall_errno, int *device_errno);
+
+/* UFFDIO_API handshake asking for thread ids; *features gets what the
+ * kernel offers. */
+int uffd_api(int fd, uint64_t *features);
+
+/* Registers [addr, addr+len) in MISSING mode. */
+int uffd_register(int fd, uint64_t addr, uint64_t len);
+
+/* Places len bytes from src at dst (page-aligned), one ioctl per stretch of
+ * absent pages.  Pages already present are skipped and counted: that is the
+ * fault/stream race the kernel resolves for us, not an error. */
+int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len,
+              uint64_t *placed, uint64_t *existed);
+
+/* The same for zero pages (UFFDIO_ZEROPAGE). */
+int uffd_zeropage(int fd, uint64_t dst, uint64_t len,
+                  uint64_t *placed, uint64_t *existed);
+
+/* Non-blocking read of up to max pagefault messages.  Returns the number of
+ * faults stored in addrs/tids (0 when none is pending), or -errno. */
+int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max);
+
+/* Page-aligned anonymous private mapping for a guest, and its release. */
+uint64_t region_map(uint64_t len);
+int region_unmap(uint64_t addr, uint64_t len);
