@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ._native import ffi, lib
 from .errors import UsageError
+from .metrics import Histogram
 from .uffd import PAGE_SIZE
 
 
@@ -59,39 +60,6 @@ class GuestSpec:
         """(first page, page count) of vCPU ``index``: slices are disjoint, so order never matters."""
         first = index * self.pages // self.vcpus
         return first, (index + 1) * self.pages // self.vcpus - first
-
-
-@dataclass(frozen=True)
-class StallSummary:
-    """Accesses that faulted, as the vCPUs measured them (all vCPUs merged)."""
-
-    count: int
-    total_ns: int
-    max_ns: int
-    buckets: tuple[int, ...]
-
-    def percentile_us(self, q: float) -> float:
-        """Upper edge of the histogram bucket holding the q-quantile, in µs (0 when empty)."""
-        if not self.count:
-            return 0.0
-        rank, seen = q * self.count, 0
-        for b, n in enumerate(self.buckets):
-            seen += n
-            if n and seen >= rank:
-                return min(_bucket_upper_ns(b), self.max_ns) / 1000
-        return self.max_ns / 1000
-
-    def as_dict(self) -> dict[str, float]:
-        return {"count": self.count, "p50": self.percentile_us(0.5), "p99": self.percentile_us(0.99),
-                "max": self.max_ns / 1000, "total_ms": self.total_ns / 1e6}
-
-
-def _bucket_upper_ns(b: int) -> int:
-    """Inverse of the C ``bucket_of``: 8 sub-buckets per power of two."""
-    if b < 8:
-        return b + 1
-    msb, sub = divmod(b, 8)
-    return (8 + sub + 1) << (msb - 3)
 
 
 class Guest:
@@ -164,16 +132,12 @@ class Guest:
     def steps(self) -> list[int]:
         return [st.steps for st in self._states]
 
-    def stalls(self) -> StallSummary:
-        """Merged stall histogram of all vCPUs (read while they run: a snapshot)."""
-        s = self._stalls
-        n = self.spec.vcpus
-        return StallSummary(
-            count=sum(s[i].count for i in range(n)),
-            total_ns=sum(s[i].total_ns for i in range(n)),
-            max_ns=max(s[i].max_ns for i in range(n)),
-            buckets=tuple(sum(s[i].buckets[b] for i in range(n)) for b in range(lib.STALL_BUCKETS)),
-        )
+    def stalls(self) -> Histogram:
+        """Accesses that faulted, as the vCPUs timed them, all vCPUs merged (a snapshot while they run)."""
+        s = [self._stalls[i] for i in range(self.spec.vcpus)]
+        return Histogram(count=sum(x.count for x in s), total_ns=sum(x.total_ns for x in s),
+                         max_ns=max(x.max_ns for x in s),
+                         buckets=[sum(x.buckets[b] for x in s) for b in range(lib.STALL_BUCKETS)])
 
     def digest(self) -> int:
         """64-bit digest of all guest memory; every page must be present (or it faults)."""

@@ -8,6 +8,7 @@
 #include "guest.h"
 
 #define WORDS_PER_PAGE (GUEST_PAGE_SIZE / 8)
+#define ZERO_EXTENT_PAGES 32
 /* Shorter than any userfaultfd round trip (8 µs or more here), longer than a
  * cache or TLB miss, so only an access that may have faulted pays a
  * getrusage(). */
@@ -47,11 +48,12 @@ static inline uint64_t now_ns(void)
 void guest_fill(uint64_t base, uint64_t first, uint64_t count, uint64_t seed, uint32_t zero_permille)
 {
     for (uint64_t p = first; p < first + count; p++) {
-        uint64_t h = splitmix(seed ^ (p << 16));
-        /* Zero pages are simply never written: a fresh mapping reads as zero
-         * and costs no memory. */
-        if (h % 1000 < zero_permille)
+        /* Zero-ness is decided per extent, as free memory in a real guest
+         * comes in runs, not in single pages.  Zero pages are simply never
+         * written: a fresh mapping reads as zero and costs no memory. */
+        if (splitmix(~seed ^ (p / ZERO_EXTENT_PAGES)) % 1000 < zero_permille)
             continue;
+        uint64_t h = splitmix(seed ^ (p << 16));
         uint64_t *w = (uint64_t *)(uintptr_t)(base + p * GUEST_PAGE_SIZE);
         for (uint64_t i = 0; i < WORDS_PER_PAGE; i++)
             w[i] = splitmix(h + i);

@@ -1,0 +1,204 @@
+"""migrate-dst: resumes the guest at once and fills its memory behind it.
+
+The kernel is the only bookkeeper.  Since ``userfaultfd_must_wait()``
+re-checks the page tables after a faulting thread has queued itself, a fault
+that races with a ``UFFDIO_COPY`` of the same page is never lost; so this side
+keeps no per-page state at all:
+
+- the *placer* places whatever the bulk stream brings;
+- the *fault reader* asks the source for every faulting page, duplicates
+  included (a duplicate costs one page of bandwidth and comes back as an
+  "already present" page, which is counted as a race the kernel absorbed);
+- the *request channel* places the urgent replies;
+- migration is complete when the bytes the kernel reports as placed add up
+  to the guest's size: the kernel never places a page twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from . import protocol as p
+from .errors import RemoteProtocolError
+from .guest import Guest, GuestSpec, Workload, replay
+from .metrics import Histogram, rss_mib
+from .progress import Progress
+from .uffd import PAGE_SIZE, Userfaultfd
+from .wire import FrameSocket, connect
+
+log = logging.getLogger(__name__)
+
+# Samples of the placed-pages curve kept for plots: bounded, one per interval.
+TIMELINE_INTERVAL = 0.1
+MAX_TIMELINE = 10_000
+
+
+@dataclass
+class DestinationConfig:
+    host: str
+    port: int
+    run_after: float = 1.0
+    verify: bool = False
+    key: bytes = b""
+    prefetch: int = 0  # neighbours requested after each faulting page
+
+
+@dataclass
+class Counters:
+    """Plain counters: the destination's only state about pages."""
+
+    placed_pages: int = 0
+    eexist: int = 0
+    faults: int = 0
+    requests: int = 0
+    zero_pages: int = 0
+    fault_service: Histogram = field(default_factory=Histogram)
+
+
+class Destination:
+    """The destination side of one migration."""
+
+    def __init__(self, cfg: DestinationConfig) -> None:
+        self.cfg = cfg
+        self.counters = Counters()
+        self.progress = Progress()
+        self.timeline: list[tuple[float, int]] = []
+        self._all_placed = trio.Event()
+        self._total = 0
+
+    async def _open(self, channel: p.Channel, session: bytes) -> tuple[FrameSocket, p.Welcome]:
+        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port), p.Connection(p.Role.DESTINATION),
+                         f"source {self.cfg.host}:{self.cfg.port}")
+        challenge = await fs.expect(p.Challenge)
+        nonce = p.new_nonce()
+        await fs.send(p.Hello(channel, session, nonce,
+                              p.prove(self.cfg.key, p.Role.DESTINATION, channel, challenge.nonce, nonce)))
+        welcome = await fs.expect(p.Welcome)
+        if not p.proof_ok(p.prove(self.cfg.key, p.Role.SOURCE, channel, challenge.nonce, nonce), welcome.proof):
+            fs.close()
+            raise RemoteProtocolError("authentication failed: the source does not know the key",
+                                      hint="give both sides the same --key-file")
+        return fs, welcome
+
+    async def run(self) -> dict[str, object]:
+        """Migrates the guest in, lets it run, and returns the metrics."""
+        t_connect = time.monotonic()
+        bulk, welcome = await self._open(p.Channel.BULK, b"")
+        info = await bulk.expect(p.GuestInfo)
+        spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
+                         zero_permille=info.zero_permille, rate=info.rate)
+        self._total = spec.pages
+        guest = Guest(spec, fill=False)
+        uffd = Userfaultfd()
+        uffd.register(guest.base, spec.size)
+        urgent, _ = await self._open(p.Channel.URGENT, welcome.session)
+        urgent.conn.guest_pages = spec.pages
+        log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
+                 spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
+
+        cpu = await bulk.expect(p.CpuState)
+        guest.import_state(list(cpu.vcpus))
+        guest.start()  # before any page has arrived: every first touch faults
+        running_at = time.time_ns()
+        t_switch = time.monotonic()
+        downtime_ms = (running_at - cpu.stopped_at_ns) / 1e6
+        log.info("vCPUs running again %.2f ms after the source stopped them", downtime_ms)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._placer, bulk, uffd, guest.base)
+            nursery.start_soon(self._fault_reader, uffd, urgent, guest.base, spec.pages)
+            nursery.start_soon(self._request_channel, urgent, uffd, guest.base)
+            nursery.start_soon(self._watch_progress, bulk, spec.pages, t_switch)
+            await self._all_placed.wait()
+            nursery.cancel_scope.cancel()
+        placement_s = time.monotonic() - t_switch
+        self.progress.finish()
+        c = self.counters
+        log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
+                 c.placed_pages, placement_s, c.faults, c.requests, c.eexist)
+        await bulk.send(p.DestDone({"pages_placed": c.placed_pages, "faults": c.faults, "eexist": c.eexist}))
+
+        await trio.sleep(self.cfg.run_after)
+        await trio.to_thread.run_sync(guest.stop)
+        uffd.close()  # safe only now: every page is present, none can read as zeros
+        steps = guest.steps()
+        stalls = guest.stalls()
+        verified: bool | None = None
+        if self.cfg.verify:
+            log.info("verifying: replaying %s steps without migration", steps)
+            digest = await trio.to_thread.run_sync(guest.digest)
+            want_digest, want_state = await trio.to_thread.run_sync(replay, spec, steps)
+            verified = digest == want_digest and guest.export_state() == want_state
+        guest.close()
+        for fs in (bulk, urgent):
+            fs.close()
+        return {
+            "pages_total": spec.pages, "pages_placed": c.placed_pages, "verified": verified,
+            "downtime_ms": round(downtime_ms, 3), "total_s": round(placement_s, 3),
+            "connect_to_done_s": round(time.monotonic() - t_connect, 3),
+            "bytes_bulk": bulk.bytes_in, "bytes_urgent": urgent.bytes_in,
+            "stream_gbps": round(bulk.bytes_in / placement_s / 1e9, 3),
+            "faults": c.faults, "requests": c.requests, "eexist": c.eexist, "zero_pages": c.zero_pages,
+            "vcpu_stall_us": stalls.summary(), "fault_service_us": c.fault_service.summary(),
+            "vcpu_steps": steps, "rss_mib": rss_mib(), "guest_mib": spec.size / 2**20,
+            "workload": spec.workload.name, "vcpus": spec.vcpus, "placed_timeline": self.timeline,
+        }
+
+    def _place(self, uffd: Userfaultfd, base: int, event: p.Event) -> None:
+        """Places one run; pages the kernel already has are counted, not an error."""
+        if isinstance(event, p.PageRun):
+            placed = uffd.copy(base + event.start * PAGE_SIZE, event.payload, event.count * PAGE_SIZE)
+        elif isinstance(event, p.ZeroRun):
+            placed = uffd.zeropage(base + event.start * PAGE_SIZE, event.count * PAGE_SIZE)
+            self.counters.zero_pages += placed.pages
+        else:
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} while pages are arriving")
+        c = self.counters
+        c.placed_pages += placed.pages
+        c.eexist += placed.existed
+        if event.echo:
+            c.fault_service.add(time.perf_counter_ns() - event.echo)
+        if c.placed_pages == self._total:
+            self._all_placed.set()
+
+    async def _placer(self, bulk: FrameSocket, uffd: Userfaultfd, base: int) -> None:
+        while True:
+            event = await bulk.receive()
+            if not isinstance(event, p.SourceDone):
+                self._place(uffd, base, event)
+
+    async def _request_channel(self, urgent: FrameSocket, uffd: Userfaultfd, base: int) -> None:
+        while True:
+            self._place(uffd, base, await urgent.receive())
+
+    async def _fault_reader(self, uffd: Userfaultfd, urgent: FrameSocket, base: int, pages: int) -> None:
+        """Turns every fault into a request, at once; no dedup, no record of what was asked."""
+        span = 1 + self.cfg.prefetch
+        while True:
+            await trio.lowlevel.wait_readable(uffd.fd)
+            faults = uffd.read_faults()
+            if not faults:
+                continue
+            runs = []
+            for addr, _tid in faults:
+                page = (addr - base) // PAGE_SIZE
+                runs.append((page, min(span, pages - page)))
+            self.counters.faults += len(faults)
+            self.counters.requests += 1
+            await urgent.send(p.PageRequest(tuple(runs), time.perf_counter_ns()))
+
+    async def _watch_progress(self, bulk: FrameSocket, pages: int, t0: float) -> None:
+        c = self.counters
+        while True:
+            elapsed = time.monotonic() - t0
+            if len(self.timeline) < MAX_TIMELINE:
+                self.timeline.append((round(elapsed, 3), c.placed_pages))
+            self.progress.update(
+                f"placed {c.placed_pages}/{pages} pages ({100 * c.placed_pages / pages:.0f}%), "
+                f"{bulk.bytes_in / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {c.faults / max(elapsed, 1e-9):.0f} faults/s, "
+                f"{c.eexist} races absorbed")
+            await trio.sleep(TIMELINE_INTERVAL)

@@ -1,0 +1,80 @@
+"""Latency histograms and the metrics a migration reports.
+
+The bucket scheme matches the C one in native/guest.c (8 log-linear
+sub-buckets per power of two of nanoseconds, about 12% resolution), so the
+vCPUs' own stall histograms and Python-side latencies read the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import dataclass, field
+from typing import IO
+
+BUCKETS = 512
+
+
+def bucket_of(ns: int) -> int:
+    """Histogram bucket of a duration (the C ``bucket_of``)."""
+    if ns < 8:
+        return max(ns, 0)
+    msb = ns.bit_length() - 1
+    return min(msb * 8 + ((ns >> (msb - 3)) & 7), BUCKETS - 1)
+
+
+def bucket_upper_ns(b: int) -> int:
+    """Largest duration that falls in bucket ``b``, plus one."""
+    if b < 8:
+        return b + 1
+    msb, sub = divmod(b, 8)
+    return (8 + sub + 1) << (msb - 3)
+
+
+@dataclass
+class Histogram:
+    """Counts of durations in log-linear buckets; exact count, total and max."""
+
+    count: int = 0
+    total_ns: int = 0
+    max_ns: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.total_ns += ns
+        self.max_ns = max(self.max_ns, ns)
+        self.buckets[bucket_of(ns)] += 1
+
+    def percentile_us(self, q: float) -> float:
+        """Upper edge of the bucket holding the q-quantile, in µs (0 when empty)."""
+        if not self.count:
+            return 0.0
+        rank, seen = q * self.count, 0
+        for b, n in enumerate(self.buckets):
+            seen += n
+            if n and seen >= rank:
+                return round(min(bucket_upper_ns(b), self.max_ns) / 1000, 1)
+        return self.max_ns / 1000
+
+    def summary(self) -> dict[str, float]:
+        """count, p50, p99, max (µs) and total_ms: the shape the metrics file uses."""
+        return {"count": self.count, "p50": self.percentile_us(0.5), "p99": self.percentile_us(0.99),
+                "max": round(self.max_ns / 1000, 1), "total_ms": round(self.total_ns / 1e6, 3)}
+
+
+def rss_mib() -> float:
+    """Peak resident set size of this process, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def write_metrics(metrics: dict[str, object], path: str | None, stdout: IO[str]) -> None:
+    """Writes one JSON object to ``path`` (``-`` for stdout); nothing when path is None."""
+    if path is None:
+        return
+    text = json.dumps(metrics, sort_keys=True)
+    if path == "-":
+        print(text, file=stdout, flush=True)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")

@@ -1,0 +1,60 @@
+"""The source's record of what is left to stream: a sorted list of page ranges.
+
+This is source-side bookkeeping of *sending*, a handful of ranges (a served
+request punches at most one hole), never per-page state.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+class Remaining:
+    """Disjoint, sorted half-open page ranges [start, end) not yet sent."""
+
+    def __init__(self, runs: list[tuple[int, int]]) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        for start, count in sorted(runs):
+            self._add(start, start + count)
+
+    def _add(self, start: int, end: int) -> None:
+        if self._ends and start <= self._ends[-1]:
+            self._ends[-1] = max(self._ends[-1], end)
+        else:
+            self._starts.append(start)
+            self._ends.append(end)
+
+    @property
+    def pages(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends))
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def take(self, cursor: int, limit: int) -> tuple[int, int] | None:
+        """Removes and returns the next run of at most ``limit`` pages at or after ``cursor``.
+
+        Wraps around to the lowest range when nothing is left after the cursor;
+        ``None`` when nothing is left at all.
+        """
+        if not self._starts:
+            return None
+        i = bisect.bisect_right(self._ends, cursor)
+        if i == len(self._starts):
+            i = 0
+        start = max(self._starts[i], cursor) if self._ends[i] > cursor else self._starts[i]
+        count = min(limit, self._ends[i] - start)
+        self.discard(start, count)
+        return start, count
+
+    def discard(self, start: int, count: int) -> None:
+        """Removes [start, start+count) wherever it overlaps what is left."""
+        end = start + count
+        i = bisect.bisect_right(self._ends, start)
+        while i < len(self._starts) and self._starts[i] < end:
+            s, e = self._starts[i], self._ends[i]
+            pieces = [(a, b) for a, b in ((s, start), (end, e)) if a < b]
+            self._starts[i : i + 1] = [a for a, _ in pieces]
+            self._ends[i : i + 1] = [b for _, b in pieces]
+            i += len(pieces)

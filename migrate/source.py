@@ -1,0 +1,239 @@
+"""migrate-src: owns the running guest, hands it over at switchover, then serves its pages.
+
+Tasks after switchover, in one nursery:
+- the *streamer* sends every page not yet sent over the bulk channel, in runs,
+  zero runs as ZeroRun, jumping to just after the last requested run
+  (a vCPU that faulted there is likely to touch the next pages soon);
+- the *request server* answers PageRequests on the urgent channel at once;
+- the *completion watcher* waits for the destination's DestDone.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+import secrets
+import time
+from dataclasses import dataclass
+
+import trio
+
+from . import protocol as p
+from .errors import MigrateError, PeerError, RemoteProtocolError, UsageError
+from .guest import Guest, GuestSpec
+from .metrics import rss_mib
+from .progress import Progress
+from .ranges import Remaining
+from .uffd import PAGE_SIZE
+from .wire import FrameSocket, tune
+
+log = logging.getLogger(__name__)
+
+CHUNK_PAGES = p.DEFAULT_MAX_PAYLOAD // PAGE_SIZE
+# A destination must finish its handshake quickly: a silent or slow-drip
+# client must not hold a connection slot or a task forever.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class SourceConfig:
+    host: str
+    port: int
+    spec: GuestSpec
+    run_before: float = 1.0
+    key: bytes = b""
+    ready_file: str | None = None
+
+
+@dataclass
+class _Session:
+    """The one migration in progress: its id and its two channels."""
+
+    id: bytes
+    bulk: FrameSocket
+    urgent: FrameSocket | None = None
+
+
+def _split(zeros: bytearray, count: int) -> list[tuple[bool, int, int]]:
+    """Groups pages [0, count) into (is_zero, first, n) runs by their zero flags."""
+    runs, i = [], 0
+    while i < count:
+        zero = zeros[i] == 1
+        j = zeros.find(b"\x00" if zero else b"\x01", i, count)
+        j = count if j < 0 else j
+        runs.append((zero, i, j - i))
+        i = j
+    return runs
+
+
+class Source:
+    """The source side of one migration."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.spec = cfg.spec
+        self.guest: Guest | None = None
+        self.remaining = Remaining([(0, cfg.spec.pages)])
+        self.cursor = 0
+        self.session: _Session | None = None
+        self._paired = trio.Event()
+        self.stats = {"pages_streamed": 0, "pages_requested": 0, "requests": 0, "rejected_peers": 0}
+        self.dest_counters: dict[str, float] = {}
+        self.progress = Progress()
+
+    # -- set-up ------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
+        """Runs the guest, migrates it once, and returns the source's metrics."""
+        t0 = time.monotonic()
+        self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
+        self.guest.start()
+        listener = await self._listen()
+        port = listener.getsockname()[1]
+        log.info("guest of %d MiB with %d vCPUs running %s; listening on %s:%d", self.spec.size >> 20,
+                 self.spec.vcpus, self.spec.workload.name, self.cfg.host, port)
+        task_status.started(port)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._accept_loop, listener, nursery)
+            await self._paired.wait()
+            await trio.sleep_until(t0 + self.cfg.run_before)
+            result = await self._migrate()
+            nursery.cancel_scope.cancel()
+        listener.close()
+        return result
+
+    async def _listen(self) -> trio.socket.SocketType:
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        try:
+            await sock.bind((self.cfg.host, self.cfg.port))
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror}",
+                             hint="choose another port with --listen HOST:PORT (port 0 picks a free one)") from None
+        sock.listen(8)
+        host, port = sock.getsockname()[:2]
+        print(f'{{"listening": "{host}:{port}"}}', flush=True)
+        if self.cfg.ready_file:
+            with open(self.cfg.ready_file, "w") as f:
+                f.write(f"{host}:{port}\n")
+        return sock
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            sock, addr = await listener.accept()
+            nursery.start_soon(self._greet, sock, f"{addr[0]}:{addr[1]}")
+
+    async def _greet(self, sock: trio.socket.SocketType, peer: str) -> None:
+        """Handshake of one incoming connection; a failure closes only that connection."""
+        tune(sock)
+        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages), f"destination {peer}")
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await self._handshake(fs)
+        except (MigrateError, trio.TooSlowError) as exc:
+            self.stats["rejected_peers"] += 1
+            reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            log.warning("rejected %s: %s", peer, reason)
+            with trio.move_on_after(1):
+                try:
+                    await fs.send(p.Error(reason[:200]))
+                except MigrateError:
+                    pass
+            fs.close()
+
+    async def _handshake(self, fs: FrameSocket) -> None:
+        nonce = p.new_nonce()
+        await fs.send(p.Challenge(nonce))
+        hello = await fs.expect(p.Hello)
+        if not p.proof_ok(p.prove(self.cfg.key, p.Role.DESTINATION, hello.channel, nonce, hello.nonce), hello.proof):
+            raise RemoteProtocolError("authentication failed: the destination does not know the key")
+        s = self.session
+        if hello.channel is p.Channel.BULK:
+            if s is not None:
+                raise PeerError("a migration is already in progress")
+            self.session = s = _Session(secrets.token_bytes(16), fs)
+        elif s is None or hello.session != s.id or s.urgent is not None:
+            raise RemoteProtocolError("urgent channel for an unknown session")
+        else:
+            s.urgent = fs
+        await fs.send(p.Welcome(s.id, p.prove(self.cfg.key, p.Role.SOURCE, hello.channel, nonce, hello.nonce)))
+        if hello.channel is p.Channel.BULK:
+            sp = self.spec
+            await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
+            log.info("destination %s connected", fs.peer)
+        else:
+            self._paired.set()
+
+    # -- migration ---------------------------------------------------------
+    async def _migrate(self) -> dict[str, object]:
+        assert self.guest is not None and self.session is not None and self.session.urgent is not None
+        await trio.to_thread.run_sync(self.guest.stop)
+        stopped_at = time.time_ns()
+        t_switch = time.monotonic()
+        steps = self.guest.steps()
+        bulk, urgent = self.session.bulk, self.session.urgent
+        await bulk.send(p.CpuState(tuple(self.guest.export_state()), stopped_at))
+        log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stream, bulk)
+            nursery.start_soon(self._serve_requests, urgent)
+            self.dest_counters = (await bulk.expect(p.DestDone)).counters
+            nursery.cancel_scope.cancel()
+        self.progress.finish()
+        total_s = time.monotonic() - t_switch
+        metrics: dict[str, object] = {
+            **self.stats, "pages_total": self.spec.pages, "total_s": round(total_s, 3),
+            "bytes_bulk": bulk.bytes_out, "bytes_urgent": urgent.bytes_out, "rss_mib": rss_mib(),
+            "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
+        }
+        log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
+                 total_s, self.stats["pages_streamed"], self.stats["pages_requested"], self.stats["requests"],
+                 self.dest_counters.get("pages_placed", "?"))
+        for fs in (bulk, urgent):
+            fs.close()
+        return metrics
+
+    async def _send_pages(self, fs: FrameSocket, start: int, count: int, buf: bytearray, zeros: bytearray,
+                          echo: int = 0) -> None:
+        """Reads pages in a worker thread (guest memory is never touched by the trio thread) and sends them."""
+        assert self.guest is not None
+        await trio.to_thread.run_sync(self.guest.read_pages, start, count, buf, zeros)
+        view = memoryview(buf)
+        for zero, first, n in _split(zeros, count):
+            if zero:
+                await fs.send(p.ZeroRun(start + first, n, echo))
+            else:
+                await fs.send(p.PageRun(start + first, n, view[first * PAGE_SIZE:(first + n) * PAGE_SIZE], echo))
+
+    async def _stream(self, bulk: FrameSocket) -> None:
+        buf, zeros = bytearray(CHUNK_PAGES * PAGE_SIZE), bytearray(CHUNK_PAGES)
+        t0 = time.monotonic()
+        while (run := self.remaining.take(self.cursor, CHUNK_PAGES)) is not None:
+            start, count = run
+            self.cursor = start + count
+            await self._send_pages(bulk, start, count, buf, zeros)
+            self.stats["pages_streamed"] += count
+            done = self.stats["pages_streamed"] + self.stats["pages_requested"]
+            mbps = bulk.bytes_out / max(time.monotonic() - t0, 1e-9) / 1e6
+            self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * done / self.spec.pages:.0f}%), "
+                                 f"{mbps:.0f} MB/s, {self.stats['requests']} requests")
+        await bulk.send(p.SourceDone(self.stats["pages_streamed"]))
+        log.info("stream complete: %d pages in %.2f s", self.stats["pages_streamed"], time.monotonic() - t0)
+
+    async def _serve_requests(self, urgent: FrameSocket) -> None:
+        buf, zeros = bytearray(CHUNK_PAGES * PAGE_SIZE), bytearray(CHUNK_PAGES)
+        while True:
+            req = await urgent.expect(p.PageRequest)
+            self.stats["requests"] += 1
+            for start, count in req.runs:
+                for first in range(start, start + count, CHUNK_PAGES):
+                    n = min(CHUNK_PAGES, start + count - first)
+                    self.remaining.discard(first, n)
+                    await self._send_pages(urgent, first, n, buf, zeros, echo=req.stamp)
+                    self.stats["pages_requested"] += n
+                self.cursor = start + count
+
+
+async def serve(cfg: SourceConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
+    """Runs one source until its guest has been migrated; returns its metrics."""
+    return await Source(cfg).run(task_status=task_status)

@@ -1,0 +1,25 @@
+"""The human summary migrate-dst prints at the end."""
+
+from __future__ import annotations
+
+from typing import IO
+
+
+def print_summary(m: dict, out: IO[str]) -> None:
+    """A short table of what happened; the last line says whether the guest was proven identical."""
+    stall, service = m["vcpu_stall_us"], m["fault_service_us"]
+    mib = m["bytes_bulk"] / 2**20
+    lines = [
+        "── migration summary ─────────────────────────────",
+        f"guest            {m['guest_mib']:.0f} MiB, {m['vcpus']} vCPUs, {m['workload']}",
+        f"pages placed     {m['pages_placed']}/{m['pages_total']} ({m['zero_pages']} as zero pages)",
+        f"downtime         {m['downtime_ms']:.2f} ms (source vCPUs stopped → running here)",
+        f"memory arrived   in {m['total_s']:.2f} s, {mib:.0f} MiB on the bulk channel ({m['stream_gbps']:.2f} GB/s)",
+        f"faults           {m['faults']} in {m['requests']} requests, {m['bytes_urgent'] / 2**20:.1f} MiB urgent",
+        f"vCPU stalls      {stall['count']} accesses, p50 {stall['p50']:.0f} µs, p99 {stall['p99']:.0f} µs, "
+        f"max {stall['max']:.0f} µs, {stall['total_ms']:.1f} ms in all",
+        f"fault service    p50 {service['p50']:.0f} µs, p99 {service['p99']:.0f} µs, max {service['max']:.0f} µs",
+        f"races absorbed   {m['eexist']} pages already present when placed (no userland page state)",
+        f"verified: {'yes' if m['verified'] else 'NO' if m['verified'] is False else 'not checked (use --verify)'}",
+    ]
+    print("\n".join(lines), file=out, flush=True)
