@@ -119,6 +119,19 @@ def _read_key(args: argparse.Namespace) -> bytes:
     return os.environ.get(KEY_ENV, "").encode()
 
 
+def _run_trio(fn: Callable[..., object], *args: object) -> object:
+    """trio.run, with a MigrateError raised inside a nursery unwrapped from its exception group."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        wanted, _ = group.split((MigrateError, KeyboardInterrupt))
+        while isinstance(wanted, BaseExceptionGroup):
+            wanted = wanted.exceptions[0]
+        if wanted is None:
+            raise
+        raise wanted from None
+
+
 def _print_error(prog: str, exc: MigrateError) -> None:
     print(f"{prog}: error: {exc}", file=sys.stderr)
     if exc.hint:
@@ -154,7 +167,7 @@ def _run_src(args: argparse.Namespace) -> int:
                      zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file)
-    metrics = trio.run(serve, cfg)
+    metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0
 
@@ -168,7 +181,7 @@ def _run_dst(args: argparse.Namespace) -> int:
         raise UsageError("--prefetch cannot be negative")
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch)
-    metrics = trio.run(Destination(cfg).run)
+    metrics = _run_trio(Destination(cfg).run)
     write_metrics(metrics, args.metrics, sys.stdout)
     print_summary(metrics, sys.stderr)
     return 0 if metrics["verified"] is not False else 3

@@ -87,13 +87,13 @@ class Destination:
     async def run(self) -> dict[str, object]:
         """Migrates the guest in, lets it run, and returns the metrics."""
         t_connect = time.monotonic()
+        uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
         bulk, welcome = await self._open(p.Channel.BULK, b"")
         info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
         self._total = spec.pages
         guest = Guest(spec, fill=False)
-        uffd = Userfaultfd()
         uffd.register(guest.base, spec.size)
         urgent, _ = await self._open(p.Channel.URGENT, welcome.session)
         urgent.conn.guest_pages = spec.pages

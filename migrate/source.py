@@ -160,7 +160,7 @@ class Source:
         if hello.channel is p.Channel.BULK:
             sp = self.spec
             await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
-            log.info("destination %s connected", fs.peer)
+            log.info("%s connected", fs.peer)
         else:
             self._paired.set()
 

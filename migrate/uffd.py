@@ -59,10 +59,6 @@ class Userfaultfd:
         features = ffi.new("uint64_t *")
         self._check("UFFDIO_API", lib.uffd_api(fd, features))
         self.features: int = features[0]
-        self._placed = ffi.new("uint64_t *")
-        self._existed = ffi.new("uint64_t *")
-        self._addrs = ffi.new("uint64_t[]", _MAX_FAULTS)
-        self._tids = ffi.new("uint32_t[]", _MAX_FAULTS)
 
     def _check(self, operation: str, rc: int) -> None:
         if rc < 0:
@@ -76,21 +72,23 @@ class Userfaultfd:
     def copy(self, dst: int, src: object, length: int) -> Placed:
         """Places ``length`` bytes of ``src`` (a buffer) at ``dst``; present pages are skipped."""
         _check_aligned(dst, length)
-        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length,
-                                                 self._placed, self._existed))
-        return Placed(self._placed[0], self._existed[0] // PAGE_SIZE)
+        out = ffi.new("uint64_t[2]")  # per call: placements may run in several threads
+        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, out, out + 1))
+        return Placed(out[0], out[1] // PAGE_SIZE)
 
     def zeropage(self, dst: int, length: int) -> Placed:
         """Maps zero pages over ``[dst, dst+length)``; present pages are skipped."""
         _check_aligned(dst, length)
-        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, self._placed, self._existed))
-        return Placed(self._placed[0], self._existed[0] // PAGE_SIZE)
+        out = ffi.new("uint64_t[2]")
+        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, out, out + 1))
+        return Placed(out[0], out[1] // PAGE_SIZE)
 
     def read_faults(self) -> list[tuple[int, int]]:
         """Pending page faults as (address, thread id), without blocking; [] when none."""
-        n = lib.uffd_read_faults(self.fd, self._addrs, self._tids, _MAX_FAULTS)
+        addrs, tids = ffi.new("uint64_t[]", _MAX_FAULTS), ffi.new("uint32_t[]", _MAX_FAULTS)
+        n = lib.uffd_read_faults(self.fd, addrs, tids, _MAX_FAULTS)
         self._check("reading userfaultfd", n)
-        return [(self._addrs[i], self._tids[i]) for i in range(n)]
+        return [(addrs[i], tids[i]) for i in range(n)]
 
     def close(self) -> None:
         """Closes the fd.  Only once every page is placed: an unregistered missing page reads as zeros."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import socket as _stdsocket
 
 import trio
@@ -116,11 +115,11 @@ async def connect(host: str, port: int) -> trio.socket.SocketType:
     try:
         stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
-        err = getattr(exc, "errno", None)
-        refused = err == errno.ECONNREFUSED or "refused" in str(exc).lower()
-        hint = (f"is migrate-src running and listening on {host}:{port}?" if refused
-                else "check the host name and port")
-        raise UsageError(f"cannot connect to {host}:{port}: {exc}", hint=hint) from None
+        # trio reports "all attempts failed" and chains the per-address errors.
+        causes = getattr(exc.__cause__, "exceptions", [exc.__cause__ or exc])
+        reason = "; ".join(sorted({c.strerror or str(c) for c in causes if isinstance(c, OSError)})) or str(exc)
+        raise UsageError(f"cannot connect to {host}:{port}: {reason}",
+                         hint=f"is migrate-src running and listening on {host}:{port}?") from None
     sock = stream.socket
     tune(sock)
     return sock

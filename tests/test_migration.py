@@ -1,0 +1,142 @@
+"""End-to-end: real migrate-src and migrate-dst processes, real sockets on
+127.0.0.1, real userfaultfd.  Every run is proven by replay (--verify)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import BIN, migrate
+from migrate import protocol as p
+
+FAST = ["--run-before", "0.3"]
+DST = ["--verify", "--run-after", "0.2"]
+
+
+def assert_migrated(run) -> dict:
+    assert run.dst_rc == 0, run.dst_err
+    assert run.src_rc == 0, run.src_err
+    m = run.dst_metrics
+    assert m["verified"] is True
+    assert m["pages_placed"] == m["pages_total"]
+    assert "verified: yes" in run.dst_err
+    assert "Traceback" not in run.dst_err + run.src_err
+    return m
+
+
+@pytest.mark.parametrize("args", [
+    ["--guest-mib", "64", "--workload", "uniform"],
+    ["--guest-mib", "64", "--workload", "hotset"],
+    ["--guest-mib", "64", "--workload", "sequential"],
+    ["--guest-mib", "64", "--workload", "readmostly"],
+    ["--guest-pages", "1", "--vcpus", "1"],
+    ["--guest-pages", "12345", "--vcpus", "3", "--workload", "uniform"],
+    ["--guest-mib", "16", "--vcpus", "1"],
+    ["--guest-mib", "32", "--vcpus", "4", "--workload", "uniform"],
+], ids=["uniform", "hotset", "sequential", "readmostly", "one-page", "odd-pages", "1-vcpu", "4-vcpus"])
+async def test_migration_verifies(tmp_path: Path, args: list[str]) -> None:
+    m = assert_migrated(await migrate(tmp_path, [*args, *FAST], DST))
+    assert m["downtime_ms"] >= 0
+
+
+async def test_zero_heavy_guest_travels_as_zero_runs(tmp_path: Path) -> None:
+    run = await migrate(tmp_path, ["--guest-mib", "64", "--zero-fraction", "0.9", "--rate", "1000", *FAST], DST)
+    m = assert_migrated(run)
+    assert m["zero_pages"] > 0.8 * m["pages_total"]
+    assert m["bytes_bulk"] < 0.3 * m["pages_total"] * 4096
+
+
+async def test_one_gib_guest(tmp_path: Path) -> None:
+    m = assert_migrated(await migrate(tmp_path, ["--guest-mib", "1024", "--workload", "hotset", *FAST], DST))
+    assert m["pages_total"] == 262144
+
+
+async def test_faults_happen_while_the_stream_runs(tmp_path: Path) -> None:
+    """A busy guest touches missing pages at once: faults are served, and the vCPUs saw them as stalls."""
+    m = assert_migrated(await migrate(tmp_path, ["--guest-mib", "256", "--workload", "uniform", *FAST], DST))
+    assert m["faults"] > 0 and m["requests"] > 0
+    assert m["vcpu_stall_us"]["count"] > 0
+    assert m["fault_service_us"]["count"] > 0
+    assert m["bytes_urgent"] > 0
+
+
+# -- user mistakes: one line, a hint, non-zero, no traceback -------------------
+def run_cli(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode not in (0, None)
+    assert "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "hint:" in proc.stderr, proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+def test_port_in_use() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_cli([str(BIN / "migrate-src"), "--listen", f"127.0.0.1:{port}", "--guest-mib", "1"])
+    assert_one_line_error(proc, "cannot listen", "--listen")
+
+
+def test_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: refused
+        proc = run_cli([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"])
+    assert_one_line_error(proc, "refused", "is migrate-src running")
+
+
+def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
+    proc = run_cli([str(no_uffd), str(BIN / "migrate-dst"), "--connect", "127.0.0.1:9"])
+    assert_one_line_error(proc, "userfaultfd", "seccomp")
+
+
+def test_listening_on_a_public_address_needs_a_key() -> None:
+    proc = run_cli([str(BIN / "migrate-src"), "--listen", "0.0.0.0:0", "--guest-mib", "1"])
+    assert_one_line_error(proc, "without a key", "--key-file")
+
+
+def test_bad_options_are_usage_errors() -> None:
+    for args in (["--vcpus", "0"], ["--workload", "nope"], ["--listen", "x:y"]):
+        proc = run_cli([str(BIN / "migrate-src"), *args])
+        assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
+
+
+async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:
+    """A source from the future: the destination names both versions and exits."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def future_source() -> None:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.send(struct.pack(">4sH", p.MAGIC, p.VERSION + 1) + b"\0" * 64)
+            await trio.sleep(5)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(future_source)
+            proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"],
+                                          capture_stderr=True, check=False)
+            nursery.cancel_scope.cancel()
+    listener.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert f"protocol version {p.VERSION + 1}" in err and "same uffd-migrate version" in err
+
+
+def test_help_explains_every_option() -> None:
+    for prog in ("migrate-src", "migrate-dst"):
+        out = run_cli([str(BIN / prog), "--help"]).stdout
+        assert "usage:" in out and "--metrics" in out
