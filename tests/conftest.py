@@ -18,6 +18,15 @@ from migrate.uffd import Userfaultfd
 
 BIN = Path(sys.executable).parent
 HELPERS = Path(__file__).parent / "helpers"
+# Lines tests want shown at the end of the run (e.g. how many races the kernel absorbed).
+REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook
+    if REPORT:
+        terminalreporter.section("uffd-migrate figures")
+        for line in REPORT:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session", autouse=True)

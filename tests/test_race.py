@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from conftest import REPORT
 
 from migrate._native import ffi
 from migrate.guest import Guest, GuestSpec, Workload, replay
@@ -91,7 +92,9 @@ def migrate_in_process(spec: GuestSpec, extra_steps: int, chunk_pages: int) -> d
 def test_placer_and_faults_race_without_page_state(pages: int, vcpus: int, workload: Workload, chunk: int) -> None:
     counts = migrate_in_process(GuestSpec(pages=pages, vcpus=vcpus, workload=workload, seed=pages),
                                 extra_steps=200_000, chunk_pages=chunk)
-    print(f"\n{workload.name} {pages} pages: {counts}")
+    REPORT.append(f"race {workload.name:10} {pages:6} pages, {vcpus} vCPUs: {counts['faults']} faults, "
+                  f"-EEXIST {counts['eexist_placer']} to the placer + {counts['eexist_faults']} to the fault "
+                  f"thread, {counts['stalls']} vCPU stalls, digest == replay")
     assert counts["faults"] > 0 and counts["stalls"] > 0
     # Pages a fault placed first are refused to the placer (and vice versa):
     # the race is real, resolved by the kernel, and nothing was lost.
