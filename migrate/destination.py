@@ -27,14 +27,16 @@ from .errors import RemoteProtocolError
 from .guest import Guest, GuestSpec, Workload, replay
 from .metrics import Histogram, rss_mib
 from .progress import Progress
-from .uffd import PAGE_SIZE, Userfaultfd
-from .wire import FrameSocket, connect
+from .uffd import PAGE_SIZE, Placed, Userfaultfd
+from .wire import BlockingFrames, FrameSocket, connect
 
 log = logging.getLogger(__name__)
 
 # Samples of the placed-pages curve kept for plots: bounded, one per interval.
 TIMELINE_INTERVAL = 0.1
 MAX_TIMELINE = 10_000
+# How long the bulk stream may stay silent before the source counts as lost.
+STREAM_TIMEOUT = 60.0
 
 
 @dataclass
@@ -48,15 +50,22 @@ class DestinationConfig:
 
 
 @dataclass
-class Counters:
-    """Plain counters: the destination's only state about pages."""
+class Tally:
+    """Plain counters of one placement path: the destination's only state about pages.
+
+    Each path (bulk placer thread, urgent channel task) writes only its own
+    tally, so no counter is ever shared between threads.
+    """
 
     placed_pages: int = 0
     eexist: int = 0
-    faults: int = 0
-    requests: int = 0
     zero_pages: int = 0
-    fault_service: Histogram = field(default_factory=Histogram)
+
+    def add(self, placed: Placed, zero: bool) -> None:
+        self.placed_pages += placed.pages
+        self.eexist += placed.existed
+        if zero:
+            self.zero_pages += placed.pages
 
 
 class Destination:
@@ -64,7 +73,11 @@ class Destination:
 
     def __init__(self, cfg: DestinationConfig) -> None:
         self.cfg = cfg
-        self.counters = Counters()
+        self.bulk = Tally()
+        self.urgent = Tally()
+        self.faults = 0
+        self.requests = 0
+        self.fault_service = Histogram()
         self.progress = Progress()
         self.timeline: list[tuple[float, int]] = []
         self._all_placed = trio.Event()
@@ -117,10 +130,10 @@ class Destination:
             nursery.cancel_scope.cancel()
         placement_s = time.monotonic() - t_switch
         self.progress.finish()
-        c = self.counters
+        placed, eexist = self.placed_pages, self.bulk.eexist + self.urgent.eexist
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
-                 c.placed_pages, placement_s, c.faults, c.requests, c.eexist)
-        await bulk.send(p.DestDone({"pages_placed": c.placed_pages, "faults": c.faults, "eexist": c.eexist}))
+                 placed, placement_s, self.faults, self.requests, eexist)
+        await bulk.send(p.DestDone({"pages_placed": placed, "faults": self.faults, "eexist": eexist}))
 
         await trio.sleep(self.cfg.run_after)
         await trio.to_thread.run_sync(guest.stop)
@@ -137,43 +150,58 @@ class Destination:
         for fs in (bulk, urgent):
             fs.close()
         return {
-            "pages_total": spec.pages, "pages_placed": c.placed_pages, "verified": verified,
+            "pages_total": spec.pages, "pages_placed": placed, "verified": verified,
             "downtime_ms": round(downtime_ms, 3), "total_s": round(placement_s, 3),
             "connect_to_done_s": round(time.monotonic() - t_connect, 3),
             "bytes_bulk": bulk.bytes_in, "bytes_urgent": urgent.bytes_in,
             "stream_gbps": round(bulk.bytes_in / placement_s / 1e9, 3),
-            "faults": c.faults, "requests": c.requests, "eexist": c.eexist, "zero_pages": c.zero_pages,
-            "vcpu_stall_us": stalls.summary(), "fault_service_us": c.fault_service.summary(),
+            "faults": self.faults, "requests": self.requests, "eexist": eexist,
+            "eexist_bulk": self.bulk.eexist, "eexist_urgent": self.urgent.eexist,
+            "zero_pages": self.bulk.zero_pages + self.urgent.zero_pages,
+            "vcpu_stall_us": stalls.summary(), "fault_service_us": self.fault_service.summary(),
             "vcpu_steps": steps, "rss_mib": rss_mib(), "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "placed_timeline": self.timeline,
         }
 
-    def _place(self, uffd: Userfaultfd, base: int, event: p.Event) -> None:
+    @property
+    def placed_pages(self) -> int:
+        return self.bulk.placed_pages + self.urgent.placed_pages
+
+    @staticmethod
+    def _place(uffd: Userfaultfd, base: int, event: p.Event, tally: Tally) -> None:
         """Places one run; pages the kernel already has are counted, not an error."""
         if isinstance(event, p.PageRun):
-            placed = uffd.copy(base + event.start * PAGE_SIZE, event.payload, event.count * PAGE_SIZE)
+            tally.add(uffd.copy(base + event.start * PAGE_SIZE, event.payload, event.count * PAGE_SIZE), False)
         elif isinstance(event, p.ZeroRun):
-            placed = uffd.zeropage(base + event.start * PAGE_SIZE, event.count * PAGE_SIZE)
-            self.counters.zero_pages += placed.pages
+            tally.add(uffd.zeropage(base + event.start * PAGE_SIZE, event.count * PAGE_SIZE), True)
         else:
             raise RemoteProtocolError(f"unexpected {type(event).__name__} while pages are arriving")
-        c = self.counters
-        c.placed_pages += placed.pages
-        c.eexist += placed.existed
-        if event.echo:
-            c.fault_service.add(time.perf_counter_ns() - event.echo)
-        if c.placed_pages == self._total:
+
+    def _check_done(self) -> None:
+        if self.placed_pages == self._total:
             self._all_placed.set()
 
     async def _placer(self, bulk: FrameSocket, uffd: Userfaultfd, base: int) -> None:
-        while True:
-            event = await bulk.receive()
-            if not isinstance(event, p.SourceDone):
-                self._place(uffd, base, event)
+        """Places the bulk stream from a worker thread, so the trio thread stays free for faults."""
+        frames = bulk.blocking(STREAM_TIMEOUT)
+        try:
+            await trio.to_thread.run_sync(self._place_stream, frames, uffd, base, abandon_on_cancel=True)
+        finally:
+            frames.close()
+        self._check_done()
+
+    def _place_stream(self, frames: BlockingFrames, uffd: Userfaultfd, base: int) -> None:
+        """Worker thread: receive and place until the source says the stream is complete."""
+        while not isinstance(event := frames.receive(), p.SourceDone):
+            self._place(uffd, base, event, self.bulk)
 
     async def _request_channel(self, urgent: FrameSocket, uffd: Userfaultfd, base: int) -> None:
         while True:
-            self._place(uffd, base, await urgent.receive())
+            event = await urgent.receive()
+            self._place(uffd, base, event, self.urgent)
+            if getattr(event, "echo", 0):
+                self.fault_service.add(time.perf_counter_ns() - event.echo)
+            self._check_done()
 
     async def _fault_reader(self, uffd: Userfaultfd, urgent: FrameSocket, base: int, pages: int) -> None:
         """Turns every fault into a request, at once; no dedup, no record of what was asked."""
@@ -187,18 +215,17 @@ class Destination:
             for addr, _tid in faults:
                 page = (addr - base) // PAGE_SIZE
                 runs.append((page, min(span, pages - page)))
-            self.counters.faults += len(faults)
-            self.counters.requests += 1
+            self.faults += len(faults)
+            self.requests += 1
             await urgent.send(p.PageRequest(tuple(runs), time.perf_counter_ns()))
 
     async def _watch_progress(self, bulk: FrameSocket, pages: int, t0: float) -> None:
-        c = self.counters
         while True:
-            elapsed = time.monotonic() - t0
+            elapsed, placed = time.monotonic() - t0, self.placed_pages
             if len(self.timeline) < MAX_TIMELINE:
-                self.timeline.append((round(elapsed, 3), c.placed_pages))
+                self.timeline.append((round(elapsed, 3), placed))
             self.progress.update(
-                f"placed {c.placed_pages}/{pages} pages ({100 * c.placed_pages / pages:.0f}%), "
-                f"{bulk.bytes_in / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {c.faults / max(elapsed, 1e-9):.0f} faults/s, "
-                f"{c.eexist} races absorbed")
+                f"placed {placed}/{pages} pages ({100 * placed / pages:.0f}%), "
+                f"{bulk.bytes_in / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {self.faults / max(elapsed, 1e-9):.0f} faults/s, "
+                f"{self.bulk.eexist + self.urgent.eexist} races absorbed")
             await trio.sleep(TIMELINE_INTERVAL)

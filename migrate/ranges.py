@@ -32,21 +32,29 @@ class Remaining:
     def __bool__(self) -> bool:
         return bool(self._starts)
 
-    def take(self, cursor: int, limit: int) -> tuple[int, int] | None:
-        """Removes and returns the next run of at most ``limit`` pages at or after ``cursor``.
+    def take(self, cursor: int, limit: int) -> list[tuple[int, int]]:
+        """Removes and returns the runs left within the window of ``limit`` pages that starts at
+        the first page left at or after ``cursor``.
 
-        Wraps around to the lowest range when nothing is left after the cursor;
-        ``None`` when nothing is left at all.
+        One window is one read of guest memory however many holes served
+        requests punched in it.  Wraps around to the lowest range when nothing
+        is left after the cursor; ``[]`` when nothing is left at all.
         """
         if not self._starts:
-            return None
+            return []
         i = bisect.bisect_right(self._ends, cursor)
         if i == len(self._starts):
             i = 0
-        start = max(self._starts[i], cursor) if self._ends[i] > cursor else self._starts[i]
-        count = min(limit, self._ends[i] - start)
-        self.discard(start, count)
-        return start, count
+        first = max(self._starts[i], cursor) if self._ends[i] > cursor else self._starts[i]
+        end = first + limit
+        runs = []
+        while i < len(self._starts) and self._starts[i] < end:
+            s, e = max(self._starts[i], first), min(self._ends[i], end)
+            runs.append((s, e - s))
+            i += 1
+        for s, n in runs:
+            self.discard(s, n)
+        return runs
 
     def discard(self, start: int, count: int) -> None:
         """Removes [start, start+count) wherever it overlaps what is left."""

@@ -15,6 +15,7 @@ from functools import partial
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import trio
 
@@ -25,7 +26,7 @@ from .metrics import rss_mib
 from .progress import Progress
 from .ranges import Remaining
 from .uffd import PAGE_SIZE
-from .wire import FrameSocket, tune
+from .wire import BlockingFrames, FrameSocket, tune
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ CHUNK_PAGES = p.DEFAULT_MAX_PAYLOAD // PAGE_SIZE
 # A destination must finish its handshake quickly: a silent or slow-drip
 # client must not hold a connection slot or a task forever.
 HANDSHAKE_TIMEOUT = 10.0
+# How long the urgent channel may stay silent before the destination counts as lost.
+REQUEST_TIMEOUT = 3600.0
 
 
 @dataclass
@@ -54,16 +57,19 @@ class _Session:
     urgent: FrameSocket | None = None
 
 
-def _split(zeros: bytearray, count: int) -> list[tuple[bool, int, int]]:
-    """Groups pages [0, count) into (is_zero, first, n) runs by their zero flags."""
-    runs, i = [], 0
+def _page_events(start: int, count: int, buf: bytearray | memoryview, zeros: bytearray,
+                 echo: int = 0) -> Iterator[p.Event]:
+    """Pages [start, start+count), read into ``buf`` with their zero flags, as page runs and zero runs."""
+    view, i = memoryview(buf), 0
     while i < count:
         zero = zeros[i] == 1
         j = zeros.find(b"\x00" if zero else b"\x01", i, count)
         j = count if j < 0 else j
-        runs.append((zero, i, j - i))
+        if zero:
+            yield p.ZeroRun(start + i, j - i, echo)
+        else:
+            yield p.PageRun(start + i, j - i, view[i * PAGE_SIZE:j * PAGE_SIZE], echo)
         i = j
-    return runs
 
 
 class Source:
@@ -193,26 +199,21 @@ class Source:
             fs.close()
         return metrics
 
-    async def _send_pages(self, fs: FrameSocket, start: int, count: int, buf: bytearray, zeros: bytearray,
-                          echo: int = 0) -> None:
-        """Reads pages in a worker thread (guest memory is never touched by the trio thread) and sends them."""
-        assert self.guest is not None
-        await trio.to_thread.run_sync(self.guest.read_pages, start, count, buf, zeros)
-        view = memoryview(buf)
-        for zero, first, n in _split(zeros, count):
-            if zero:
-                await fs.send(p.ZeroRun(start + first, n, echo))
-            else:
-                await fs.send(p.PageRun(start + first, n, view[first * PAGE_SIZE:(first + n) * PAGE_SIZE], echo))
-
     async def _stream(self, bulk: FrameSocket) -> None:
+        assert self.guest is not None
         buf, zeros = bytearray(CHUNK_PAGES * PAGE_SIZE), bytearray(CHUNK_PAGES)
         t0 = time.monotonic()
-        while (run := self.remaining.take(self.cursor, CHUNK_PAGES)) is not None:
-            start, count = run
-            self.cursor = start + count
-            await self._send_pages(bulk, start, count, buf, zeros)
-            self.stats["pages_streamed"] += count
+        while runs := self.remaining.take(self.cursor, CHUNK_PAGES):
+            first = runs[0][0]
+            span = runs[-1][0] + runs[-1][1] - first
+            self.cursor = first + span
+            # Guest memory is read in a worker thread, never by the trio thread.
+            await trio.to_thread.run_sync(self.guest.read_pages, first, span, buf, zeros)
+            for start, count in runs:
+                o = start - first
+                for event in _page_events(start, count, memoryview(buf)[o * PAGE_SIZE:], zeros[o:o + count]):
+                    await bulk.send(event)
+                self.stats["pages_streamed"] += count
             done = self.stats["pages_streamed"] + self.stats["pages_requested"]
             mbps = bulk.bytes_out / max(time.monotonic() - t0, 1e-9) / 1e6
             self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * done / self.spec.pages:.0f}%), "
@@ -221,17 +222,37 @@ class Source:
         log.info("stream complete: %d pages in %.2f s", self.stats["pages_streamed"], time.monotonic() - t0)
 
     async def _serve_requests(self, urgent: FrameSocket) -> None:
+        """Serves page requests from a worker thread: it wakes straight from the socket and reads
+        guest memory itself, so a request costs no hop between threads."""
+        frames = urgent.blocking(REQUEST_TIMEOUT)
+        token = trio.lowlevel.current_trio_token()
+        try:
+            await trio.to_thread.run_sync(self._serve_requests_blocking, frames, token, abandon_on_cancel=True)
+        finally:
+            frames.close()
+
+    def _serve_requests_blocking(self, frames: BlockingFrames, token: trio.lowlevel.TrioToken) -> None:
+        assert self.guest is not None
         buf, zeros = bytearray(CHUNK_PAGES * PAGE_SIZE), bytearray(CHUNK_PAGES)
         while True:
-            req = await urgent.expect(p.PageRequest)
+            req = frames.receive()
+            if not isinstance(req, p.PageRequest):
+                raise RemoteProtocolError(f"expected PageRequest, got {type(req).__name__}")
             self.stats["requests"] += 1
             for start, count in req.runs:
                 for first in range(start, start + count, CHUNK_PAGES):
                     n = min(CHUNK_PAGES, start + count - first)
-                    self.remaining.discard(first, n)
-                    await self._send_pages(urgent, first, n, buf, zeros, echo=req.stamp)
+                    self.guest.read_pages(first, n, buf, zeros)
+                    for event in _page_events(first, n, buf, zeros, req.stamp):
+                        frames.send(event)
                     self.stats["pages_requested"] += n
-                self.cursor = start + count
+                # The streamer's ranges belong to the trio thread: hand the news over, don't wait.
+                token.run_sync_soon(self._requested, start, count)
+
+    def _requested(self, start: int, count: int) -> None:
+        """Trio thread: pages sent on request leave the stream, which jumps to just after them."""
+        self.remaining.discard(start, count)
+        self.cursor = start + count
 
 
 async def serve(cfg: SourceConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:

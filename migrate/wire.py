@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket as _stdsocket
 
 import trio
@@ -21,8 +22,31 @@ def tune(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(_stdsocket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
+def _advance(chunks: list[memoryview], n: int) -> None:
+    """Drops the first ``n`` bytes of ``chunks`` after a partial send."""
+    while chunks and n >= len(chunks[0]):
+        n -= len(chunks.pop(0))
+    if n:
+        chunks[0] = chunks[0][n:]
+
+
+def _vet(event: Event | object, peer: str) -> Event | None:
+    """The next event, or None when more data is needed; a close or an Error from the peer raises."""
+    if event is NEED_DATA:
+        return None
+    if event is CLOSED:
+        raise PeerError(f"{peer} closed the connection")
+    if isinstance(event, Error):
+        raise PeerError(f"{peer} reported: {event.message}")
+    return event  # type: ignore[return-value]
+
+
+def _lost(peer: str, exc: OSError) -> PeerError:
+    return PeerError(f"lost the connection to {peer}: {exc.strerror or exc}")
+
+
 class FrameSocket:
-    """Sends and receives protocol events over one connected socket.
+    """Sends and receives protocol events over one connected trio socket.
 
     One task may send while another receives.  ``bytes_in``/``bytes_out``
     count everything on the wire.
@@ -51,12 +75,9 @@ class FrameSocket:
             while chunks:
                 n = await self.sock.sendmsg(chunks)
                 self.bytes_out += n
-                while chunks and n >= len(chunks[0]):
-                    n -= len(chunks.pop(0))
-                if n:
-                    chunks[0] = chunks[0][n:]
+                _advance(chunks, n)
         except OSError as exc:
-            raise PeerError(f"lost the connection to {self.peer}: {exc.strerror}") from None
+            raise _lost(self.peer, exc) from None
 
     async def receive(self) -> Event:
         """Reads the next event; a payload view stays valid until the next ``receive``.
@@ -65,30 +86,73 @@ class FrameSocket:
             PeerError: the peer closed the connection or sent an Error.
             RemoteProtocolError: the peer sent malformed input.
         """
-        while True:
-            event = self.conn.next_event()
-            if event is NEED_DATA:
-                view = self.conn.receive_buffer()
+        while (event := _vet(self.conn.next_event(), self.peer)) is None:
+            with self.conn.receive_buffer() as view:
                 try:
                     n = await self.sock.recv_into(view)
                 except OSError as exc:
-                    raise PeerError(f"lost the connection to {self.peer}: {exc.strerror}") from None
-                finally:
-                    view.release()
-                self.bytes_in += n
-                self.conn.commit(n)
-            elif event is CLOSED:
-                raise PeerError(f"{self.peer} closed the connection")
-            elif isinstance(event, Error):
-                raise PeerError(f"{self.peer} reported: {event.message}")
-            else:
-                return event
+                    raise _lost(self.peer, exc) from None
+            self.bytes_in += n
+            self.conn.commit(n)
+        return event
 
     async def expect(self, kind: type) -> Event:
         """Receives one event that must be of ``kind``."""
         event = await self.receive()
         if not isinstance(event, kind):
             raise RemoteProtocolError(f"expected {kind.__name__} from {self.peer}, got {type(event).__name__}")
+        return event
+
+    def blocking(self, timeout: float) -> BlockingFrames:
+        """The same channel for a worker thread (see BlockingFrames)."""
+        return BlockingFrames(self, timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class BlockingFrames:
+    """Blocking I/O on a FrameSocket's channel, for a worker thread that owns one direction of it.
+
+    The bulk placer and the source's request server run in worker threads so
+    that the trio thread stays free for faults: each blocks in the kernel, not
+    in the event loop, and holds the GIL only to parse a frame header.  The
+    protocol state and byte counters are the FrameSocket's own, so the trio
+    side can take over again once the thread is done.
+
+    Args:
+        fs: the channel; the caller guarantees no trio task uses the same direction meanwhile.
+        timeout: seconds any one read or write may wait.
+    """
+
+    def __init__(self, fs: FrameSocket, timeout: float) -> None:
+        self.fs = fs
+        # A duplicate descriptor with a timeout waits with poll() and leaves the
+        # shared file description non-blocking, as trio needs it.
+        self.sock = _stdsocket.socket(fileno=os.dup(fs.sock.fileno()))
+        self.sock.settimeout(timeout)
+
+    def send(self, event: Event) -> None:
+        fs = self.fs
+        chunks = [memoryview(c) for c in fs.conn.send(event)]
+        try:
+            while chunks:
+                n = self.sock.sendmsg(chunks)
+                fs.bytes_out += n
+                _advance(chunks, n)
+        except OSError as exc:
+            raise _lost(fs.peer, exc) from None
+
+    def receive(self) -> Event:
+        fs = self.fs
+        while (event := _vet(fs.conn.next_event(), fs.peer)) is None:
+            with fs.conn.receive_buffer() as view:
+                try:
+                    n = self.sock.recv_into(view)
+                except OSError as exc:
+                    raise _lost(fs.peer, exc) from None
+            fs.bytes_in += n
+            fs.conn.commit(n)
         return event
 
     def close(self) -> None:

@@ -41,7 +41,8 @@ def assert_migrated(run) -> dict:
     ["--guest-pages", "12345", "--vcpus", "3", "--workload", "uniform"],
     ["--guest-mib", "16", "--vcpus", "1"],
     ["--guest-mib", "32", "--vcpus", "4", "--workload", "uniform"],
-], ids=["uniform", "hotset", "sequential", "readmostly", "one-page", "odd-pages", "1-vcpu", "4-vcpus"])
+    ["--guest-mib", "16", "--rate", "1"],
+], ids=["uniform", "hotset", "sequential", "readmostly", "one-page", "odd-pages", "1-vcpu", "4-vcpus", "idle"])
 async def test_migration_verifies(tmp_path: Path, args: list[str]) -> None:
     m = assert_migrated(await migrate(tmp_path, [*args, *FAST], DST))
     assert m["downtime_ms"] >= 0

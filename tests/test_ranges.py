@@ -1,13 +1,21 @@
 from migrate.ranges import Remaining
 
 
-def test_take_walks_from_the_cursor_and_wraps() -> None:
+def test_take_walks_windows_from_the_cursor_and_wraps() -> None:
     r = Remaining([(0, 100)])
-    assert r.take(0, 10) == (0, 10)
-    assert r.take(50, 10) == (50, 10)
-    assert r.take(95, 10) == (95, 5)
-    assert r.take(100, 10) == (10, 10)  # wrapped
+    assert r.take(0, 10) == [(0, 10)]
+    assert r.take(50, 10) == [(50, 10)]
+    assert r.take(95, 10) == [(95, 5)]
+    assert r.take(100, 10) == [(10, 10)]  # wrapped
     assert r.pages == 100 - 35
+
+
+def test_a_window_skips_holes_in_one_take() -> None:
+    r = Remaining([(0, 100)])
+    r.discard(3, 2)
+    r.discard(7, 1)
+    assert r.take(0, 10) == [(0, 3), (5, 2), (8, 2)]
+    assert r.take(0, 10) == [(10, 10)]
 
 
 def test_discard_punches_holes_and_everything_is_sent_once() -> None:
@@ -15,10 +23,12 @@ def test_discard_punches_holes_and_everything_is_sent_once() -> None:
     r.discard(10, 5)
     r.discard(500, 600)
     r.discard(0, 1)
-    seen = []
+    seen: list[int] = []
     cursor = 0
-    while (run := r.take(cursor, 64)) is not None:
-        seen.extend(range(run[0], run[0] + run[1]))
-        cursor = 300 if len(seen) == 64 else run[0] + run[1]  # a jump, as after a request
+    while runs := r.take(cursor, 64):
+        for start, count in runs:
+            seen.extend(range(start, start + count))
+        cursor = 300 if len(seen) <= 64 else runs[-1][0] + runs[-1][1]  # a jump, as after a request
     assert sorted(seen) == [p for p in range(1, 500) if not 10 <= p < 15]
+    assert len(seen) == len(set(seen))
     assert not r
