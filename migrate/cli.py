@@ -16,7 +16,7 @@ from typing import Callable
 
 import trio
 
-from .errors import MigrateError, UsageError
+from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .uffd import PAGE_SIZE
@@ -71,6 +71,10 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--run-before", type=_positive_float, default=1.0, metavar="S",
                     help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
+    ap.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="S",
+                    help="seconds a connecting peer has to authenticate (default 10)")
+    ap.add_argument("--reconnect-timeout", type=_positive_float, default=60.0, metavar="S",
+                    help="seconds to wait for a destination that lost its link to come back (default 60)")
     _common(ap)
     return ap
 
@@ -87,6 +91,11 @@ def _dst_parser() -> argparse.ArgumentParser:
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
     ap.add_argument("--prefetch", type=int, default=0, metavar="N",
                     help="also request the N pages after each faulting page (default 0)")
+    ap.add_argument("--reconnect-timeout", type=_positive_float, default=30.0, metavar="S",
+                    help="after a lost link, seconds to keep reconnecting before giving up (default 30); "
+                         "the guest waits meanwhile")
+    ap.add_argument("--watchdog", type=_positive_float, default=2.0, metavar="S",
+                    help="report a vCPU that waits longer than S seconds for one page (default 2)")
     _common(ap)
     return ap
 
@@ -124,9 +133,7 @@ def _run_trio(fn: Callable[..., object], *args: object) -> object:
     try:
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:
-        wanted, _ = group.split((MigrateError, KeyboardInterrupt))
-        while isinstance(wanted, BaseExceptionGroup):
-            wanted = wanted.exceptions[0]
+        wanted = find(group, (MigrateError, KeyboardInterrupt))
         if wanted is None:
             raise
         raise wanted from None
@@ -166,7 +173,8 @@ def _run_src(args: argparse.Namespace) -> int:
     spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
                      zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
-                       ready_file=args.ready_file)
+                       ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
+                       reconnect_timeout=args.reconnect_timeout)
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0
@@ -180,7 +188,8 @@ def _run_dst(args: argparse.Namespace) -> int:
     if args.prefetch < 0:
         raise UsageError("--prefetch cannot be negative")
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
-                            key=_read_key(args), prefetch=args.prefetch)
+                            key=_read_key(args), prefetch=args.prefetch,
+                            reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog)
     metrics = _run_trio(Destination(cfg).run)
     write_metrics(metrics, args.metrics, sys.stdout)
     print_summary(metrics, sys.stderr)

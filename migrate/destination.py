@@ -23,20 +23,18 @@ from dataclasses import dataclass, field
 import trio
 
 from . import protocol as p
-from .errors import RemoteProtocolError
+from .errors import LINK_ERRORS, PeerError, RemoteProtocolError, UsageError, find
 from .guest import Guest, GuestSpec, Workload, replay
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .uffd import PAGE_SIZE, Placed, Userfaultfd
-from .wire import BlockingFrames, FrameSocket, connect
+from .wire import BlockingFrames, FrameSocket, connect, run_blocking
 
 log = logging.getLogger(__name__)
 
 # Samples of the placed-pages curve kept for plots: bounded, one per interval.
 TIMELINE_INTERVAL = 0.1
 MAX_TIMELINE = 10_000
-# How long the bulk stream may stay silent before the source counts as lost.
-STREAM_TIMEOUT = 60.0
 
 
 @dataclass
@@ -47,6 +45,8 @@ class DestinationConfig:
     verify: bool = False
     key: bytes = b""
     prefetch: int = 0  # neighbours requested after each faulting page
+    reconnect_timeout: float = 30.0  # how long a lost source may take to come back
+    watchdog: float = 2.0  # seconds a vCPU may wait for one page before it is reported
 
 
 @dataclass
@@ -82,9 +82,15 @@ class Destination:
         self.timeline: list[tuple[float, int]] = []
         self._all_placed = trio.Event()
         self._total = 0
+        self._session = b""
+        self.bytes_bulk = 0
+        self.bytes_urgent = 0
+        self.recoveries: list[dict[str, float]] = []
 
     async def _open(self, channel: p.Channel, session: bytes) -> tuple[FrameSocket, p.Welcome]:
-        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port), p.Connection(p.Role.DESTINATION),
+        """Connects and authenticates one channel of a session (``b""``: a new one)."""
+        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port),
+                         p.Connection(p.Role.DESTINATION, guest_pages=self._total or None),
                          f"source {self.cfg.host}:{self.cfg.port}")
         challenge = await fs.expect(p.Challenge)
         nonce = p.new_nonce()
@@ -102,14 +108,14 @@ class Destination:
         t_connect = time.monotonic()
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
         bulk, welcome = await self._open(p.Channel.BULK, b"")
+        self._session = welcome.session
         info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
         self._total = spec.pages
         guest = Guest(spec, fill=False)
         uffd.register(guest.base, spec.size)
-        urgent, _ = await self._open(p.Channel.URGENT, welcome.session)
-        urgent.conn.guest_pages = spec.pages
+        urgent, _ = await self._open(p.Channel.URGENT, self._session)
         log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
                  spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
 
@@ -120,20 +126,23 @@ class Destination:
         t_switch = time.monotonic()
         downtime_ms = (running_at - cpu.stopped_at_ns) / 1e6
         log.info("vCPUs running again %.2f ms after the source stopped them", downtime_ms)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._placer, bulk, uffd, guest.base)
-            nursery.start_soon(self._fault_reader, uffd, urgent, guest.base, spec.pages)
-            nursery.start_soon(self._request_channel, urgent, uffd, guest.base)
-            nursery.start_soon(self._watch_progress, bulk, spec.pages, t_switch)
-            await self._all_placed.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog, guest)
+                bulk, urgent = await self._postcopy(guest, uffd, bulk, urgent, t_switch)
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            # Never close the uffd and let vCPUs go on: a missing page would read as
+            # zeros.  Those asleep in a fault stay asleep until the process exits.
+            guest.request_stop()
+            raise
         placement_s = time.monotonic() - t_switch
         self.progress.finish()
         placed, eexist = self.placed_pages, self.bulk.eexist + self.urgent.eexist
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
                  placed, placement_s, self.faults, self.requests, eexist)
         await bulk.send(p.DestDone({"pages_placed": placed, "faults": self.faults, "eexist": eexist}))
+        self._retire(bulk, urgent)
 
         await trio.sleep(self.cfg.run_after)
         await trio.to_thread.run_sync(guest.stop)
@@ -147,21 +156,93 @@ class Destination:
             want_digest, want_state = await trio.to_thread.run_sync(replay, spec, steps)
             verified = digest == want_digest and guest.export_state() == want_state
         guest.close()
-        for fs in (bulk, urgent):
-            fs.close()
         return {
             "pages_total": spec.pages, "pages_placed": placed, "verified": verified,
             "downtime_ms": round(downtime_ms, 3), "total_s": round(placement_s, 3),
             "connect_to_done_s": round(time.monotonic() - t_connect, 3),
-            "bytes_bulk": bulk.bytes_in, "bytes_urgent": urgent.bytes_in,
-            "stream_gbps": round(bulk.bytes_in / placement_s / 1e9, 3),
+            "bytes_bulk": self.bytes_bulk, "bytes_urgent": self.bytes_urgent,
+            "stream_gbps": round(self.bytes_bulk / placement_s / 1e9, 3),
             "faults": self.faults, "requests": self.requests, "eexist": eexist,
             "eexist_bulk": self.bulk.eexist, "eexist_urgent": self.urgent.eexist,
             "zero_pages": self.bulk.zero_pages + self.urgent.zero_pages,
             "vcpu_stall_us": stalls.summary(), "fault_service_us": self.fault_service.summary(),
             "vcpu_steps": steps, "rss_mib": rss_mib(), "guest_mib": spec.size / 2**20,
-            "workload": spec.workload.name, "vcpus": spec.vcpus, "placed_timeline": self.timeline,
+            "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
+            "placed_timeline": self.timeline,
         }
+
+    async def _postcopy(self, guest: Guest, uffd: Userfaultfd, bulk: FrameSocket, urgent: FrameSocket,
+                        t_switch: float) -> tuple[FrameSocket, FrameSocket]:
+        """Places pages until all are there, reconnecting when a link breaks; returns the live channels."""
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._placer, bulk, uffd, guest.base)
+                    nursery.start_soon(self._fault_reader, uffd, urgent, guest.base, guest.spec.pages)
+                    nursery.start_soon(self._request_channel, urgent, uffd, guest.base)
+                    nursery.start_soon(self._watch_progress, guest.spec.pages, t_switch)
+                    await self._all_placed.wait()
+                    nursery.cancel_scope.cancel()
+                return bulk, urgent
+            except BaseException as exc:
+                failure = find(exc, LINK_ERRORS)
+                if failure is None:
+                    raise
+            self._retire(bulk, urgent)
+            self.progress.finish()
+            log.warning("lost the source (%s) with %d of %d pages placed; reconnecting for up to %g s",
+                        failure, self.placed_pages, self._total, self.cfg.reconnect_timeout)
+            bulk, urgent = await self._reconnect(guest)
+
+    async def _reconnect(self, guest: Guest) -> tuple[FrameSocket, FrameSocket]:
+        """Reconnects both channels with backoff, then tells the source what the kernel still lacks."""
+        t0 = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                bulk, _ = await self._open(p.Channel.BULK, self._session)
+                try:
+                    urgent, _ = await self._open(p.Channel.URGENT, self._session)
+                except BaseException:
+                    bulk.close()
+                    raise
+                break
+            except (UsageError, *LINK_ERRORS) as exc:
+                if time.monotonic() - t0 + delay > self.cfg.reconnect_timeout:
+                    pct = 100 * self.placed_pages / self._total
+                    raise PeerError(
+                        f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({exc}); "
+                        f"{self.placed_pages} of {self._total} pages ({pct:.1f}%) had arrived; the guest is "
+                        "stopped here and its memory is incomplete",
+                        hint="restart the migration; raise --reconnect-timeout to ride out longer outages") from None
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        runs = guest.absent_runs()
+        missing = sum(n for _, n in runs)
+        for i in range(0, max(len(runs), 1), p.MAX_REQUEST_RUNS):
+            await bulk.send(p.Resume(tuple(runs[i:i + p.MAX_REQUEST_RUNS]), more=i + p.MAX_REQUEST_RUNS < len(runs)))
+        reconnect_s = time.monotonic() - t0
+        self.recoveries.append({"reconnect_s": round(reconnect_s, 3), "pages_missing": missing})
+        log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
+                 reconnect_s, missing, len(runs))
+        return bulk, urgent
+
+    def _retire(self, *channels: FrameSocket) -> None:
+        """Closes channels, keeping their byte counts."""
+        bulk, urgent = channels
+        self.bytes_bulk += bulk.bytes_in
+        self.bytes_urgent += urgent.bytes_in
+        for fs in channels:
+            fs.close()
+
+    async def _watchdog(self, guest: Guest) -> None:
+        """Names any vCPU stuck in one access (a fault) for longer than the threshold."""
+        limit = self.cfg.watchdog
+        while True:
+            await trio.sleep(limit)
+            for index, seconds, page in guest.stuck(int(limit * 1e9)):
+                log.warning("watchdog: vCPU %d has waited %.1f s for page %d (address %#x)", index, seconds, page,
+                            guest.base + page * PAGE_SIZE)
 
     @property
     def placed_pages(self) -> int:
@@ -183,11 +264,7 @@ class Destination:
 
     async def _placer(self, bulk: FrameSocket, uffd: Userfaultfd, base: int) -> None:
         """Places the bulk stream from a worker thread, so the trio thread stays free for faults."""
-        frames = bulk.blocking(STREAM_TIMEOUT)
-        try:
-            await trio.to_thread.run_sync(self._place_stream, frames, uffd, base, abandon_on_cancel=True)
-        finally:
-            frames.close()
+        await run_blocking(self._place_stream, bulk.blocking(self.cfg.reconnect_timeout), uffd, base)
         self._check_done()
 
     def _place_stream(self, frames: BlockingFrames, uffd: Userfaultfd, base: int) -> None:
@@ -219,13 +296,13 @@ class Destination:
             self.requests += 1
             await urgent.send(p.PageRequest(tuple(runs), time.perf_counter_ns()))
 
-    async def _watch_progress(self, bulk: FrameSocket, pages: int, t0: float) -> None:
+    async def _watch_progress(self, pages: int, t0: float) -> None:
         while True:
             elapsed, placed = time.monotonic() - t0, self.placed_pages
             if len(self.timeline) < MAX_TIMELINE:
                 self.timeline.append((round(elapsed, 3), placed))
             self.progress.update(
                 f"placed {placed}/{pages} pages ({100 * placed / pages:.0f}%), "
-                f"{bulk.bytes_in / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {self.faults / max(elapsed, 1e-9):.0f} faults/s, "
+                f"{placed * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {self.faults / max(elapsed, 1e-9):.0f} faults/s, "
                 f"{self.bulk.eexist + self.urgent.eexist} races absorbed")
             await trio.sleep(TIMELINE_INTERVAL)

@@ -42,3 +42,17 @@ class UffdError(MigrateError, OSError):
         MigrateError.__init__(self, f"{operation} failed: {os.strerror(err)} ({_errno.errorcode.get(err, err)})", hint)
         self.errno = err
         self.operation = operation
+
+
+def find(exc: BaseException, types: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of ``types`` in ``exc``, looking inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        match, _ = exc.split(types)
+        while isinstance(match, BaseExceptionGroup):
+            match = match.exceptions[0]
+        return match
+    return exc if isinstance(exc, types) else None
+
+
+# What a broken link looks like: the peer vanished, timed out, or sent garbage.
+LINK_ERRORS = (PeerError, RemoteProtocolError)

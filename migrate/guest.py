@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import threading
+import time
 from dataclasses import dataclass
 
 from ._native import ffi, lib
-from .errors import UsageError
+from .errors import UffdError, UsageError
 from .metrics import Histogram
 from .uffd import PAGE_SIZE
 
@@ -107,8 +108,12 @@ class Guest:
         Blocks while a vCPU sleeps in a fault, so call it from a worker thread
         on the destination.
         """
-        self._stop[0] = 1
+        self.request_stop()
         self.join()
+
+    def request_stop(self) -> None:
+        """Asks the vCPUs to stop without waiting: one asleep in a fault stays there."""
+        self._stop[0] = 1
 
     def join(self) -> None:
         """Waits for every vCPU to finish (its step budget, or a ``stop``)."""
@@ -139,6 +144,33 @@ class Guest:
         return Histogram(count=sum(x.count for x in s), total_ns=sum(x.total_ns for x in s),
                          max_ns=max(x.max_ns for x in s),
                          buckets=[sum(x.buckets[b] for x in s) for b in range(lib.STALL_BUCKETS)])
+
+    def stuck(self, longer_than_ns: int) -> list[tuple[int, float, int]]:
+        """vCPUs inside one access for longer than ``longer_than_ns``: (index, seconds, page)."""
+        now, out = time.monotonic_ns(), []
+        for i in range(self.spec.vcpus):
+            s = self._stalls[i]
+            since, addr = s.waiting_since_ns, s.waiting_addr
+            if since and now - since > longer_than_ns:
+                out.append((i, (now - since) / 1e9, (addr - self.base) // PAGE_SIZE))
+        return out
+
+    def absent_runs(self) -> list[tuple[int, int]]:
+        """Pages the kernel's page tables do not have yet, as (first page, count) runs.
+
+        Read from /proc/self/pagemap: this never touches guest memory, and it
+        is the whole record of what is missing after a lost link.
+        """
+        starts, counts, nxt = ffi.new("uint64_t[]", 4096), ffi.new("uint64_t[]", 4096), ffi.new("uint64_t *")
+        runs: list[tuple[int, int]] = []
+        first = 0
+        while first < self.spec.pages:
+            n = lib.region_absent_runs(self.base, first, self.spec.pages, starts, counts, 4096, nxt)
+            if n < 0:
+                raise UffdError("reading /proc/self/pagemap", -n)
+            runs += [(starts[i], counts[i]) for i in range(n)]
+            first = nxt[0]
+        return runs
 
     def digest(self) -> int:
         """64-bit digest of all guest memory; every page must be present (or it faults)."""

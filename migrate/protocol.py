@@ -146,9 +146,10 @@ class PageRequest:
 
 @dataclass(frozen=True)
 class Resume:
-    """Destination → source after a reconnection: the runs the kernel still lacks."""
+    """Destination → source after a reconnection: runs the kernel still lacks; ``more`` if others follow."""
 
     runs: tuple[tuple[int, int], ...]
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ def _encode_fields(event: Event) -> list[object]:
         runs = [list(r) for r in event.runs]
         if len(runs) > MAX_REQUEST_RUNS:
             raise LocalProtocolError(f"{len(runs)} runs in one request; split it")
-        return [runs, event.stamp] if isinstance(event, PageRequest) else [runs]
+        return [runs, event.stamp] if isinstance(event, PageRequest) else [runs, event.more]
     return list(vars(event).values())
 
 
@@ -385,14 +386,20 @@ def _text(v: object, name: str) -> str:
     return v
 
 
+def _bool(v: object, name: str) -> bool:
+    if type(v) is not bool:
+        raise RemoteProtocolError(f"field {name} is not a boolean")
+    return v
+
+
 def _arity(f: tuple, n: int, what: str) -> tuple:
     if len(f) != n:
         raise RemoteProtocolError(f"{what} frame has {len(f)} fields, expected {n}")
     return f
 
 
-def _runs(v: object) -> tuple[tuple[int, int], ...]:
-    if not isinstance(v, tuple) or not 0 < len(v) <= MAX_REQUEST_RUNS:
+def _runs(v: object, least: int = 1) -> tuple[tuple[int, int], ...]:
+    if not isinstance(v, tuple) or not least <= len(v) <= MAX_REQUEST_RUNS:
         raise RemoteProtocolError(f"page runs must be a list of 1..{MAX_REQUEST_RUNS} [start, count]")
     out = []
     for r in v:
@@ -463,7 +470,7 @@ _DECODERS = {
     ZeroRun: lambda f, _: ZeroRun(*(_int(v, n, hi) for v, n, hi in zip(_arity(f, 3, "ZeroRun"), ("start", "count", "echo"),
                                                                         (1 << 40, 1 << 40, 1 << 63)))),
     PageRequest: lambda f, _: PageRequest(_runs(_arity(f, 2, "PageRequest")[0]), _int(f[1], "stamp")),
-    Resume: lambda f, _: Resume(_runs(_arity(f, 1, "Resume")[0])),
+    Resume: lambda f, _: Resume(_runs(_arity(f, 2, "Resume")[0], least=0), _bool(f[1], "more")),
     SourceDone: lambda f, _: SourceDone(_int(_arity(f, 1, "SourceDone")[0], "pages_sent", 1 << 40)),
     DestDone: _dec_counters,
     Error: lambda f, _: Error(_text(_arity(f, 1, "Error")[0], "message")),

@@ -10,6 +10,7 @@ Tasks after switchover, in one nursery:
 
 from __future__ import annotations
 
+import hmac
 import logging
 from functools import partial
 import secrets
@@ -20,20 +21,17 @@ from typing import Iterator
 import trio
 
 from . import protocol as p
-from .errors import MigrateError, PeerError, RemoteProtocolError, UsageError
+from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError, find
 from .guest import Guest, GuestSpec
 from .metrics import rss_mib
 from .progress import Progress
 from .ranges import Remaining
 from .uffd import PAGE_SIZE
-from .wire import BlockingFrames, FrameSocket, tune
+from .wire import BlockingFrames, FrameSocket, run_blocking, tune
 
 log = logging.getLogger(__name__)
 
 CHUNK_PAGES = p.DEFAULT_MAX_PAYLOAD // PAGE_SIZE
-# A destination must finish its handshake quickly: a silent or slow-drip
-# client must not hold a connection slot or a task forever.
-HANDSHAKE_TIMEOUT = 10.0
 # How long the urgent channel may stay silent before the destination counts as lost.
 REQUEST_TIMEOUT = 3600.0
 
@@ -46,14 +44,16 @@ class SourceConfig:
     run_before: float = 1.0
     key: bytes = b""
     ready_file: str | None = None
+    handshake_timeout: float = 10.0  # a silent or slow-drip client is dropped after this
+    reconnect_timeout: float = 60.0  # how long a lost destination may take to come back
 
 
 @dataclass
 class _Session:
-    """The one migration in progress: its id and its two channels."""
+    """The one migration in progress: its id and its two channels (None while lost)."""
 
     id: bytes
-    bulk: FrameSocket
+    bulk: FrameSocket | None = None
     urgent: FrameSocket | None = None
 
 
@@ -134,7 +134,7 @@ class Source:
         tune(sock)
         fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages), f"destination {peer}")
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
+            with trio.fail_after(self.cfg.handshake_timeout):
                 await self._handshake(fs)
         except (MigrateError, trio.TooSlowError) as exc:
             self.stats["rejected_peers"] += 1
@@ -154,50 +154,97 @@ class Source:
         if not p.proof_ok(p.prove(self.cfg.key, p.Role.DESTINATION, hello.channel, nonce, hello.nonce), hello.proof):
             raise RemoteProtocolError("authentication failed: the destination does not know the key")
         s = self.session
-        if hello.channel is p.Channel.BULK:
+        if hello.session == b"" and hello.channel is p.Channel.BULK:
             if s is not None:
                 raise PeerError("a migration is already in progress")
-            self.session = s = _Session(secrets.token_bytes(16), fs)
-        elif s is None or hello.session != s.id or s.urgent is not None:
-            raise RemoteProtocolError("urgent channel for an unknown session")
-        else:
-            s.urgent = fs
+            self.session = s = _Session(secrets.token_bytes(16))
+        elif s is None or not hmac.compare_digest(hello.session, s.id):
+            raise RemoteProtocolError(f"{hello.channel.value} channel for an unknown session")
+        if getattr(s, hello.channel.value) is not None:
+            raise RemoteProtocolError(f"the session has a {hello.channel.value} channel already")
         await fs.send(p.Welcome(s.id, p.prove(self.cfg.key, p.Role.SOURCE, hello.channel, nonce, hello.nonce)))
-        if hello.channel is p.Channel.BULK:
+        if hello.session == b"":
             sp = self.spec
             await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
-            log.info("%s connected", fs.peer)
-        else:
+        setattr(s, hello.channel.value, fs)
+        log.info("%s: %s channel up", fs.peer, hello.channel.value)
+        if s.bulk is not None and s.urgent is not None:
             self._paired.set()
 
     # -- migration ---------------------------------------------------------
     async def _migrate(self) -> dict[str, object]:
-        assert self.guest is not None and self.session is not None and self.session.urgent is not None
+        s = self.session
+        assert self.guest is not None and s is not None and s.bulk is not None and s.urgent is not None
         await trio.to_thread.run_sync(self.guest.stop)
         stopped_at = time.time_ns()
         t_switch = time.monotonic()
         steps = self.guest.steps()
-        bulk, urgent = self.session.bulk, self.session.urgent
-        await bulk.send(p.CpuState(tuple(self.guest.export_state()), stopped_at))
+        cpu_state = p.CpuState(tuple(self.guest.export_state()), stopped_at)
         log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stream, bulk)
-            nursery.start_soon(self._serve_requests, urgent)
-            self.dest_counters = (await bulk.expect(p.DestDone)).counters
-            nursery.cancel_scope.cancel()
+        bytes_bulk = bytes_urgent = recoveries = 0
+        while True:
+            bulk, urgent = s.bulk, s.urgent
+            assert bulk is not None and urgent is not None
+            done = False
+            try:
+                if recoveries == 0:
+                    await bulk.send(cpu_state)
+                else:
+                    await self._receive_resume(bulk)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._stream, bulk)
+                    nursery.start_soon(self._serve_requests, urgent)
+                    self.dest_counters = (await bulk.expect(p.DestDone)).counters
+                    done = True
+                    nursery.cancel_scope.cancel()
+                failure = None
+            except BaseException as exc:
+                failure = find(exc, LINK_ERRORS)
+                if failure is None:
+                    raise
+                if done:  # the destination hung up once finished: not a lost link
+                    failure = None
+            bytes_bulk += bulk.bytes_out
+            bytes_urgent += urgent.bytes_out
+            bulk.close()
+            urgent.close()
+            if failure is None:
+                break
+            self.progress.finish()
+            recoveries += 1
+            s.bulk = s.urgent = None
+            self._paired = trio.Event()
+            log.warning("lost the destination (%s); waiting up to %g s for it to reconnect", failure,
+                        self.cfg.reconnect_timeout)
+            with trio.move_on_after(self.cfg.reconnect_timeout):
+                await self._paired.wait()
+            if not self._paired.is_set():
+                raise PeerError(f"the destination did not come back within {self.cfg.reconnect_timeout:g} s; "
+                                "its guest is incomplete and this one is stopped",
+                                hint="restart the migration from scratch")
         self.progress.finish()
         total_s = time.monotonic() - t_switch
         metrics: dict[str, object] = {
             **self.stats, "pages_total": self.spec.pages, "total_s": round(total_s, 3),
-            "bytes_bulk": bulk.bytes_out, "bytes_urgent": urgent.bytes_out, "rss_mib": rss_mib(),
-            "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
+            "bytes_bulk": bytes_bulk, "bytes_urgent": bytes_urgent, "recoveries": recoveries,
+            "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
         }
         log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
                  total_s, self.stats["pages_streamed"], self.stats["pages_requested"], self.stats["requests"],
                  self.dest_counters.get("pages_placed", "?"))
-        for fs in (bulk, urgent):
-            fs.close()
         return metrics
+
+    async def _receive_resume(self, bulk: FrameSocket) -> None:
+        """After a reconnection: the stream becomes exactly what the destination's kernel still lacks."""
+        runs: list[tuple[int, int]] = []
+        while True:
+            resume = await bulk.expect(p.Resume)
+            runs += resume.runs
+            if not resume.more:
+                break
+        self.remaining = Remaining(runs)
+        self.cursor = 0
+        log.info("destination back: it lacks %d pages in %d runs", self.remaining.pages, len(runs))
 
     async def _stream(self, bulk: FrameSocket) -> None:
         assert self.guest is not None
@@ -224,12 +271,8 @@ class Source:
     async def _serve_requests(self, urgent: FrameSocket) -> None:
         """Serves page requests from a worker thread: it wakes straight from the socket and reads
         guest memory itself, so a request costs no hop between threads."""
-        frames = urgent.blocking(REQUEST_TIMEOUT)
         token = trio.lowlevel.current_trio_token()
-        try:
-            await trio.to_thread.run_sync(self._serve_requests_blocking, frames, token, abandon_on_cancel=True)
-        finally:
-            frames.close()
+        await run_blocking(self._serve_requests_blocking, urgent.blocking(REQUEST_TIMEOUT), token)
 
     def _serve_requests_blocking(self, frames: BlockingFrames, token: trio.lowlevel.TrioToken) -> None:
         assert self.guest is not None

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import socket as _stdsocket
+from typing import Callable, TypeVar
 
 import trio
 
 from .errors import PeerError, RemoteProtocolError, UsageError
 from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
+
+T = TypeVar("T")
 
 # Large kernel buffers keep the bulk stream flowing while the receiver places
 # a run; 4 MiB matches a few frames in flight.
@@ -155,8 +158,43 @@ class BlockingFrames:
             fs.conn.commit(n)
         return event
 
+    def shutdown(self) -> None:
+        """Ends the channel's receiving side: a thread blocked reading it returns at once."""
+        try:
+            self.sock.shutdown(_stdsocket.SHUT_RD)
+        except OSError:
+            pass  # already closed by the peer
+
     def close(self) -> None:
         self.sock.close()
+
+
+async def run_blocking(fn: Callable[..., T], frames: BlockingFrames, *args: object) -> T:
+    """Runs ``fn(frames, *args)`` in a worker thread and returns its result.
+
+    **Cancellation**: shuts the channel's receiving side down, which ends the
+    thread's blocking read, and waits for the thread: a cancelled caller never
+    leaves a thread behind that could still count or place pages.
+    """
+
+    finished = False
+
+    async def shut_down_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not finished:
+                frames.shutdown()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shut_down_when_cancelled)
+            result = await trio.to_thread.run_sync(fn, frames, *args)
+            finished = True
+            nursery.cancel_scope.cancel()
+        return result
+    finally:
+        frames.close()
 
 
 def parse_address(text: str, default_port: int) -> tuple[str, int]:

@@ -134,9 +134,13 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             break;
         }
         int timed = page != last_page;
-        if (timed && last == 0)
-            last = now_ns();
         uint64_t *w = mem + page * WORDS_PER_PAGE + word;
+        if (timed) {
+            if (last == 0)
+                last = now_ns();
+            __atomic_store_n(&stalls->waiting_addr, (uint64_t)(uintptr_t)w, __ATOMIC_RELAXED);
+            __atomic_store_n(&stalls->waiting_since_ns, last, __ATOMIC_RELAXED);
+        }
         if (write)
             *w = r ^ steps;
         else
@@ -144,6 +148,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
         steps++;
         if (timed) {
             uint64_t t = now_ns();
+            __atomic_store_n(&stalls->waiting_since_ns, 0, __ATOMIC_RELAXED);
             if (t - last > STALL_THRESHOLD_NS) {
                 uint64_t f = page_faults();
                 if (f != faults)

@@ -23,6 +23,10 @@ typedef struct {
     uint64_t total_ns;
     uint64_t max_ns;
     uint64_t buckets[STALL_BUCKETS];
+    /* While an access to a new page is under way: when it started and its
+     * address (0 otherwise), for a watchdog to name a vCPU stuck in a fault. */
+    uint64_t waiting_since_ns;
+    uint64_t waiting_addr;
 } stall_stats_t;
 
 enum workload { WL_UNIFORM = 0, WL_HOTSET = 1, WL_SEQUENTIAL = 2, WL_READMOSTLY = 3 };

@@ -137,3 +137,43 @@ int region_unmap(uint64_t addr, uint64_t len)
 {
     return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
 }
+
+int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages,
+                       uint64_t *starts, uint64_t *counts, int max_runs,
+                       uint64_t *next)
+{
+    enum { BATCH = 8192 };
+    static __thread uint64_t entries[BATCH];
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int runs = 0;
+    uint64_t p = first;
+    while (p < npages) {
+        uint64_t want = npages - p < BATCH ? npages - p : BATCH;
+        ssize_t got = pread(fd, entries, want * 8, (off_t)((addr / PAGE + p) * 8));
+        if (got <= 0) {
+            int err = got < 0 ? errno : EIO;
+            close(fd);
+            return -err;
+        }
+        for (uint64_t i = 0; i < (uint64_t)got / 8; i++, p++) {
+            /* bit 63: present; bit 62: swapped (then the data exists too) */
+            if (entries[i] >> 62)
+                continue;
+            if (runs && starts[runs - 1] + counts[runs - 1] == p) {
+                counts[runs - 1]++;
+            } else if (runs == max_runs) {
+                *next = p;
+                close(fd);
+                return runs;
+            } else {
+                starts[runs] = p;
+                counts[runs++] = 1;
+            }
+        }
+    }
+    close(fd);
+    *next = npages;
+    return runs;
+}

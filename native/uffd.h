@@ -35,3 +35,13 @@ int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max);
 /* Page-aligned anonymous private mapping for a guest, and its release. */
 uint64_t region_map(uint64_t len);
 int region_unmap(uint64_t addr, uint64_t len);
+
+/* Absent pages of the npages-page region at addr, from page first on, as
+ * runs (start page, count), asked of the kernel's page tables through
+ * /proc/self/pagemap: after a lost link they are exactly what is still
+ * missing, with no record kept in userland.  Stores at most max_runs runs
+ * and sets *next to the page to continue from (npages when done).  Returns
+ * the number of runs stored, or -errno. */
+int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages,
+                       uint64_t *starts, uint64_t *counts, int max_runs,
+                       uint64_t *next);

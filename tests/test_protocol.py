@@ -46,7 +46,7 @@ SOURCE_EVENTS = [
 DEST_EVENTS = [
     p.Hello(p.Channel.URGENT, b"s" * 16, b"n" * 32, b"p" * 32),
     p.PageRequest(((0, 1), (50, 50)), stamp=12345),
-    p.Resume(((0, 100),)),
+    p.Resume(((0, 100),), more=True),
     p.DestDone({"pages_placed": 100, "ratio": 0.5, "verified": True}),
 ]
 
