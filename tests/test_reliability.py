@@ -87,6 +87,7 @@ async def test_source_killed_midway_destination_gives_up_clearly(tmp_path: Path)
             rc, err, _ = await run_destination(tmp_path, proxy_port, ["--reconnect-timeout", str(timeout),
                                                                        "--watchdog", "1"])
             elapsed = time.monotonic() - t0
+            await src.wait()
             nursery.cancel_scope.cancel()
     assert rc == 1
     assert "Traceback" not in err
