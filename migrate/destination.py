@@ -119,9 +119,14 @@ class Destination:
         log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
                  spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
 
-        cpu = await bulk.expect(p.CpuState)
+        guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
+        try:
+            cpu = await bulk.expect(p.CpuState)
+        except BaseException:
+            guest.request_stop()
+            raise
         guest.import_state(list(cpu.vcpus))
-        guest.start()  # before any page has arrived: every first touch faults
+        guest.release()  # before any page has arrived: every first touch faults
         running_at = time.time_ns()
         t_switch = time.monotonic()
         downtime_ms = (running_at - cpu.stopped_at_ns) / 1e6

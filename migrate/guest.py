@@ -81,24 +81,31 @@ class Guest:
         self._states = ffi.new("vcpu_state_t[]", spec.vcpus)
         self._stalls = ffi.new("stall_stats_t[]", spec.vcpus)
         self._stop = ffi.new("int *")
+        self._gate = ffi.new("int *")
         self._threads: list[threading.Thread] = []
         for i in range(spec.vcpus):
             lib.vcpu_init(self._states + i, spec.seed, i)
         if fill:
             lib.guest_fill(self.base, 0, spec.pages, spec.seed, spec.zero_permille)
 
-    def start(self, max_steps: list[int] | None = None) -> None:
-        """Starts one native thread per vCPU; each runs until ``stop`` or its step budget."""
+    def start(self, max_steps: list[int] | None = None, *, gated: bool = False) -> None:
+        """Starts one native thread per vCPU; each runs until ``stop`` or its step budget.
+
+        With ``gated``, the threads wait for ``release`` before their first
+        step, so that resuming a migrated guest costs one wake-up.
+        """
         if self._threads:
             raise RuntimeError("vCPUs already running")
         self._stop[0] = 0
+        self._gate[0] = 0
         s = self.spec
         for i in range(s.vcpus):
             first, count = s.vcpu_slice(i)
             budget = max_steps[i] if max_steps is not None else 2**64 - 1
             t = threading.Thread(target=lib.vcpu_run, name=f"vcpu{i}", daemon=True,
                                  args=(self.base, first, count, int(s.workload), self._states + i,
-                                       budget, s.rate, self._stop, self._stalls + i))
+                                       budget, s.rate, self._stop, self._stalls + i,
+                                       self._gate if gated else ffi.NULL))
             t.start()
             self._threads.append(t)
 
@@ -111,9 +118,18 @@ class Guest:
         self.request_stop()
         self.join()
 
+    def release(self) -> None:
+        """Lets vCPUs started with ``gated`` run (their CPU state must be in place)."""
+        lib.gate_open(self._gate)
+
     def request_stop(self) -> None:
         """Asks the vCPUs to stop without waiting: one asleep in a fault stays there."""
         self._stop[0] = 1
+        lib.gate_open(self._gate)
+
+    def stopped_at_ns(self) -> int:
+        """Wall-clock time at which the last vCPU stopped (after ``stop``)."""
+        return max(self._stalls[i].stopped_at_ns for i in range(self.spec.vcpus))
 
     def join(self) -> None:
         """Waits for every vCPU to finish (its step budget, or a ``stop``)."""

@@ -176,11 +176,10 @@ class Source:
         s = self.session
         assert self.guest is not None and s is not None and s.bulk is not None and s.urgent is not None
         await trio.to_thread.run_sync(self.guest.stop)
-        stopped_at = time.time_ns()
         t_switch = time.monotonic()
         steps = self.guest.steps()
-        cpu_state = p.CpuState(tuple(self.guest.export_state()), stopped_at)
-        log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
+        # Downtime starts when the last vCPU stopped, as its own clock saw it.
+        cpu_state = p.CpuState(tuple(self.guest.export_state()), self.guest.stopped_at_ns())
         bytes_bulk = bytes_urgent = recoveries = 0
         while True:
             bulk, urgent = s.bulk, s.urgent
@@ -189,6 +188,7 @@ class Source:
             try:
                 if recoveries == 0:
                     await bulk.send(cpu_state)
+                    log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
                 else:
                     await self._receive_resume(bulk)
                 async with trio.open_nursery() as nursery:

@@ -4,6 +4,10 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "guest.h"
 
@@ -93,10 +97,31 @@ static void record_stall(stall_stats_t *s, uint64_t ns)
     s->buckets[bucket_of(ns)]++;
 }
 
+void gate_open(int *gate)
+{
+    __atomic_store_n(gate, 1, __ATOMIC_RELEASE);
+    syscall(SYS_futex, gate, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+
+static void gate_wait(int *gate)
+{
+    while (!__atomic_load_n(gate, __ATOMIC_ACQUIRE))
+        syscall(SYS_futex, gate, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
+}
+
+static uint64_t wall_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
 int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
              vcpu_state_t *st, uint64_t max_steps, uint64_t rate,
-             int *stop, stall_stats_t *stalls)
+             int *stop, stall_stats_t *stalls, int *gate)
 {
+    if (gate)
+        gate_wait(gate);
     if (count == 0)
         return 0;
     uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * GUEST_PAGE_SIZE);
@@ -175,6 +200,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->prng = prng;
     st->steps = steps;
     st->acc = acc;
+    stalls->stopped_at_ns = wall_ns();
     return 0;
 }
 

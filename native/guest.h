@@ -27,6 +27,9 @@ typedef struct {
      * address (0 otherwise), for a watchdog to name a vCPU stuck in a fault. */
     uint64_t waiting_since_ns;
     uint64_t waiting_addr;
+    /* Wall-clock time (CLOCK_REALTIME, ns) when the vCPU last stopped: where
+     * downtime starts, as the guest itself saw it. */
+    uint64_t stopped_at_ns;
 } stall_stats_t;
 
 enum workload { WL_UNIFORM = 0, WL_HOTSET = 1, WL_SEQUENTIAL = 2, WL_READMOSTLY = 3 };
@@ -41,10 +44,15 @@ void vcpu_init(vcpu_state_t *st, uint64_t seed, uint32_t index);
 
 /* Runs the workload on pages [first, first+count) until *stop is set or
  * st->steps reaches max_steps.  rate is accesses per second (0: unlimited).
- * Accesses that faulted are timed into stalls.  Returns 0. */
+ * Accesses that faulted are timed into stalls.  When gate is not NULL the
+ * vCPU first waits for gate_open(gate): threads are created ahead of time,
+ * so a resume costs one wake-up, not a thread start.  Returns 0. */
 int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
              vcpu_state_t *st, uint64_t max_steps, uint64_t rate,
-             int *stop, stall_stats_t *stalls);
+             int *stop, stall_stats_t *stalls, int *gate);
+
+/* Lets every vCPU waiting on gate run. */
+void gate_open(int *gate);
 
 /* 64-bit digest of npages pages at base (a fast multiply-mix over words). */
 uint64_t guest_digest(uint64_t base, uint64_t npages);
