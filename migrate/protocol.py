@@ -43,6 +43,9 @@ MAX_REQUEST_RUNS = 1024
 # a whole 1 MiB run with one ioctl, small enough that a buffer holding two
 # frames stays a few MiB per connection.
 DEFAULT_MAX_PAYLOAD = 1 << 20
+# What a receive asks for when no frame length is known yet: small frames
+# (requests, zero runs) come many to a read, a large one's prefix is learnt.
+_READ_AHEAD = 64 * 1024
 _U64 = 1 << 64
 _NONCE_LEN = 32
 _MAX_TEXT = 1024
@@ -256,18 +259,29 @@ class Connection:
     def receive_buffer(self, min_size: int = 1) -> memoryview:
         """Free space to ``recv_into`` directly (no copy); report what was written with ``commit``.
 
-        Invalidates payload views of events returned before.
+        Once a frame's length is known the view ends with that frame, so a
+        large frame is read in place and the buffer is usually empty again
+        after it: unconsumed bytes rarely need moving.  Invalidates payload
+        views of events returned before.
         """
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < max(min_size, len(self._buf) // 4):
+        want = max(min_size, self._rest_of_frame() or _READ_AHEAD)
+        if len(self._buf) - self._end < want:
             pending = bytes(self._buf[self._start : self._end])
             self._buf[: len(pending)] = pending
             self._start, self._end = 0, len(pending)
-        view = memoryview(self._buf)[self._end :]
-        if len(view) < min_size:
+        if len(self._buf) - self._end < min_size:
             raise RemoteProtocolError("receive buffer full: the peer sent more than one frame can hold")
-        return view
+        return memoryview(self._buf)[self._end : self._end + want]
+
+    def _rest_of_frame(self) -> int:
+        """Bytes still missing from the frame being received, when its prefix is in; else 0."""
+        start = self._start + (0 if self._got_preamble else _PREAMBLE.size)
+        if self._end - start < _PREFIX.size:
+            return 0
+        hlen, plen = _PREFIX.unpack_from(self._buf, start)
+        return max(0, start + _PREFIX.size + min(hlen, MAX_HEADER) + min(plen, self.max_payload) - self._end)
 
     def commit(self, n: int) -> None:
         """Records ``n`` bytes written into the view from ``receive_buffer``; 0 means the peer closed."""
