@@ -16,7 +16,9 @@ from conftest import BIN, REPORT
 from migrate import protocol as p
 from proxy import CuttingProxy
 
-MIB = 1 << 20
+# No zero pages, so that bytes through the proxy measure the migration's progress.
+BUSY_GUEST = ["--guest-mib", "256", "--zero-fraction", "0", "--workload", "uniform", "--run-before", "0.3"]
+GUEST_BYTES = 256 << 20
 
 
 async def start_source(tmp: Path, args: list[str]) -> tuple[trio.Process, int]:
@@ -42,13 +44,10 @@ async def run_destination(tmp: Path, port: int, args: list[str]) -> tuple[int, s
 
 
 async def test_links_cut_twice_the_migration_recovers_and_verifies(tmp_path: Path) -> None:
-    guest_mib = 256
     with trio.fail_after(240):
         async with trio.open_nursery() as nursery:
-            src, port = await start_source(tmp_path, [
-                "--guest-mib", str(guest_mib), "--zero-fraction", "0", "--workload", "uniform",
-                "--run-before", "0.3"])
-            proxy = CuttingProxy(port, [int(0.3 * guest_mib * MIB), int(0.7 * guest_mib * MIB)],
+            src, port = await start_source(tmp_path, BUSY_GUEST)
+            proxy = CuttingProxy(port, [int(0.3 * GUEST_BYTES), int(0.7 * GUEST_BYTES)],
                                  lambda _: proxy.cut())
             proxy_port = await nursery.start(proxy.serve)
             rc, err, m = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2"])
@@ -69,19 +68,16 @@ async def test_links_cut_twice_the_migration_recovers_and_verifies(tmp_path: Pat
 
 
 async def test_source_killed_midway_destination_gives_up_clearly(tmp_path: Path) -> None:
-    guest_mib = 256
     timeout = 3.0
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
-            src, port = await start_source(tmp_path, [
-                "--guest-mib", str(guest_mib), "--zero-fraction", "0", "--workload", "uniform",
-                "--run-before", "0.3"])
+            src, port = await start_source(tmp_path, BUSY_GUEST)
 
             def kill(_: int) -> None:
                 src.send_signal(signal.SIGKILL)
                 proxy.cut()
 
-            proxy = CuttingProxy(port, [int(0.5 * guest_mib * MIB)], kill)
+            proxy = CuttingProxy(port, [int(0.5 * GUEST_BYTES)], kill)
             proxy_port = await nursery.start(proxy.serve)
             t0 = time.monotonic()
             rc, err, _ = await run_destination(tmp_path, proxy_port, ["--reconnect-timeout", str(timeout),
