@@ -154,6 +154,7 @@ class Destination:
         uffd.close()  # safe only now: every page is present, none can read as zeros
         steps = guest.steps()
         stalls = guest.stalls()
+        rss = rss_mib()  # before the replay, which maps a second guest for the proof
         verified: bool | None = None
         if self.cfg.verify:
             log.info("verifying: replaying %s steps without migration", steps)
@@ -171,7 +172,7 @@ class Destination:
             "eexist_bulk": self.bulk.eexist, "eexist_urgent": self.urgent.eexist,
             "zero_pages": self.bulk.zero_pages + self.urgent.zero_pages,
             "vcpu_stall_us": stalls.summary(), "fault_service_us": self.fault_service.summary(),
-            "vcpu_steps": steps, "rss_mib": rss_mib(), "guest_mib": spec.size / 2**20,
+            "vcpu_steps": steps, "rss_mib": rss, "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
             "placed_timeline": self.timeline,
         }
