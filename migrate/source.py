@@ -4,18 +4,23 @@ Tasks after switchover, in one nursery:
 - the *streamer* sends every page not yet sent over the bulk channel, in runs,
   zero runs as ZeroRun, jumping to just after the last requested run
   (a vCPU that faulted there is likely to touch the next pages soon);
-- the *request server* answers PageRequests on the urgent channel at once;
-- the *completion watcher* waits for the destination's DestDone.
+- the *request server* answers PageRequests on the urgent channel at once,
+  from its own worker thread;
+- the main task waits for the destination's DestDone.
+
+A lost link is not the end: the session (an id both channels present) waits
+for the destination to reconnect, and the stream becomes exactly the page
+runs the destination's kernel still lacks.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from functools import partial
 import secrets
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 import trio

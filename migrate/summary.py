@@ -20,6 +20,8 @@ def print_summary(m: dict, out: IO[str]) -> None:
         f"max {stall['max']:.0f} µs, {stall['total_ms']:.1f} ms in all",
         f"fault service    p50 {service['p50']:.0f} µs, p99 {service['p99']:.0f} µs, max {service['max']:.0f} µs",
         f"races absorbed   {m['eexist']} pages already present when placed (no userland page state)",
+        *(f"recovery         link lost and back in {r['reconnect_s'] * 1000:.0f} ms, "
+          f"{r['pages_missing']} pages still absent were streamed again" for r in m["recoveries"]),
         f"verified: {'yes' if m['verified'] else 'NO' if m['verified'] is False else 'not checked (use --verify)'}",
     ]
     print("\n".join(lines), file=out, flush=True)
