@@ -4,7 +4,6 @@ test would hide a broken machine."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,7 +56,8 @@ class Run:
     dst_err: str
 
 
-async def migrate(tmp: Path, src_args: list[str], dst_args: list[str] = [], timeout: float = 180) -> Run:
+async def migrate(tmp: Path, src_args: list[str], dst_args: tuple[str, ...] | list[str] = (),
+                  timeout: float = 180) -> Run:
     """Runs migrate-src and migrate-dst as real processes on 127.0.0.1 and collects what they report."""
     ready, src_m, dst_m = tmp / "ready", tmp / "src.json", tmp / "dst.json"
     for f in (ready, src_m, dst_m):
