@@ -3,6 +3,7 @@
 The headers are both the cdef and the compiler's declarations, so kernel
 values and struct layouts come from the compiler, never typed in by hand.
 """
+import os
 import pathlib
 import shutil
 import sys
@@ -17,7 +18,7 @@ SOURCES = ["uffd.c", "guest.c"]
 
 def _check_toolchain() -> None:
     """Fail early with a hint rather than with a compiler's traceback."""
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         sys.exit(f"uffd-migrate: C compiler {cc!r} not found; hint: apt-get install gcc")
     if not pathlib.Path("/usr/include/linux/userfaultfd.h").exists():
