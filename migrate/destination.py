@@ -119,6 +119,7 @@ class Destination:
         log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
                  spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
 
+        guest.time_stalls(True)  # until every page is here, any access may stall
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
         try:
             cpu = await bulk.expect(p.CpuState)
@@ -142,6 +143,7 @@ class Destination:
             guest.request_stop()
             raise
         placement_s = time.monotonic() - t_switch
+        guest.time_stalls(False)  # every page is present: no access can stall any more
         self.progress.finish()
         placed, eexist = self.placed_pages, self.bulk.eexist + self.urgent.eexist
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",

@@ -118,6 +118,11 @@ class Guest:
         self.request_stop()
         self.join()
 
+    def time_stalls(self, on: bool) -> None:
+        """Arms or disarms the vCPUs' timing of accesses (see ``stall_stats_t.armed``)."""
+        for i in range(self.spec.vcpus):
+            self._stalls[i].armed = int(on)
+
     def release(self) -> None:
         """Lets vCPUs started with ``gated`` run (their CPU state must be in place)."""
         lib.gate_open(self._gate)

@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 #include <time.h>
 #include <limits.h>
+#include <pthread.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -48,6 +49,35 @@ static inline uint64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Timed accesses read the TSC directly: cheaper than clock_gettime(), and a
+ * fault still shows in full (the access completes only after it). */
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+static inline uint64_t ticks(void) { return __rdtsc(); }
+#else
+static inline uint64_t ticks(void) { return now_ns(); }
+#endif
+
+static double ns_per_tick = 1.0;
+static uint64_t base_ns, base_tick;
+static pthread_once_t calibrated = PTHREAD_ONCE_INIT;
+
+static void calibrate(void)
+{
+    uint64_t t0 = now_ns(), c0 = ticks(), t1;
+    while ((t1 = now_ns()) - t0 < 2000000) /* 2 ms, once per process, before a vCPU starts */
+        ;
+    uint64_t c1 = ticks();
+    ns_per_tick = c1 > c0 ? (double)(t1 - t0) / (double)(c1 - c0) : 1.0;
+    base_ns = t1;
+    base_tick = c1;
+}
+
+static inline uint64_t tick_ns(uint64_t t)
+{
+    return base_ns + (uint64_t)((double)(t - base_tick) * ns_per_tick);
 }
 
 void guest_fill(uint64_t base, uint64_t first, uint64_t count, uint64_t seed, uint32_t zero_permille)
@@ -120,6 +150,8 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
              vcpu_state_t *st, uint64_t max_steps, uint64_t rate,
              int *stop, stall_stats_t *stalls, int *gate)
 {
+    pthread_once(&calibrated, calibrate);
+    const uint64_t threshold = (uint64_t)(STALL_THRESHOLD_NS / ns_per_tick);
     if (gate)
         gate_wait(gate);
     if (count == 0)
@@ -134,6 +166,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
      * thread's fault counter moved: a userfaultfd fault is counted there once
      * the kernel retries it after the page is placed. */
     uint64_t faults = page_faults();
+    int armed = __atomic_load_n(&stalls->armed, __ATOMIC_RELAXED);
 
     while (steps < max_steps && !__atomic_load_n(stop, __ATOMIC_RELAXED)) {
         uint64_t r = xorshift(&prng);
@@ -158,13 +191,15 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             write = ctl >= 64; /* 75% writes */
             break;
         }
-        int timed = page != last_page;
+        if ((steps & 1023) == 0)
+            armed = __atomic_load_n(&stalls->armed, __ATOMIC_RELAXED);
+        int timed = armed && page != last_page;
         uint64_t *w = mem + page * WORDS_PER_PAGE + word;
         if (timed) {
             if (last == 0)
-                last = now_ns();
+                last = ticks();
             __atomic_store_n(&stalls->waiting_addr, (uint64_t)(uintptr_t)w, __ATOMIC_RELAXED);
-            __atomic_store_n(&stalls->waiting_since_ns, last, __ATOMIC_RELAXED);
+            __atomic_store_n(&stalls->waiting_since_ns, tick_ns(last), __ATOMIC_RELAXED);
         }
         if (write)
             *w = r ^ steps;
@@ -172,17 +207,17 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             acc = (acc ^ *w) * 0x100000001B3ULL;
         steps++;
         if (timed) {
-            uint64_t t = now_ns();
+            uint64_t t = ticks();
             __atomic_store_n(&stalls->waiting_since_ns, 0, __ATOMIC_RELAXED);
-            if (t - last > STALL_THRESHOLD_NS) {
+            if (t - last > threshold) {
                 uint64_t f = page_faults();
                 if (f != faults)
-                    record_stall(stalls, t - last);
+                    record_stall(stalls, (uint64_t)((double)(t - last) * ns_per_tick));
                 faults = f;
             }
             last = t;
             last_page = page;
-        } else {
+        } else if (armed) {
             last = 0;
         }
         if (rate && (steps & 63) == 0) {

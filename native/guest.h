@@ -30,6 +30,11 @@ typedef struct {
     /* Wall-clock time (CLOCK_REALTIME, ns) when the vCPU last stopped: where
      * downtime starts, as the guest itself saw it. */
     uint64_t stopped_at_ns;
+    /* Nonzero while accesses are timed: only during postcopy can an access
+     * stall, and reading a clock per access costs the workload its memory
+     * parallelism (several times slower on random access), so a vCPU runs
+     * untimed the rest of the time. */
+    int armed;
 } stall_stats_t;
 
 enum workload { WL_UNIFORM = 0, WL_HOTSET = 1, WL_SEQUENTIAL = 2, WL_READMOSTLY = 3 };

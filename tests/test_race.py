@@ -32,6 +32,7 @@ def migrate_in_process(spec: GuestSpec, extra_steps: int, chunk_pages: int) -> d
     uffd = Userfaultfd()
     uffd.register(dst.base, spec.size)
     dst.import_state(src.export_state())
+    dst.time_stalls(True)
     target = [s + extra_steps for s in src.steps()]
     dst.start(max_steps=target)
 
