@@ -165,8 +165,13 @@ class Source:
             self.session = s = _Session(secrets.token_bytes(16))
         elif s is None or not hmac.compare_digest(hello.session, s.id):
             raise RemoteProtocolError(f"{hello.channel.value} channel for an unknown session")
-        if getattr(s, hello.channel.value) is not None:
-            raise RemoteProtocolError(f"the session has a {hello.channel.value} channel already")
+        old = getattr(s, hello.channel.value)
+        if old is not None:
+            # The destination is back before this side noticed its link die (a
+            # silent partition): end the old channel, which starts the recovery
+            # here, and let the destination retry.
+            old.abort()
+            raise PeerError(f"the session's previous {hello.channel.value} channel is still closing; retry")
         await fs.send(p.Welcome(s.id, p.prove(self.cfg.key, p.Role.SOURCE, hello.channel, nonce, hello.nonce)))
         if hello.session == b"":
             sp = self.spec

@@ -106,6 +106,13 @@ class FrameSocket:
             raise RemoteProtocolError(f"expected {kind.__name__} from {self.peer}, got {type(event).__name__}")
         return event
 
+    def abort(self) -> None:
+        """Ends the connection both ways at once, waking every task or thread blocked on it."""
+        try:
+            self.sock.shutdown(_stdsocket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone
+
     def blocking(self, timeout: float) -> BlockingFrames:
         """The same channel for a worker thread (see BlockingFrames)."""
         return BlockingFrames(self, timeout)

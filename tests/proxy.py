@@ -27,6 +27,7 @@ class CuttingProxy:
         self.down_bytes = 0
         self.cuts = 0
         self._live: list[trio.socket.SocketType] = []
+        self._frozen: set[trio.socket.SocketType] = set()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.socket.socket() as listener:
@@ -45,6 +46,14 @@ class CuttingProxy:
         """Closes every connection through the proxy; new ones are still accepted."""
         self.cuts += 1
         self._close_all()
+
+    def freeze(self) -> None:
+        """A silent partition: connections through the proxy stay open but carry nothing more.
+
+        New connections are still accepted and forwarded.
+        """
+        self.cuts += 1
+        self._frozen.update(self._live)
 
     def _close_all(self) -> None:
         for sock in self._live:
@@ -67,13 +76,17 @@ class CuttingProxy:
     async def _pump(self, src: trio.socket.SocketType, dst: trio.socket.SocketType, down: bool,
                     nursery: trio.Nursery) -> None:
         try:
-            while data := await src.recv(65536):
+            while True:
+                data = await src.recv(65536)
                 if down:
                     self.down_bytes += len(data)
                     while self.marks and self.down_bytes >= self.marks[0]:
                         self.marks.pop(0)
                         self.on_mark(len(self.marks))
-                        return  # on_mark usually cut the links
+                if src in self._frozen:
+                    await trio.sleep_forever()  # a partition: not even a close gets through
+                if not data:
+                    break
                 view = memoryview(data)
                 while view:
                     view = view[await dst.send(view):]

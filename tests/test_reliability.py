@@ -67,6 +67,26 @@ async def test_links_cut_twice_the_migration_recovers_and_verifies(tmp_path: Pat
         for r in m["recoveries"]) + f"; verified in {m['total_s']:.2f} s")
 
 
+async def test_silent_partition_is_detected_and_recovered(tmp_path: Path) -> None:
+    """The links go quiet without closing: the destination notices the silence, reconnects, and the
+    source drops the stale channels it had not noticed were dead."""
+    with trio.fail_after(180):
+        async with trio.open_nursery() as nursery:
+            src, port = await start_source(tmp_path, BUSY_GUEST)
+            proxy = CuttingProxy(port, [int(0.5 * GUEST_BYTES)], lambda _: proxy.freeze())
+            proxy_port = await nursery.start(proxy.serve)
+            rc, err, m = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2",
+                                                                       "--reconnect-timeout", "3"])
+            src_rc = await src.wait()
+            nursery.cancel_scope.cancel()
+    assert rc == 0, err
+    assert src_rc == 0, (tmp_path / "src.err").read_text()
+    assert m["verified"] is True and len(m["recoveries"]) == 1
+    assert "still closing" in (tmp_path / "src.err").read_text()  # the stale channels were ended
+    REPORT.append(f"partition: silent links detected and recovered in {m['recoveries'][0]['reconnect_s']:.2f} s, "
+                  f"{m['recoveries'][0]['pages_missing']} pages re-requested, verified")
+
+
 async def test_source_killed_midway_destination_gives_up_clearly(tmp_path: Path) -> None:
     timeout = 3.0
     with trio.fail_after(120):
