@@ -40,16 +40,11 @@ int main(int argc, char **argv)
     /* The clock starts at accept: connection setup is not bulk throughput. */
     double t0 = now_s();
     uint64_t got = 0;
-    for (;;) {
-        ssize_t r = recv(fd, buf, CHUNK, 0);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            die("recv");
-        if (r == 0)
-            break;
+    size_t r;
+    do {
+        r = recv_all(fd, buf, CHUNK);
         got += r;
-    }
+    } while (r == CHUNK);
     double dt = now_s() - t0;
     pthread_join(t, NULL);
     if (got != total) {
