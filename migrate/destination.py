@@ -123,16 +123,12 @@ class Destination:
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
         try:
             cpu = await bulk.expect(p.CpuState)
-        except BaseException:
-            guest.request_stop()
-            raise
-        guest.import_state(list(cpu.vcpus))
-        guest.release()  # before any page has arrived: every first touch faults
-        running_at = time.time_ns()
-        t_switch = time.monotonic()
-        downtime_ms = (running_at - cpu.stopped_at_ns) / 1e6
-        log.info("vCPUs running again %.2f ms after the source stopped them", downtime_ms)
-        try:
+            guest.import_state(list(cpu.vcpus))
+            guest.release()  # before any page has arrived: every first touch faults
+            running_at = time.time_ns()
+            t_switch = time.monotonic()
+            downtime_ms = (running_at - cpu.stopped_at_ns) / 1e6
+            log.info("vCPUs running again %.2f ms after the source stopped them", downtime_ms)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, guest)
                 bulk, urgent = await self._postcopy(guest, uffd, bulk, urgent, t_switch)
@@ -145,7 +141,7 @@ class Destination:
         placement_s = time.monotonic() - t_switch
         guest.time_stalls(False)  # every page is present: no access can stall any more
         self.progress.finish()
-        placed, eexist = self.placed_pages, self.bulk.eexist + self.urgent.eexist
+        placed, eexist = self.placed_pages, self.eexist
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
                  placed, placement_s, self.faults, self.requests, eexist)
         await bulk.send(p.DestDone({"pages_placed": placed, "faults": self.faults, "eexist": eexist}))
@@ -235,13 +231,12 @@ class Destination:
                  reconnect_s, missing, len(runs))
         return bulk, urgent
 
-    def _retire(self, *channels: FrameSocket) -> None:
-        """Closes channels, keeping their byte counts."""
-        bulk, urgent = channels
+    def _retire(self, bulk: FrameSocket, urgent: FrameSocket) -> None:
+        """Closes a pair of channels, keeping their byte counts."""
         self.bytes_bulk += bulk.bytes_in
         self.bytes_urgent += urgent.bytes_in
-        for fs in channels:
-            fs.close()
+        bulk.close()
+        urgent.close()
 
     async def _watchdog(self, guest: Guest) -> None:
         """Names any vCPU stuck in one access (a fault) for longer than the threshold."""
@@ -255,6 +250,11 @@ class Destination:
     @property
     def placed_pages(self) -> int:
         return self.bulk.placed_pages + self.urgent.placed_pages
+
+    @property
+    def eexist(self) -> int:
+        """Pages the kernel already had when asked to place them: races it absorbed."""
+        return self.bulk.eexist + self.urgent.eexist
 
     @staticmethod
     def _place(uffd: Userfaultfd, base: int, event: p.Event, tally: Tally) -> None:
@@ -312,5 +312,5 @@ class Destination:
             self.progress.update(
                 f"placed {placed}/{pages} pages ({100 * placed / pages:.0f}%), "
                 f"{placed * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {self.faults / max(elapsed, 1e-9):.0f} faults/s, "
-                f"{self.bulk.eexist + self.urgent.eexist} races absorbed")
+                f"{self.eexist} races absorbed")
             await trio.sleep(TIMELINE_INTERVAL)

@@ -95,9 +95,9 @@ class Source:
     # -- set-up ------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
         """Runs the guest, migrates it once, and returns the source's metrics."""
-        t0 = time.monotonic()
         self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
         self.guest.start()
+        t0 = time.monotonic()  # --run-before counts guest time, not the fill before it
         listener = await self._listen()
         port = listener.getsockname()[1]
         log.info("guest of %d MiB with %d vCPUs running %s; listening on %s:%d", self.spec.size >> 20,
