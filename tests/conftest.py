@@ -56,30 +56,44 @@ class Run:
     dst_err: str
 
 
+async def start_source(tmp: Path, args: list[str]) -> tuple[trio.Process, int]:
+    """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port."""
+    ready = tmp / "ready"
+    for f in (ready, tmp / "src.json"):
+        f.unlink(missing_ok=True)
+    with open(tmp / "src.err", "w") as err:  # the child keeps its own copy
+        proc = await trio.lowlevel.open_process(
+            [str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+             "--metrics", str(tmp / "src.json"), *args],
+            stdout=subprocess.DEVNULL, stderr=err)
+    while not (ready.exists() and ready.read_text().strip()):
+        assert proc.poll() is None, (tmp / "src.err").read_text()
+        await trio.sleep(0.05)
+    return proc, int(ready.read_text().split(":")[1])
+
+
+async def run_destination(tmp: Path, port: int, args: list[str]) -> tuple[int, str, dict]:
+    """Runs migrate-dst against 127.0.0.1:port to its end: (exit code, stderr, metrics)."""
+    metrics = tmp / "dst.json"
+    metrics.unlink(missing_ok=True)
+    proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}",
+                                   "--metrics", str(metrics), *args], check=False, capture_stderr=True)
+    return proc.returncode, proc.stderr.decode(), json.loads(metrics.read_text()) if metrics.exists() else {}
+
+
 async def migrate(tmp: Path, src_args: list[str], dst_args: tuple[str, ...] | list[str] = (),
                   timeout: float = 180) -> Run:
     """Runs migrate-src and migrate-dst as real processes on 127.0.0.1 and collects what they report."""
-    ready, src_m, dst_m = tmp / "ready", tmp / "src.json", tmp / "dst.json"
-    for f in (ready, src_m, dst_m):
-        f.unlink(missing_ok=True)
-    src_cmd = [str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-               "--metrics", str(src_m), *src_args]
-    rcs: dict[str, int] = {}
-    with trio.fail_after(timeout), open(tmp / "src.err", "w") as src_err, open(tmp / "dst.err", "w") as dst_err:
-        async with trio.open_nursery() as nursery:
-            async def run(name: str, cmd: list[str], err: object) -> None:
-                proc = await trio.run_process(cmd, check=False, stdout=subprocess.DEVNULL, stderr=err)
-                rcs[name] = proc.returncode
-
-            nursery.start_soon(run, "src", src_cmd, src_err)
-            while not ready.exists() or not ready.read_text().strip():
-                if "src" in rcs:
-                    break
-                await trio.sleep(0.05)
-            if "src" not in rcs:
-                dst_cmd = [str(BIN / "migrate-dst"), "--connect", ready.read_text().strip(),
-                           "--metrics", str(dst_m), *dst_args]
-                nursery.start_soon(run, "dst", dst_cmd, dst_err)
-    load = lambda f: json.loads(f.read_text()) if f.exists() else {}  # noqa: E731
-    return Run(rcs["src"], rcs.get("dst", -1), load(src_m), load(dst_m),
-               (tmp / "src.err").read_text(), (tmp / "dst.err").read_text())
+    with trio.fail_after(timeout):
+        src, port = await start_source(tmp, src_args)
+        try:
+            dst_rc, dst_err, dst_metrics = await run_destination(tmp, port, list(dst_args))
+            src_rc = await src.wait()
+        finally:
+            if src.returncode is None:
+                src.kill()
+                with trio.CancelScope(shield=True):
+                    await src.wait()
+    src_json = tmp / "src.json"
+    src_metrics = json.loads(src_json.read_text()) if src_json.exists() else {}
+    return Run(src_rc, dst_rc, src_metrics, dst_metrics, (tmp / "src.err").read_text(), dst_err)

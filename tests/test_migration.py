@@ -7,13 +7,12 @@ import json
 import socket
 import struct
 import subprocess
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import BIN, REPORT, migrate
+from conftest import BIN, REPORT, migrate, start_source
 from migrate import protocol as p
 
 FAST = ["--run-before", "0.3"]
@@ -151,16 +150,11 @@ def test_help_explains_every_option() -> None:
 async def test_stdout_is_machine_readable(tmp_path: Path) -> None:
     """`--metrics -` puts one JSON object on stdout; logs (here as JSON lines) and the summary go to stderr."""
     with trio.fail_after(120):
-        async with trio.open_nursery() as nursery:
-            ready = tmp_path / "ready"
-            nursery.start_soon(partial(trio.run_process, [
-                str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--guest-mib", "8", "--run-before", "0",
-                "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            while not (ready.exists() and ready.read_text().strip()):
-                await trio.sleep(0.05)
-            proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", ready.read_text().strip(),
-                                           "--run-after", "0", "--metrics", "-", "--log-format", "json"],
-                                          capture_stdout=True, capture_stderr=True)
+        src, port = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0"])
+        proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}",
+                                       "--run-after", "0", "--metrics", "-", "--log-format", "json"],
+                                      capture_stdout=True, capture_stderr=True)
+        assert await src.wait() == 0
     metrics = json.loads(proc.stdout.decode())
     assert metrics["pages_placed"] == metrics["pages_total"] == 2048
     err = proc.stderr.decode().splitlines()

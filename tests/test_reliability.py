@@ -6,41 +6,18 @@ import json
 import signal
 import socket
 import struct
-import subprocess
 import time
 from pathlib import Path
 
 import trio
 
-from conftest import BIN, REPORT
+from conftest import REPORT, run_destination, start_source
 from migrate import protocol as p
 from proxy import CuttingProxy
 
 # No zero pages, so that bytes through the proxy measure the migration's progress.
 BUSY_GUEST = ["--guest-mib", "256", "--zero-fraction", "0", "--workload", "uniform", "--run-before", "0.3"]
 GUEST_BYTES = 256 << 20
-
-
-async def start_source(tmp: Path, args: list[str]) -> tuple[trio.Process, int]:
-    ready = tmp / "ready"
-    ready.unlink(missing_ok=True)
-    with open(tmp / "src.err", "w") as err:  # the child keeps its own copy
-        proc = await trio.lowlevel.open_process(
-            [str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-             "--metrics", str(tmp / "src.json"), *args],
-            stdout=subprocess.DEVNULL, stderr=err)
-    while not (ready.exists() and ready.read_text().strip()):
-        assert proc.poll() is None, (tmp / "src.err").read_text()
-        await trio.sleep(0.05)
-    return proc, int(ready.read_text().split(":")[1])
-
-
-async def run_destination(tmp: Path, port: int, args: list[str]) -> tuple[int, str, dict]:
-    metrics = tmp / "dst.json"
-    metrics.unlink(missing_ok=True)
-    proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}",
-                                   "--metrics", str(metrics), *args], check=False, capture_stderr=True)
-    return proc.returncode, proc.stderr.decode(), json.loads(metrics.read_text()) if metrics.exists() else {}
 
 
 async def test_links_cut_twice_the_migration_recovers_and_verifies(tmp_path: Path) -> None:
