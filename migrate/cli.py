@@ -43,6 +43,9 @@ def _positive_int(text: str) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", metavar="PATH",
                         help=f"shared secret both sides prove with HMAC (or set ${KEY_ENV}); default: none")
+    parser.add_argument("--link-timeout", type=_positive_float, default=10.0, metavar="S",
+                        help="seconds a connection may stay silent while pages are owed (or refuse to take "
+                             "them) before it counts as lost and recovery starts (default 10)")
     parser.add_argument("--metrics", metavar="PATH|-", help="write one JSON object of metrics here (- for stdout)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="format of stderr log lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
@@ -174,22 +177,24 @@ def _run_src(args: argparse.Namespace) -> int:
                      zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
-                       reconnect_timeout=args.reconnect_timeout)
+                       reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout)
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0
 
 
 def _run_dst(args: argparse.Namespace) -> int:
+    from . import protocol as p
     from .destination import DestinationConfig, Destination
     from .summary import print_summary
 
     host, port = parse_address(args.connect, DEFAULT_PORT)
-    if args.prefetch < 0:
-        raise UsageError("--prefetch cannot be negative")
+    if not 0 <= args.prefetch < p.MAX_RUN_PAGES:
+        raise UsageError(f"--prefetch must be between 0 and {p.MAX_RUN_PAGES - 1}")
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
-                            reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog)
+                            reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
+                            link_timeout=args.link_timeout)
     metrics = _run_trio(Destination(cfg).run)
     write_metrics(metrics, args.metrics, sys.stdout)
     print_summary(metrics, sys.stderr)

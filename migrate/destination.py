@@ -3,36 +3,45 @@
 The kernel is the only bookkeeper.  Since ``userfaultfd_must_wait()``
 re-checks the page tables after a faulting thread has queued itself, a fault
 that races with a ``UFFDIO_COPY`` of the same page is never lost; so this side
-keeps no per-page state at all:
+keeps no per-page state at all.  One nursery per session runs three native
+loops (native/dataplane.c), each owned by a trio task:
 
 - the *placer* places whatever the bulk stream brings;
 - the *fault reader* asks the source for every faulting page, duplicates
   included (a duplicate costs one page of bandwidth and comes back as an
   "already present" page, which is counted as a race the kernel absorbed);
-- the *request channel* places the urgent replies;
-- migration is complete when the bytes the kernel reports as placed add up
-  to the guest's size: the kernel never places a page twice.
+- the *request channel* places the replies to those requests;
+- migration is complete when the pages the kernel reports as placed add up
+  to the guest's size (the loops signal an eventfd): the kernel never places
+  a page twice.
+
+A lost link is not the end: the guest waits in its faults while this side
+reconnects, asks the kernel which pages are still absent, and sends the
+source that list.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import trio
 
 from . import protocol as p
-from .errors import LINK_ERRORS, PeerError, RemoteProtocolError, UsageError, find
+from ._native import ffi, lib
+from .errors import LINK_ERRORS, PeerError, RemoteProtocolError, UsageError
 from .guest import Guest, GuestSpec, Workload, replay
+from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
-from .uffd import PAGE_SIZE, Placed, Userfaultfd
-from .wire import BlockingFrames, FrameSocket, connect, run_blocking
+from .uffd import PAGE_SIZE, Userfaultfd
+from .wire import FrameSocket, connect
 
 log = logging.getLogger(__name__)
 
-# Samples of the placed-pages curve kept for plots: bounded, one per interval.
+# Samples of the placed-pages curves kept for plots: bounded, one per interval.
 TIMELINE_INTERVAL = 0.1
 MAX_TIMELINE = 10_000
 
@@ -47,25 +56,20 @@ class DestinationConfig:
     prefetch: int = 0  # neighbours requested after each faulting page
     reconnect_timeout: float = 30.0  # how long a lost source may take to come back
     watchdog: float = 2.0  # seconds a vCPU may wait for one page before it is reported
+    link_timeout: float = 10.0  # silence while pages are owed before a link counts as lost
 
 
 @dataclass
-class Tally:
-    """Plain counters of one placement path: the destination's only state about pages.
+class _Links:
+    """One session's three connections."""
 
-    Each path (bulk placer thread, urgent channel task) writes only its own
-    tally, so no counter is ever shared between threads.
-    """
+    bulk: FrameSocket
+    requests: FrameSocket
+    replies: FrameSocket
 
-    placed_pages: int = 0
-    eexist: int = 0
-    zero_pages: int = 0
-
-    def add(self, placed: Placed, zero: bool) -> None:
-        self.placed_pages += placed.pages
-        self.eexist += placed.existed
-        if zero:
-            self.zero_pages += placed.pages
+    def close(self) -> None:
+        for fs in (self.bulk, self.requests, self.replies):
+            fs.close()
 
 
 class Destination:
@@ -73,56 +77,80 @@ class Destination:
 
     def __init__(self, cfg: DestinationConfig) -> None:
         self.cfg = cfg
-        self.bulk = Tally()
-        self.urgent = Tally()
-        self.faults = 0
-        self.requests = 0
-        self.fault_service = Histogram()
+        # The native loops' shared view of the guest and their counters, each
+        # counter written by one loop only.
+        self.plane = ffi.new("dst_plane_t *")
         self.progress = Progress()
-        self.timeline: list[tuple[float, int]] = []
-        self._all_placed = trio.Event()
-        self._total = 0
+        self.timeline: list[tuple[float, int, int]] = []
         self._session = b""
-        self.bytes_bulk = 0
-        self.bytes_urgent = 0
         self.recoveries: list[dict[str, float]] = []
 
-    async def _open(self, channel: p.Channel, session: bytes) -> tuple[FrameSocket, p.Welcome]:
-        """Connects and authenticates one channel of a session (``b""``: a new one)."""
+    @property
+    def placed_pages(self) -> int:
+        return self.plane.bulk.pages + self.plane.urgent.pages
+
+    @property
+    def eexist(self) -> int:
+        """Pages the kernel already had when asked to place them: races it absorbed."""
+        return self.plane.bulk.eexist + self.plane.urgent.eexist
+
+    @property
+    def _idle_ms(self) -> int:
+        return max(1, round(self.cfg.link_timeout * 1000))
+
+    async def _open(self, channel: p.Channel, session: bytes) -> FrameSocket:
+        """Connects and authenticates one connection of a session (``b""``: a new one)."""
         fs = FrameSocket(await connect(self.cfg.host, self.cfg.port),
-                         p.Connection(p.Role.DESTINATION, guest_pages=self._total or None),
+                         p.Connection(p.Role.DESTINATION, guest_pages=self.plane.pages or None),
                          f"source {self.cfg.host}:{self.cfg.port}")
-        challenge = await fs.expect(p.Challenge)
-        nonce = p.new_nonce()
-        await fs.send(p.Hello(channel, session, nonce,
-                              p.prove(self.cfg.key, p.Role.DESTINATION, channel, challenge.nonce, nonce)))
-        welcome = await fs.expect(p.Welcome)
-        if not p.proof_ok(p.prove(self.cfg.key, p.Role.SOURCE, channel, challenge.nonce, nonce), welcome.proof):
+        try:
+            challenge = await fs.expect(p.Challenge)
+            nonce = p.new_nonce()
+            await fs.send(p.Hello(channel, session, nonce,
+                                  p.prove(self.cfg.key, p.Role.DESTINATION, channel, challenge.nonce, nonce)))
+            welcome = await fs.expect(p.Welcome)
+            if not p.proof_ok(p.prove(self.cfg.key, p.Role.SOURCE, channel, challenge.nonce, nonce), welcome.proof):
+                raise RemoteProtocolError("authentication failed: the source does not know the key",
+                                          hint="give both sides the same --key-file")
+        except BaseException:
             fs.close()
-            raise RemoteProtocolError("authentication failed: the source does not know the key",
-                                      hint="give both sides the same --key-file")
-        return fs, welcome
+            raise
+        self._session = welcome.session
+        return fs
+
+    async def _open_links(self, bulk: FrameSocket) -> _Links:
+        """The requests and replies connections that join ``bulk``'s session."""
+        requests = await self._open(p.Channel.REQUESTS, self._session)
+        try:
+            return _Links(bulk, requests, await self._open(p.Channel.REPLIES, self._session))
+        except BaseException:
+            requests.close()
+            raise
 
     async def run(self) -> dict[str, object]:
         """Migrates the guest in, lets it run, and returns the metrics."""
         t_connect = time.monotonic()
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
-        bulk, welcome = await self._open(p.Channel.BULK, b"")
-        self._session = welcome.session
+        bulk = await self._open(p.Channel.BULK, b"")
         info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
-        self._total = spec.pages
         guest = Guest(spec, fill=False)
         uffd.register(guest.base, spec.size)
-        urgent, _ = await self._open(p.Channel.URGENT, self._session)
+        d = self.plane
+        d.uffd, d.base, d.pages = uffd.fd, guest.base, spec.pages
+        done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        d.done_fd = done_fd
+        links = await self._open_links(bulk)
         log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
                  spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
 
         guest.time_stalls(True)  # until every page is here, any access may stall
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
         try:
-            cpu = await bulk.expect(p.CpuState)
+            cpu = await links.bulk.expect(p.CpuState)
+            if len(cpu.vcpus) != spec.vcpus:
+                raise RemoteProtocolError(f"CPU state for {len(cpu.vcpus)} vCPUs, the guest has {spec.vcpus}")
             guest.import_state(list(cpu.vcpus))
             guest.release()  # before any page has arrived: every first touch faults
             running_at = time.time_ns()
@@ -131,7 +159,7 @@ class Destination:
             log.info("vCPUs running again %.2f ms after the source stopped them", downtime_ms)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, guest)
-                bulk, urgent = await self._postcopy(guest, uffd, bulk, urgent, t_switch)
+                links = await self._postcopy(guest, links, done_fd, t_switch)
                 nursery.cancel_scope.cancel()
         except BaseException:
             # Never close the uffd and let vCPUs go on: a missing page would read as
@@ -141,11 +169,11 @@ class Destination:
         placement_s = time.monotonic() - t_switch
         guest.time_stalls(False)  # every page is present: no access can stall any more
         self.progress.finish()
-        placed, eexist = self.placed_pages, self.eexist
+        placed, eexist, faults = self.placed_pages, self.eexist, d.faults
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
-                 placed, placement_s, self.faults, self.requests, eexist)
-        await bulk.send(p.DestDone({"pages_placed": placed, "faults": self.faults, "eexist": eexist}))
-        self._retire(bulk, urgent)
+                 placed, placement_s, faults.faults, faults.requests, eexist)
+        await self._close(links, {"pages_placed": placed, "faults": faults.faults, "eexist": eexist})
+        os.close(done_fd)
 
         await trio.sleep(self.cfg.run_after)
         await trio.to_thread.run_sync(guest.stop)
@@ -160,83 +188,157 @@ class Destination:
             want_digest, want_state = await trio.to_thread.run_sync(replay, spec, steps)
             verified = digest == want_digest and guest.export_state() == want_state
         guest.close()
+        bulk_s, urgent_s = d.bulk, d.urgent
         return {
             "pages_total": spec.pages, "pages_placed": placed, "verified": verified,
             "downtime_ms": round(downtime_ms, 3), "total_s": round(placement_s, 3),
             "connect_to_done_s": round(time.monotonic() - t_connect, 3),
-            "bytes_bulk": self.bytes_bulk, "bytes_urgent": self.bytes_urgent,
-            "stream_gbps": round(self.bytes_bulk / placement_s / 1e9, 3),
-            "faults": self.faults, "requests": self.requests, "eexist": eexist,
-            "eexist_bulk": self.bulk.eexist, "eexist_urgent": self.urgent.eexist,
-            "zero_pages": self.bulk.zero_pages + self.urgent.zero_pages,
-            "vcpu_stall_us": stalls.summary(), "fault_service_us": self.fault_service.summary(),
+            "bytes_bulk": bulk_s.bytes, "bytes_urgent": urgent_s.bytes, "bytes_requests": faults.bytes,
+            "stream_gbps": round(bulk_s.bytes / placement_s / 1e9, 3),
+            "faults": faults.faults, "requests": faults.requests, "pages_requested": faults.pages_requested,
+            "eexist": eexist, "eexist_bulk": bulk_s.eexist, "eexist_urgent": urgent_s.eexist,
+            "pages_placed_bulk": bulk_s.pages, "pages_placed_urgent": urgent_s.pages,
+            "zero_pages": bulk_s.zero_pages + urgent_s.zero_pages,
+            "vcpu_stall_us": stalls.summary(), "fault_service_us": Histogram.from_c(urgent_s.service).summary(),
+            "hops_us": {"fault_to_request": Histogram.from_c(faults.to_send).summary(),
+                        "network": Histogram.from_c(urgent_s.network).summary(),
+                        "source_held": Histogram.from_c(urgent_s.held).summary(),
+                        "reply_to_placed": Histogram.from_c(urgent_s.place).summary()},
             "vcpu_steps": steps, "rss_mib": rss, "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
             "placed_timeline": self.timeline,
         }
 
-    async def _postcopy(self, guest: Guest, uffd: Userfaultfd, bulk: FrameSocket, urgent: FrameSocket,
-                        t_switch: float) -> tuple[FrameSocket, FrameSocket]:
-        """Places pages until all are there, reconnecting when a link breaks; returns the live channels."""
+    async def _postcopy(self, guest: Guest, links: _Links, done_fd: int, t_switch: float) -> _Links:
+        """Places pages until all are there, reconnecting when a link breaks; returns the live links.
+
+        **Cancellation**: stops the native loops (each through its eventfd) and
+        waits for them; the guest's vCPUs stay where they are.
+        """
+        deadline: float | None = None  # of the recovery under way: progress resets it
         while True:
+            placed_before = self.placed_pages
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._placer, bulk, uffd, guest.base)
-                    nursery.start_soon(self._fault_reader, uffd, urgent, guest.base, guest.spec.pages)
-                    nursery.start_soon(self._request_channel, urgent, uffd, guest.base)
-                    nursery.start_soon(self._watch_progress, guest.spec.pages, t_switch)
-                    await self._all_placed.wait()
+                    nursery.start_soon(self._placer, links.bulk)
+                    nursery.start_soon(self._fault_reader, links.requests)
+                    nursery.start_soon(self._request_channel, links.replies)
+                    nursery.start_soon(self._watch_progress, t_switch)
+                    await trio.lowlevel.wait_readable(done_fd)
                     nursery.cancel_scope.cancel()
-                return bulk, urgent
+                return links
             except BaseException as exc:
-                failure = find(exc, LINK_ERRORS)
-                if failure is None:
+                if self.placed_pages == self.plane.pages:
+                    return links  # every page is here: whatever a loop was doing no longer matters
+                if not isinstance(exc, Exception):
                     raise
-            self._retire(bulk, urgent)
+                lost, other = exc.split(LINK_ERRORS) if isinstance(exc, ExceptionGroup) else (
+                    (exc, None) if isinstance(exc, LINK_ERRORS) else (None, exc))
+                if lost is None or other is not None:
+                    raise  # a bug or a local failure is never mistaken for a lost link
+                failure = _first(lost)
+            links.close()
             self.progress.finish()
+            if deadline is None or self.placed_pages > placed_before:
+                deadline = trio.current_time() + self.cfg.reconnect_timeout
             log.warning("lost the source (%s) with %d of %d pages placed; reconnecting for up to %g s",
-                        failure, self.placed_pages, self._total, self.cfg.reconnect_timeout)
-            bulk, urgent = await self._reconnect(guest)
+                        failure, self.placed_pages, self.plane.pages, self.cfg.reconnect_timeout)
+            links = await self._reconnect(guest, deadline)
 
-    async def _reconnect(self, guest: Guest) -> tuple[FrameSocket, FrameSocket]:
-        """Reconnects both channels with backoff, then tells the source what the kernel still lacks."""
+    async def _reconnect(self, guest: Guest, deadline: float) -> _Links:
+        """Reconnects with backoff until ``deadline``, then tells the source what the kernel still lacks."""
         t0 = time.monotonic()
         delay = 0.05
         while True:
             try:
-                bulk, _ = await self._open(p.Channel.BULK, self._session)
-                try:
-                    urgent, _ = await self._open(p.Channel.URGENT, self._session)
-                except BaseException:
-                    bulk.close()
-                    raise
+                with trio.fail_at(min(deadline, trio.current_time() + self.cfg.link_timeout)):
+                    links = await self._open_links(await self._open(p.Channel.BULK, self._session))
                 break
-            except (UsageError, *LINK_ERRORS) as exc:
-                if time.monotonic() - t0 + delay > self.cfg.reconnect_timeout:
-                    pct = 100 * self.placed_pages / self._total
+            except (UsageError, trio.TooSlowError, *LINK_ERRORS) as exc:
+                if trio.current_time() + delay > deadline:
+                    placed, total = self.placed_pages, self.plane.pages
+                    reason = "no answer" if isinstance(exc, trio.TooSlowError) else str(exc)
                     raise PeerError(
-                        f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({exc}); "
-                        f"{self.placed_pages} of {self._total} pages ({pct:.1f}%) had arrived; the guest is "
+                        f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({reason}); "
+                        f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
                         "stopped here and its memory is incomplete",
                         hint="restart the migration; raise --reconnect-timeout to ride out longer outages") from None
                 await trio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         runs = guest.absent_runs()
         missing = sum(n for _, n in runs)
-        for i in range(0, max(len(runs), 1), p.MAX_REQUEST_RUNS):
-            await bulk.send(p.Resume(tuple(runs[i:i + p.MAX_REQUEST_RUNS]), more=i + p.MAX_REQUEST_RUNS < len(runs)))
+        for i in range(0, max(len(runs), 1), p.MAX_RESUME_RUNS):
+            await links.bulk.send(p.Resume(tuple(runs[i:i + p.MAX_RESUME_RUNS]),
+                                           more=i + p.MAX_RESUME_RUNS < len(runs)))
+        await self._ask_again(guest, links.requests)
         reconnect_s = time.monotonic() - t0
         self.recoveries.append({"reconnect_s": round(reconnect_s, 3), "pages_missing": missing})
         log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
                  reconnect_s, missing, len(runs))
-        return bulk, urgent
+        return links
 
-    def _retire(self, bulk: FrameSocket, urgent: FrameSocket) -> None:
-        """Closes a pair of channels, keeping their byte counts."""
-        self.bytes_bulk += bulk.bytes_in
-        self.bytes_urgent += urgent.bytes_in
-        bulk.close()
-        urgent.close()
+    async def _ask_again(self, guest: Guest, requests: FrameSocket) -> None:
+        """Asks at once for the pages vCPUs are blocked on: their faults were read before the link broke.
+
+        What a vCPU waits for is its own state (per vCPU, not per page), so
+        this needs no record of what was asked before.
+        """
+        d = self.plane
+        # Requests of the lost links will never be answered: owe only what is asked from now on.
+        d.urgent.owed_base = d.faults.pages_requested - d.urgent.answered
+        pages = sorted({page for _, _, page in guest.stuck(0)})
+        if not pages:
+            return
+        for i in range(0, len(pages), p.MAX_REQUEST_RUNS):
+            batch = pages[i:i + p.MAX_REQUEST_RUNS]
+            d.faults.pages_requested += len(batch)  # no loop runs now: this task may write it
+            await requests.send(p.PageRequest(tuple((page, 1) for page in batch), lib.mono_ns()))
+        log.info("asked again for the %d pages vCPUs are waiting on", len(pages))
+
+    async def _close(self, links: _Links, counters: dict[str, float]) -> None:
+        """Tells the source every page is here, then waits for it to close first.
+
+        The source closes its connections once it has read DestDone; closing
+        ours only after that means our close can never look like a lost link
+        to it.  Bounded by ``link_timeout``.
+        """
+        try:
+            await links.bulk.send(p.DestDone(counters))
+            with trio.move_on_after(self.cfg.link_timeout):
+                while True:  # stream frames still in flight are duplicates: skip them
+                    await links.bulk.receive()
+        except (PeerError, RemoteProtocolError):
+            pass  # closed, as expected
+        links.close()
+
+    async def _placer(self, bulk: FrameSocket) -> None:
+        """Runs the native placer on the bulk stream until the source says it is complete.
+
+        **Cancellation**: stops the placer through its eventfd and waits for it.
+        """
+        if await run_native(lib.dst_place_loop, self.plane, 0, bulk.fileno(), bulk.conn.rx, self._idle_ms,
+                            peer=bulk.peer) == CONTROL:
+            event = await bulk.receive()  # raises for an Error from the source
+            if not isinstance(event, p.SourceDone):
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} in the stream from {bulk.peer}")
+
+    async def _fault_reader(self, requests: FrameSocket) -> None:
+        """Runs the native fault reader: every batch of faults becomes one request, at once.
+
+        **Cancellation**: stops it through its eventfd and waits for it.
+        """
+        await run_native(lib.dst_fault_loop, self.plane, requests.fileno(), self._idle_ms, 1 + self.cfg.prefetch,
+                         peer=requests.peer)
+
+    async def _request_channel(self, replies: FrameSocket) -> None:
+        """Runs the native reply placer on the replies connection.
+
+        **Cancellation**: stops it through its eventfd and waits for it.
+        """
+        if await run_native(lib.dst_place_loop, self.plane, 1, replies.fileno(), replies.conn.rx, self._idle_ms,
+                            peer=replies.peer) == CONTROL:
+            event = await replies.receive()  # raises for an Error from the source
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} among the replies from {replies.peer}")
 
     async def _watchdog(self, guest: Guest) -> None:
         """Names any vCPU stuck in one access (a fault) for longer than the threshold."""
@@ -247,70 +349,21 @@ class Destination:
                 log.warning("watchdog: vCPU %d has waited %.1f s for page %d (address %#x)", index, seconds, page,
                             guest.base + page * PAGE_SIZE)
 
-    @property
-    def placed_pages(self) -> int:
-        return self.bulk.placed_pages + self.urgent.placed_pages
-
-    @property
-    def eexist(self) -> int:
-        """Pages the kernel already had when asked to place them: races it absorbed."""
-        return self.bulk.eexist + self.urgent.eexist
-
-    @staticmethod
-    def _place(uffd: Userfaultfd, base: int, event: p.Event, tally: Tally) -> None:
-        """Places one run; pages the kernel already has are counted, not an error."""
-        if isinstance(event, p.PageRun):
-            tally.add(uffd.copy(base + event.start * PAGE_SIZE, event.payload, event.count * PAGE_SIZE), False)
-        elif isinstance(event, p.ZeroRun):
-            tally.add(uffd.zeropage(base + event.start * PAGE_SIZE, event.count * PAGE_SIZE), True)
-        else:
-            raise RemoteProtocolError(f"unexpected {type(event).__name__} while pages are arriving")
-
-    def _check_done(self) -> None:
-        if self.placed_pages == self._total:
-            self._all_placed.set()
-
-    async def _placer(self, bulk: FrameSocket, uffd: Userfaultfd, base: int) -> None:
-        """Places the bulk stream from a worker thread, so the trio thread stays free for faults."""
-        await run_blocking(self._place_stream, bulk.blocking(self.cfg.reconnect_timeout), uffd, base)
-        self._check_done()
-
-    def _place_stream(self, frames: BlockingFrames, uffd: Userfaultfd, base: int) -> None:
-        """Worker thread: receive and place until the source says the stream is complete."""
-        while not isinstance(event := frames.receive(), p.SourceDone):
-            self._place(uffd, base, event, self.bulk)
-
-    async def _request_channel(self, urgent: FrameSocket, uffd: Userfaultfd, base: int) -> None:
-        while True:
-            event = await urgent.receive()
-            self._place(uffd, base, event, self.urgent)
-            if getattr(event, "echo", 0):
-                self.fault_service.add(time.perf_counter_ns() - event.echo)
-            self._check_done()
-
-    async def _fault_reader(self, uffd: Userfaultfd, urgent: FrameSocket, base: int, pages: int) -> None:
-        """Turns every fault into a request, at once; no dedup, no record of what was asked."""
-        span = 1 + self.cfg.prefetch
-        while True:
-            await trio.lowlevel.wait_readable(uffd.fd)
-            faults = uffd.read_faults()
-            if not faults:
-                continue
-            runs = []
-            for addr, _tid in faults:
-                page = (addr - base) // PAGE_SIZE
-                runs.append((page, min(span, pages - page)))
-            self.faults += len(faults)
-            self.requests += 1
-            await urgent.send(p.PageRequest(tuple(runs), time.perf_counter_ns()))
-
-    async def _watch_progress(self, pages: int, t0: float) -> None:
+    async def _watch_progress(self, t0: float) -> None:
+        d = self.plane
         while True:
             elapsed, placed = time.monotonic() - t0, self.placed_pages
             if len(self.timeline) < MAX_TIMELINE:
-                self.timeline.append((round(elapsed, 3), placed))
+                self.timeline.append((round(elapsed, 3), d.bulk.pages, d.urgent.pages))
             self.progress.update(
-                f"placed {placed}/{pages} pages ({100 * placed / pages:.0f}%), "
-                f"{placed * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {self.faults / max(elapsed, 1e-9):.0f} faults/s, "
-                f"{self.eexist} races absorbed")
+                f"placed {placed}/{d.pages} pages ({100 * placed / d.pages:.0f}%), "
+                f"{placed * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s, "
+                f"{d.faults.faults / max(elapsed, 1e-9):.0f} faults/s, {self.eexist} races absorbed")
             await trio.sleep(TIMELINE_INTERVAL)
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

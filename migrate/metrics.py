@@ -12,7 +12,9 @@ import resource
 from dataclasses import dataclass, field
 from typing import IO
 
-BUCKETS = 512
+from ._native import lib
+
+BUCKETS: int = lib.HIST_BUCKETS
 
 
 def bucket_of(ns: int) -> int:
@@ -39,6 +41,11 @@ class Histogram:
     total_ns: int = 0
     max_ns: int = 0
     buckets: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+
+    @classmethod
+    def from_c(cls, h: object) -> Histogram:
+        """A copy of a native loop's ``hist_t`` (same bucket layout)."""
+        return cls(h.count, h.total_ns, h.max_ns, list(h.buckets))  # type: ignore[attr-defined]
 
     def add(self, ns: int) -> None:
         self.count += 1

@@ -1,19 +1,27 @@
 """The wire protocol, sans-io: bytes in, events out; no sockets, no trio.
 
 A connection starts with a preamble (magic, version) from each side, then
-carries frames::
+carries frames.  Every frame starts with ``struct wire_frame`` of
+``native/wire.h``, the one definition of the wire layout that the native
+loops use too; this module reads and writes that struct through cffi and
+checks it with the same C function the loops call, so Python and C cannot
+drift:
 
-    u32 header length | u32 payload length | msgpack header | raw payload
+- data frames (page runs, zero runs, page requests) are the struct and a raw
+  payload: the hot path's format, spoken by the native loops;
+- control frames (handshake, CPU state, Resume, SourceDone, DestDone, Error)
+  are the struct and a msgpack body ``[kind, fields...]``: spoken by Python.
 
-The header is a msgpack array ``[kind, fields...]``; only page runs have a
-payload (the pages themselves, never re-encoded).  Every length read from the
-wire is bounded before anything is allocated, and every field is checked for
-type and range, so a hostile peer gets a ``RemoteProtocolError``, never a
-crash or an unbounded buffer.
+Every length read from the wire is bounded before anything is allocated, and
+every field is checked for type and range, so a hostile peer gets a
+``RemoteProtocolError``, never a crash or an unbounded buffer.
 
-Channels: the *bulk* channel carries the handshake, the CPU state and the
-background stream; the *urgent* channel carries page requests and their
-replies, so that a fault never waits behind megabytes of stream.
+Connections: the *bulk* connection carries the handshake, the CPU state and
+the background stream; page requests go on a *requests* connection and their
+replies come back on a *replies* connection, so that a fault never waits
+behind megabytes of stream and every direction of every connection has one
+owner thread (what TLS will need: OpenSSL forbids reading and writing one
+connection from two threads at once).
 """
 
 from __future__ import annotations
@@ -28,27 +36,29 @@ from typing import Union
 
 import msgpack
 
+from ._native import ffi, lib
 from .errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"UFMG"
-VERSION = 1
-PAGE_SIZE = 4096
+VERSION = 2
+PAGE_SIZE: int = lib.WIRE_PAGE_SIZE
+FRAME_SIZE: int = lib.WIRE_FRAME_SIZE
+MAX_RUN_PAGES: int = lib.WIRE_MAX_RUN_PAGES
+MAX_REQUEST_RUNS: int = lib.WIRE_MAX_REQUEST_RUNS
+# A Resume lists what the destination's kernel still lacks, possibly scattered:
+# split into frames of this many runs, which fit a control frame's body.
+MAX_RESUME_RUNS = 1024
 _PREAMBLE = struct.Struct(">4sH")
-_PREFIX = struct.Struct(">II")
-# A header is a few integers, or a page request of up to MAX_REQUEST_RUNS runs:
-# 64 KiB holds either with room to spare and bounds what a peer can make us buffer.
-MAX_HEADER = 64 * 1024
-MAX_REQUEST_RUNS = 1024
-# Payload bound: the largest page run we send or accept.  Large enough to place
-# a whole 1 MiB run with one ioctl, small enough that a buffer holding two
-# frames stays a few MiB per connection.
-DEFAULT_MAX_PAYLOAD = 1 << 20
-# What a receive asks for when no frame length is known yet: small frames
-# (requests, zero runs) come many to a read, a large one's prefix is learnt.
-_READ_AHEAD = 64 * 1024
 _U64 = 1 << 64
 _NONCE_LEN = 32
 _MAX_TEXT = 1024
+# The largest frame each end receives: the destination gets page frames, the
+# source only requests and control frames.  A receive buffer holds two, so a
+# whole frame always fits behind a partial one.
+_LARGEST_TO = {"destination": FRAME_SIZE + MAX_RUN_PAGES * PAGE_SIZE,
+               "source": FRAME_SIZE + lib.WIRE_MAX_CONTROL}
+# What a receive asks for when no frame length is known yet.
+_READ_AHEAD = 64 * 1024
 
 
 class Role(enum.Enum):
@@ -58,7 +68,8 @@ class Role(enum.Enum):
 
 class Channel(enum.Enum):
     BULK = "bulk"
-    URGENT = "urgent"
+    REQUESTS = "requests"
+    REPLIES = "replies"
 
 
 class _Sentinel(enum.Enum):
@@ -72,14 +83,14 @@ CLOSED = _Sentinel.CLOSED
 
 @dataclass(frozen=True)
 class Challenge:
-    """Source → destination, first frame of every channel: a fresh nonce to prove the key against."""
+    """Source → destination, first frame of every connection: a fresh nonce to prove the key against."""
 
     nonce: bytes
 
 
 @dataclass(frozen=True)
 class Hello:
-    """Destination → source: which channel this is, the session it joins, and its proof of the key."""
+    """Destination → source: which connection this is, the session it joins, and its proof of the key."""
 
     channel: Channel
     session: bytes
@@ -97,7 +108,7 @@ class Welcome:
 
 @dataclass(frozen=True)
 class GuestInfo:
-    """Source → destination on the bulk channel: what guest is coming."""
+    """Source → destination on the bulk connection, once: what guest is coming."""
 
     pages: int
     vcpus: int
@@ -118,7 +129,7 @@ class CpuState:
 
 @dataclass(frozen=True)
 class PageRun:
-    """``count`` pages from page ``start``.  ``echo`` returns a request's stamp (0 in the stream).
+    """``count`` pages from page ``start``; a reply echoes its request's stamp and says how long it was held.
 
     ``payload`` is a view into the connection's buffer when received: valid
     until the next ``receive_data``/``receive_buffer`` call.
@@ -128,6 +139,7 @@ class PageRun:
     count: int
     payload: memoryview | bytes = field(repr=False)
     echo: int = 0
+    held_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,11 +149,12 @@ class ZeroRun:
     start: int
     count: int
     echo: int = 0
+    held_ns: int = 0
 
 
 @dataclass(frozen=True)
 class PageRequest:
-    """Destination → source on the urgent channel: runs (start, count) a vCPU is waiting for."""
+    """Destination → source: runs (start, count) vCPUs wait for; ``stamp`` is the destination's clock."""
 
     runs: tuple[tuple[int, int], ...]
     stamp: int
@@ -179,17 +192,20 @@ class Error:
 Event = Union[Challenge, Hello, Welcome, GuestInfo, CpuState, PageRun, ZeroRun, PageRequest, Resume,
               SourceDone, DestDone, Error]
 
-_KINDS: dict[type, int] = {Challenge: 1, Hello: 2, Welcome: 3, GuestInfo: 4, CpuState: 5, PageRun: 6,
-                           ZeroRun: 7, PageRequest: 8, Resume: 9, SourceDone: 10, DestDone: 11, Error: 12}
-# What each role may receive: anything else is a protocol error.
+# Control kinds: the first element of a control frame's msgpack body.
+_KINDS: dict[type, int] = {Challenge: 1, Hello: 2, Welcome: 3, GuestInfo: 4, CpuState: 5, Resume: 9,
+                           SourceDone: 10, DestDone: 11, Error: 12}
+# What each role may receive: anything else is a protocol error (data frames
+# are checked by the C mask below, the same one the native loops use).
 _ACCEPTS = {
-    Role.SOURCE: {Hello, PageRequest, Resume, DestDone, Error},
-    Role.DESTINATION: {Challenge, Welcome, GuestInfo, CpuState, PageRun, ZeroRun, SourceDone, Error},
+    Role.SOURCE: {Hello, Resume, DestDone, Error},
+    Role.DESTINATION: {Challenge, Welcome, GuestInfo, CpuState, SourceDone, Error},
 }
+_MASK = {Role.SOURCE: lib.WIRE_TO_SOURCE, Role.DESTINATION: lib.WIRE_TO_DESTINATION}
 
 
 def prove(key: bytes, role: Role, channel: Channel, source_nonce: bytes, dest_nonce: bytes) -> bytes:
-    """HMAC-SHA256 proof that ``role`` knows ``key``, bound to both nonces and the channel.
+    """HMAC-SHA256 proof that ``role`` knows ``key``, bound to both nonces and the connection.
 
     The role is part of the message, so one side's proof can never be replayed as the other's.
     """
@@ -202,58 +218,75 @@ def proof_ok(expected: bytes, got: bytes) -> bool:
     return hmac.compare_digest(expected, got)
 
 
+def _frame(kind: int, count: int, start: int = 0, stamp: int = 0, held_ns: int = 0) -> bytes:
+    f = ffi.new("struct wire_frame *", {"kind": kind, "count": count, "start": start, "stamp": stamp,
+                                        "held_ns": held_ns})
+    return bytes(ffi.buffer(f))
+
+
 class Connection:
-    """One side of one channel.
+    """One side of one connection.
+
+    The receive buffer is C memory (an ``rxbuf_t``): the native loop that owns
+    this connection's receiving direction after the handshake reads on from
+    where this object stopped, and hands it back the same way.
 
     Args:
-        role: which side we are; decides which events we accept.
-        max_payload: largest page-run payload accepted, in bytes.
+        role: which side we are; decides which events we accept and the buffer's size.
         guest_pages: the guest's size in pages, when known; otherwise learnt
             from the GuestInfo that passes.  Page indexes are checked against it.
     """
 
-    def __init__(self, role: Role, max_payload: int = DEFAULT_MAX_PAYLOAD, guest_pages: int | None = None) -> None:
+    def __init__(self, role: Role, guest_pages: int | None = None) -> None:
         self.role = role
-        self.max_payload = max_payload
         self.guest_pages = guest_pages
         self._sent_preamble = False
         self._got_preamble = False
         self._eof = False
-        # Two maximal frames: a full frame can always sit behind a partial one.
-        self._buf = bytearray(2 * (_PREFIX.size + MAX_HEADER + max_payload))
-        self._start = 0
-        self._end = 0
+        self._described = False  # GuestInfo is accepted once: it sets the bound every page index is checked against
+        cap = 2 * _LARGEST_TO[role.value]
+        self._data = ffi.new("uint8_t[]", cap)
+        self.rx = ffi.new("rxbuf_t *", {"data": self._data, "cap": cap})
+        self._why = ffi.new("char **")
 
     # -- sending -----------------------------------------------------------
     def send(self, event: Event) -> list[bytes | memoryview]:
         """Encodes ``event``: the chunks to write, in order (a page run's payload is not copied)."""
-        payload: bytes | memoryview = b""
-        if isinstance(event, PageRun):
-            payload = event.payload
-            if len(payload) != event.count * PAGE_SIZE or len(payload) > self.max_payload:
-                raise LocalProtocolError(f"page run of {event.count} pages with {len(payload)} bytes")
-        if isinstance(event, GuestInfo):
-            self.guest_pages = event.pages
-        header = msgpack.packb([_KINDS[type(event)], *_encode_fields(event)])
-        if len(header) > MAX_HEADER:
-            raise LocalProtocolError(f"{type(event).__name__} header of {len(header)} bytes is too large")
         chunks: list[bytes | memoryview] = []
         if not self._sent_preamble:
             chunks.append(_PREAMBLE.pack(MAGIC, VERSION))
             self._sent_preamble = True
-        chunks.append(_PREFIX.pack(len(header), len(payload)) + header)
-        if payload:
-            chunks.append(payload)
+        if isinstance(event, PageRun):
+            if len(event.payload) != event.count * PAGE_SIZE or not 0 < event.count <= MAX_RUN_PAGES:
+                raise LocalProtocolError(f"page run of {event.count} pages with {len(event.payload)} bytes")
+            chunks += [_frame(lib.WIRE_PAGES, event.count, event.start, event.echo, event.held_ns), event.payload]
+        elif isinstance(event, ZeroRun):
+            chunks.append(_frame(lib.WIRE_ZEROS, event.count, event.start, event.echo, event.held_ns))
+        elif isinstance(event, PageRequest):
+            if not 0 < len(event.runs) <= MAX_REQUEST_RUNS:
+                raise LocalProtocolError(f"{len(event.runs)} runs in one request; split it")
+            runs = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in event.runs])
+            chunks += [_frame(lib.WIRE_REQUEST, len(event.runs), stamp=event.stamp), bytes(ffi.buffer(runs))]
+        else:
+            if isinstance(event, GuestInfo):
+                self.guest_pages = event.pages
+            body = msgpack.packb([_KINDS[type(event)], *_encode_fields(event)])
+            if len(body) > lib.WIRE_MAX_CONTROL:
+                raise LocalProtocolError(f"{type(event).__name__} of {len(body)} bytes is too large")
+            chunks += [_frame(lib.WIRE_CONTROL, len(body)), body]
         return chunks
 
     # -- receiving ---------------------------------------------------------
+    def _view(self, start: int, length: int) -> memoryview:
+        return memoryview(ffi.buffer(self._data + start, length))
+
     def receive_data(self, data: bytes) -> None:
         """Feeds bytes from the peer; ``b""`` means the peer closed."""
         if not data:
             self._eof = True
             return
-        view = self.receive_buffer(len(data))
-        view[: len(data)] = data
+        with self.receive_buffer(len(data)) as view:
+            view[: len(data)] = data
         self.commit(len(data))
 
     def receive_buffer(self, min_size: int = 1) -> memoryview:
@@ -261,33 +294,35 @@ class Connection:
 
         Once a frame's length is known the view ends with that frame, so a
         large frame is read in place and the buffer is usually empty again
-        after it: unconsumed bytes rarely need moving.  Invalidates payload
-        views of events returned before.
+        after it.  Invalidates payload views of events returned before.
         """
-        if self._start == self._end:
-            self._start = self._end = 0
+        rx = self.rx
+        if rx.start == rx.end:
+            rx.start = rx.end = 0
         want = max(min_size, self._rest_of_frame() or _READ_AHEAD)
-        if len(self._buf) - self._end < want:
-            pending = bytes(self._buf[self._start : self._end])
-            self._buf[: len(pending)] = pending
-            self._start, self._end = 0, len(pending)
-        if len(self._buf) - self._end < min_size:
+        if rx.cap - rx.end < want:
+            ffi.memmove(self._data, self._data + rx.start, rx.end - rx.start)
+            rx.end -= rx.start
+            rx.start = 0
+        if rx.cap - rx.end < min_size:
             raise RemoteProtocolError("receive buffer full: the peer sent more than one frame can hold")
-        return memoryview(self._buf)[self._end : self._end + want]
+        return self._view(rx.end, min(want, rx.cap - rx.end))
 
     def _rest_of_frame(self) -> int:
-        """Bytes still missing from the frame being received, when its prefix is in; else 0."""
-        start = self._start + (0 if self._got_preamble else _PREAMBLE.size)
-        if self._end - start < _PREFIX.size:
+        """Bytes still missing from the frame being received, when its header is in; else 0."""
+        rx = self.rx
+        start = rx.start + (0 if self._got_preamble else _PREAMBLE.size)
+        if rx.end - start < FRAME_SIZE:
             return 0
-        hlen, plen = _PREFIX.unpack_from(self._buf, start)
-        return max(0, start + _PREFIX.size + min(hlen, MAX_HEADER) + min(plen, self.max_payload) - self._end)
+        plen = lib.wire_check(ffi.cast("struct wire_frame *", self._data + start), self.guest_pages or 0,
+                              _MASK[self.role], self._why)
+        return max(0, start + FRAME_SIZE + max(plen, 0) - rx.end)
 
     def commit(self, n: int) -> None:
         """Records ``n`` bytes written into the view from ``receive_buffer``; 0 means the peer closed."""
         if n == 0:
             self._eof = True
-        self._end += n
+        self.rx.end += n
 
     def next_event(self) -> Event | _Sentinel:
         """The next complete event, ``NEED_DATA``, or ``CLOSED`` once the peer closed cleanly.
@@ -295,11 +330,11 @@ class Connection:
         Raises:
             RemoteProtocolError: malformed, oversized, unexpected or out-of-range input.
         """
-        avail = self._end - self._start
+        rx = self.rx
         if not self._got_preamble:
-            if avail < _PREAMBLE.size:
-                return self._need_data(avail)
-            magic, version = _PREAMBLE.unpack_from(self._buf, self._start)
+            if rx.end - rx.start < _PREAMBLE.size:
+                return self._need_data()
+            magic, version = _PREAMBLE.unpack(self._view(rx.start, _PREAMBLE.size))
             if magic != MAGIC:
                 raise RemoteProtocolError("the peer is not a uffd-migrate process (bad magic)",
                                           hint="check the host and port")
@@ -307,77 +342,79 @@ class Connection:
                 raise RemoteProtocolError(f"the peer speaks protocol version {version}, we speak {VERSION}",
                                           hint="run the same uffd-migrate version on both hosts")
             self._got_preamble = True
-            self._start += _PREAMBLE.size
-            avail -= _PREAMBLE.size
-        if avail < _PREFIX.size:
-            return self._need_data(avail)
-        hlen, plen = _PREFIX.unpack_from(self._buf, self._start)
-        if not 0 < hlen <= MAX_HEADER:
-            raise RemoteProtocolError(f"frame header length {hlen} outside 1..{MAX_HEADER}")
-        if plen > self.max_payload:
-            raise RemoteProtocolError(f"frame payload length {plen} exceeds the limit {self.max_payload}")
-        total = _PREFIX.size + hlen + plen
-        if avail < total:
-            return self._need_data(avail)
-        hstart = self._start + _PREFIX.size
-        event = self._decode(bytes(self._buf[hstart : hstart + hlen]),
-                             memoryview(self._buf)[hstart + hlen : hstart + hlen + plen])
-        self._start += total
+            rx.start += _PREAMBLE.size
+        if rx.end - rx.start < FRAME_SIZE:
+            return self._need_data()
+        f = ffi.new("struct wire_frame *")
+        ffi.memmove(f, self._data + rx.start, FRAME_SIZE)
+        plen = lib.wire_check(f, self.guest_pages or 0, _MASK[self.role], self._why)
+        if plen < 0:
+            raise RemoteProtocolError(ffi.string(self._why[0]).decode())
+        if rx.end - rx.start < FRAME_SIZE + plen:
+            return self._need_data()
+        payload = self._view(rx.start + FRAME_SIZE, plen)
+        if f.kind == lib.WIRE_PAGES:
+            event: Event = PageRun(f.start, f.count, payload, f.stamp, f.held_ns)
+        elif f.kind == lib.WIRE_ZEROS:
+            event = ZeroRun(f.start, f.count, f.stamp, f.held_ns)
+        elif f.kind == lib.WIRE_REQUEST:
+            event = self._decode_request(f, payload)
+        else:
+            event = self._decode_control(bytes(payload))
+        rx.start += FRAME_SIZE + plen
         return event
 
-    def _need_data(self, avail: int) -> _Sentinel:
+    def _need_data(self) -> _Sentinel:
         if not self._eof:
             return NEED_DATA
-        if avail:
+        if self.rx.end > self.rx.start:
             raise RemoteProtocolError("the peer closed the connection in the middle of a frame")
         return CLOSED
 
-    def _decode(self, header: bytes, payload: memoryview) -> Event:
+    def _decode_request(self, f: object, payload: memoryview) -> PageRequest:
+        runs = ffi.new("struct wire_run[]", f.count)  # type: ignore[attr-defined]
+        ffi.memmove(runs, payload, len(payload))
+        if lib.wire_check_runs(runs, f.count, self.guest_pages or 0, self._why) < 0:  # type: ignore[attr-defined]
+            raise RemoteProtocolError(ffi.string(self._why[0]).decode())
+        return PageRequest(tuple((r.start, r.count) for r in runs), f.stamp)  # type: ignore[attr-defined]
+
+    def _decode_control(self, body: bytes) -> Event:
         try:
-            fields = msgpack.unpackb(header, use_list=False, raw=False, strict_map_key=True)
+            fields = msgpack.unpackb(body, use_list=False, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises a zoo of types for garbage
-            raise RemoteProtocolError(f"undecodable frame header ({type(exc).__name__})") from None
+            raise RemoteProtocolError(f"undecodable control frame ({type(exc).__name__})") from None
         if not isinstance(fields, tuple) or not fields or not isinstance(fields[0], int):
-            raise RemoteProtocolError("frame header is not [kind, ...]")
+            raise RemoteProtocolError("control frame is not [kind, ...]")
         cls = _BY_KIND.get(fields[0])
         if cls is None:
-            raise RemoteProtocolError(f"unknown frame kind {fields[0]}")
+            raise RemoteProtocolError(f"unknown control kind {fields[0]}")
         if cls not in _ACCEPTS[self.role]:
             raise RemoteProtocolError(f"unexpected {cls.__name__} frame for the {self.role.value}")
-        if cls is not PageRun and len(payload):
-            raise RemoteProtocolError(f"{cls.__name__} frame with a payload")
-        event = _DECODERS[cls](fields[1:], payload)
-        self._check_range(event)
+        event = _DECODERS[cls](fields[1:])
         if isinstance(event, GuestInfo):
+            if self._described:
+                raise RemoteProtocolError("a second GuestInfo: the guest was already described")
+            self._described = True
             self.guest_pages = event.pages
+        if isinstance(event, Resume):
+            if self.guest_pages is None:
+                raise RemoteProtocolError("Resume before the guest was described")
+            for start, count in event.runs:
+                if count < 1 or start + count > self.guest_pages:
+                    raise RemoteProtocolError(f"pages {start}+{count} are outside the guest of "
+                                              f"{self.guest_pages} pages")
         return event
-
-    def _check_range(self, event: Event) -> None:
-        if isinstance(event, (PageRun, ZeroRun)):
-            runs: tuple[tuple[int, int], ...] = ((event.start, event.count),)
-        elif isinstance(event, (PageRequest, Resume)):
-            runs = event.runs
-        else:
-            return
-        if self.guest_pages is None:
-            raise RemoteProtocolError(f"{type(event).__name__} before the guest was described")
-        for start, count in runs:
-            if count < 1 or start + count > self.guest_pages:
-                raise RemoteProtocolError(f"pages {start}+{count} are outside the guest of {self.guest_pages} pages")
 
 
 def _encode_fields(event: Event) -> list[object]:
     if isinstance(event, Hello):
         return [event.channel.value, event.session, event.nonce, event.proof]
-    if isinstance(event, PageRun):
-        return [event.start, event.count, event.echo]
     if isinstance(event, CpuState):
         return [[list(v) for v in event.vcpus], event.stopped_at_ns]
-    if isinstance(event, (PageRequest, Resume)):
-        runs = [list(r) for r in event.runs]
-        if len(runs) > MAX_REQUEST_RUNS:
-            raise LocalProtocolError(f"{len(runs)} runs in one request; split it")
-        return [runs, event.stamp] if isinstance(event, PageRequest) else [runs, event.more]
+    if isinstance(event, Resume):
+        if len(event.runs) > MAX_RESUME_RUNS:
+            raise LocalProtocolError(f"{len(event.runs)} runs in one Resume; split it")
+        return [[list(r) for r in event.runs], event.more]
     return list(vars(event).values())
 
 
@@ -412,9 +449,9 @@ def _arity(f: tuple, n: int, what: str) -> tuple:
     return f
 
 
-def _runs(v: object, least: int = 1) -> tuple[tuple[int, int], ...]:
-    if not isinstance(v, tuple) or not least <= len(v) <= MAX_REQUEST_RUNS:
-        raise RemoteProtocolError(f"page runs must be a list of 1..{MAX_REQUEST_RUNS} [start, count]")
+def _runs(v: object) -> tuple[tuple[int, int], ...]:
+    if not isinstance(v, tuple) or len(v) > MAX_RESUME_RUNS:
+        raise RemoteProtocolError(f"page runs must be a list of at most {MAX_RESUME_RUNS} [start, count]")
     out = []
     for r in v:
         if not isinstance(r, tuple) or len(r) != 2:
@@ -423,15 +460,7 @@ def _runs(v: object, least: int = 1) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _dec_page_run(f: tuple, payload: memoryview) -> PageRun:
-    start, count, echo = _arity(f, 3, "PageRun")
-    count = _int(count, "count", 1 << 40)
-    if len(payload) != count * PAGE_SIZE:
-        raise RemoteProtocolError(f"page run of {count} pages carries {len(payload)} bytes")
-    return PageRun(_int(start, "start", 1 << 40), count, payload, _int(echo, "echo"))
-
-
-def _dec_cpu_state(f: tuple, _: memoryview) -> CpuState:
+def _dec_cpu_state(f: tuple) -> CpuState:
     vcpus, stopped = _arity(f, 2, "CpuState")
     if not isinstance(vcpus, tuple) or not 0 < len(vcpus) <= 256:
         raise RemoteProtocolError("CPU state must list 1..256 vCPUs")
@@ -443,7 +472,7 @@ def _dec_cpu_state(f: tuple, _: memoryview) -> CpuState:
     return CpuState(tuple(states), _int(stopped, "stopped_at_ns"))
 
 
-def _dec_hello(f: tuple, _: memoryview) -> Hello:
+def _dec_hello(f: tuple) -> Hello:
     channel, session, nonce, proof = _arity(f, 4, "Hello")
     try:
         ch = Channel(channel)
@@ -453,7 +482,7 @@ def _dec_hello(f: tuple, _: memoryview) -> Hello:
                  _bytes(proof, "proof", 32))
 
 
-def _dec_guest_info(f: tuple, _: memoryview) -> GuestInfo:
+def _dec_guest_info(f: tuple) -> GuestInfo:
     pages, vcpus, workload, seed, zero, rate, page_size = _arity(f, 7, "GuestInfo")
     info = GuestInfo(_int(pages, "pages", 1 << 40), _int(vcpus, "vcpus", 257), _int(workload, "workload", 4),
                      _int(seed, "seed", _U64), _int(zero, "zero_permille", 1001), _int(rate, "rate"),
@@ -465,7 +494,7 @@ def _dec_guest_info(f: tuple, _: memoryview) -> GuestInfo:
     return info
 
 
-def _dec_counters(f: tuple, _: memoryview) -> DestDone:
+def _dec_counters(f: tuple) -> DestDone:
     (counters,) = _arity(f, 1, "DestDone")
     if not isinstance(counters, dict) or len(counters) > 64 or not all(
             isinstance(k, str) and len(k) <= 64 and type(v) in (int, float, bool) for k, v in counters.items()):
@@ -474,20 +503,15 @@ def _dec_counters(f: tuple, _: memoryview) -> DestDone:
 
 
 _DECODERS = {
-    Challenge: lambda f, _: Challenge(_bytes(_arity(f, 1, "Challenge")[0], "nonce", _NONCE_LEN)),
+    Challenge: lambda f: Challenge(_bytes(_arity(f, 1, "Challenge")[0], "nonce", _NONCE_LEN)),
     Hello: _dec_hello,
-    Welcome: lambda f, _: Welcome(*(_bytes(v, n, hi=32) for v, n in zip(_arity(f, 2, "Welcome"),
-                                                                         ("session", "proof")))),
+    Welcome: lambda f: Welcome(*(_bytes(v, n, hi=32) for v, n in zip(_arity(f, 2, "Welcome"), ("session", "proof")))),
     GuestInfo: _dec_guest_info,
     CpuState: _dec_cpu_state,
-    PageRun: _dec_page_run,
-    ZeroRun: lambda f, _: ZeroRun(*(_int(v, n, hi) for v, n, hi in zip(_arity(f, 3, "ZeroRun"), ("start", "count", "echo"),
-                                                                        (1 << 40, 1 << 40, 1 << 63)))),
-    PageRequest: lambda f, _: PageRequest(_runs(_arity(f, 2, "PageRequest")[0]), _int(f[1], "stamp")),
-    Resume: lambda f, _: Resume(_runs(_arity(f, 2, "Resume")[0], least=0), _bool(f[1], "more")),
-    SourceDone: lambda f, _: SourceDone(_int(_arity(f, 1, "SourceDone")[0], "pages_sent", 1 << 40)),
+    Resume: lambda f: Resume(_runs(_arity(f, 2, "Resume")[0]), _bool(f[1], "more")),
+    SourceDone: lambda f: SourceDone(_int(_arity(f, 1, "SourceDone")[0], "pages_sent", 1 << 40)),
     DestDone: _dec_counters,
-    Error: lambda f, _: Error(_text(_arity(f, 1, "Error")[0], "message")),
+    Error: lambda f: Error(_text(_arity(f, 1, "Error")[0], "message")),
 }
 _BY_KIND = {kind: cls for cls, kind in _KINDS.items()}
 

@@ -1,16 +1,18 @@
 """migrate-src: owns the running guest, hands it over at switchover, then serves its pages.
 
-Tasks after switchover, in one nursery:
-- the *streamer* sends every page not yet sent over the bulk channel, in runs,
-  zero runs as ZeroRun, jumping to just after the last requested run
-  (a vCPU that faulted there is likely to touch the next pages soon);
-- the *request server* answers PageRequests on the urgent channel at once,
-  from its own worker thread;
-- the main task waits for the destination's DestDone.
+After switchover the guest is stopped, and one nursery per session runs:
+- the *streamer*: a trio task that picks the next window of pages not yet
+  sent (jumping to just after the last requested run: a vCPU that faulted
+  there is likely to touch the next pages soon) and has the native sender
+  stream it straight from guest memory, zero runs as zero frames;
+- the *request server*: a native loop that reads page requests on the
+  requests connection and answers each at once on the replies connection;
+- the main task, which waits for the destination's DestDone on the bulk
+  connection.
 
-A lost link is not the end: the session (an id both channels present) waits
-for the destination to reconnect, and the stream becomes exactly the page
-runs the destination's kernel still lacks.
+A lost link is not the end: the session (an id every connection presents)
+waits for the destination to reconnect, and the stream becomes exactly the
+page runs the destination's kernel still lacks.
 """
 
 from __future__ import annotations
@@ -21,24 +23,25 @@ import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import trio
 
 from . import protocol as p
-from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError, find
+from ._native import ffi, lib
+from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError
 from .guest import Guest, GuestSpec
-from .metrics import rss_mib
+from .loops import CONTROL, run_native
+from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
-from .uffd import PAGE_SIZE
-from .wire import BlockingFrames, FrameSocket, run_blocking, tune
+from .wire import FrameSocket, tune
 
 log = logging.getLogger(__name__)
 
-CHUNK_PAGES = p.DEFAULT_MAX_PAYLOAD // PAGE_SIZE
-# How long the urgent channel may stay silent before the destination counts as lost.
-REQUEST_TIMEOUT = 3600.0
+# Pages the streamer hands the native sender at a time: large enough that the
+# hand-over costs little, small enough that the stream follows a request's
+# jump within a few milliseconds.
+WINDOW_PAGES = 2048
 
 
 @dataclass
@@ -51,30 +54,40 @@ class SourceConfig:
     ready_file: str | None = None
     handshake_timeout: float = 10.0  # a silent or slow-drip client is dropped after this
     reconnect_timeout: float = 60.0  # how long a lost destination may take to come back
+    link_timeout: float = 10.0  # a send the destination does not take for this long means a lost link
+
+
+@dataclass
+class _Links:
+    """One session's three connections, once all are up."""
+
+    bulk: FrameSocket
+    requests: FrameSocket
+    replies: FrameSocket
 
 
 @dataclass
 class _Session:
-    """The one migration in progress: its id and its two channels (None while lost)."""
+    """The one migration in progress: its id and its connections (None while lost)."""
 
     id: bytes
     bulk: FrameSocket | None = None
-    urgent: FrameSocket | None = None
+    requests: FrameSocket | None = None
+    replies: FrameSocket | None = None
 
+    def complete(self) -> bool:
+        return None not in (self.bulk, self.requests, self.replies)
 
-def _page_events(start: int, count: int, buf: bytearray | memoryview, zeros: bytearray,
-                 echo: int = 0) -> Iterator[p.Event]:
-    """Pages [start, start+count), read into ``buf`` with their zero flags, as page runs and zero runs."""
-    view, i = memoryview(buf), 0
-    while i < count:
-        zero = zeros[i] == 1
-        j = zeros.find(b"\x00" if zero else b"\x01", i, count)
-        j = count if j < 0 else j
-        if zero:
-            yield p.ZeroRun(start + i, j - i, echo)
-        else:
-            yield p.PageRun(start + i, j - i, view[i * PAGE_SIZE:j * PAGE_SIZE], echo)
-        i = j
+    def links(self) -> _Links:
+        assert self.bulk is not None and self.requests is not None and self.replies is not None
+        return _Links(self.bulk, self.requests, self.replies)
+
+    def close(self) -> None:
+        for name in ("bulk", "requests", "replies"):
+            fs = getattr(self, name)
+            if fs is not None:
+                fs.close()
+            setattr(self, name, None)
 
 
 class Source:
@@ -88,16 +101,25 @@ class Source:
         self.cursor = 0
         self.session: _Session | None = None
         self._paired = trio.Event()
-        self.stats = {"pages_streamed": 0, "pages_requested": 0, "requests": 0, "rejected_peers": 0}
+        self.rejected_peers = 0
+        # Counters of the native sender and request server, each written by that loop alone.
+        self.stream_stats = ffi.new("send_stats_t *")
+        self.serve_stats = ffi.new("send_stats_t *")
+        self.notes = ffi.new("note_ring_t *")
+        self._note_buf = ffi.new("struct wire_run[]", lib.NOTE_RING)
         self.dest_counters: dict[str, float] = {}
         self.progress = Progress()
+
+    @property
+    def _idle_ms(self) -> int:
+        return max(1, round(self.cfg.link_timeout * 1000))
 
     # -- set-up ------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
         """Runs the guest, migrates it once, and returns the source's metrics."""
         self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
         self.guest.start()
-        t0 = time.monotonic()  # --run-before counts guest time, not the fill before it
+        t0 = trio.current_time()  # --run-before counts guest time, not the fill before it
         listener = await self._listen()
         port = listener.getsockname()[1]
         log.info("guest of %d MiB with %d vCPUs running %s; listening on %s:%d", self.spec.size >> 20,
@@ -142,7 +164,7 @@ class Source:
             with trio.fail_after(self.cfg.handshake_timeout):
                 await self._handshake(fs)
         except (MigrateError, trio.TooSlowError) as exc:
-            self.stats["rejected_peers"] += 1
+            self.rejected_peers += 1
             reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
             log.warning("rejected %s: %s", peer, reason)
             with trio.move_on_after(1):
@@ -178,53 +200,47 @@ class Source:
             await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
         setattr(s, hello.channel.value, fs)
         log.info("%s: %s channel up", fs.peer, hello.channel.value)
-        if s.bulk is not None and s.urgent is not None:
+        if s.complete():
             self._paired.set()
 
     # -- migration ---------------------------------------------------------
     async def _migrate(self) -> dict[str, object]:
         s = self.session
-        assert self.guest is not None and s is not None and s.bulk is not None and s.urgent is not None
+        assert self.guest is not None and s is not None and s.complete()
         await trio.to_thread.run_sync(self.guest.stop)
         t_switch = time.monotonic()
         steps = self.guest.steps()
         # Downtime starts when the last vCPU stopped, as its own clock saw it.
         cpu_state = p.CpuState(tuple(self.guest.export_state()), self.guest.stopped_at_ns())
-        bytes_bulk = bytes_urgent = recoveries = 0
+        recoveries = 0
         while True:
-            bulk, urgent = s.bulk, s.urgent
-            assert bulk is not None and urgent is not None
-            done = False
+            links = s.links()
             try:
                 if recoveries == 0:
-                    await bulk.send(cpu_state)
+                    await links.bulk.send(cpu_state)
                     log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
                 else:
-                    await self._receive_resume(bulk)
+                    await self._receive_resume(links.bulk)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._stream, bulk)
-                    nursery.start_soon(self._serve_requests, urgent)
-                    self.dest_counters = (await bulk.expect(p.DestDone)).counters
-                    done = True
+                    nursery.start_soon(self._stream, links.bulk)
+                    nursery.start_soon(self._serve_requests, links)
+                    self.dest_counters = (await links.bulk.expect(p.DestDone)).counters
                     nursery.cancel_scope.cancel()
                 failure = None
-            except BaseException as exc:
-                failure = find(exc, LINK_ERRORS)
-                if failure is None:
-                    raise
-                if done:  # the destination hung up once finished: not a lost link
-                    failure = None
-            bytes_bulk += bulk.bytes_out
-            bytes_urgent += urgent.bytes_out
-            bulk.close()
-            urgent.close()
+            except Exception as exc:
+                lost, other = exc.split(LINK_ERRORS) if isinstance(exc, ExceptionGroup) else (
+                    (exc, None) if isinstance(exc, LINK_ERRORS) else (None, exc))
+                if lost is None or other is not None:
+                    raise  # a bug or a local failure is never mistaken for a lost link
+                failure = lost
+            # Closing after DestDone is the clean end: the destination waits for it.
+            s.close()
             if failure is None:
                 break
             self.progress.finish()
             recoveries += 1
-            s.bulk = s.urgent = None
             self._paired = trio.Event()
-            log.warning("lost the destination (%s); waiting up to %g s for it to reconnect", failure,
+            log.warning("lost the destination (%s); waiting up to %g s for it to reconnect", _first(failure),
                         self.cfg.reconnect_timeout)
             with trio.move_on_after(self.cfg.reconnect_timeout):
                 await self._paired.wait()
@@ -234,14 +250,16 @@ class Source:
                                 hint="restart the migration from scratch")
         self.progress.finish()
         total_s = time.monotonic() - t_switch
+        stream, served = self.stream_stats, self.serve_stats
         metrics: dict[str, object] = {
-            **self.stats, "pages_total": self.spec.pages, "total_s": round(total_s, 3),
-            "bytes_bulk": bytes_bulk, "bytes_urgent": bytes_urgent, "recoveries": recoveries,
+            "pages_streamed": stream.pages, "pages_requested": served.pages, "requests": served.requests,
+            "rejected_peers": self.rejected_peers, "pages_total": self.spec.pages, "total_s": round(total_s, 3),
+            "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "recoveries": recoveries,
+            "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
             "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
         }
         log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
-                 total_s, self.stats["pages_streamed"], self.stats["pages_requested"], self.stats["requests"],
-                 self.dest_counters.get("pages_placed", "?"))
+                 total_s, stream.pages, served.pages, served.requests, self.dest_counters.get("pages_placed", "?"))
         return metrics
 
     async def _receive_resume(self, bulk: FrameSocket) -> None:
@@ -256,56 +274,61 @@ class Source:
         self.cursor = 0
         log.info("destination back: it lacks %d pages in %d runs", self.remaining.pages, len(runs))
 
+    def _take_notes(self) -> None:
+        """Pages the request server sent leave the stream, which jumps to just after the last of them
+        (a vCPU that faulted there is likely to touch the next pages soon)."""
+        while n := lib.notes_take(self.notes, self._note_buf, lib.NOTE_RING):
+            for i in range(n):
+                self.remaining.discard(self._note_buf[i].start, self._note_buf[i].count)
+            self.cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
+
     async def _stream(self, bulk: FrameSocket) -> None:
+        """Streams what is left, a window at a time, from the native sender; then SourceDone.
+
+        **Cancellation**: stops the sender through its eventfd and waits for it.
+        """
         assert self.guest is not None
-        buf, zeros = bytearray(CHUNK_PAGES * PAGE_SIZE), bytearray(CHUNK_PAGES)
         t0 = time.monotonic()
-        while runs := self.remaining.take(self.cursor, CHUNK_PAGES):
-            first = runs[0][0]
-            span = runs[-1][0] + runs[-1][1] - first
-            self.cursor = first + span
-            # Guest memory is read in a worker thread, never by the trio thread.
-            await trio.to_thread.run_sync(self.guest.read_pages, first, span, buf, zeros)
-            for start, count in runs:
-                o = start - first
-                for event in _page_events(start, count, memoryview(buf)[o * PAGE_SIZE:], zeros[o:o + count]):
-                    await bulk.send(event)
-                self.stats["pages_streamed"] += count
-            done = self.stats["pages_streamed"] + self.stats["pages_requested"]
-            mbps = bulk.bytes_out / max(time.monotonic() - t0, 1e-9) / 1e6
-            self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * done / self.spec.pages:.0f}%), "
-                                 f"{mbps:.0f} MB/s, {self.stats['requests']} requests")
-        await bulk.send(p.SourceDone(self.stats["pages_streamed"]))
-        log.info("stream complete: %d pages in %.2f s", self.stats["pages_streamed"], time.monotonic() - t0)
-
-    async def _serve_requests(self, urgent: FrameSocket) -> None:
-        """Serves page requests from a worker thread: it wakes straight from the socket and reads
-        guest memory itself, so a request costs no hop between threads."""
-        token = trio.lowlevel.current_trio_token()
-        await run_blocking(self._serve_requests_blocking, urgent.blocking(REQUEST_TIMEOUT), token)
-
-    def _serve_requests_blocking(self, frames: BlockingFrames, token: trio.lowlevel.TrioToken) -> None:
-        assert self.guest is not None
-        buf, zeros = bytearray(CHUNK_PAGES * PAGE_SIZE), bytearray(CHUNK_PAGES)
+        st = self.stream_stats
+        sent_before = st.pages
         while True:
-            req = frames.receive()
-            if not isinstance(req, p.PageRequest):
-                raise RemoteProtocolError(f"expected PageRequest, got {type(req).__name__}")
-            self.stats["requests"] += 1
-            for start, count in req.runs:
-                for first in range(start, start + count, CHUNK_PAGES):
-                    n = min(CHUNK_PAGES, start + count - first)
-                    self.guest.read_pages(first, n, buf, zeros)
-                    for event in _page_events(first, n, buf, zeros, req.stamp):
-                        frames.send(event)
-                    self.stats["pages_requested"] += n
-                # The streamer's ranges belong to the trio thread: hand the news over, don't wait.
-                token.run_sync_soon(self._requested, start, count)
+            self._take_notes()
+            runs = self.remaining.take(self.cursor, WINDOW_PAGES)
+            if not runs:
+                break
+            self.cursor = runs[-1][0] + runs[-1][1]
+            arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
+            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), arr, len(runs),
+                             self._idle_ms, st, peer=bulk.peer)
+            done = st.pages + self.serve_stats.pages
+            mbps = st.bytes / max(time.monotonic() - t0, 1e-9) / 1e6
+            self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * min(done, self.spec.pages) / self.spec.pages:.0f}%), "
+                                 f"{mbps:.0f} MB/s, {self.serve_stats.requests} requests")
+        await bulk.send(p.SourceDone(st.pages - sent_before))
+        log.info("stream complete: %d pages in %.2f s", st.pages - sent_before, time.monotonic() - t0)
+        # Everything is on its way: DestDone must follow within a link's silence.
+        await trio.sleep(self.cfg.link_timeout)
+        raise PeerError(f"{bulk.peer} did not confirm within {self.cfg.link_timeout:g} s of the stream's end")
 
-    def _requested(self, start: int, count: int) -> None:
-        """Trio thread: pages sent on request leave the stream, which jumps to just after them."""
-        self.remaining.discard(start, count)
-        self.cursor = start + count
+    async def _serve_requests(self, links: _Links) -> None:
+        """Runs the native request server: requests in on one connection, replies out on another.
+
+        **Cancellation**: stops it through its eventfd and waits for it.
+        """
+        assert self.guest is not None
+        req = links.requests
+        if await run_native(lib.src_serve_loop, self.guest.base, self.spec.pages, req.fileno(), req.conn.rx,
+                            links.replies.fileno(), self._idle_ms, self.serve_stats, self.notes,
+                            peer=req.peer) == CONTROL:
+            event = await req.receive()  # raises for an Error from the destination
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} among the requests from {req.peer}")
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def serve(cfg: SourceConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:

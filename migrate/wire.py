@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import socket as _stdsocket
-from typing import Callable, TypeVar
 
 import trio
 
 from .errors import PeerError, RemoteProtocolError, UsageError
 from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
-T = TypeVar("T")
-
-# Large kernel buffers keep the bulk stream flowing while the receiver places
-# a run; 4 MiB matches a few frames in flight.
-SOCKET_BUFFER = 4 << 20
-
 
 def tune(sock: trio.socket.SocketType) -> None:
-    """TCP_NODELAY so a page request leaves at once; big buffers for the stream."""
+    """TCP_NODELAY so a page request leaves at once.
+
+    Buffer sizes are left to the kernel: setting SO_SNDBUF/SO_RCVBUF switches
+    its autotuning off and is clamped by net.core.*mem_max (about 416 KiB by
+    default), while autotuning grows the buffers as far as a real link's
+    bandwidth-delay product needs.
+    """
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-    for opt in (_stdsocket.SO_SNDBUF, _stdsocket.SO_RCVBUF):
-        sock.setsockopt(_stdsocket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 def _advance(chunks: list[memoryview], n: int) -> None:
@@ -113,95 +109,12 @@ class FrameSocket:
         except OSError:
             pass  # already gone
 
-    def blocking(self, timeout: float) -> BlockingFrames:
-        """The same channel for a worker thread (see BlockingFrames)."""
-        return BlockingFrames(self, timeout)
+    def fileno(self) -> int:
+        """The descriptor a native loop reads or writes once it owns a direction."""
+        return self.sock.fileno()
 
     def close(self) -> None:
         self.sock.close()
-
-
-class BlockingFrames:
-    """Blocking I/O on a FrameSocket's channel, for a worker thread that owns one direction of it.
-
-    The bulk placer and the source's request server run in worker threads so
-    that the trio thread stays free for faults: each blocks in the kernel, not
-    in the event loop, and holds the GIL only to parse a frame header.  The
-    protocol state and byte counters are the FrameSocket's own, so the trio
-    side can take over again once the thread is done.
-
-    Args:
-        fs: the channel; the caller guarantees no trio task uses the same direction meanwhile.
-        timeout: seconds any one read or write may wait.
-    """
-
-    def __init__(self, fs: FrameSocket, timeout: float) -> None:
-        self.fs = fs
-        # A duplicate descriptor with a timeout waits with poll() and leaves the
-        # shared file description non-blocking, as trio needs it.
-        self.sock = _stdsocket.socket(fileno=os.dup(fs.sock.fileno()))
-        self.sock.settimeout(timeout)
-
-    def send(self, event: Event) -> None:
-        fs = self.fs
-        chunks = [memoryview(c) for c in fs.conn.send(event)]
-        try:
-            while chunks:
-                n = self.sock.sendmsg(chunks)
-                fs.bytes_out += n
-                _advance(chunks, n)
-        except OSError as exc:
-            raise _lost(fs.peer, exc) from None
-
-    def receive(self) -> Event:
-        fs = self.fs
-        while (event := _vet(fs.conn.next_event(), fs.peer)) is None:
-            with fs.conn.receive_buffer() as view:
-                try:
-                    n = self.sock.recv_into(view)
-                except OSError as exc:
-                    raise _lost(fs.peer, exc) from None
-            fs.bytes_in += n
-            fs.conn.commit(n)
-        return event
-
-    def shutdown(self) -> None:
-        """Ends the channel's receiving side: a thread blocked reading it returns at once."""
-        try:
-            self.sock.shutdown(_stdsocket.SHUT_RD)
-        except OSError:
-            pass  # already closed by the peer
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-async def run_blocking(fn: Callable[..., T], frames: BlockingFrames, *args: object) -> T:
-    """Runs ``fn(frames, *args)`` in a worker thread and returns its result.
-
-    **Cancellation**: shuts the channel's receiving side down, which ends the
-    thread's blocking read, and waits for the thread: a cancelled caller never
-    leaves a thread behind that could still count or place pages.
-    """
-
-    finished = False
-
-    async def shut_down_when_cancelled() -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            if not finished:
-                frames.shutdown()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shut_down_when_cancelled)
-            result = await trio.to_thread.run_sync(fn, frames, *args)
-            finished = True
-            nursery.cancel_scope.cancel()
-        return result
-    finally:
-        frames.close()
 
 
 def parse_address(text: str, default_port: int) -> tuple[str, int]:

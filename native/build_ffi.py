@@ -12,8 +12,8 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).parent
-HEADERS = ["uffd.h", "guest.h"]
-SOURCES = ["uffd.c", "guest.c"]
+HEADERS = ["uffd.h", "guest.h", "wire.h", "dataplane.h"]
+SOURCES = ["uffd.c", "guest.c", "wire.c", "dataplane.c"]
 
 
 def _check_toolchain() -> None:

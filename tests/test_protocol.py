@@ -27,10 +27,25 @@ def deliver(sender: p.Connection, receiver: p.Connection, event: p.Event) -> p.E
     return receiver.next_event()
 
 
-def frame(header: object, payload: bytes = b"", preamble: bool = True) -> bytes:
-    h = msgpack.packb(header)
-    out = struct.pack(">4sH", p.MAGIC, p.VERSION) if preamble else b""
-    return out + struct.pack(">II", len(h), len(payload)) + h + payload
+PREAMBLE = struct.pack(">4sH", p.MAGIC, p.VERSION)
+# struct wire_frame, for hand-made hostile frames (native/wire.h): kind, count, start, stamp, held_ns, reserved.
+HEADER = struct.Struct("<IIQQII")
+PAGES, ZEROS, REQUEST, CONTROL = 1, 2, 3, 4
+
+
+def test_hand_made_header_matches_the_c_struct() -> None:
+    assert HEADER.size == p.FRAME_SIZE
+    assert HEADER.pack(PAGES, 2, 3, 4, 5, 0) == p._frame(p.lib.WIRE_PAGES, 2, 3, 4, 5)
+
+
+def raw(kind: int, count: int, start: int = 0, payload: bytes = b"", reserved: int = 0) -> bytes:
+    return PREAMBLE + HEADER.pack(kind, count, start, 0, 0, reserved) + payload
+
+
+def frame(body: object, preamble: bool = True) -> bytes:
+    """A control frame with a msgpack body."""
+    b = msgpack.packb(body)
+    return (PREAMBLE if preamble else b"") + HEADER.pack(CONTROL, len(b), 0, 0, 0, 0) + b
 
 
 SOURCE_EVENTS = [
@@ -39,12 +54,12 @@ SOURCE_EVENTS = [
     p.GuestInfo(pages=100, vcpus=2, workload=1, seed=2**64 - 1, zero_permille=250, rate=0),
     p.CpuState(((1, 2, 3), (2**64 - 1, 0, 5)), 1_700_000_000_000_000_000),
     p.PageRun(3, 2, b"\xab" * (2 * PAGE), echo=2**62),
-    p.ZeroRun(99, 1, echo=7),
+    p.ZeroRun(99, 1, echo=7, held_ns=9),
     p.SourceDone(100),
     p.Error("gone"),
 ]
 DEST_EVENTS = [
-    p.Hello(p.Channel.URGENT, b"s" * 16, b"n" * 32, b"p" * 32),
+    p.Hello(p.Channel.REPLIES, b"s" * 16, b"n" * 32, b"p" * 32),
     p.PageRequest(((0, 1), (50, 50)), stamp=12345),
     p.Resume(((0, 100),), more=True),
     p.DestDone({"pages_placed": 100, "ratio": 0.5, "verified": True}),
@@ -106,25 +121,27 @@ def test_page_runs_before_the_guest_is_known_are_refused() -> None:
 @pytest.mark.parametrize("data,match", [
     (b"HTTP/1.1 200 OK\r\n\r\n", "bad magic"),
     (struct.pack(">4sH", p.MAGIC, 99), "protocol version 99"),
-    (frame([1, b"n" * 32])[:6] + struct.pack(">II", 2**32 - 1, 0), "header length"),
-    (frame([1, b"n" * 32])[:6] + struct.pack(">II", 10, 2**32 - 1), "payload length"),
-    (frame([1, b"n" * 32])[:6] + struct.pack(">II", 0, 0), "header length"),
-    (frame([77]), "unknown frame kind"),
+    (raw(CONTROL, 2**32 - 1), "control frame length"),
+    (raw(CONTROL, 0), "control frame length"),
+    (raw(PAGES, 2**32 - 1, 0), "outside the guest"),
+    (raw(PAGES, 1, 2**64 - 1), "outside the guest"),
+    (raw(PAGES, 2, 99), "outside the guest"),
+    (raw(ZEROS, 0, 5), "outside the guest"),
+    (raw(ZEROS, 1, 5, reserved=1), "reserved"),
+    (raw(77, 1), "unknown frame kind"),
+    (raw(0, 1), "unknown frame kind"),
+    (raw(REQUEST, 1, 0, b"\0" * 16), "never receives"),
+    (frame([77]), "unknown control kind"),
     (frame("not a list"), "not \\[kind"),
     (frame([1, b"short"]), "nonce"),
     (frame([1, b"n" * 32, "extra"]), "fields"),
     (frame([2, "bulk", b"", b"n" * 32, b"p" * 32]), "unexpected Hello"),
-    (frame([6, 0, 2, 0], b"x" * PAGE), "carries 4096 bytes"),
-    (frame([6, 0, -1, 0], b""), "count"),
-    (frame([6, 2**63 + 5, 1, 0], b"x" * PAGE), "start"),
-    (frame([6, 99, 2, 0], b"x" * 2 * PAGE), "outside the guest"),
-    (frame([7, 0, 1, 0], b"junk"), "with a payload"),
     (frame([5, [[1, 2]], 0]), "vCPU state"),
     (frame([5, [], 0]), "1..256 vCPUs"),
     (frame([12, "x" * 5000]), "string"),
-    (frame([4, 10, 2, 1, 1, 0, 0, 65536]), "65536-byte pages"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 65536]), "already described|65536-byte pages"),
     (b"\xc1" * 3 + frame([1, b"n" * 32]), "bad magic"),
-    (frame([1, b"n" * 32])[:6] + struct.pack(">II", 3, 0) + b"\xc1\xc1\xc1", "undecodable"),
+    (PREAMBLE + HEADER.pack(CONTROL, 3, 0, 0, 0, 0) + b"\xc1\xc1\xc1", "undecodable"),
 ])
 def test_malformed_input_is_a_remote_protocol_error(data: bytes, match: str) -> None:
     dst = p.Connection(p.Role.DESTINATION, guest_pages=100)
@@ -133,15 +150,26 @@ def test_malformed_input_is_a_remote_protocol_error(data: bytes, match: str) -> 
         dst.next_event()
 
 
-def test_source_refuses_destination_only_kinds_and_oversized_requests() -> None:
-    src = p.Connection(p.Role.SOURCE, guest_pages=100)
-    src.receive_data(frame([6, 0, 1, 0], b"x" * PAGE))
-    with pytest.raises(RemoteProtocolError, match="unexpected PageRun"):
-        src.next_event()
-    src = p.Connection(p.Role.SOURCE, guest_pages=100)
-    src.receive_data(frame([8, [[0, 1]] * (p.MAX_REQUEST_RUNS + 1), 0]))
-    with pytest.raises(RemoteProtocolError, match="page runs"):
-        src.next_event()
+def test_source_refuses_destination_only_kinds_and_bad_requests() -> None:
+    for data, match in [
+        (raw(PAGES, 1, 0, b"x" * PAGE), "never receives"),
+        (raw(REQUEST, p.MAX_REQUEST_RUNS + 1, 0, b"\0" * 16 * (p.MAX_REQUEST_RUNS + 1)), "more than 64"),
+        (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, 0)), "0 or more than 256"),
+        (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, p.MAX_RUN_PAGES + 1)), "0 or more than 256"),
+        (raw(REQUEST, 1, 0, struct.pack("<QQ", 99, 2)), "outside the guest"),
+        (raw(REQUEST, 1, 0, struct.pack("<QQ", 2**64 - 1, 2)), "outside the guest"),
+    ]:
+        src = p.Connection(p.Role.SOURCE, guest_pages=100)
+        src.receive_data(data)
+        with pytest.raises(RemoteProtocolError, match=match):
+            src.next_event()
+
+
+def test_a_second_guest_info_is_refused() -> None:
+    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    deliver(src, dst, p.GuestInfo(10, 1, 0, 1, 0, 0))
+    with pytest.raises(RemoteProtocolError, match="already described"):
+        deliver(src, dst, p.GuestInfo(1000, 1, 0, 1, 0, 0))
 
 
 def test_truncated_frame_then_close_is_an_error() -> None:
@@ -165,7 +193,7 @@ def test_proofs_bind_key_role_channel_and_nonces() -> None:
     assert p.proof_ok(base, p.prove(b"key", p.Role.DESTINATION, *args))
     assert not p.proof_ok(base, p.prove(b"other", p.Role.DESTINATION, *args))
     assert not p.proof_ok(base, p.prove(b"key", p.Role.SOURCE, *args))
-    assert not p.proof_ok(base, p.prove(b"key", p.Role.DESTINATION, p.Channel.URGENT, *args[1:]))
+    assert not p.proof_ok(base, p.prove(b"key", p.Role.DESTINATION, p.Channel.REPLIES, *args[1:]))
 
 
 @settings(max_examples=400, deadline=None)
@@ -183,13 +211,43 @@ def test_fuzz_garbage_never_crashes(data: bytes, role: p.Role) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(st.integers(-2**63, 2**64 - 1), st.binary(max_size=40), st.text(max_size=10),
                           st.lists(st.integers(-5, 2**64 - 1), max_size=4), st.none(), st.floats()), max_size=8),
-       st.integers(0, 13), st.binary(max_size=3 * PAGE))
-def test_fuzz_well_framed_hostile_headers(fields: list, kind: int, payload: bytes) -> None:
+       st.integers(0, 13))
+def test_fuzz_well_framed_hostile_control_frames(fields: list, kind: int) -> None:
     for role in p.Role:
         conn = p.Connection(role, guest_pages=64)
-        conn.receive_data(frame([kind, *fields], payload))
+        conn.receive_data(frame([kind, *fields]))
         try:
             event = conn.next_event()
         except RemoteProtocolError:
             continue
         assert type(event) in p._ACCEPTS[role]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.integers(0, 6), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+       st.integers(0, 200), st.sampled_from(list(p.Role)))
+def test_fuzz_the_c_frame_check(kind: int, count: int, start: int, reserved: int, pages: int, role: p.Role) -> None:
+    """The C check the native loops use: whatever it accepts is in bounds, with the payload it implies."""
+    f = p.ffi.new("struct wire_frame *", {"kind": kind, "count": count, "start": start, "reserved": reserved})
+    why = p.ffi.new("char **")
+    plen = p.lib.wire_check(f, pages, p._MASK[role], why)
+    if plen < 0:
+        assert p.ffi.string(why[0])
+        return
+    assert reserved == 0 and (p._MASK[role] >> kind) & 1
+    if kind in (PAGES, ZEROS):
+        assert 1 <= count and start + count <= pages
+        assert plen == (count * PAGE if kind == PAGES else 0) and (kind == ZEROS or count <= p.MAX_RUN_PAGES)
+    elif kind == REQUEST:
+        assert 1 <= count <= p.MAX_REQUEST_RUNS and plen == 16 * count
+    else:
+        assert 1 <= count <= 65536 and plen == count
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), min_size=1, max_size=4),
+       st.integers(0, 300))
+def test_fuzz_the_c_request_check(runs: list[tuple[int, int]], pages: int) -> None:
+    arr = p.ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
+    ok = p.lib.wire_check_runs(arr, len(runs), pages, p.ffi.new("char **")) == 0
+    assert ok == all(1 <= n <= p.MAX_RUN_PAGES and s + n <= pages for s, n in runs)

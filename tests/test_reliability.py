@@ -53,7 +53,7 @@ async def test_silent_partition_is_detected_and_recovered(tmp_path: Path) -> Non
             proxy = CuttingProxy(port, [int(0.5 * GUEST_BYTES)], lambda _: proxy.freeze())
             proxy_port = await nursery.start(proxy.serve)
             rc, err, m = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2",
-                                                                       "--reconnect-timeout", "3"])
+                                                                       "--link-timeout", "2"])
             src_rc = await src.wait()
             nursery.cancel_scope.cancel()
     assert rc == 0, err
@@ -93,11 +93,12 @@ async def test_source_killed_midway_destination_gives_up_clearly(tmp_path: Path)
 
 def hostile_clients(port: int) -> int:
     """Garbage, an oversize length, a bad magic flood: each gets its connection closed."""
+    pre = struct.pack(">4sH", p.MAGIC, p.VERSION)
     payloads = [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        struct.pack(">4sH", p.MAGIC, p.VERSION) + struct.pack(">II", 0xFFFFFFFF, 0xFFFFFFFF),
-        struct.pack(">4sH", p.MAGIC, p.VERSION) + b"\xff" * 8,  # a 2^64-1 length, as two u32 fields
-        struct.pack(">4sH", p.MAGIC, p.VERSION) + struct.pack(">II", 8, 0) + b"\x93\x08\x90\x00garbage",
+        pre + struct.pack("<IIQQII", 4, 0xFFFFFFFF, 0, 0, 0, 0),  # a control frame of 2^32-1 bytes
+        pre + b"\xff" * 32,  # a frame of unknown kind
+        pre + struct.pack("<IIQQII", 4, 11, 0, 0, 0, 0) + b"\x93\x08\x90\x00garbage",
     ] + [bytes(range(256))] * 20
     closed = 0
     for data in payloads:
@@ -148,7 +149,7 @@ async def test_hostile_clients_and_wrong_key_are_rejected_then_a_real_destinatio
     assert rc == 0, err
     assert m["verified"] is True
     assert src_rc == 0, src_err
-    assert "handshake timed out" in src_err and "bad magic" in src_err and "frame header length 4294967295" in src_err
+    assert "handshake timed out" in src_err and "bad magic" in src_err and "control frame length outside" in src_err
     assert "Traceback" not in src_err
     rejected = json.loads((tmp_path / "src.json").read_text())["rejected_peers"]
     assert rejected >= 26

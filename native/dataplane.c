@@ -1,0 +1,487 @@
+/*
+ * The native data plane of uffd-migrate.  Threads, one loop each, each
+ * started and stopped by a trio task (migrate/loops.py):
+ *
+ *   destination
+ *     placer         bulk connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE
+ *     fault reader   uffd -> a page request per batch of faults -> request connection
+ *     reply placer   reply connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE
+ *   source (its guest is stopped: its memory is read, never written)
+ *     streamer       runs of guest memory -> bulk connection (Python picks the runs)
+ *     request server request connection -> guest memory -> reply connection
+ *
+ * No per-page state anywhere: the destination places what arrives and asks
+ * for what faults.  A fault that races a placement of the same page is never
+ * lost, because the kernel re-checks the page tables after the faulting
+ * thread queued itself (userfaultfd_must_wait()); the losing UFFDIO_COPY
+ * answers -EEXIST, which is counted, and needs no explicit wake: the copy that
+ * won woke every waiter.  Completion is a sum of counters.
+ *
+ * Every loop poll()s its descriptors and a stop eventfd of its own; a stop is
+ * LOOP_STOPPED, never mistaken for the peer going away.  Errors are returned
+ * as -errno with *why naming the operation, never printed.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#include "uffd.h"
+#include "wire.h"
+#include "dataplane.h"
+
+#define PAGE WIRE_PAGE_SIZE
+/* Frames gathered into one sendmsg(): each is a header and at most one
+ * payload iovec. */
+#define TXQ_FRAMES 64
+
+uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void hist_add(hist_t *h, uint64_t ns)
+{
+    unsigned b;
+    if (ns < 8) {
+        b = (unsigned)ns;
+    } else {
+        unsigned msb = 63 - (unsigned)__builtin_clzll(ns);
+        b = msb * 8 + (unsigned)((ns >> (msb - 3)) & 7);
+        if (b >= HIST_BUCKETS)
+            b = HIST_BUCKETS - 1;
+    }
+    h->count++;
+    h->total_ns += ns;
+    if (ns > h->max_ns)
+        h->max_ns = ns;
+    h->buckets[b]++;
+}
+
+static uint64_t load(const uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+
+static uint64_t add(uint64_t *p, uint64_t n)
+{
+    return __atomic_add_fetch(p, n, __ATOMIC_SEQ_CST);
+}
+
+/* -- waiting -------------------------------------------------------------- */
+
+/* Pages this side is owed while it waits: silence then means a dead link.
+ * NULL: always owed (a stream that is not finished). */
+typedef struct {
+    const uint64_t *asked;
+    const uint64_t *answered;
+    uint64_t base;
+} owed_t;
+
+static int owed(const owed_t *o)
+{
+    return !o || load(o->asked) > load(o->answered) + o->base;
+}
+
+/* Waits until fd is ready for events or the stop eventfd fires.  Returns 0
+ * (ready, or a quiet half-period that does not count), LOOP_STOPPED,
+ * -ETIMEDOUT once two half-periods in a row passed in silence while owed,
+ * or -errno. */
+static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t *o,
+                   int *strikes, const char **why)
+{
+    struct pollfd pfd[2] = { { fd, events, 0 }, { stop_fd, POLLIN, 0 } };
+    int was_owed = owed(o);
+    int rc = poll(pfd, 2, idle_ms < 0 ? -1 : (idle_ms + 1) / 2);
+    if (rc < 0) {
+        *why = "poll";
+        return errno == EINTR ? 0 : -errno;
+    }
+    if (pfd[1].revents)
+        return LOOP_STOPPED;
+    if (rc > 0) {
+        *strikes = 0;
+        return 0;
+    }
+    *strikes = was_owed ? *strikes + 1 : 0;
+    if (*strikes >= 2) {
+        *why = "the link stayed silent";
+        return -ETIMEDOUT;
+    }
+    return 0;
+}
+
+/* -- receiving ------------------------------------------------------------ */
+
+/* Makes need bytes available at rx->data + rx->start. */
+static int rx_fill(rxbuf_t *rx, int fd, uint64_t need, int stop_fd, int idle_ms,
+                   const owed_t *o, const char **why)
+{
+    int strikes = 0;
+    while (rx->end - rx->start < need) {
+        if (rx->cap - rx->start < need) {
+            memmove(rx->data, rx->data + rx->start, rx->end - rx->start);
+            rx->end -= rx->start;
+            rx->start = 0;
+        }
+        ssize_t n = recv(fd, rx->data + rx->end, rx->cap - rx->end, MSG_DONTWAIT);
+        if (n > 0) {
+            rx->end += (uint64_t)n;
+            strikes = 0;
+            continue;
+        }
+        if (n == 0) {
+            if (rx->end == rx->start)
+                return LOOP_EOF;
+            *why = "the peer closed the connection in the middle of a frame";
+            return -EPIPE;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN) {
+            *why = "recv";
+            return -errno;
+        }
+        int rc = wait_fd(fd, POLLIN, stop_fd, idle_ms, o, &strikes, why);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* The next frame's header, checked; *plen gets its payload length, which is
+ * then in the buffer too, unless the frame is a control frame (LOOP_CONTROL:
+ * left unconsumed for Python). */
+static int next_frame(rxbuf_t *rx, int fd, uint64_t guest_pages, uint32_t accept,
+                      int stop_fd, int idle_ms, const owed_t *o, struct wire_frame *f,
+                      uint64_t *plen, const char **why)
+{
+    int rc = rx_fill(rx, fd, WIRE_FRAME_SIZE, stop_fd, idle_ms, o, why);
+    if (rc)
+        return rc;
+    memcpy(f, rx->data + rx->start, sizeof *f);
+    int64_t len = wire_check(f, guest_pages, accept, why);
+    if (len < 0)
+        return (int)len;
+    if (f->kind == WIRE_CONTROL)
+        return LOOP_CONTROL;
+    *plen = (uint64_t)len;
+    rc = rx_fill(rx, fd, WIRE_FRAME_SIZE + *plen, stop_fd, idle_ms, o, why);
+    if (rc == LOOP_EOF) {
+        *why = "the peer closed the connection in the middle of a frame";
+        return -EPIPE;
+    }
+    return rc;
+}
+
+/* -- destination ---------------------------------------------------------- */
+
+int dst_place_loop(dst_plane_t *d, int replies, int fd, rxbuf_t *rx, int idle_ms,
+                   int stop_fd, const char **why)
+{
+    place_stats_t *me = replies ? &d->urgent : &d->bulk;
+    owed_t from_requests = { &d->faults.pages_requested, &me->answered, me->owed_base };
+    const owed_t *o = replies ? &from_requests : NULL;
+    uint64_t last_stamp = 0;
+
+    for (;;) {
+        struct wire_frame f;
+        uint64_t plen = 0, placed = 0, existed = 0;
+        int rc = next_frame(rx, fd, d->pages, WIRE_TO_DESTINATION, stop_fd, idle_ms, o,
+                            &f, &plen, why);
+        if (rc)
+            return rc;
+        uint64_t t_recv = mono_ns();
+        uint64_t dst = d->base + f.start * PAGE;
+        if (f.kind == WIRE_PAGES) {
+            rc = uffd_copy(d->uffd, dst, rx->data + rx->start + WIRE_FRAME_SIZE, plen,
+                           &placed, &existed);
+            *why = "UFFDIO_COPY";
+        } else {
+            rc = uffd_zeropage(d->uffd, dst, (uint64_t)f.count * PAGE, &placed, &existed);
+            *why = "UFFDIO_ZEROPAGE";
+        }
+        if (rc < 0)
+            return rc;
+        rx->start += WIRE_FRAME_SIZE + plen;
+        me->frames++;
+        me->bytes += WIRE_FRAME_SIZE + plen;
+        me->eexist += existed / PAGE;
+        if (f.kind == WIRE_ZEROS)
+            me->zero_pages += placed / PAGE;
+        uint64_t mine = add(&me->pages, placed / PAGE);
+        if (replies) {
+            add(&me->answered, f.count);
+            uint64_t t_placed = mono_ns();
+            /* The first frame of each reply times the request's hops; a
+             * stamp from the future (a lying peer) is ignored. */
+            if (f.stamp && f.stamp != last_stamp && f.stamp <= t_recv) {
+                last_stamp = f.stamp;
+                uint64_t rtt = t_recv - f.stamp;
+                hist_add(&me->service, t_placed - f.stamp);
+                hist_add(&me->network, rtt > f.held_ns ? rtt - f.held_ns : 0);
+                hist_add(&me->held, f.held_ns);
+                hist_add(&me->place, t_placed - t_recv);
+            }
+        }
+        /* Each placer adds to its own counter, then reads the other's: of two
+         * that place the last pages at once, at least one sees the sum. */
+        const place_stats_t *other = replies ? &d->bulk : &d->urgent;
+        if (placed && mine + load(&other->pages) >= d->pages)
+            eventfd_write(d->done_fd, 1);
+    }
+}
+
+/* Sends len bytes from buf whole. */
+static int send_all(int fd, const void *buf, size_t len, int stop_fd, int idle_ms,
+                    const char **why)
+{
+    int strikes = 0;
+    while (len) {
+        ssize_t n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n > 0) {
+            buf = (const char *)buf + n;
+            len -= (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno != EAGAIN) {
+            *why = "send";
+            return -errno;
+        }
+        int rc = wait_fd(fd, POLLOUT, stop_fd, idle_ms, NULL, &strikes, why);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int dst_fault_loop(dst_plane_t *d, int fd, int idle_ms, uint32_t span, int stop_fd,
+                   const char **why)
+{
+    fault_stats_t *st = &d->faults;
+    struct uffd_msg msgs[WIRE_MAX_REQUEST_RUNS];
+    struct {
+        struct wire_frame f;
+        struct wire_run runs[WIRE_MAX_REQUEST_RUNS];
+    } req;
+    struct pollfd pfd[2] = { { d->uffd, POLLIN, 0 }, { stop_fd, POLLIN, 0 } };
+
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            *why = "poll";
+            return -errno;
+        }
+        if (pfd[1].revents)
+            return LOOP_STOPPED;
+        ssize_t n = read(d->uffd, msgs, sizeof msgs);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            *why = "reading the userfaultfd";
+            return -errno;
+        }
+        uint64_t t_read = mono_ns(), pages = 0;
+        uint32_t k = 0;
+        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t page = (msgs[i].arg.pagefault.address - d->base) / PAGE;
+            uint64_t count = d->pages - page < span ? d->pages - page : span;
+            req.runs[k++] = (struct wire_run){ page, count };
+            pages += count;
+        }
+        if (!k)
+            continue;
+        /* Counted as asked before it leaves, so a reply never finds more
+         * answered than asked. */
+        add(&st->pages_requested, pages);
+        req.f = (struct wire_frame){ .kind = WIRE_REQUEST, .count = k, .stamp = mono_ns() };
+        size_t len = WIRE_FRAME_SIZE + k * sizeof req.runs[0];
+        int rc = send_all(fd, &req, len, stop_fd, idle_ms, why);
+        if (rc)
+            return rc;
+        hist_add(&st->to_send, req.f.stamp - t_read);
+        st->faults += k;
+        st->requests++;
+        st->bytes += len;
+    }
+}
+
+/* -- source --------------------------------------------------------------- */
+
+/* Frames queued for one sendmsg(): page payloads point into guest memory. */
+typedef struct {
+    struct wire_frame hdr[TXQ_FRAMES];
+    struct iovec iov[2 * TXQ_FRAMES];
+    int frames, iovs;
+} txq_t;
+
+static int flush(txq_t *q, int fd, uint64_t t_recv, int stop_fd, int idle_ms,
+                 send_stats_t *st, const char **why)
+{
+    if (t_recv) {
+        uint64_t held = mono_ns() - t_recv;
+        for (int i = 0; i < q->frames; i++)
+            q->hdr[i].held_ns = held > UINT32_MAX ? UINT32_MAX : (uint32_t)held;
+    }
+    struct iovec *iov = q->iov;
+    int left = q->iovs, strikes = 0;
+    while (left) {
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)left };
+        ssize_t n = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN) {
+                *why = "sendmsg";
+                return -errno;
+            }
+            int rc = wait_fd(fd, POLLOUT, stop_fd, idle_ms, NULL, &strikes, why);
+            if (rc)
+                return rc;
+            continue;
+        }
+        st->bytes += (uint64_t)n;
+        while (left && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            left--;
+        }
+        if (left) {
+            iov->iov_base = (char *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    st->frames += (uint64_t)q->frames;
+    q->frames = q->iovs = 0;
+    return 0;
+}
+
+static int page_is_zero(const uint64_t *w)
+{
+    for (int i = 0; i < PAGE / 8; i++)
+        if (w[i])
+            return 0;
+    return 1;
+}
+
+/* Queues pages [start, start+count) as page frames and zero frames, sending
+ * whenever the queue is full. */
+static int push_pages(txq_t *q, int fd, uint64_t base, uint64_t start, uint64_t count,
+                      uint64_t stamp, uint64_t t_recv, int stop_fd, int idle_ms,
+                      send_stats_t *st, const char **why)
+{
+    uint64_t p = start, end = start + count;
+    while (p < end) {
+        const char *mem = (const char *)(uintptr_t)(base + p * PAGE);
+        int zero = page_is_zero((const uint64_t *)mem);
+        uint64_t q_end = p + 1;
+        while (q_end < end && (zero || q_end - p < WIRE_MAX_RUN_PAGES) &&
+               page_is_zero((const uint64_t *)(uintptr_t)(base + q_end * PAGE)) == zero)
+            q_end++;
+        uint64_t n = q_end - p;
+        q->hdr[q->frames] = (struct wire_frame){
+            .kind = zero ? WIRE_ZEROS : WIRE_PAGES, .count = (uint32_t)n, .start = p, .stamp = stamp
+        };
+        q->iov[q->iovs++] = (struct iovec){ &q->hdr[q->frames], WIRE_FRAME_SIZE };
+        if (!zero)
+            q->iov[q->iovs++] = (struct iovec){ (void *)mem, n * PAGE };
+        q->frames++;
+        st->pages += n;
+        if (zero)
+            st->zero_pages += n;
+        p = q_end;
+        if (q->frames == TXQ_FRAMES) {
+            int rc = flush(q, fd, t_recv, stop_fd, idle_ms, st, why);
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+static void note_put(note_ring_t *r, struct wire_run run)
+{
+    uint64_t head = r->head;
+    if (head - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) == NOTE_RING) {
+        r->dropped++;
+        return;
+    }
+    r->runs[head % NOTE_RING] = run;
+    __atomic_store_n(&r->head, head + 1, __ATOMIC_RELEASE);
+}
+
+int notes_take(note_ring_t *r, struct wire_run *out, int max)
+{
+    uint64_t tail = r->tail, head = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE);
+    int n = 0;
+    while (tail != head && n < max)
+        out[n++] = r->runs[tail++ % NOTE_RING];
+    __atomic_store_n(&r->tail, tail, __ATOMIC_RELEASE);
+    return n;
+}
+
+int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx_fd,
+                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
+                   const char **why)
+{
+    txq_t q = { .frames = 0 };
+    struct wire_run runs[WIRE_MAX_REQUEST_RUNS];
+
+    for (;;) {
+        struct wire_frame f;
+        uint64_t plen = 0;
+        /* A destination without faults sends nothing for a long time: no
+         * idle bound on requests. */
+        int rc = next_frame(rx, rx_fd, pages, WIRE_TO_SOURCE, stop_fd, -1, NULL, &f, &plen, why);
+        if (rc)
+            return rc;
+        uint64_t t_recv = mono_ns();
+        memcpy(runs, rx->data + rx->start + WIRE_FRAME_SIZE, plen);
+        if ((rc = wire_check_runs(runs, f.count, pages, why)))
+            return rc;
+        rx->start += WIRE_FRAME_SIZE + plen;
+        for (uint32_t i = 0; i < f.count; i++) {
+            rc = push_pages(&q, tx_fd, base, runs[i].start, runs[i].count, f.stamp, t_recv,
+                            stop_fd, idle_ms, st, why);
+            if (rc)
+                return rc;
+        }
+        if ((rc = flush(&q, tx_fd, t_recv, stop_fd, idle_ms, st, why)))
+            return rc;
+        hist_add(&st->held, mono_ns() - t_recv);
+        st->requests++;
+        for (uint32_t i = 0; i < f.count; i++)
+            note_put(notes, runs[i]);
+    }
+}
+
+int src_send_runs(uint64_t base, uint64_t pages, int fd, const struct wire_run *runs,
+                  uint32_t n, int idle_ms, send_stats_t *st, int stop_fd, const char **why)
+{
+    txq_t q = { .frames = 0 };
+    for (uint32_t i = 0; i < n; i++) {
+        if (runs[i].count == 0 || runs[i].start > pages || runs[i].count > pages - runs[i].start) {
+            *why = "a run outside the guest";
+            return -EINVAL;
+        }
+        int rc = push_pages(&q, fd, base, runs[i].start, runs[i].count, 0, 0, stop_fd,
+                            idle_ms, st, why);
+        if (rc)
+            return rc;
+    }
+    return flush(&q, fd, 0, stop_fd, idle_ms, st, why);
+}

@@ -1,0 +1,125 @@
+/*
+ * The native data plane: the hot loops of both sides, each run in a worker
+ * thread that a trio task owns (see dataplane.c for every thread's job).
+ *
+ * Read by the C compiler and by cffi's cdef parser: plain declarations only.
+ * A loop owns its socket direction(s) and the counters it writes; it never
+ * calls into Python.  It returns one of enum loop_end, or -errno with *why
+ * naming the operation (or, for -EBADMSG, what the peer got wrong).
+ */
+
+enum loop_end {
+    LOOP_STOPPED = 1, /* our own stop eventfd: a local stop, never a peer error */
+    LOOP_CONTROL = 2, /* a control frame is next in the receive buffer: Python's turn */
+    LOOP_EOF = 3      /* the peer closed the connection between two frames */
+};
+
+/* A receive buffer, one per connection direction.  Python's protocol
+ * Connection (handshake, control frames) and the native loop that owns the
+ * direction afterwards read through the same buffer, so no byte is lost when
+ * one hands over to the other.  cap holds two largest frames. */
+typedef struct {
+    uint8_t *data;
+    uint64_t cap;
+    uint64_t start; /* first byte not consumed */
+    uint64_t end;   /* one past the last byte received */
+} rxbuf_t;
+
+/* Durations in log-linear buckets (8 per power of two of nanoseconds), the
+ * layout of the vCPUs' stall histograms: migrate/metrics.py reads both. */
+#define HIST_BUCKETS 512
+typedef struct {
+    uint64_t count;
+    uint64_t total_ns;
+    uint64_t max_ns;
+    uint64_t buckets[HIST_BUCKETS];
+} hist_t;
+
+/* One placing loop's counters (bulk placer, or reply placer): written by that
+ * loop alone, read by anyone. */
+typedef struct {
+    uint64_t pages;      /* pages newly placed */
+    uint64_t zero_pages; /* of which as zero pages */
+    uint64_t eexist;     /* pages already present: races the kernel absorbed */
+    uint64_t frames;
+    uint64_t bytes;      /* bytes received, frames and payload */
+    uint64_t answered;   /* replies only: requested pages answered, placed or not */
+    uint64_t owed_base;  /* replies only: pages asked of earlier, lost links (set between sessions) */
+    hist_t service;      /* replies: request sent -> pages placed */
+    hist_t network;      /* replies: request sent -> reply received, less the source's hold */
+    hist_t held;         /* replies: the source's hold, as it measured it */
+    hist_t place;        /* replies: reply received -> pages placed */
+} place_stats_t;
+
+/* The fault reader's counters: written by it alone. */
+typedef struct {
+    uint64_t faults;
+    uint64_t requests;
+    uint64_t pages_requested;
+    uint64_t bytes;      /* bytes sent */
+    hist_t to_send;      /* fault read -> request sent */
+} fault_stats_t;
+
+/* The destination's guest as its loops see it. */
+typedef struct {
+    int uffd;
+    uint64_t base;
+    uint64_t pages;
+    int done_fd;          /* eventfd, written once the placed pages add up to the guest */
+    place_stats_t bulk;   /* the placer's */
+    place_stats_t urgent; /* the reply placer's */
+    fault_stats_t faults; /* the fault reader's */
+} dst_plane_t;
+
+/* Destination, bulk placer and reply placer: receive page frames on fd and
+ * place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame, the stop
+ * eventfd, EOF, or idle_ms of silence while pages are owed (always on the
+ * bulk stream; on replies, while requests are unanswered). */
+int dst_place_loop(dst_plane_t *d, int replies, int fd, rxbuf_t *rx, int idle_ms,
+                   int stop_fd, const char **why);
+
+/* Destination, fault reader: read faults from the uffd in batches and send
+ * one request per batch on fd, runs of span pages from each faulting page. */
+int dst_fault_loop(dst_plane_t *d, int fd, int idle_ms, uint32_t span, int stop_fd,
+                   const char **why);
+
+/* Requests the source answered, for its streamer to skip and jump after:
+ * one producer (the request server), one consumer (the streamer task).  A
+ * note that does not fit is dropped: the stream then sends those pages again,
+ * a duplicate the destination absorbs, never a loss. */
+#define NOTE_RING 256
+typedef struct {
+    uint64_t head;
+    uint64_t tail;
+    uint64_t dropped;
+    struct wire_run runs[NOTE_RING];
+} note_ring_t;
+
+/* Takes up to max notes; returns how many. */
+int notes_take(note_ring_t *r, struct wire_run *out, int max);
+
+/* What a sending loop sent: written by it alone. */
+typedef struct {
+    uint64_t pages;
+    uint64_t zero_pages;
+    uint64_t frames;
+    uint64_t bytes;
+    uint64_t requests; /* request server only */
+    hist_t held;       /* request server only: request received -> reply sent */
+} send_stats_t;
+
+/* Source, request server: receive requests on rx_fd, answer each from guest
+ * memory on tx_fd (zero runs as WIRE_ZEROS, pages sent straight from the
+ * stopped guest), note it for the streamer.  Until the stop eventfd, a
+ * control frame or EOF; idle_ms bounds a reply the destination does not read. */
+int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx_fd,
+                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
+                   const char **why);
+
+/* Source, streamer: send the n runs straight from guest memory on fd.
+ * Returns 0 once all are sent. */
+int src_send_runs(uint64_t base, uint64_t pages, int fd, const struct wire_run *runs,
+                  uint32_t n, int idle_ms, send_stats_t *st, int stop_fd, const char **why);
+
+/* CLOCK_MONOTONIC in ns: the clock of every stamp. */
+uint64_t mono_ns(void);

@@ -1,0 +1,69 @@
+/* Frame checks shared by the native loops and migrate/protocol.py: see wire.h. */
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wire.h"
+
+_Static_assert(sizeof(struct wire_frame) == WIRE_FRAME_SIZE, "wire_frame has padding");
+_Static_assert(offsetof(struct wire_frame, start) == 8, "wire_frame layout");
+_Static_assert(offsetof(struct wire_frame, held_ns) == 24, "wire_frame layout");
+_Static_assert(sizeof(struct wire_run) == 16, "wire_run has padding");
+_Static_assert(WIRE_TO_SOURCE == (1 << WIRE_REQUEST | 1 << WIRE_CONTROL), "mask");
+_Static_assert(WIRE_TO_DESTINATION == (1 << WIRE_PAGES | 1 << WIRE_ZEROS | 1 << WIRE_CONTROL), "mask");
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the wire is little-endian; this build would need byte swaps"
+#endif
+
+static int bad(const char **why, const char *reason)
+{
+    *why = reason;
+    return -EBADMSG;
+}
+
+static int inside(uint64_t start, uint64_t count, uint64_t guest_pages)
+{
+    return count <= guest_pages && start <= guest_pages - count;
+}
+
+int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t accept,
+                   const char **why)
+{
+    if (f->kind < WIRE_PAGES || f->kind > WIRE_CONTROL)
+        return bad(why, "unknown frame kind");
+    if (!(accept & (1u << f->kind)))
+        return bad(why, "a frame of a kind this end never receives");
+    if (f->reserved)
+        return bad(why, "reserved field is not zero");
+    switch (f->kind) {
+    case WIRE_CONTROL:
+        if (f->count == 0 || f->count > WIRE_MAX_CONTROL)
+            return bad(why, "control frame length outside 1..65536");
+        return f->count;
+    case WIRE_REQUEST:
+        if (f->count == 0 || f->count > WIRE_MAX_REQUEST_RUNS)
+            return bad(why, "page request with no runs or more than 64");
+        return (int64_t)f->count * (int64_t)sizeof(struct wire_run);
+    }
+    if (guest_pages == 0)
+        return bad(why, "pages before the guest was described");
+    if (f->count == 0 || !inside(f->start, f->count, guest_pages))
+        return bad(why, "pages outside the guest");
+    if (f->kind == WIRE_ZEROS)
+        return 0;
+    if (f->count > WIRE_MAX_RUN_PAGES)
+        return bad(why, "page frame longer than 256 pages");
+    return (int64_t)f->count * WIRE_PAGE_SIZE;
+}
+
+int wire_check_runs(const struct wire_run *runs, uint32_t n, uint64_t guest_pages,
+                    const char **why)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (runs[i].count == 0 || runs[i].count > WIRE_MAX_RUN_PAGES)
+            return bad(why, "requested run of 0 or more than 256 pages");
+        if (!inside(runs[i].start, runs[i].count, guest_pages))
+            return bad(why, "requested pages outside the guest");
+    }
+    return 0;
+}

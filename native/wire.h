@@ -1,0 +1,61 @@
+/*
+ * The wire layout of every frame, defined once.
+ *
+ * Read by the C compiler (the native loops) and by cffi's cdef parser, so
+ * migrate/protocol.py encodes and decodes this same struct: Python and C
+ * cannot drift.  Plain declarations only (cffi parses them).
+ *
+ * A connection starts with the preamble (magic, version) from each side, then
+ * carries frames: a struct wire_frame, then its payload:
+ *
+ *   WIRE_PAGES    count pages from page start: count * WIRE_PAGE_SIZE bytes
+ *   WIRE_ZEROS    count all-zero pages from page start: no payload
+ *   WIRE_REQUEST  count struct wire_run: the pages a vCPU waits for
+ *   WIRE_CONTROL  count bytes of msgpack [kind, fields...]: handshake, CPU
+ *                 state, Resume, SourceDone, DestDone, Error (Python only)
+ *
+ * Little-endian; the struct has no padding (asserted in wire.c).
+ */
+
+#define WIRE_PAGE_SIZE 4096
+/* A page frame carries at most 1 MiB: one UFFDIO_COPY places it whole, and a
+ * receive buffer of two frames stays small. */
+#define WIRE_MAX_RUN_PAGES 256
+/* A request names at most this many runs: one uffd read batch. */
+#define WIRE_MAX_REQUEST_RUNS 64
+/* A control frame's msgpack body: a few integers, or a Resume of up to 1024 runs. */
+#define WIRE_MAX_CONTROL 65536
+#define WIRE_FRAME_SIZE 32
+
+enum wire_kind { WIRE_PAGES = 1, WIRE_ZEROS = 2, WIRE_REQUEST = 3, WIRE_CONTROL = 4 };
+
+/* What each end may receive, as masks of (1 << kind). */
+#define WIRE_TO_SOURCE 24      /* REQUEST | CONTROL */
+#define WIRE_TO_DESTINATION 22 /* PAGES | ZEROS | CONTROL */
+
+struct wire_frame {
+    uint32_t kind;
+    uint32_t count;    /* pages (PAGES, ZEROS), runs (REQUEST), bytes (CONTROL) */
+    uint64_t start;    /* first page (PAGES, ZEROS); 0 otherwise */
+    uint64_t stamp;    /* REQUEST: the destination's clock when it sent it;
+                        * reply PAGES/ZEROS: that stamp echoed; stream: 0 */
+    uint32_t held_ns;  /* reply: how long the source held the request, its own clock */
+    uint32_t reserved; /* 0 */
+};
+
+struct wire_run {
+    uint64_t start;
+    uint64_t count;
+};
+
+/* Checks a received frame header: its kind is one this end accepts (mask),
+ * its pages lie inside a guest of guest_pages pages (0: not described yet),
+ * its sizes are within the bounds above.  Returns the payload length, or
+ * -EBADMSG with *why saying what is wrong. */
+int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t accept,
+                   const char **why);
+
+/* Checks the runs of a request: each 1..WIRE_MAX_RUN_PAGES pages inside the
+ * guest.  Returns 0 or -EBADMSG with *why set. */
+int wire_check_runs(const struct wire_run *runs, uint32_t n, uint64_t guest_pages,
+                    const char **why);
