@@ -228,6 +228,8 @@ class Source:
                     nursery.cancel_scope.cancel()
                 failure = None
             except Exception as exc:
+                if isinstance(exc, trio.TooSlowError):
+                    exc = PeerError(f"the destination sent no Resume within {self.cfg.link_timeout:g} s")
                 lost, other = exc.split(LINK_ERRORS) if isinstance(exc, ExceptionGroup) else (
                     (exc, None) if isinstance(exc, LINK_ERRORS) else (None, exc))
                 if lost is None or other is not None:
@@ -265,11 +267,14 @@ class Source:
     async def _receive_resume(self, bulk: FrameSocket) -> None:
         """After a reconnection: the stream becomes exactly what the destination's kernel still lacks."""
         runs: list[tuple[int, int]] = []
-        while True:
-            resume = await bulk.expect(p.Resume)
-            runs += resume.runs
-            if not resume.more:
-                break
+        with trio.fail_after(self.cfg.link_timeout):
+            while True:
+                resume = await bulk.expect(p.Resume)
+                runs += resume.runs
+                if len(runs) > self.spec.pages:  # disjoint runs of at least one page each
+                    raise RemoteProtocolError(f"{bulk.peer} lists more absent runs than the guest has pages")
+                if not resume.more:
+                    break
         self.remaining = Remaining(runs)
         self.cursor = 0
         log.info("destination back: it lacks %d pages in %d runs", self.remaining.pages, len(runs))
