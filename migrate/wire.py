@@ -13,16 +13,17 @@ from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
 T = TypeVar("T")
 
-# Large kernel buffers keep the bulk stream flowing while the receiver places
-# a run; 4 MiB matches a few frames in flight.
-SOCKET_BUFFER = 4 << 20
-
-
 def tune(sock: trio.socket.SocketType) -> None:
-    """TCP_NODELAY so a page request leaves at once; big buffers for the stream."""
+    """TCP_NODELAY, so that a page request or a small reply leaves at once.
+
+    Socket buffer sizes are deliberately left alone: setting SO_SNDBUF or
+    SO_RCVBUF switches off the kernel's autotuning for that socket, and the
+    value is silently clamped to ``net.core.wmem_max``/``rmem_max`` (often
+    ~208-416 KiB), whereas autotuning grows a busy connection's buffers up to
+    ``net.ipv4.tcp_wmem``/``tcp_rmem`` (several MiB) on its own and keeps idle
+    ones small.
+    """
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-    for opt in (_stdsocket.SO_SNDBUF, _stdsocket.SO_RCVBUF):
-        sock.setsockopt(_stdsocket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 def _advance(chunks: list[memoryview], n: int) -> None:
