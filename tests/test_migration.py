@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, migrate, start_source
+from conftest import BIN, REPORT, migrate, run_destination, start_source
 from migrate import protocol as p
 
 FAST = ["--run-before", "0.3"]
@@ -114,6 +114,19 @@ def test_bad_options_are_usage_errors() -> None:
     for args in (["--vcpus", "0"], ["--workload", "nope"], ["--listen", "x:y"]):
         proc = run_cli([str(BIN / "migrate-src"), *args])
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
+
+
+async def test_run_before_keeps_the_guest_running_on_the_source(tmp_path: Path) -> None:
+    """--run-before 3: the destination waits about 3 s between joining and switchover."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "3"])
+        rc, err, _ = await run_destination(tmp_path, port, ["--run-after", "0", "--log-format", "json"])
+        assert await src.wait() == 0
+    assert rc == 0, err
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    joined = next(e["t"] for e in logs if "waiting for switchover" in e["msg"])
+    switched = next(e["t"] for e in logs if "vCPUs running again" in e["msg"])
+    assert switched - joined >= 2.5, switched - joined
 
 
 async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:
