@@ -28,7 +28,7 @@ from .guest import Guest, GuestSpec, Workload, replay
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .uffd import PAGE_SIZE, Placed, Userfaultfd
-from .wire import BlockingFrames, FrameSocket, connect, run_blocking
+from .wire import BlockingFrames, FrameSocket, connect, format_address, run_blocking
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Destination:
         """Connects and authenticates one channel of a session (``b""``: a new one)."""
         fs = FrameSocket(await connect(self.cfg.host, self.cfg.port),
                          p.Connection(p.Role.DESTINATION, guest_pages=self._total or None),
-                         f"source {self.cfg.host}:{self.cfg.port}")
+                         f"source {format_address(self.cfg.host, self.cfg.port)}")
         challenge = await fs.expect(p.Challenge)
         nonce = p.new_nonce()
         await fs.send(p.Hello(channel, session, nonce,
@@ -123,6 +123,9 @@ class Destination:
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
         try:
             cpu = await bulk.expect(p.CpuState)
+            if len(cpu.vcpus) != spec.vcpus:
+                raise RemoteProtocolError(f"the source sent the state of {len(cpu.vcpus)} vCPUs for a guest of "
+                                          f"{spec.vcpus}", hint="run the same uffd-migrate version on both sides")
             guest.import_state(list(cpu.vcpus))
             guest.release()  # before any page has arrived: every first touch faults
             running_at = time.time_ns()

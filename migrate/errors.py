@@ -44,6 +44,15 @@ class UffdError(MigrateError, OSError):
         self.operation = operation
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\x1b``, ``\\u202e``).
+
+    A peer's words reach our terminal through logs and error lines; escaped,
+    they can neither move the cursor, recolour the screen nor reorder the line.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def find(exc: BaseException, types: type | tuple[type, ...]) -> BaseException | None:
     """The first exception of ``types`` in ``exc``, looking inside (nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):

@@ -364,6 +364,11 @@ class Connection:
         for start, count in runs:
             if count < 1 or start + count > self.guest_pages:
                 raise RemoteProtocolError(f"pages {start}+{count} are outside the guest of {self.guest_pages} pages")
+        # One frame never needs more than the whole guest: more is a peer making us read and send without end.
+        total = sum(count for _, count in runs)
+        if total > self.guest_pages:
+            raise RemoteProtocolError(f"{type(event).__name__} names {total} pages, more than the guest's "
+                                      f"{self.guest_pages}")
 
 
 def _encode_fields(event: Event) -> list[object]:

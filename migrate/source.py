@@ -16,6 +16,7 @@ runs the destination's kernel still lacks.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -32,7 +33,7 @@ from .metrics import rss_mib
 from .progress import Progress
 from .ranges import Remaining
 from .uffd import PAGE_SIZE
-from .wire import BlockingFrames, FrameSocket, run_blocking, tune
+from .wire import BlockingFrames, FrameSocket, family_of, format_address, run_blocking, tune
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,8 @@ class Source:
         t0 = trio.current_time()
         listener = await self._listen()
         port = listener.getsockname()[1]
-        log.info("guest of %d MiB with %d vCPUs running %s; listening on %s:%d", self.spec.size >> 20,
-                 self.spec.vcpus, self.spec.workload.name, self.cfg.host, port)
+        log.info("guest of %d MiB with %d vCPUs running %s; listening on %s", self.spec.size >> 20,
+                 self.spec.vcpus, self.spec.workload.name, format_address(self.cfg.host, port))
         task_status.started(port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
@@ -115,26 +116,26 @@ class Source:
         return result
 
     async def _listen(self) -> trio.socket.SocketType:
-        sock = trio.socket.socket()
+        sock = trio.socket.socket(family_of(self.cfg.host))
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
         try:
             await sock.bind((self.cfg.host, self.cfg.port))
         except OSError as exc:
             sock.close()
-            raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror}",
+            raise UsageError(f"cannot listen on {format_address(self.cfg.host, self.cfg.port)}: {exc.strerror}",
                              hint="choose another port with --listen HOST:PORT (port 0 picks a free one)") from None
         sock.listen(8)
-        host, port = sock.getsockname()[:2]
-        print(f'{{"listening": "{host}:{port}"}}', flush=True)
+        address = format_address(*sock.getsockname()[:2])
+        print(json.dumps({"listening": address}), flush=True)
         if self.cfg.ready_file:
             with open(self.cfg.ready_file, "w") as f:
-                f.write(f"{host}:{port}\n")
+                f.write(f"{address}\n")
         return sock
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             sock, addr = await listener.accept()
-            nursery.start_soon(self._greet, sock, f"{addr[0]}:{addr[1]}")
+            nursery.start_soon(self._greet, sock, format_address(*addr[:2]))
 
     async def _greet(self, sock: trio.socket.SocketType, peer: str) -> None:
         """Handshake of one incoming connection; a failure closes only that connection."""
@@ -249,9 +250,16 @@ class Source:
     async def _receive_resume(self, bulk: FrameSocket) -> None:
         """After a reconnection: the stream becomes exactly what the destination's kernel still lacks."""
         runs: list[tuple[int, int]] = []
+        pages = 0
         while True:
             resume = await bulk.expect(p.Resume)
             runs += resume.runs
+            pages += sum(count for _, count in resume.runs)
+            # The destination cannot lack more than the guest; as a run holds a page at
+            # least, this bounds the run list too, however many frames say "more".
+            if pages > self.spec.pages:
+                raise RemoteProtocolError(f"the destination's Resume names {pages} pages in {len(runs)} runs, "
+                                          f"more than the guest's {self.spec.pages}")
             if not resume.more:
                 break
         self.remaining = Remaining(runs)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket as _stdsocket
 from typing import Callable, TypeVar
 
 import trio
 
-from .errors import PeerError, RemoteProtocolError, UsageError
+from .errors import PeerError, RemoteProtocolError, UsageError, printable
 from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
 T = TypeVar("T")
+
 
 def tune(sock: trio.socket.SocketType) -> None:
     """TCP_NODELAY, so that a page request or a small reply leaves at once.
@@ -41,7 +43,8 @@ def _vet(event: Event | object, peer: str) -> Event | None:
     if event is CLOSED:
         raise PeerError(f"{peer} closed the connection")
     if isinstance(event, Error):
-        raise PeerError(f"{peer} reported: {event.message}")
+        # The text is the peer's, possibly not yet authenticated: escaped before any log sees it.
+        raise PeerError(f"{peer} reported: {printable(event.message)}")
     return event  # type: ignore[return-value]
 
 
@@ -220,6 +223,26 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host, value
 
 
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 host in brackets so that ``parse_address`` reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it could resolve anywhere
+
+
+def family_of(host: str) -> int:
+    """AF_INET6 for an IPv6 literal (``::1``), AF_INET for everything else."""
+    return _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
+
+
 async def connect(host: str, port: int) -> trio.socket.SocketType:
     """Connects a tuned TCP socket, turning the usual failures into one-line errors."""
     try:
@@ -228,8 +251,8 @@ async def connect(host: str, port: int) -> trio.socket.SocketType:
         # trio reports "all attempts failed" and chains the per-address errors.
         causes = getattr(exc.__cause__, "exceptions", [exc.__cause__ or exc])
         reason = "; ".join(sorted({c.strerror or str(c) for c in causes if isinstance(c, OSError)})) or str(exc)
-        raise UsageError(f"cannot connect to {host}:{port}: {reason}",
-                         hint=f"is migrate-src running and listening on {host}:{port}?") from None
+        raise UsageError(f"cannot connect to {format_address(host, port)}: {reason}",
+                         hint=f"is migrate-src running and listening on {format_address(host, port)}?") from None
     sock = stream.socket
     tune(sock)
     return sock

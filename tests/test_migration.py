@@ -116,6 +116,22 @@ def test_bad_options_are_usage_errors() -> None:
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
 
 
+@pytest.mark.parametrize("prog,args,words", [
+    ("migrate-src", ["--handshake-timeout", "0"], ["--handshake-timeout", "must be > 0"]),
+    ("migrate-src", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
+    ("migrate-src", ["--seed", "-1"], ["--seed", "0..2**64-1"]),
+    ("migrate-src", ["--seed", str(2**64)], ["--seed", "0..2**64-1"]),
+    ("migrate-dst", ["--watchdog", "0"], ["--watchdog", "must be > 0"]),
+    ("migrate-dst", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
+    ("migrate-dst", ["--watchdog", "inf"], ["--watchdog", "must be > 0"]),
+])
+def test_out_of_range_options_are_one_line_usage_errors(prog: str, args: list[str], words: list[str]) -> None:
+    """Zero timeouts would give up (or spin) at once; a negative seed used to end in a traceback."""
+    proc = run_cli([str(BIN / prog), "--listen" if prog == "migrate-src" else "--connect", "127.0.0.1:9", *args])
+    assert proc.returncode == 2
+    assert_one_line_error(proc, *words)
+
+
 async def test_run_before_keeps_the_guest_running_on_the_source(tmp_path: Path) -> None:
     """--run-before 3: the destination waits about 3 s between joining and switchover."""
     with trio.fail_after(60):
@@ -127,6 +143,22 @@ async def test_run_before_keeps_the_guest_running_on_the_source(tmp_path: Path) 
     joined = next(e["t"] for e in logs if "waiting for switchover" in e["msg"])
     switched = next(e["t"] for e in logs if "vCPUs running again" in e["msg"])
     assert switched - joined >= 2.5, switched - joined
+
+
+async def test_source_announces_its_address_as_json(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process([str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--guest-pages", "1",
+                                             "--vcpus", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(30):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(1)
+    finally:
+        proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
+    host, _, port = json.loads(line)["listening"].rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
 
 
 async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:

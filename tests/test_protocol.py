@@ -193,3 +193,19 @@ def test_fuzz_well_framed_hostile_headers(fields: list, kind: int, payload: byte
         except RemoteProtocolError:
             continue
         assert type(event) in p._ACCEPTS[role]
+
+
+def test_one_request_or_resume_frame_names_no_more_than_the_guest() -> None:
+    """1,024 runs of the whole guest would make the source send the guest 1,024 times for one frame."""
+    src = p.Connection(p.Role.SOURCE, guest_pages=100)
+    src.receive_data(frame([8, [[0, 100]] * 2, 0]))
+    with pytest.raises(RemoteProtocolError, match="PageRequest names 200 pages, more than the guest's 100"):
+        src.next_event()
+    src = p.Connection(p.Role.SOURCE, guest_pages=100)
+    src.receive_data(frame([9, [[0, 60], [50, 50]], True]))
+    with pytest.raises(RemoteProtocolError, match="Resume names 110 pages"):
+        src.next_event()
+    src = p.Connection(p.Role.SOURCE, guest_pages=100)
+    src.receive_data(frame([8, [[0, 50], [50, 50]], 0]))
+    assert src.next_event() == p.PageRequest(((0, 50), (50, 50)), 0)
+

@@ -9,10 +9,13 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
-from conftest import REPORT, run_destination, start_source
+from conftest import BIN, REPORT, run_destination, start_source
 from migrate import protocol as p
+from migrate.errors import PeerError
+from migrate.wire import FrameSocket
 from proxy import CuttingProxy
 
 # No zero pages, so that bytes through the proxy measure the migration's progress.
@@ -154,3 +157,111 @@ async def test_hostile_clients_and_wrong_key_are_rejected_then_a_real_destinatio
     assert rejected >= 26
     REPORT.append(f"hostile: {rejected} connections rejected (garbage, oversize lengths, bad magic, slow drip, "
                   "wrong key), then the keyed destination migrated and verified")
+
+
+# -- strangers on the port: they must not stop, bloat or scribble on a migration --
+async def wait_for_line(path: Path, text: str, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while text not in path.read_text():
+            await trio.sleep(0.05)
+
+
+async def test_a_peer_error_text_reaches_the_log_escaped(tmp_path: Path) -> None:
+    """An unauthenticated peer's Error frame carries terminal escapes: they are logged as text, inert."""
+    src, port = await start_source(tmp_path, ["--guest-mib", "1", "--vcpus", "1"])
+    try:
+        hostile = "\x1b[2J\x1b[31mEVIL\x07\u202e"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"".join(bytes(c) for c in p.Connection(p.Role.DESTINATION).send(p.Error(hostile))))
+            while s.recv(65536):
+                pass
+        await wait_for_line(tmp_path / "src.err", "EVIL")
+    finally:
+        src.kill()
+        await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert "\x1b" not in src_err and "\x07" not in src_err and "\u202e" not in src_err
+    assert r"reported: \x1b[2J\x1b[31mEVIL\x07\u202e" in src_err
+
+
+# -- a peer that holds the key but breaks the rules ---------------------------
+async def open_channel(port: int, channel: p.Channel, session: bytes = b"") -> tuple[FrameSocket, p.Welcome]:
+    """What migrate-dst does to join (no key): returns the channel and the source's Welcome."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    fs = FrameSocket(sock, p.Connection(p.Role.DESTINATION), "source")
+    challenge = await fs.expect(p.Challenge)
+    nonce = p.new_nonce()
+    await fs.send(p.Hello(channel, session, nonce, p.prove(b"", p.Role.DESTINATION, channel, challenge.nonce, nonce)))
+    return fs, await fs.expect(p.Welcome)
+
+
+async def test_resume_frames_that_never_end_are_refused(tmp_path: Path) -> None:
+    """After a lost link, a destination sends Resume after Resume with more=True: past the guest's
+    page count, the source ends that channel instead of collecting runs without bound."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-pages", "256", "--vcpus", "1", "--run-before", "0",
+                                                  "--reconnect-timeout", "2"])
+        bulk, welcome = await open_channel(port, p.Channel.BULK)
+        urgent, _ = await open_channel(port, p.Channel.URGENT, welcome.session)
+        await bulk.expect(p.GuestInfo)
+        await bulk.expect(p.CpuState)
+        bulk.close()
+        urgent.close()
+        await wait_for_line(tmp_path / "src.err", "lost the destination")
+        bulk, _ = await open_channel(port, p.Channel.BULK, welcome.session)
+        urgent, _ = await open_channel(port, p.Channel.URGENT, welcome.session)
+        for _ in range(5):  # 1,000 runs of one page for a guest of 256 pages
+            await bulk.send(p.Resume(tuple((i, 1) for i in range(200)), more=True))
+        with trio.fail_after(5), pytest.raises(PeerError):
+            await bulk.receive()
+        bulk.close()
+        urgent.close()
+        src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert "Resume names 400 pages" in src_err and "Traceback" not in src_err
+    assert src_rc == 1 and "did not come back" in src_err
+
+
+async def test_cpu_state_for_the_wrong_number_of_vcpus_is_one_line(tmp_path: Path) -> None:
+    """A source whose CPU state does not match the guest it announced: one line, no traceback."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def accept(channel: p.Channel) -> FrameSocket:
+        sock, _ = await listener.accept()
+        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=256), "destination")
+        try:
+            nonce = p.new_nonce()
+            await fs.send(p.Challenge(nonce))
+            hello = await fs.expect(p.Hello)
+            assert hello.channel is channel
+            await fs.send(p.Welcome(b"s" * 16, p.prove(b"", p.Role.SOURCE, channel, nonce, hello.nonce)))
+        except BaseException:
+            fs.close()
+            raise
+        return fs
+
+    async def wrong_source() -> None:
+        channels = [await accept(p.Channel.BULK)]
+        try:
+            await channels[0].send(p.GuestInfo(pages=256, vcpus=2, workload=0, seed=1, zero_permille=0, rate=0))
+            channels.append(await accept(p.Channel.URGENT))
+            await channels[0].send(p.CpuState(((1, 0, 0),) * 3, 0))
+            await trio.sleep_forever()
+        finally:
+            for fs in channels:
+                fs.close()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wrong_source)
+            proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"],
+                                          capture_stderr=True, check=False)
+            nursery.cancel_scope.cancel()
+    listener.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "state of 3 vCPUs for a guest of 2" in err and "hint:" in err
