@@ -103,6 +103,9 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
     ap.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
+    ap.add_argument("--max-pending", type=_positive_int, default=16, metavar="N",
+                    help="handshakes in progress at once; a connection beyond is closed at once and the "
+                         "destination retries (default 16; lowered to fit the descriptor limit)")
     ap.add_argument("--reconnect-timeout", type=_seconds, default=60.0, metavar="S",
                     help="seconds to wait for a destination that lost its link to come back (default 60)")
     _common(ap)
@@ -121,6 +124,9 @@ def _dst_parser() -> argparse.ArgumentParser:
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
     ap.add_argument("--prefetch", type=int, default=0, metavar="N",
                     help="also request the N pages after each faulting page (default 0)")
+    ap.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="S",
+                    help="seconds to keep retrying a connection the source refuses or drops (it is starting, "
+                         "or busy with other handshakes) before giving up (default 10)")
     ap.add_argument("--reconnect-timeout", type=_seconds, default=30.0, metavar="S",
                     help="after a lost link, seconds to keep reconnecting before giving up (default 30); "
                          "the guest waits meanwhile")
@@ -204,7 +210,7 @@ def _run_src(args: argparse.Namespace) -> int:
                      zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
-                       reconnect_timeout=args.reconnect_timeout)
+                       reconnect_timeout=args.reconnect_timeout, max_pending=args.max_pending)
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0
@@ -219,7 +225,8 @@ def _run_dst(args: argparse.Namespace) -> int:
         raise UsageError("--prefetch cannot be negative")
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
-                            reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog)
+                            reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
+                            connect_timeout=args.connect_timeout)
     metrics = _run_trio(Destination(cfg).run)
     write_metrics(metrics, args.metrics, sys.stdout)
     print_summary(metrics, sys.stderr)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from . import protocol as p
-from .errors import LINK_ERRORS, PeerError, RemoteProtocolError, UsageError, find
+from .errors import LINK_ERRORS, PeerError, PeerGone, RemoteProtocolError, UsageError, find
 from .guest import Guest, GuestSpec, Workload, replay
 from .metrics import Histogram, rss_mib
 from .progress import Progress
@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # Samples of the placed-pages curve kept for plots: bounded, one per interval.
 TIMELINE_INTERVAL = 0.1
 MAX_TIMELINE = 10_000
+# Pauses between connection attempts: quick at first (a source that is just
+# starting), then no more than once a second (a source busy with a flood).
+FIRST_RETRY = 0.05
+MAX_RETRY = 1.0
 
 
 @dataclass
@@ -47,6 +51,7 @@ class DestinationConfig:
     prefetch: int = 0  # neighbours requested after each faulting page
     reconnect_timeout: float = 30.0  # how long a lost source may take to come back
     watchdog: float = 2.0  # seconds a vCPU may wait for one page before it is reported
+    connect_timeout: float = 10.0  # how long connecting may keep being refused or dropped
 
 
 @dataclass
@@ -86,28 +91,69 @@ class Destination:
         self.bytes_bulk = 0
         self.bytes_urgent = 0
         self.recoveries: list[dict[str, float]] = []
+        self.connect_attempts = 0  # every try of every channel: more than 2 when the source was busy
 
-    async def _open(self, channel: p.Channel, session: bytes) -> tuple[FrameSocket, p.Welcome]:
-        """Connects and authenticates one channel of a session (``b""``: a new one)."""
+    async def _open(self, channel: p.Channel, session: bytes, deadline: float) -> tuple[FrameSocket, p.Welcome]:
+        """Connects and authenticates one channel of a session (``b""``: a new one).
+
+        A connection refused, reset or closed before the source's Welcome is
+        tried again with backoff until ``deadline`` (trio's clock): a source
+        that is still starting, or busy with other handshakes (it closes
+        newcomers beyond ``--max-pending`` at once), lets us in a moment
+        later.  An answer (an Error frame, a wrong proof) is final.
+
+        Raises:
+            PeerError: no Welcome by the deadline, or the source said no.
+            RemoteProtocolError: the source is not a uffd-migrate source, or lacks the key.
+        """
+        where = format_address(self.cfg.host, self.cfg.port)
+        t0, delay, attempts = trio.current_time(), FIRST_RETRY, 0
+        while True:
+            attempts += 1
+            self.connect_attempts += 1
+            try:
+                with trio.fail_at(deadline):
+                    return await self._open_once(channel, session)
+            except trio.TooSlowError:
+                raise PeerError(f"the source at {where} did not complete the handshake in "
+                                f"{trio.current_time() - t0:.3g} s ({attempts} attempts)",
+                                hint="is it busy with other connections? see its log; raise --connect-timeout") from None
+            except PeerGone as exc:
+                left = deadline - trio.current_time()
+                if left < FIRST_RETRY:
+                    raise PeerGone(f"{exc} (gave up after {attempts} attempts in {trio.current_time() - t0:.3g} s)",
+                                   hint=exc.hint or "is the source busy with other connections? see its log; "
+                                                    "raise --connect-timeout") from None
+                if attempts == 1:
+                    log.info("%s; trying again for up to %.3g s", exc, left)
+                # Halving what is left near the deadline makes the last attempt start just before it.
+                await trio.sleep(min(delay, left / 2))
+                delay = min(2 * delay, MAX_RETRY)
+
+    async def _open_once(self, channel: p.Channel, session: bytes) -> tuple[FrameSocket, p.Welcome]:
+        """One attempt of ``_open``; closes its socket on any failure, cancellation included."""
         fs = FrameSocket(await connect(self.cfg.host, self.cfg.port),
                          p.Connection(p.Role.DESTINATION, guest_pages=self._total or None),
                          f"source {format_address(self.cfg.host, self.cfg.port)}")
-        challenge = await fs.expect(p.Challenge)
-        nonce = p.new_nonce()
-        await fs.send(p.Hello(channel, session, nonce,
-                              p.prove(self.cfg.key, p.Role.DESTINATION, channel, challenge.nonce, nonce)))
-        welcome = await fs.expect(p.Welcome)
-        if not p.proof_ok(p.prove(self.cfg.key, p.Role.SOURCE, channel, challenge.nonce, nonce), welcome.proof):
+        try:
+            challenge = await fs.expect(p.Challenge)
+            nonce = p.new_nonce()
+            await fs.send(p.Hello(channel, session, nonce,
+                                  p.prove(self.cfg.key, p.Role.DESTINATION, channel, challenge.nonce, nonce)))
+            welcome = await fs.expect(p.Welcome)
+            if not p.proof_ok(p.prove(self.cfg.key, p.Role.SOURCE, channel, challenge.nonce, nonce), welcome.proof):
+                raise RemoteProtocolError("authentication failed: the source does not know the key",
+                                          hint="give both sides the same --key-file")
+        except BaseException:
             fs.close()
-            raise RemoteProtocolError("authentication failed: the source does not know the key",
-                                      hint="give both sides the same --key-file")
+            raise
         return fs, welcome
 
     async def run(self) -> dict[str, object]:
         """Migrates the guest in, lets it run, and returns the metrics."""
         t_connect = time.monotonic()
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
-        bulk, welcome = await self._open(p.Channel.BULK, b"")
+        bulk, welcome = await self._open(p.Channel.BULK, b"", trio.current_time() + self.cfg.connect_timeout)
         self._session = welcome.session
         info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
@@ -115,7 +161,7 @@ class Destination:
         self._total = spec.pages
         guest = Guest(spec, fill=False)
         uffd.register(guest.base, spec.size)
-        urgent, _ = await self._open(p.Channel.URGENT, self._session)
+        urgent, _ = await self._open(p.Channel.URGENT, self._session, trio.current_time() + self.cfg.connect_timeout)
         log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
                  spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
 
@@ -175,6 +221,7 @@ class Destination:
             "vcpu_stall_us": stalls.summary(), "fault_service_us": self.fault_service.summary(),
             "vcpu_steps": steps, "rss_mib": rss, "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
+            "connect_attempts": self.connect_attempts,
             "placed_timeline": self.timeline,
         }
 
@@ -203,19 +250,20 @@ class Destination:
 
     async def _reconnect(self, guest: Guest) -> tuple[FrameSocket, FrameSocket]:
         """Reconnects both channels with backoff, then tells the source what the kernel still lacks."""
-        t0 = time.monotonic()
-        delay = 0.05
+        t0 = trio.current_time()
+        deadline = t0 + self.cfg.reconnect_timeout
+        delay = FIRST_RETRY
         while True:
             try:
-                bulk, _ = await self._open(p.Channel.BULK, self._session)
+                bulk, _ = await self._open(p.Channel.BULK, self._session, deadline)
                 try:
-                    urgent, _ = await self._open(p.Channel.URGENT, self._session)
+                    urgent, _ = await self._open(p.Channel.URGENT, self._session, deadline)
                 except BaseException:
                     bulk.close()
                     raise
                 break
             except (UsageError, *LINK_ERRORS) as exc:
-                if time.monotonic() - t0 + delay > self.cfg.reconnect_timeout:
+                if trio.current_time() + delay > deadline:
                     pct = 100 * self.placed_pages / self._total
                     raise PeerError(
                         f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({exc}); "
@@ -223,12 +271,12 @@ class Destination:
                         "stopped here and its memory is incomplete",
                         hint="restart the migration; raise --reconnect-timeout to ride out longer outages") from None
                 await trio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, MAX_RETRY)
         runs = guest.absent_runs()
         missing = sum(n for _, n in runs)
         for i in range(0, max(len(runs), 1), p.MAX_REQUEST_RUNS):
             await bulk.send(p.Resume(tuple(runs[i:i + p.MAX_REQUEST_RUNS]), more=i + p.MAX_REQUEST_RUNS < len(runs)))
-        reconnect_s = time.monotonic() - t0
+        reconnect_s = trio.current_time() - t0
         self.recoveries.append({"reconnect_s": round(reconnect_s, 3), "pages_missing": missing})
         log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
                  reconnect_s, missing, len(runs))

@@ -35,6 +35,15 @@ class PeerError(MigrateError):
     """The peer reported an error of its own, or went away."""
 
 
+class PeerGone(PeerError):
+    """The connection was refused, reset or closed without a word from the peer.
+
+    Unlike an ``Error`` the peer sent, nothing was decided: a listener that
+    is busy (too many pending handshakes) closes a newcomer this way, so a
+    connecting side may try again.
+    """
+
+
 class UffdError(MigrateError, OSError):
     """A userfaultfd operation failed; keeps ``errno`` and the operation's name."""
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
+import os
+import resource
 import secrets
 import time
 from dataclasses import dataclass
@@ -40,6 +43,18 @@ log = logging.getLogger(__name__)
 CHUNK_PAGES = p.DEFAULT_MAX_PAYLOAD // PAGE_SIZE
 # How long the urgent channel may stay silent before the destination counts as lost.
 REQUEST_TIMEOUT = 3600.0
+# Connections the kernel queues while the accept loop is busy or backing off
+# (a flood, a shortage of descriptors), instead of refusing them.
+LISTEN_BACKLOG = 128
+# A failed accept (no descriptor, no memory...) leaves the connection queued:
+# pause, then try again, as trio's serve_listeners does.
+ACCEPT_BACKOFF = 0.1
+# Descriptors kept for the migration itself when --max-pending has to fit
+# RLIMIT_NOFILE: two channels and a worker's duplicate, a reconnection's pair
+# while the old one closes, the metrics file, with room to spare.
+RESERVED_FDS = 16
+# A warning that a flood could repeat thousands of times is logged at most this often.
+WARN_INTERVAL = 2.0
 
 
 @dataclass
@@ -52,6 +67,7 @@ class SourceConfig:
     ready_file: str | None = None
     handshake_timeout: float = 10.0  # a silent or slow-drip client is dropped after this
     reconnect_timeout: float = 60.0  # how long a lost destination may take to come back
+    max_pending: int = 16  # handshakes in progress at once; newcomers beyond are closed at once
 
 
 @dataclass
@@ -78,6 +94,38 @@ def _page_events(start: int, count: int, buf: bytearray | memoryview, zeros: byt
         i = j
 
 
+class _Throttled:
+    """A warning that may recur without end (a flood), logged at most once per interval."""
+
+    def __init__(self, interval: float = WARN_INTERVAL) -> None:
+        self.interval = interval
+        self._next = -math.inf
+        self._skipped = 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = trio.current_time()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg, args = msg + " (and %d more times since the last report)", (*args, self._skipped)
+        log.warning(msg, *args)
+        self._next, self._skipped = now + self.interval, 0
+
+
+def _fit_to_descriptors(wanted: int) -> int:
+    """``wanted`` pending handshakes, or fewer if RLIMIT_NOFILE would not leave the migration its own."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    in_use = len(os.listdir("/proc/self/fd"))
+    fit = max(1, soft - in_use - RESERVED_FDS)
+    if fit < wanted:
+        log.warning("the descriptor limit (%d, %d in use) leaves room for %d pending handshakes, not %d",
+                    soft, in_use, fit, wanted)
+    return min(wanted, fit)
+
+
 class Source:
     """The source side of one migration."""
 
@@ -89,7 +137,12 @@ class Source:
         self.cursor = 0
         self.session: _Session | None = None
         self._paired = trio.Event()
-        self.stats = {"pages_streamed": 0, "pages_requested": 0, "requests": 0, "rejected_peers": 0}
+        self.stats = {"pages_streamed": 0, "pages_requested": 0, "requests": 0, "rejected_peers": 0,
+                      "dropped_peers": 0}
+        self._pending = 0  # handshakes in progress
+        self._max_pending = cfg.max_pending
+        self._accept_warning = _Throttled()
+        self._drop_warning = _Throttled()
         self.dest_counters: dict[str, float] = {}
         self.progress = Progress()
 
@@ -102,6 +155,7 @@ class Source:
         # which is offset from time.monotonic() on purpose.
         t0 = trio.current_time()
         listener = await self._listen()
+        self._max_pending = _fit_to_descriptors(self.cfg.max_pending)
         port = listener.getsockname()[1]
         log.info("guest of %d MiB with %d vCPUs running %s; listening on %s", self.spec.size >> 20,
                  self.spec.vcpus, self.spec.workload.name, format_address(self.cfg.host, port))
@@ -124,7 +178,7 @@ class Source:
             sock.close()
             raise UsageError(f"cannot listen on {format_address(self.cfg.host, self.cfg.port)}: {exc.strerror}",
                              hint="choose another port with --listen HOST:PORT (port 0 picks a free one)") from None
-        sock.listen(8)
+        sock.listen(LISTEN_BACKLOG)
         address = format_address(*sock.getsockname()[:2])
         print(json.dumps({"listening": address}), flush=True)
         if self.cfg.ready_file:
@@ -133,27 +187,59 @@ class Source:
         return sock
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        """Accepts connections until cancelled: no peer and no shortage of resources ends it.
+
+        A failed accept (out of descriptors or memory) is logged and retried
+        after a pause; the connection waits in the kernel's backlog meanwhile.
+        At most ``max_pending`` handshakes run at once, each holding a
+        descriptor and a small buffer for up to ``--handshake-timeout``; a
+        connection beyond that is closed at once (``dropped_peers``), and a
+        destination tries again.
+        """
         while True:
-            sock, addr = await listener.accept()
-            nursery.start_soon(self._greet, sock, format_address(*addr[:2]))
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:
+                self._accept_warning.warn("cannot accept connections (%s); retrying every %g s",
+                                          exc.strerror or exc, ACCEPT_BACKOFF)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            peer = format_address(*addr[:2])
+            if self._pending >= self._max_pending:
+                sock.close()
+                self.stats["dropped_peers"] += 1
+                self._drop_warning.warn("dropped a connection from %s: %d handshakes already pending (--max-pending)",
+                                        peer, self._pending)
+                continue
+            self._pending += 1
+            nursery.start_soon(self._greet, sock, peer)
 
     async def _greet(self, sock: trio.socket.SocketType, peer: str) -> None:
         """Handshake of one incoming connection; a failure closes only that connection."""
-        tune(sock)
-        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages), f"destination {peer}")
+        joined = False
         try:
-            with trio.fail_after(self.cfg.handshake_timeout):
-                await self._handshake(fs)
-        except (MigrateError, trio.TooSlowError) as exc:
-            self.stats["rejected_peers"] += 1
-            reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            log.warning("rejected %s: %s", peer, reason)
-            with trio.move_on_after(1):
-                try:
-                    await fs.send(p.Error(reason[:200]))
-                except MigrateError:
-                    pass
-            fs.close()
+            tune(sock)
+            # The source receives control frames and page requests, never pages: a
+            # buffer without room for a payload is ~128 KiB, not ~2.1 MiB.
+            fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, max_payload=0, guest_pages=self.spec.pages),
+                             f"destination {peer}")
+            try:
+                with trio.fail_after(self.cfg.handshake_timeout):
+                    await self._handshake(fs)
+                joined = True
+            except (MigrateError, trio.TooSlowError) as exc:
+                self.stats["rejected_peers"] += 1
+                reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+                log.warning("rejected %s: %s", peer, reason)
+                with trio.move_on_after(1):
+                    try:
+                        await fs.send(p.Error(reason[:200]))
+                    except MigrateError:
+                        pass
+        finally:
+            self._pending -= 1
+            if not joined:  # a channel of the session is closed by the migration, anything else here
+                sock.close()
 
     async def _handshake(self, fs: FrameSocket) -> None:
         nonce = p.new_nonce()

@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 
 import trio
 
-from .errors import PeerError, RemoteProtocolError, UsageError, printable
+from .errors import PeerError, PeerGone, RemoteProtocolError, UsageError, printable
 from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
 T = TypeVar("T")
@@ -41,15 +41,15 @@ def _vet(event: Event | object, peer: str) -> Event | None:
     if event is NEED_DATA:
         return None
     if event is CLOSED:
-        raise PeerError(f"{peer} closed the connection")
+        raise PeerGone(f"{peer} closed the connection")
     if isinstance(event, Error):
         # The text is the peer's, possibly not yet authenticated: escaped before any log sees it.
         raise PeerError(f"{peer} reported: {printable(event.message)}")
     return event  # type: ignore[return-value]
 
 
-def _lost(peer: str, exc: OSError) -> PeerError:
-    return PeerError(f"lost the connection to {peer}: {exc.strerror or exc}")
+def _lost(peer: str, exc: OSError) -> PeerGone:
+    return PeerGone(f"lost the connection to {peer}: {exc.strerror or exc}")
 
 
 class FrameSocket:
@@ -244,15 +244,22 @@ def family_of(host: str) -> int:
 
 
 async def connect(host: str, port: int) -> trio.socket.SocketType:
-    """Connects a tuned TCP socket, turning the usual failures into one-line errors."""
+    """Connects a tuned TCP socket.
+
+    Raises:
+        UsageError: ``host`` does not resolve: trying again will not help.
+        PeerGone: refused, reset or unreachable: worth trying again.
+    """
     try:
         stream = await trio.open_tcp_stream(host, port)
+    except _stdsocket.gaierror as exc:
+        raise UsageError(f"cannot resolve {host}: {exc.strerror}", hint="check the host in --connect") from None
     except OSError as exc:
         # trio reports "all attempts failed" and chains the per-address errors.
         causes = getattr(exc.__cause__, "exceptions", [exc.__cause__ or exc])
         reason = "; ".join(sorted({c.strerror or str(c) for c in causes if isinstance(c, OSError)})) or str(exc)
-        raise UsageError(f"cannot connect to {format_address(host, port)}: {reason}",
-                         hint=f"is migrate-src running and listening on {format_address(host, port)}?") from None
+        raise PeerGone(f"cannot connect to {format_address(host, port)}: {reason}",
+                       hint=f"is migrate-src running and listening on {format_address(host, port)}?") from None
     sock = stream.socket
     tune(sock)
     return sock

@@ -96,8 +96,30 @@ def test_connection_refused() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: refused
-        proc = run_cli([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"])
-    assert_one_line_error(proc, "refused", "is migrate-src running")
+        proc = run_cli([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}", "--connect-timeout", "0.5"])
+    assert_one_line_error(proc, "refused", "gave up after", "is migrate-src running")
+
+
+async def test_a_destination_started_first_waits_for_the_source(tmp_path: Path) -> None:
+    """Refused connections are retried for --connect-timeout: the source may start a moment later."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            result: list = []
+
+            async def destination() -> None:
+                result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0"]))
+
+            nursery.start_soon(destination)
+            await trio.sleep(1)
+            src, _ = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0"],
+                                        listen=f"127.0.0.1:{port}")
+        assert await src.wait() == 0
+    rc, err, m = result
+    assert rc == 0 and m["verified"] is True, err
+    assert m["connect_attempts"] > 2 and "refused; trying again" in err
 
 
 def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
@@ -119,10 +141,12 @@ def test_bad_options_are_usage_errors() -> None:
 @pytest.mark.parametrize("prog,args,words", [
     ("migrate-src", ["--handshake-timeout", "0"], ["--handshake-timeout", "must be > 0"]),
     ("migrate-src", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
+    ("migrate-src", ["--max-pending", "0"], ["--max-pending"]),
     ("migrate-src", ["--seed", "-1"], ["--seed", "0..2**64-1"]),
     ("migrate-src", ["--seed", str(2**64)], ["--seed", "0..2**64-1"]),
     ("migrate-dst", ["--watchdog", "0"], ["--watchdog", "must be > 0"]),
     ("migrate-dst", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
+    ("migrate-dst", ["--connect-timeout", "-1"], ["--connect-timeout", "must be > 0"]),
     ("migrate-dst", ["--watchdog", "inf"], ["--watchdog", "must be > 0"]),
 ])
 def test_out_of_range_options_are_one_line_usage_errors(prog: str, args: list[str], words: list[str]) -> None:

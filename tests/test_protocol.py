@@ -209,3 +209,16 @@ def test_one_request_or_resume_frame_names_no_more_than_the_guest() -> None:
     src.receive_data(frame([8, [[0, 50], [50, 50]], 0]))
     assert src.next_event() == p.PageRequest(((0, 50), (50, 50)), 0)
 
+
+def test_a_connection_that_accepts_no_payload_takes_the_largest_request_and_sends_full_runs() -> None:
+    """The source's side (max_payload=0, so its receive buffer has no room for pages; see
+    test_idle_connections_cost_the_source_little_memory)."""
+    src = p.Connection(p.Role.SOURCE, max_payload=0, guest_pages=1 << 30)
+    dst = p.Connection(p.Role.DESTINATION, guest_pages=1 << 30)
+    request = p.PageRequest(tuple((i << 20, 1) for i in range(p.MAX_REQUEST_RUNS)), stamp=2**63 - 1)
+    assert deliver(dst, src, request) == request
+    run = p.PageRun(0, p.DEFAULT_MAX_PAYLOAD // PAGE, b"\0" * p.DEFAULT_MAX_PAYLOAD)
+    assert deliver(src, dst, run).count == run.count
+    src.receive_data(frame([6, 0, 1, 0], b"x" * PAGE, preamble=False))
+    with pytest.raises(RemoteProtocolError, match="payload length 4096 exceeds the limit 0"):
+        src.next_event()

@@ -160,10 +160,122 @@ async def test_hostile_clients_and_wrong_key_are_rejected_then_a_real_destinatio
 
 
 # -- strangers on the port: they must not stop, bloat or scribble on a migration --
+# A modest access rate keeps --verify's replay short after a few seconds of --run-before.
+SMALL_GUEST = ["--guest-mib", "64", "--workload", "uniform", "--rate", "100000"]
+
+
+def idle_flood(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that say nothing; the source closes those beyond --max-pending at once."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
 async def wait_for_line(path: Path, text: str, timeout: float = 20) -> None:
     with trio.fail_after(timeout):
         while text not in path.read_text():
             await trio.sleep(0.05)
+
+
+async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tmp_path: Path) -> None:
+    """100 idle connections against a source limited to 64 descriptors, before the destination
+    arrives and again once it is in: handshakes beyond --max-pending are closed at once, the
+    destination retries until a slot frees, and the migration verifies."""
+    flood: list[socket.socket] = []
+    try:
+        with trio.fail_after(60):
+            src, port = await start_source(tmp_path, [*SMALL_GUEST, "--handshake-timeout", "1", "--run-before", "3"],
+                                           wrapper=["prlimit", "--nofile=64:64"])
+            flood += await trio.to_thread.run_sync(idle_flood, port, 100)
+            async with trio.open_nursery() as nursery:
+                result: list = []
+
+                async def destination() -> None:
+                    result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
+
+                nursery.start_soon(destination)
+                await wait_for_line(tmp_path / "src.err", "urgent channel up")
+                flood += await trio.to_thread.run_sync(idle_flood, port, 100)
+            src_rc = await src.wait()
+    finally:
+        for s in flood:
+            s.close()
+    rc, err, m = result
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0, err
+    assert src_rc == 0, src_err
+    assert m["verified"] is True
+    assert "Traceback" not in err + src_err
+    src_m = json.loads((tmp_path / "src.json").read_text())
+    assert src_m["dropped_peers"] >= 2 * (100 - 16)
+    assert m["connect_attempts"] > 2  # turned away at first, then let in
+    REPORT.append(f"flood: 200 idle connections against 64 descriptors: {src_m['dropped_peers']} closed at once, "
+                  f"{src_m['rejected_peers']} timed out; the destination got in after {m['connect_attempts'] - 2} "
+                  "retries and verified")
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+async def test_accept_errors_back_off_and_the_migration_goes_on(tmp_path: Path) -> None:
+    """Descriptors run out under a running source (its limit lowered to what it holds): accept fails
+    with EMFILE, the source says so and keeps going; once descriptors are back, it serves again."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, [*SMALL_GUEST, "--handshake-timeout", "1", "--run-before", "3"])
+        async with trio.open_nursery() as nursery:
+            result: list = []
+
+            async def destination() -> None:
+                result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
+
+            nursery.start_soon(destination)
+            await wait_for_line(tmp_path / "src.err", "urgent channel up")
+            await trio.run_process(["prlimit", f"--pid={src.pid}", f"--nofile={open_fds(src.pid)}:"])
+            flood = await trio.to_thread.run_sync(idle_flood, port, 5)  # queued by the kernel, not accepted
+            await wait_for_line(tmp_path / "src.err", "Too many open files")
+            await trio.sleep(0.5)
+            assert src.poll() is None, (tmp_path / "src.err").read_text()
+            await trio.run_process(["prlimit", f"--pid={src.pid}", "--nofile=1024:"])
+        src_rc = await src.wait()
+        for s in flood:
+            s.close()
+    rc, err, m = result
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0, err
+    assert src_rc == 0, src_err
+    assert m["verified"] is True
+    assert "cannot accept connections (Too many open files)" in src_err and "Traceback" not in src_err
+    # Once descriptors were back, the queued connections were accepted and timed out as usual.
+    assert json.loads((tmp_path / "src.json").read_text())["rejected_peers"] >= 5
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_idle_connections_cost_the_source_little_memory(tmp_path: Path) -> None:
+    """25 handshakes held open against a 256 MiB source: each costs a small receive buffer (the source
+    never receives pages), not room for two 1 MiB frames."""
+    src, port = await start_source(tmp_path, ["--guest-mib", "256", "--zero-fraction", "0", "--rate", "1",
+                                              "--max-pending", "32", "--handshake-timeout", "60"])
+    conns: list[socket.socket] = []
+    try:
+        await trio.sleep(0.5)
+        before = vm_rss_kib(src.pid)
+        conns = await trio.to_thread.run_sync(idle_flood, port, 25)
+        for c in conns:  # the source's Challenge: every handshake is under way
+            assert len(c.recv(4096)) > 0
+        await trio.sleep(0.3)
+        growth_mib = (vm_rss_kib(src.pid) - before) / 1024
+    finally:
+        for c in conns:
+            c.close()
+        src.kill()
+        await src.wait()
+    assert growth_mib < 12, f"{growth_mib:.1f} MiB for 25 idle connections"
+    REPORT.append(f"memory: 25 idle handshakes grew the source's RSS by {growth_mib:.1f} MiB")
 
 
 async def test_a_peer_error_text_reaches_the_log_escaped(tmp_path: Path) -> None:
