@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import trio
 
@@ -20,7 +20,7 @@ from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .uffd import PAGE_SIZE
-from .wire import parse_address
+from .wire import is_loopback, parse_address
 
 DEFAULT_PORT = 7450
 KEY_ENV = "MIGRATE_KEY"
@@ -33,6 +33,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A timeout: a finite number of seconds > 0 (0 would give up before starting)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 seconds")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A workload seed: what the vCPUs' 64-bit PRNG state accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be within 0..2**64-1")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -40,10 +62,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the project's ``hint:`` line after a usage error (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: hint: {self.prog} --help explains every option\n")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", metavar="PATH",
                         help=f"shared secret both sides prove with HMAC (or set ${KEY_ENV}); default: none")
-    parser.add_argument("--link-timeout", type=_positive_float, default=10.0, metavar="S",
+    parser.add_argument("--link-timeout", type=_seconds, default=10.0, metavar="S",
                         help="seconds a connection may stay silent while pages are owed (or refuse to take "
                              "them) before it counts as lost and recovery starts (default 10)")
     parser.add_argument("--metrics", metavar="PATH|-", help="write one JSON object of metrics here (- for stdout)")
@@ -52,7 +82,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _src_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="migrate-src",
         description="Run a demo guest and hand it over to migrate-dst by postcopy live migration.",
         epilog="The guest runs until a destination connects and --run-before seconds have passed; then its "
@@ -66,7 +96,7 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vcpus", type=_positive_int, default=2, metavar="N", help="vCPU threads (default 2)")
     ap.add_argument("--workload", choices=[w.name for w in Workload], default="hotset",
                     help="access pattern of every vCPU (default hotset: 90%% of accesses to 10%% of memory)")
-    ap.add_argument("--seed", type=int, default=1, metavar="N", help="workload seed (default 1)")
+    ap.add_argument("--seed", type=_seed, default=1, metavar="N", help="workload seed, 0..2**64-1 (default 1)")
     ap.add_argument("--zero-fraction", type=_positive_float, default=0.25, metavar="F",
                     help="fraction of guest memory left all-zero (default 0.25)")
     ap.add_argument("--rate", type=int, default=0, metavar="N",
@@ -74,16 +104,19 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--run-before", type=_positive_float, default=1.0, metavar="S",
                     help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
-    ap.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="S",
+    ap.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
-    ap.add_argument("--reconnect-timeout", type=_positive_float, default=60.0, metavar="S",
+    ap.add_argument("--max-pending", type=_positive_int, default=16, metavar="N",
+                    help="handshakes in progress at once; a connection beyond is closed at once and the "
+                         "destination retries (default 16; lowered to fit the descriptor limit)")
+    ap.add_argument("--reconnect-timeout", type=_seconds, default=60.0, metavar="S",
                     help="seconds to wait for a destination that lost its link to come back (default 60)")
     _common(ap)
     return ap
 
 
 def _dst_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="migrate-dst",
         description="Receive a running guest from migrate-src: it resumes here at once, its memory follows.")
     ap.add_argument("--connect", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
@@ -94,10 +127,13 @@ def _dst_parser() -> argparse.ArgumentParser:
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
     ap.add_argument("--prefetch", type=int, default=0, metavar="N",
                     help="also request the N pages after each faulting page (default 0)")
-    ap.add_argument("--reconnect-timeout", type=_positive_float, default=30.0, metavar="S",
+    ap.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="S",
+                    help="seconds to keep retrying a connection the source refuses or drops (it is starting, "
+                         "or busy with other handshakes) before giving up (default 10)")
+    ap.add_argument("--reconnect-timeout", type=_seconds, default=30.0, metavar="S",
                     help="after a lost link, seconds to keep reconnecting before giving up (default 30); "
                          "the guest waits meanwhile")
-    ap.add_argument("--watchdog", type=_positive_float, default=2.0, metavar="S",
+    ap.add_argument("--watchdog", type=_seconds, default=2.0, metavar="S",
                     help="report a vCPU that waits longer than S seconds for one page (default 2)")
     _common(ap)
     return ap
@@ -170,14 +206,15 @@ def _run_src(args: argparse.Namespace) -> int:
         raise UsageError("--zero-fraction must be between 0 and 1")
     pages = args.guest_pages or max(1, math.ceil(args.guest_mib * 2**20 / PAGE_SIZE))
     key = _read_key(args)
-    if not key and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+    if not key and not is_loopback(host):
         raise UsageError(f"refusing to listen on {host} without a key: anyone who reaches the port gets the guest",
                          hint=f"give --key-file PATH (or ${KEY_ENV}) on both sides, or listen on 127.0.0.1")
     spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
                      zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
-                       reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout)
+                       reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
+                       max_pending=args.max_pending)
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0
@@ -194,7 +231,7 @@ def _run_dst(args: argparse.Namespace) -> int:
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
-                            link_timeout=args.link_timeout)
+                            link_timeout=args.link_timeout, connect_timeout=args.connect_timeout)
     metrics = _run_trio(Destination(cfg).run)
     write_metrics(metrics, args.metrics, sys.stdout)
     print_summary(metrics, sys.stderr)

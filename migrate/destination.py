@@ -31,19 +31,23 @@ import trio
 
 from . import protocol as p
 from ._native import ffi, lib
-from .errors import LINK_ERRORS, PeerError, RemoteProtocolError, UsageError
+from .errors import LINK_ERRORS, PeerError, PeerGone, RemoteProtocolError, UsageError
 from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .uffd import PAGE_SIZE, Userfaultfd
-from .wire import FrameSocket, connect
+from .wire import FrameSocket, connect, format_address
 
 log = logging.getLogger(__name__)
 
 # Samples of the placed-pages curves kept for plots: bounded, one per interval.
 TIMELINE_INTERVAL = 0.1
 MAX_TIMELINE = 10_000
+# Pauses between connection attempts: quick at first (a source that is just
+# starting), then no more than once a second (a source busy with a flood).
+FIRST_RETRY = 0.05
+MAX_RETRY = 1.0
 
 
 @dataclass
@@ -57,6 +61,7 @@ class DestinationConfig:
     reconnect_timeout: float = 30.0  # how long a lost source may take to come back
     watchdog: float = 2.0  # seconds a vCPU may wait for one page before it is reported
     link_timeout: float = 10.0  # silence while pages are owed before a link counts as lost
+    connect_timeout: float = 10.0  # how long connecting may keep being refused or dropped
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Destination:
         self.timeline: list[tuple[float, int, int]] = []
         self._session = b""
         self.recoveries: list[dict[str, float]] = []
+        self.connect_attempts = 0  # every try of every channel: more than 2 when the source was busy
 
     @property
     def placed_pages(self) -> int:
@@ -98,11 +104,48 @@ class Destination:
     def _idle_ms(self) -> int:
         return max(1, round(self.cfg.link_timeout * 1000))
 
-    async def _open(self, channel: p.Channel, session: bytes) -> FrameSocket:
-        """Connects and authenticates one connection of a session (``b""``: a new one)."""
+    async def _open(self, channel: p.Channel, session: bytes, deadline: float) -> FrameSocket:
+        """Connects and authenticates one connection of a session (``b""``: a new one).
+
+        A connection refused, reset or closed before the source's Welcome is
+        tried again with backoff until ``deadline`` (trio's clock): a source
+        that is still starting, or busy with other handshakes (it closes
+        newcomers beyond ``--max-pending`` at once), lets us in a moment
+        later.  An answer (an Error frame, a wrong proof) is final.
+
+        Raises:
+            PeerError: no Welcome by the deadline, or the source said no.
+            RemoteProtocolError: the source is not a uffd-migrate source, or lacks the key.
+        """
+        where = format_address(self.cfg.host, self.cfg.port)
+        t0, delay, attempts = trio.current_time(), FIRST_RETRY, 0
+        while True:
+            attempts += 1
+            self.connect_attempts += 1
+            try:
+                with trio.fail_at(deadline):
+                    return await self._open_once(channel, session)
+            except trio.TooSlowError:
+                raise PeerError(f"the source at {where} did not complete the handshake in "
+                                f"{trio.current_time() - t0:.3g} s ({attempts} attempts)",
+                                hint="is it busy with other connections? see its log; raise --connect-timeout") from None
+            except PeerGone as exc:
+                left = deadline - trio.current_time()
+                if left < FIRST_RETRY:
+                    raise PeerGone(f"{exc} (gave up after {attempts} attempts in {trio.current_time() - t0:.3g} s)",
+                                   hint=exc.hint or "is the source busy with other connections? see its log; "
+                                                    "raise --connect-timeout") from None
+                if attempts == 1:
+                    log.info("%s; trying again for up to %.3g s", exc, left)
+                # Halving what is left near the deadline makes the last attempt start just before it.
+                await trio.sleep(min(delay, left / 2))
+                delay = min(2 * delay, MAX_RETRY)
+
+    async def _open_once(self, channel: p.Channel, session: bytes) -> FrameSocket:
+        """One attempt of ``_open``; closes its socket on any failure, cancellation included."""
         fs = FrameSocket(await connect(self.cfg.host, self.cfg.port),
                          p.Connection(p.Role.DESTINATION, guest_pages=self.plane.pages or None),
-                         f"source {self.cfg.host}:{self.cfg.port}")
+                         f"source {format_address(self.cfg.host, self.cfg.port)}")
         try:
             challenge = await fs.expect(p.Challenge)
             nonce = p.new_nonce()
@@ -118,20 +161,25 @@ class Destination:
         self._session = welcome.session
         return fs
 
-    async def _open_links(self, bulk: FrameSocket) -> _Links:
+    async def _open_links(self, bulk: FrameSocket, deadline: float) -> _Links:
         """The requests and replies connections that join ``bulk``'s session."""
-        requests = await self._open(p.Channel.REQUESTS, self._session)
         try:
-            return _Links(bulk, requests, await self._open(p.Channel.REPLIES, self._session))
+            requests = await self._open(p.Channel.REQUESTS, self._session, deadline)
+            try:
+                return _Links(bulk, requests, await self._open(p.Channel.REPLIES, self._session, deadline))
+            except BaseException:
+                requests.close()
+                raise
         except BaseException:
-            requests.close()
+            bulk.close()
             raise
 
     async def run(self) -> dict[str, object]:
         """Migrates the guest in, lets it run, and returns the metrics."""
         t_connect = time.monotonic()
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
-        bulk = await self._open(p.Channel.BULK, b"")
+        deadline = trio.current_time() + self.cfg.connect_timeout
+        bulk = await self._open(p.Channel.BULK, b"", deadline)
         info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
@@ -141,7 +189,7 @@ class Destination:
         d.uffd, d.base, d.pages = uffd.fd, guest.base, spec.pages
         done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         d.done_fd = done_fd
-        links = await self._open_links(bulk)
+        links = await self._open_links(bulk, deadline)
         log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
                  spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
 
@@ -150,7 +198,8 @@ class Destination:
         try:
             cpu = await links.bulk.expect(p.CpuState)
             if len(cpu.vcpus) != spec.vcpus:
-                raise RemoteProtocolError(f"CPU state for {len(cpu.vcpus)} vCPUs, the guest has {spec.vcpus}")
+                raise RemoteProtocolError(f"the source sent the state of {len(cpu.vcpus)} vCPUs for a guest of "
+                                          f"{spec.vcpus}", hint="run the same uffd-migrate version on both sides")
             guest.import_state(list(cpu.vcpus))
             guest.release()  # before any page has arrived: every first touch faults
             running_at = time.time_ns()
@@ -206,6 +255,7 @@ class Destination:
                         "reply_to_placed": Histogram.from_c(urgent_s.place).summary()},
             "vcpu_steps": steps, "rss_mib": rss, "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
+            "connect_attempts": self.connect_attempts,
             "placed_timeline": self.timeline,
         }
 
@@ -247,31 +297,31 @@ class Destination:
 
     async def _reconnect(self, guest: Guest, deadline: float) -> _Links:
         """Reconnects with backoff until ``deadline``, then tells the source what the kernel still lacks."""
-        t0 = time.monotonic()
-        delay = 0.05
+        t0 = trio.current_time()
+        delay = FIRST_RETRY
         while True:
             try:
-                with trio.fail_at(min(deadline, trio.current_time() + self.cfg.link_timeout)):
-                    links = await self._open_links(await self._open(p.Channel.BULK, self._session))
+                attempt = min(deadline, trio.current_time() + self.cfg.link_timeout)
+                links = await self._open_links(await self._open(p.Channel.BULK, self._session, attempt), attempt)
                 break
-            except (UsageError, trio.TooSlowError, *LINK_ERRORS) as exc:
+            except (UsageError, *LINK_ERRORS) as exc:
                 if trio.current_time() + delay > deadline:
                     placed, total = self.placed_pages, self.plane.pages
-                    reason = "no answer" if isinstance(exc, trio.TooSlowError) else str(exc)
+                    reason = str(exc)
                     raise PeerError(
                         f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({reason}); "
                         f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
                         "stopped here and its memory is incomplete",
                         hint="restart the migration; raise --reconnect-timeout to ride out longer outages") from None
                 await trio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, MAX_RETRY)
         runs = guest.absent_runs()
         missing = sum(n for _, n in runs)
         for i in range(0, max(len(runs), 1), p.MAX_RESUME_RUNS):
             await links.bulk.send(p.Resume(tuple(runs[i:i + p.MAX_RESUME_RUNS]),
                                            more=i + p.MAX_RESUME_RUNS < len(runs)))
         await self._ask_again(guest, links.requests)
-        reconnect_s = time.monotonic() - t0
+        reconnect_s = trio.current_time() - t0
         self.recoveries.append({"reconnect_s": round(reconnect_s, 3), "pages_missing": missing})
         log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
                  reconnect_s, missing, len(runs))

@@ -35,6 +35,15 @@ class PeerError(MigrateError):
     """The peer reported an error of its own, or went away."""
 
 
+class PeerGone(PeerError):
+    """The connection was refused, reset or closed without a word from the peer.
+
+    Unlike an ``Error`` the peer sent, nothing was decided: a listener that
+    is busy (too many pending handshakes) closes a newcomer this way, so a
+    connecting side may try again.
+    """
+
+
 class UffdError(MigrateError, OSError):
     """A userfaultfd operation failed; keeps ``errno`` and the operation's name."""
 
@@ -42,6 +51,15 @@ class UffdError(MigrateError, OSError):
         MigrateError.__init__(self, f"{operation} failed: {os.strerror(err)} ({_errno.errorcode.get(err, err)})", hint)
         self.errno = err
         self.operation = operation
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\x1b``, ``\\u202e``).
+
+    A peer's words reach our terminal through logs and error lines; escaped,
+    they can neither move the cursor, recolour the screen nor reorder the line.
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def find(exc: BaseException, types: type | tuple[type, ...]) -> BaseException | None:

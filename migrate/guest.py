@@ -49,6 +49,8 @@ class GuestSpec:
         if not 1 <= self.vcpus <= min(self.pages, 256):
             raise UsageError(f"{self.vcpus} vCPUs do not fit a guest of {self.pages} pages",
                              hint="use at least one page per vCPU and at most 256 vCPUs")
+        if not 0 <= self.seed < 1 << 64:
+            raise UsageError("the seed must be within 0..2**64-1")
         if not 0 <= self.zero_permille <= 1000:
             raise UsageError("the zero fraction must be within 0..1")
         if self.rate < 0:

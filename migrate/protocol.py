@@ -403,6 +403,10 @@ class Connection:
                 if count < 1 or start + count > self.guest_pages:
                     raise RemoteProtocolError(f"pages {start}+{count} are outside the guest of "
                                               f"{self.guest_pages} pages")
+            # One frame never needs more than the whole guest: more is a peer making us send without end.
+            total = sum(count for _, count in event.runs)
+            if total > self.guest_pages:
+                raise RemoteProtocolError(f"Resume names {total} pages, more than the guest's {self.guest_pages}")
         return event
 
 

@@ -18,7 +18,11 @@ page runs the destination's kernel still lacks.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import math
+import os
+import resource
 import secrets
 import time
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
-from .wire import FrameSocket, tune
+from .wire import FrameSocket, family_of, format_address, tune
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,18 @@ log = logging.getLogger(__name__)
 # hand-over costs little, small enough that the stream follows a request's
 # jump within a few milliseconds.
 WINDOW_PAGES = 2048
+# Connections the kernel queues while the accept loop is busy or backing off
+# (a flood, a shortage of descriptors), instead of refusing them.
+LISTEN_BACKLOG = 128
+# A failed accept (no descriptor, no memory...) leaves the connection queued:
+# pause, then try again, as trio's serve_listeners does.
+ACCEPT_BACKOFF = 0.1
+# Descriptors kept for the migration itself when --max-pending has to fit
+# RLIMIT_NOFILE: two channels and a worker's duplicate, a reconnection's pair
+# while the old one closes, the metrics file, with room to spare.
+RESERVED_FDS = 16
+# A warning that a flood could repeat thousands of times is logged at most this often.
+WARN_INTERVAL = 2.0
 
 
 @dataclass
@@ -55,6 +71,7 @@ class SourceConfig:
     handshake_timeout: float = 10.0  # a silent or slow-drip client is dropped after this
     reconnect_timeout: float = 60.0  # how long a lost destination may take to come back
     link_timeout: float = 10.0  # a send the destination does not take for this long means a lost link
+    max_pending: int = 16  # handshakes in progress at once; newcomers beyond are closed at once
 
 
 @dataclass
@@ -90,6 +107,38 @@ class _Session:
             setattr(self, name, None)
 
 
+class _Throttled:
+    """A warning that may recur without end (a flood), logged at most once per interval."""
+
+    def __init__(self, interval: float = WARN_INTERVAL) -> None:
+        self.interval = interval
+        self._next = -math.inf
+        self._skipped = 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = trio.current_time()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg, args = msg + " (and %d more times since the last report)", (*args, self._skipped)
+        log.warning(msg, *args)
+        self._next, self._skipped = now + self.interval, 0
+
+
+def _fit_to_descriptors(wanted: int) -> int:
+    """``wanted`` pending handshakes, or fewer if RLIMIT_NOFILE would not leave the migration its own."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    in_use = len(os.listdir("/proc/self/fd"))
+    fit = max(1, soft - in_use - RESERVED_FDS)
+    if fit < wanted:
+        log.warning("the descriptor limit (%d, %d in use) leaves room for %d pending handshakes, not %d",
+                    soft, in_use, fit, wanted)
+    return min(wanted, fit)
+
+
 class Source:
     """The source side of one migration."""
 
@@ -102,11 +151,16 @@ class Source:
         self.session: _Session | None = None
         self._paired = trio.Event()
         self.rejected_peers = 0
+        self.dropped_peers = 0
         # Counters of the native sender and request server, each written by that loop alone.
         self.stream_stats = ffi.new("send_stats_t *")
         self.serve_stats = ffi.new("send_stats_t *")
         self.notes = ffi.new("note_ring_t *")
         self._note_buf = ffi.new("struct wire_run[]", lib.NOTE_RING)
+        self._pending = 0  # handshakes in progress
+        self._max_pending = cfg.max_pending
+        self._accept_warning = _Throttled()
+        self._drop_warning = _Throttled()
         self.dest_counters: dict[str, float] = {}
         self.progress = Progress()
 
@@ -119,11 +173,14 @@ class Source:
         """Runs the guest, migrates it once, and returns the source's metrics."""
         self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
         self.guest.start()
-        t0 = trio.current_time()  # --run-before counts guest time, not the fill before it
+        # --run-before counts guest time, not the fill before it; on trio's clock,
+        # which is offset from time.monotonic() on purpose.
+        t0 = trio.current_time()
         listener = await self._listen()
+        self._max_pending = _fit_to_descriptors(self.cfg.max_pending)
         port = listener.getsockname()[1]
-        log.info("guest of %d MiB with %d vCPUs running %s; listening on %s:%d", self.spec.size >> 20,
-                 self.spec.vcpus, self.spec.workload.name, self.cfg.host, port)
+        log.info("guest of %d MiB with %d vCPUs running %s; listening on %s", self.spec.size >> 20,
+                 self.spec.vcpus, self.spec.workload.name, format_address(self.cfg.host, port))
         task_status.started(port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
@@ -135,44 +192,76 @@ class Source:
         return result
 
     async def _listen(self) -> trio.socket.SocketType:
-        sock = trio.socket.socket()
+        sock = trio.socket.socket(family_of(self.cfg.host))
         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
         try:
             await sock.bind((self.cfg.host, self.cfg.port))
         except OSError as exc:
             sock.close()
-            raise UsageError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror}",
+            raise UsageError(f"cannot listen on {format_address(self.cfg.host, self.cfg.port)}: {exc.strerror}",
                              hint="choose another port with --listen HOST:PORT (port 0 picks a free one)") from None
-        sock.listen(8)
-        host, port = sock.getsockname()[:2]
-        print(f'{{"listening": "{host}:{port}"}}', flush=True)
+        sock.listen(LISTEN_BACKLOG)
+        address = format_address(*sock.getsockname()[:2])
+        print(json.dumps({"listening": address}), flush=True)
         if self.cfg.ready_file:
             with open(self.cfg.ready_file, "w") as f:
-                f.write(f"{host}:{port}\n")
+                f.write(f"{address}\n")
         return sock
 
     async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        """Accepts connections until cancelled: no peer and no shortage of resources ends it.
+
+        A failed accept (out of descriptors or memory) is logged and retried
+        after a pause; the connection waits in the kernel's backlog meanwhile.
+        At most ``max_pending`` handshakes run at once, each holding a
+        descriptor and a small buffer for up to ``--handshake-timeout``; a
+        connection beyond that is closed at once (``dropped_peers``), and a
+        destination tries again.
+        """
         while True:
-            sock, addr = await listener.accept()
-            nursery.start_soon(self._greet, sock, f"{addr[0]}:{addr[1]}")
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:
+                self._accept_warning.warn("cannot accept connections (%s); retrying every %g s",
+                                          exc.strerror or exc, ACCEPT_BACKOFF)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            peer = format_address(*addr[:2])
+            if self._pending >= self._max_pending:
+                sock.close()
+                self.dropped_peers += 1
+                self._drop_warning.warn("dropped a connection from %s: %d handshakes already pending (--max-pending)",
+                                        peer, self._pending)
+                continue
+            self._pending += 1
+            nursery.start_soon(self._greet, sock, peer)
 
     async def _greet(self, sock: trio.socket.SocketType, peer: str) -> None:
         """Handshake of one incoming connection; a failure closes only that connection."""
-        tune(sock)
-        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages), f"destination {peer}")
+        joined = False
         try:
-            with trio.fail_after(self.cfg.handshake_timeout):
-                await self._handshake(fs)
-        except (MigrateError, trio.TooSlowError) as exc:
-            self.rejected_peers += 1
-            reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            log.warning("rejected %s: %s", peer, reason)
-            with trio.move_on_after(1):
-                try:
-                    await fs.send(p.Error(reason[:200]))
-                except MigrateError:
-                    pass
-            fs.close()
+            tune(sock)
+            # The source receives control frames and page requests, never pages: its
+            # Connection's receive buffer is sized for those (~128 KiB, not ~2.1 MiB).
+            fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages),
+                             f"destination {peer}")
+            try:
+                with trio.fail_after(self.cfg.handshake_timeout):
+                    await self._handshake(fs)
+                joined = True
+            except (MigrateError, trio.TooSlowError) as exc:
+                self.rejected_peers += 1
+                reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+                log.warning("rejected %s: %s", peer, reason)
+                with trio.move_on_after(1):
+                    try:
+                        await fs.send(p.Error(reason[:200]))
+                    except MigrateError:
+                        pass
+        finally:
+            self._pending -= 1
+            if not joined:  # a channel of the session is closed by the migration, anything else here
+                sock.close()
 
     async def _handshake(self, fs: FrameSocket) -> None:
         nonce = p.new_nonce()
@@ -255,7 +344,8 @@ class Source:
         stream, served = self.stream_stats, self.serve_stats
         metrics: dict[str, object] = {
             "pages_streamed": stream.pages, "pages_requested": served.pages, "requests": served.requests,
-            "rejected_peers": self.rejected_peers, "pages_total": self.spec.pages, "total_s": round(total_s, 3),
+            "rejected_peers": self.rejected_peers, "dropped_peers": self.dropped_peers,
+            "pages_total": self.spec.pages, "total_s": round(total_s, 3),
             "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "recoveries": recoveries,
             "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
             "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
@@ -267,12 +357,17 @@ class Source:
     async def _receive_resume(self, bulk: FrameSocket) -> None:
         """After a reconnection: the stream becomes exactly what the destination's kernel still lacks."""
         runs: list[tuple[int, int]] = []
+        pages = 0
         with trio.fail_after(self.cfg.link_timeout):
             while True:
                 resume = await bulk.expect(p.Resume)
                 runs += resume.runs
-                if len(runs) > self.spec.pages:  # disjoint runs of at least one page each
-                    raise RemoteProtocolError(f"{bulk.peer} lists more absent runs than the guest has pages")
+                pages += sum(count for _, count in resume.runs)
+                # The destination cannot lack more than the guest; as a run holds a page at
+                # least, this bounds the run list too, however many frames say "more".
+                if pages > self.spec.pages:
+                    raise RemoteProtocolError(f"the destination's Resume names {pages} pages in {len(runs)} runs, "
+                                              f"more than the guest's {self.spec.pages}")
                 if not resume.more:
                     break
         self.remaining = Remaining(runs)

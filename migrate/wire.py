@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket as _stdsocket
 
 import trio
 
-from .errors import PeerError, RemoteProtocolError, UsageError
+from .errors import PeerError, PeerGone, RemoteProtocolError, UsageError, printable
 from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
 
-def tune(sock: trio.socket.SocketType) -> None:
-    """TCP_NODELAY so a page request leaves at once.
 
-    Buffer sizes are left to the kernel: setting SO_SNDBUF/SO_RCVBUF switches
-    its autotuning off and is clamped by net.core.*mem_max (about 416 KiB by
-    default), while autotuning grows the buffers as far as a real link's
-    bandwidth-delay product needs.
+def tune(sock: trio.socket.SocketType) -> None:
+    """TCP_NODELAY, so that a page request or a small reply leaves at once.
+
+    Socket buffer sizes are deliberately left alone: setting SO_SNDBUF or
+    SO_RCVBUF switches off the kernel's autotuning for that socket, and the
+    value is silently clamped to ``net.core.wmem_max``/``rmem_max`` (often
+    ~208-416 KiB), whereas autotuning grows a busy connection's buffers up to
+    ``net.ipv4.tcp_wmem``/``tcp_rmem`` (several MiB) on its own and keeps idle
+    ones small.
     """
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
 
@@ -34,14 +38,15 @@ def _vet(event: Event | object, peer: str) -> Event | None:
     if event is NEED_DATA:
         return None
     if event is CLOSED:
-        raise PeerError(f"{peer} closed the connection")
+        raise PeerGone(f"{peer} closed the connection")
     if isinstance(event, Error):
-        raise PeerError(f"{peer} reported: {event.message}")
+        # The text is the peer's, possibly not yet authenticated: escaped before any log sees it.
+        raise PeerError(f"{peer} reported: {printable(event.message)}")
     return event  # type: ignore[return-value]
 
 
-def _lost(peer: str, exc: OSError) -> PeerError:
-    return PeerError(f"lost the connection to {peer}: {exc.strerror or exc}")
+def _lost(peer: str, exc: OSError) -> PeerGone:
+    return PeerGone(f"lost the connection to {peer}: {exc.strerror or exc}")
 
 
 class FrameSocket:
@@ -132,16 +137,43 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host, value
 
 
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 host in brackets so that ``parse_address`` reads it back."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it could resolve anywhere
+
+
+def family_of(host: str) -> int:
+    """AF_INET6 for an IPv6 literal (``::1``), AF_INET for everything else."""
+    return _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
+
+
 async def connect(host: str, port: int) -> trio.socket.SocketType:
-    """Connects a tuned TCP socket, turning the usual failures into one-line errors."""
+    """Connects a tuned TCP socket.
+
+    Raises:
+        UsageError: ``host`` does not resolve: trying again will not help.
+        PeerGone: refused, reset or unreachable: worth trying again.
+    """
     try:
         stream = await trio.open_tcp_stream(host, port)
+    except _stdsocket.gaierror as exc:
+        raise UsageError(f"cannot resolve {host}: {exc.strerror}", hint="check the host in --connect") from None
     except OSError as exc:
         # trio reports "all attempts failed" and chains the per-address errors.
         causes = getattr(exc.__cause__, "exceptions", [exc.__cause__ or exc])
         reason = "; ".join(sorted({c.strerror or str(c) for c in causes if isinstance(c, OSError)})) or str(exc)
-        raise UsageError(f"cannot connect to {host}:{port}: {reason}",
-                         hint=f"is migrate-src running and listening on {host}:{port}?") from None
+        raise PeerGone(f"cannot connect to {format_address(host, port)}: {reason}",
+                       hint=f"is migrate-src running and listening on {format_address(host, port)}?") from None
     sock = stream.socket
     tune(sock)
     return sock

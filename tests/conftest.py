@@ -56,14 +56,18 @@ class Run:
     dst_err: str
 
 
-async def start_source(tmp: Path, args: list[str]) -> tuple[trio.Process, int]:
-    """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port."""
+async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = None,
+                       listen: str = "127.0.0.1:0") -> tuple[trio.Process, int]:
+    """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port.
+
+    ``wrapper`` goes before the command, e.g. ``["prlimit", "--nofile=64:64"]``.
+    """
     ready = tmp / "ready"
     for f in (ready, tmp / "src.json"):
         f.unlink(missing_ok=True)
     with open(tmp / "src.err", "w") as err:  # the child keeps its own copy
         proc = await trio.lowlevel.open_process(
-            [str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+            [*(wrapper or []), str(BIN / "migrate-src"), "--listen", listen, "--ready-file", str(ready),
              "--metrics", str(tmp / "src.json"), *args],
             stdout=subprocess.DEVNULL, stderr=err)
     while not (ready.exists() and ready.read_text().strip()):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, migrate, start_source
+from conftest import BIN, REPORT, migrate, run_destination, start_source
 from migrate import protocol as p
 
 FAST = ["--run-before", "0.3"]
@@ -96,8 +96,30 @@ def test_connection_refused() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: refused
-        proc = run_cli([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"])
-    assert_one_line_error(proc, "refused", "is migrate-src running")
+        proc = run_cli([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}", "--connect-timeout", "0.5"])
+    assert_one_line_error(proc, "refused", "gave up after", "is migrate-src running")
+
+
+async def test_a_destination_started_first_waits_for_the_source(tmp_path: Path) -> None:
+    """Refused connections are retried for --connect-timeout: the source may start a moment later."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            result: list = []
+
+            async def destination() -> None:
+                result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0"]))
+
+            nursery.start_soon(destination)
+            await trio.sleep(1)
+            src, _ = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0"],
+                                        listen=f"127.0.0.1:{port}")
+        assert await src.wait() == 0
+    rc, err, m = result
+    assert rc == 0 and m["verified"] is True, err
+    assert m["connect_attempts"] > 2 and "refused; trying again" in err
 
 
 def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
@@ -114,6 +136,54 @@ def test_bad_options_are_usage_errors() -> None:
     for args in (["--vcpus", "0"], ["--workload", "nope"], ["--listen", "x:y"]):
         proc = run_cli([str(BIN / "migrate-src"), *args])
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
+
+
+@pytest.mark.parametrize("prog,args,words", [
+    ("migrate-src", ["--handshake-timeout", "0"], ["--handshake-timeout", "must be > 0"]),
+    ("migrate-src", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
+    ("migrate-src", ["--max-pending", "0"], ["--max-pending"]),
+    ("migrate-src", ["--seed", "-1"], ["--seed", "0..2**64-1"]),
+    ("migrate-src", ["--seed", str(2**64)], ["--seed", "0..2**64-1"]),
+    ("migrate-dst", ["--watchdog", "0"], ["--watchdog", "must be > 0"]),
+    ("migrate-dst", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
+    ("migrate-dst", ["--connect-timeout", "-1"], ["--connect-timeout", "must be > 0"]),
+    ("migrate-dst", ["--watchdog", "inf"], ["--watchdog", "must be > 0"]),
+])
+def test_out_of_range_options_are_one_line_usage_errors(prog: str, args: list[str], words: list[str]) -> None:
+    """Zero timeouts would give up (or spin) at once; a negative seed used to end in a traceback."""
+    proc = run_cli([str(BIN / prog), "--listen" if prog == "migrate-src" else "--connect", "127.0.0.1:9", *args])
+    assert proc.returncode == 2
+    assert_one_line_error(proc, *words)
+
+
+async def test_run_before_keeps_the_guest_running_on_the_source(tmp_path: Path) -> None:
+    """--run-before 3 counts from the guest's start on the source: the destination, which joins
+    within a second of that, waits well over a second for switchover (it was 0.4 s with the bug)."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "3"])
+        rc, err, _ = await run_destination(tmp_path, port, ["--run-after", "0", "--log-format", "json"])
+        assert await src.wait() == 0
+    assert rc == 0, err
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    joined = next(e["t"] for e in logs if "waiting for switchover" in e["msg"])
+    switched = next(e["t"] for e in logs if "vCPUs running again" in e["msg"])
+    assert switched - joined >= 1.5, switched - joined
+
+
+async def test_source_announces_its_address_as_json(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process([str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--guest-pages", "1",
+                                             "--vcpus", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(30):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(1)
+    finally:
+        proc.kill()
+        await proc.wait()
+        await proc.stdout.aclose()
+    host, _, port = json.loads(line)["listening"].rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
 
 
 async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:

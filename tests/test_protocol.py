@@ -251,3 +251,23 @@ def test_fuzz_the_c_request_check(runs: list[tuple[int, int]], pages: int) -> No
     arr = p.ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
     ok = p.lib.wire_check_runs(arr, len(runs), pages, p.ffi.new("char **")) == 0
     assert ok == all(1 <= n <= p.MAX_RUN_PAGES and s + n <= pages for s, n in runs)
+
+
+def test_one_resume_frame_names_no_more_than_the_guest() -> None:
+    """Runs of the whole guest, many times over, would make the source send the guest again and again."""
+    src = p.Connection(p.Role.SOURCE, guest_pages=100)
+    src.receive_data(frame([9, [[0, 60], [50, 50]], True]))
+    with pytest.raises(RemoteProtocolError, match="Resume names 110 pages"):
+        src.next_event()
+
+
+def test_the_source_buffer_is_small_and_takes_the_largest_request() -> None:
+    """The source receives requests and control frames, never pages: its buffer is sized for those
+    (see test_idle_connections_cost_the_source_little_memory), and full page runs still go out."""
+    src = p.Connection(p.Role.SOURCE, guest_pages=1 << 30)
+    dst = p.Connection(p.Role.DESTINATION, guest_pages=1 << 30)
+    assert src.rx.cap < 256 * 1024
+    request = p.PageRequest(tuple((i << 20, p.MAX_RUN_PAGES) for i in range(p.MAX_REQUEST_RUNS)), stamp=2**63 - 1)
+    assert deliver(dst, src, request) == request
+    run = p.PageRun(0, p.MAX_RUN_PAGES, b"\0" * p.MAX_RUN_PAGES * PAGE)
+    assert deliver(src, dst, run).count == run.count

@@ -9,10 +9,13 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
-from conftest import REPORT, migrate, run_destination, start_source
+from conftest import BIN, REPORT, migrate, run_destination, start_source
 from migrate import protocol as p
+from migrate.errors import PeerError
+from migrate.wire import FrameSocket
 from proxy import CuttingProxy
 
 # No zero pages, so that bytes through the proxy measure the migration's progress.
@@ -167,3 +170,225 @@ async def test_clean_migrations_record_no_spurious_recovery(tmp_path: Path) -> N
         assert run.dst_metrics["recoveries"] == [] and run.src_metrics["recoveries"] == 0, run.dst_err + run.src_err
         assert "lost" not in run.dst_err + run.src_err
     REPORT.append(f"clean runs: {runs} migrations of 16 MiB, 0 spurious recoveries")
+
+
+# -- strangers on the port: they must not stop, bloat or scribble on a migration --
+# A modest access rate keeps --verify's replay short after a few seconds of --run-before.
+SMALL_GUEST = ["--guest-mib", "64", "--workload", "uniform", "--rate", "100000"]
+
+
+def idle_flood(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that say nothing; the source closes those beyond --max-pending at once."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+async def wait_for_line(path: Path, text: str, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while text not in path.read_text():
+            await trio.sleep(0.05)
+
+
+async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tmp_path: Path) -> None:
+    """100 idle connections against a source limited to 64 descriptors, before the destination
+    arrives and again once it is in: handshakes beyond --max-pending are closed at once, the
+    destination retries until a slot frees, and the migration verifies."""
+    flood: list[socket.socket] = []
+    try:
+        with trio.fail_after(60):
+            src, port = await start_source(tmp_path, [*SMALL_GUEST, "--handshake-timeout", "1", "--run-before", "3"],
+                                           wrapper=["prlimit", "--nofile=64:64"])
+            flood += await trio.to_thread.run_sync(idle_flood, port, 100)
+            async with trio.open_nursery() as nursery:
+                result: list = []
+
+                async def destination() -> None:
+                    result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
+
+                nursery.start_soon(destination)
+                await wait_for_line(tmp_path / "src.err", "replies channel up")
+                flood += await trio.to_thread.run_sync(idle_flood, port, 100)
+            src_rc = await src.wait()
+    finally:
+        for s in flood:
+            s.close()
+    rc, err, m = result
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0, err
+    assert src_rc == 0, src_err
+    assert m["verified"] is True
+    assert "Traceback" not in err + src_err
+    src_m = json.loads((tmp_path / "src.json").read_text())
+    assert src_m["dropped_peers"] >= 2 * (100 - 16)
+    assert m["connect_attempts"] > 2  # turned away at first, then let in
+    REPORT.append(f"flood: 200 idle connections against 64 descriptors: {src_m['dropped_peers']} closed at once, "
+                  f"{src_m['rejected_peers']} timed out; the destination got in after {m['connect_attempts'] - 2} "
+                  "retries and verified")
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+async def test_accept_errors_back_off_and_the_migration_goes_on(tmp_path: Path) -> None:
+    """Descriptors run out under a running source (its limit lowered to what it holds): accept fails
+    with EMFILE, the source says so and keeps going; once descriptors are back, it serves again."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, [*SMALL_GUEST, "--handshake-timeout", "1", "--run-before", "3"])
+        async with trio.open_nursery() as nursery:
+            result: list = []
+
+            async def destination() -> None:
+                result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
+
+            nursery.start_soon(destination)
+            await wait_for_line(tmp_path / "src.err", "replies channel up")
+            await trio.run_process(["prlimit", f"--pid={src.pid}", f"--nofile={open_fds(src.pid)}:"])
+            flood = await trio.to_thread.run_sync(idle_flood, port, 5)  # queued by the kernel, not accepted
+            await wait_for_line(tmp_path / "src.err", "Too many open files")
+            await trio.sleep(0.5)
+            assert src.poll() is None, (tmp_path / "src.err").read_text()
+            await trio.run_process(["prlimit", f"--pid={src.pid}", "--nofile=1024:"])
+        src_rc = await src.wait()
+        for s in flood:
+            s.close()
+    rc, err, m = result
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0, err
+    assert src_rc == 0, src_err
+    assert m["verified"] is True
+    assert "cannot accept connections (Too many open files)" in src_err and "Traceback" not in src_err
+    # Once descriptors were back, the queued connections were accepted and timed out as usual.
+    assert json.loads((tmp_path / "src.json").read_text())["rejected_peers"] >= 5
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_idle_connections_cost_the_source_little_memory(tmp_path: Path) -> None:
+    """25 handshakes held open against a 256 MiB source: each costs a small receive buffer (the source
+    never receives pages), not room for two 1 MiB frames."""
+    src, port = await start_source(tmp_path, ["--guest-mib", "256", "--zero-fraction", "0", "--rate", "1",
+                                              "--max-pending", "32", "--handshake-timeout", "60"])
+    conns: list[socket.socket] = []
+    try:
+        await trio.sleep(0.5)
+        before = vm_rss_kib(src.pid)
+        conns = await trio.to_thread.run_sync(idle_flood, port, 25)
+        for c in conns:  # the source's Challenge: every handshake is under way
+            assert len(c.recv(4096)) > 0
+        await trio.sleep(0.3)
+        growth_mib = (vm_rss_kib(src.pid) - before) / 1024
+    finally:
+        for c in conns:
+            c.close()
+        src.kill()
+        await src.wait()
+    assert growth_mib < 12, f"{growth_mib:.1f} MiB for 25 idle connections"
+    REPORT.append(f"memory: 25 idle handshakes grew the source's RSS by {growth_mib:.1f} MiB")
+
+
+async def test_a_peer_error_text_reaches_the_log_escaped(tmp_path: Path) -> None:
+    """An unauthenticated peer's Error frame carries terminal escapes: they are logged as text, inert."""
+    src, port = await start_source(tmp_path, ["--guest-mib", "1", "--vcpus", "1"])
+    try:
+        hostile = "\x1b[2J\x1b[31mEVIL\x07\u202e"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"".join(bytes(c) for c in p.Connection(p.Role.DESTINATION).send(p.Error(hostile))))
+            while s.recv(65536):
+                pass
+        await wait_for_line(tmp_path / "src.err", "EVIL")
+    finally:
+        src.kill()
+        await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert "\x1b" not in src_err and "\x07" not in src_err and "\u202e" not in src_err
+    assert r"reported: \x1b[2J\x1b[31mEVIL\x07\u202e" in src_err
+
+
+# -- a peer that holds the key but breaks the rules ---------------------------
+async def open_channel(port: int, channel: p.Channel, session: bytes = b"") -> tuple[FrameSocket, p.Welcome]:
+    """What migrate-dst does to join (no key): returns the channel and the source's Welcome."""
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", port))
+    fs = FrameSocket(sock, p.Connection(p.Role.DESTINATION), "source")
+    challenge = await fs.expect(p.Challenge)
+    nonce = p.new_nonce()
+    await fs.send(p.Hello(channel, session, nonce, p.prove(b"", p.Role.DESTINATION, channel, challenge.nonce, nonce)))
+    return fs, await fs.expect(p.Welcome)
+
+
+async def test_resume_frames_that_never_end_are_refused(tmp_path: Path) -> None:
+    """After a lost link, a destination sends Resume after Resume with more=True: past the guest's
+    page count, the source ends that channel instead of collecting runs without bound."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-pages", "256", "--vcpus", "1", "--run-before", "0",
+                                                  "--reconnect-timeout", "2"])
+        bulk, welcome = await open_channel(port, p.Channel.BULK)
+        others = [(await open_channel(port, ch, welcome.session))[0] for ch in (p.Channel.REQUESTS, p.Channel.REPLIES)]
+        await bulk.expect(p.GuestInfo)
+        await bulk.expect(p.CpuState)
+        for fs in (bulk, *others):
+            fs.close()
+        await wait_for_line(tmp_path / "src.err", "lost the destination")
+        bulk, _ = await open_channel(port, p.Channel.BULK, welcome.session)
+        others = [(await open_channel(port, ch, welcome.session))[0] for ch in (p.Channel.REQUESTS, p.Channel.REPLIES)]
+        for _ in range(5):  # 1,000 runs of one page for a guest of 256 pages
+            await bulk.send(p.Resume(tuple((i, 1) for i in range(200)), more=True))
+        with trio.fail_after(5), pytest.raises(PeerError):
+            while True:  # stream frames may come first
+                await bulk.receive()
+        for fs in (bulk, *others):
+            fs.close()
+        src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert "Resume names 400 pages" in src_err and "Traceback" not in src_err
+    assert src_rc == 1 and "did not come back" in src_err
+
+
+async def test_cpu_state_for_the_wrong_number_of_vcpus_is_one_line(tmp_path: Path) -> None:
+    """A source whose CPU state does not match the guest it announced: one line, no traceback."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def accept(channel: p.Channel) -> FrameSocket:
+        sock, _ = await listener.accept()
+        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=256), "destination")
+        try:
+            nonce = p.new_nonce()
+            await fs.send(p.Challenge(nonce))
+            hello = await fs.expect(p.Hello)
+            assert hello.channel is channel
+            await fs.send(p.Welcome(b"s" * 16, p.prove(b"", p.Role.SOURCE, channel, nonce, hello.nonce)))
+        except BaseException:
+            fs.close()
+            raise
+        return fs
+
+    async def wrong_source() -> None:
+        channels = [await accept(p.Channel.BULK)]
+        try:
+            await channels[0].send(p.GuestInfo(pages=256, vcpus=2, workload=0, seed=1, zero_permille=0, rate=0))
+            channels.append(await accept(p.Channel.REQUESTS))
+            channels.append(await accept(p.Channel.REPLIES))
+            await channels[0].send(p.CpuState(((1, 0, 0),) * 3, 0))
+            await trio.sleep_forever()
+        finally:
+            for fs in channels:
+                fs.close()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wrong_source)
+            proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"],
+                                          capture_stderr=True, check=False)
+            nursery.cancel_scope.cancel()
+    listener.close()
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "state of 3 vCPUs for a guest of 2" in err and "hint:" in err

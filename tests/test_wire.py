@@ -1,0 +1,54 @@
+"""wire.py: addresses, socket options, escaping of a peer's text (real sockets on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from migrate.errors import printable
+from migrate.wire import connect, family_of, format_address, is_loopback, parse_address
+
+
+@pytest.mark.parametrize("host,port,text", [
+    ("127.0.0.1", 7450, "127.0.0.1:7450"),
+    ("::1", 0, "[::1]:0"),
+    ("fe80::1", 9, "[fe80::1]:9"),
+    ("localhost", 1, "localhost:1"),
+])
+def test_addresses_read_back_what_they_print(host: str, port: int, text: str) -> None:
+    """The source prints where it listens; --connect must read the same text, IPv6 included."""
+    assert format_address(host, port) == text
+    assert parse_address(text, 7450) == (host, port)
+
+
+def test_ipv6_loopback_is_loopback_and_gets_an_ipv6_socket() -> None:
+    """--listen [::1]:PORT needs no key (loopback) and an AF_INET6 socket to bind."""
+    assert is_loopback("::1") and is_loopback("127.0.0.1") and is_loopback("127.8.9.10") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.0.0.1")
+    assert not is_loopback("127.evil.example")  # a name that merely starts like loopback
+    assert family_of("::1") == socket.AF_INET6 and family_of("127.0.0.1") == socket.AF_INET
+
+
+async def test_connections_leave_buffer_sizes_to_kernel_autotuning() -> None:
+    """Fixed SO_RCVBUF/SO_SNDBUF switch autotuning off (and are clamped by net.core.*mem_max):
+    our connections keep the kernel's own sizes, and TCP_NODELAY."""
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as plain:
+            ours = await connect("127.0.0.1", port)
+            with ours:
+                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    assert ours.getsockopt(socket.SOL_SOCKET, opt) == plain.getsockopt(socket.SOL_SOCKET, opt)
+                assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            for _ in range(2):
+                conn, _ = await listener.accept()
+                conn.close()
+
+
+def test_a_peers_text_is_escaped() -> None:
+    assert printable("ok: done") == "ok: done"
+    assert printable("a\x1b[31mb\x07\u202ec\nd") == r"a\x1b[31mb\x07\u202ec\nd"
