@@ -25,7 +25,7 @@ import os
 import resource
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
@@ -88,6 +88,7 @@ class _Session:
     """The one migration in progress: its id and its connections (None while lost)."""
 
     id: bytes
+    born: float = field(default_factory=trio.current_time)
     bulk: FrameSocket | None = None
     requests: FrameSocket | None = None
     replies: FrameSocket | None = None
@@ -184,7 +185,7 @@ class Source:
         task_status.started(port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
-            await self._paired.wait()
+            await self._wait_for_destination()
             await trio.sleep_until(t0 + self.cfg.run_before)
             result = await self._migrate()
             nursery.cancel_scope.cancel()
@@ -262,6 +263,23 @@ class Source:
             self._pending -= 1
             if not joined:  # a channel of the session is closed by the migration, anything else here
                 sock.close()
+
+    async def _wait_for_destination(self) -> None:
+        """Waits until one destination has all its connections up.
+
+        A destination that opened its bulk connection but not the others
+        within ``--handshake-timeout`` (it died half-way) has its session
+        dropped, so that it cannot hold the source for ever.
+        """
+        while not self._paired.is_set():
+            with trio.move_on_after(0.5):
+                await self._paired.wait()
+            s = self.session
+            if s is not None and not s.complete() and trio.current_time() - s.born > self.cfg.handshake_timeout:
+                log.warning("dropped a session whose destination did not open all its connections within %g s",
+                            self.cfg.handshake_timeout)
+                s.close()
+                self.session = None
 
     async def _handshake(self, fs: FrameSocket) -> None:
         nonce = p.new_nonce()

@@ -392,3 +392,16 @@ async def test_cpu_state_for_the_wrong_number_of_vcpus_is_one_line(tmp_path: Pat
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert "state of 3 vCPUs for a guest of 2" in err and "hint:" in err
+
+
+async def test_a_destination_that_dies_half_way_through_joining_does_not_hold_the_source(tmp_path: Path) -> None:
+    """Bulk connection opened, the others never: after --handshake-timeout the session is dropped and
+    the next destination migrates."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0", "--handshake-timeout", "1"])
+        bulk, _ = await open_channel(port, p.Channel.BULK)
+        bulk.close()  # and nothing more: a destination that died
+        await wait_for_line(tmp_path / "src.err", "dropped a session")
+        rc, err, m = await run_destination(tmp_path, port, ["--verify", "--run-after", "0"])
+        assert await src.wait() == 0
+    assert rc == 0 and m["verified"] is True, err
