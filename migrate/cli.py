@@ -20,7 +20,7 @@ from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .uffd import PAGE_SIZE
-from .wire import is_loopback, parse_address
+from .wire import TlsConfig, is_loopback, parse_address
 
 DEFAULT_PORT = 7450
 KEY_ENV = "MIGRATE_KEY"
@@ -73,6 +73,16 @@ class _Parser(argparse.ArgumentParser):
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", metavar="PATH",
                         help=f"shared secret both sides prove with HMAC (or set ${KEY_ENV}); default: none")
+    tls = parser.add_argument_group(
+        "TLS", "mutual TLS 1.3 on every connection: each side proves its certificate, signed by the CA the other "
+               "trusts; the destination also checks that the source's certificate names the --connect host")
+    tls.add_argument("--tls", action="store_true", help="require TLS (needs the three files below)")
+    tls.add_argument("--tls-cert", metavar="PATH", help="this side's certificate chain (PEM)")
+    tls.add_argument("--tls-key", metavar="PATH", help="this side's private key (PEM)")
+    tls.add_argument("--tls-ca", metavar="PATH", help="CA certificate(s) the peer's certificate must chain to (PEM)")
+    tls.add_argument("--tls-rekey-bytes", type=_positive_int, metavar="N",
+                     help="force a TLS key update every N bytes sent on each connection (default: OpenSSL's "
+                          "own limits); for testing re-keying")
     parser.add_argument("--link-timeout", type=_seconds, default=10.0, metavar="S",
                         help="seconds a connection may stay silent while pages are owed (or refuse to take "
                              "them) before it counts as lost and recovery starts (default 10)")
@@ -198,6 +208,21 @@ def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Na
         return 130
 
 
+def _tls(args: argparse.Namespace, server: bool) -> TlsConfig | None:
+    """The TLS context the options ask for: all three files, or none of them and no --tls."""
+    files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    missing = [name for name, path in files.items() if not path]
+    if len(missing) == len(files) and not args.tls:
+        if args.tls_rekey_bytes:
+            raise UsageError("--tls-rekey-bytes needs TLS", hint="give --tls-cert, --tls-key and --tls-ca")
+        return None
+    if missing:
+        raise UsageError(f"TLS needs {', '.join(missing)} as well",
+                         hint="give --tls-cert, --tls-key and --tls-ca (PEM files; the CA signs both sides' "
+                              "certificates)")
+    return TlsConfig(server, args.tls_cert, args.tls_key, args.tls_ca, rekey_bytes=args.tls_rekey_bytes or 0)
+
+
 def _run_src(args: argparse.Namespace) -> int:
     from .source import SourceConfig, serve
 
@@ -206,15 +231,17 @@ def _run_src(args: argparse.Namespace) -> int:
         raise UsageError("--zero-fraction must be between 0 and 1")
     pages = args.guest_pages or max(1, math.ceil(args.guest_mib * 2**20 / PAGE_SIZE))
     key = _read_key(args)
-    if not key and not is_loopback(host):
-        raise UsageError(f"refusing to listen on {host} without a key: anyone who reaches the port gets the guest",
-                         hint=f"give --key-file PATH (or ${KEY_ENV}) on both sides, or listen on 127.0.0.1")
+    tls = _tls(args, server=True)
+    if not key and tls is None and not is_loopback(host):
+        raise UsageError(f"refusing to listen on {host} without TLS or a key: anyone who reaches the port gets "
+                         "the guest", hint=f"give --tls-cert/--tls-key/--tls-ca (or at least --key-file PATH or "
+                                           f"${KEY_ENV}) on both sides, or listen on 127.0.0.1")
     spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
                      zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
-                       max_pending=args.max_pending)
+                       max_pending=args.max_pending, tls=tls)
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0
@@ -231,7 +258,8 @@ def _run_dst(args: argparse.Namespace) -> int:
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
-                            link_timeout=args.link_timeout, connect_timeout=args.connect_timeout)
+                            link_timeout=args.link_timeout, connect_timeout=args.connect_timeout,
+                            tls=_tls(args, server=False))
     metrics = _run_trio(Destination(cfg).run)
     write_metrics(metrics, args.metrics, sys.stdout)
     print_summary(metrics, sys.stderr)

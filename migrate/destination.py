@@ -37,7 +37,7 @@ from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .uffd import PAGE_SIZE, Userfaultfd
-from .wire import FrameSocket, connect, format_address
+from .wire import FrameSocket, TlsConfig, connect, format_address
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class DestinationConfig:
     watchdog: float = 2.0  # seconds a vCPU may wait for one page before it is reported
     link_timeout: float = 10.0  # silence while pages are owed before a link counts as lost
     connect_timeout: float = 10.0  # how long connecting may keep being refused or dropped
+    tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
 
 
 @dataclass
@@ -147,6 +148,9 @@ class Destination:
                          p.Connection(p.Role.DESTINATION, guest_pages=self.plane.pages or None),
                          f"source {format_address(self.cfg.host, self.cfg.port)}")
         try:
+            if self.cfg.tls is not None:
+                await fs.start_tls(self.cfg.tls, self.cfg.host)
+            await fs.send_preamble()
             challenge = await fs.expect(p.Challenge)
             nonce = p.new_nonce()
             await fs.send(p.Hello(channel, session, nonce,
@@ -348,12 +352,14 @@ class Destination:
     async def _close(self, links: _Links, counters: dict[str, float]) -> None:
         """Tells the source every page is here, then waits for it to close first.
 
-        The source closes its connections once it has read DestDone; closing
-        ours only after that means our close can never look like a lost link
-        to it.  Bounded by ``link_timeout``.
+        DestDone goes after the last request, on the requests connection, whose
+        only reader at the source is the request server.  The source closes its
+        connections once it has read DestDone; closing ours only after that
+        means our close can never look like a lost link to it.  Bounded by
+        ``link_timeout``.
         """
         try:
-            await links.bulk.send(p.DestDone(counters))
+            await links.requests.send(p.DestDone(counters))
             with trio.move_on_after(self.cfg.link_timeout):
                 while True:  # stream frames still in flight are duplicates: skip them
                     await links.bulk.receive()
@@ -366,7 +372,7 @@ class Destination:
 
         **Cancellation**: stops the placer through its eventfd and waits for it.
         """
-        if await run_native(lib.dst_place_loop, self.plane, 0, bulk.fileno(), bulk.conn.rx, self._idle_ms,
+        if await run_native(lib.dst_place_loop, self.plane, 0, bulk.link, bulk.conn.rx, self._idle_ms,
                             peer=bulk.peer) == CONTROL:
             event = await bulk.receive()  # raises for an Error from the source
             if not isinstance(event, p.SourceDone):
@@ -377,7 +383,7 @@ class Destination:
 
         **Cancellation**: stops it through its eventfd and waits for it.
         """
-        await run_native(lib.dst_fault_loop, self.plane, requests.fileno(), self._idle_ms, 1 + self.cfg.prefetch,
+        await run_native(lib.dst_fault_loop, self.plane, requests.link, self._idle_ms, 1 + self.cfg.prefetch,
                          peer=requests.peer)
 
     async def _request_channel(self, replies: FrameSocket) -> None:
@@ -385,7 +391,7 @@ class Destination:
 
         **Cancellation**: stops it through its eventfd and waits for it.
         """
-        if await run_native(lib.dst_place_loop, self.plane, 1, replies.fileno(), replies.conn.rx, self._idle_ms,
+        if await run_native(lib.dst_place_loop, self.plane, 1, replies.link, replies.conn.rx, self._idle_ms,
                             peer=replies.peer) == CONTROL:
             event = await replies.receive()  # raises for an Error from the source
             raise RemoteProtocolError(f"unexpected {type(event).__name__} among the replies from {replies.peer}")

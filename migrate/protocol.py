@@ -250,6 +250,17 @@ class Connection:
         self._why = ffi.new("char **")
 
     # -- sending -----------------------------------------------------------
+    def preamble(self) -> bytes:
+        """The preamble, now rather than with the first event (``b""`` once sent).
+
+        A destination says it first: a TLS source then tells a plaintext
+        client from a TLS one by its first bytes, and answers it in words.
+        """
+        if self._sent_preamble:
+            return b""
+        self._sent_preamble = True
+        return _PREAMBLE.pack(MAGIC, VERSION)
+
     def send(self, event: Event) -> list[bytes | memoryview]:
         """Encodes ``event``: the chunks to write, in order (a page run's payload is not copied)."""
         chunks: list[bytes | memoryview] = []
@@ -296,6 +307,15 @@ class Connection:
         large frame is read in place and the buffer is usually empty again
         after it.  Invalidates payload views of events returned before.
         """
+        start, length = self._reserve(min_size)
+        return self._view(start, length)
+
+    def receive_space(self, min_size: int = 1) -> tuple[object, int]:
+        """The same space as ``receive_buffer``, as a C pointer and a length (for ``link_recv``)."""
+        start, length = self._reserve(min_size)
+        return self._data + start, length
+
+    def _reserve(self, min_size: int) -> tuple[int, int]:
         rx = self.rx
         if rx.start == rx.end:
             rx.start = rx.end = 0
@@ -306,7 +326,7 @@ class Connection:
             rx.start = 0
         if rx.cap - rx.end < min_size:
             raise RemoteProtocolError("receive buffer full: the peer sent more than one frame can hold")
-        return self._view(rx.end, min(want, rx.cap - rx.end))
+        return rx.end, min(want, rx.cap - rx.end)
 
     def _rest_of_frame(self) -> int:
         """Bytes still missing from the frame being received, when its header is in; else 0."""
@@ -335,6 +355,9 @@ class Connection:
             if rx.end - rx.start < _PREAMBLE.size:
                 return self._need_data()
             magic, version = _PREAMBLE.unpack(self._view(rx.start, _PREAMBLE.size))
+            if magic[:1] == b"\x16":  # a TLS handshake record
+                raise RemoteProtocolError("the peer speaks TLS and this end does not (bad magic)",
+                                          hint="give both sides --tls-cert, --tls-key and --tls-ca, or neither")
             if magic != MAGIC:
                 raise RemoteProtocolError("the peer is not a uffd-migrate process (bad magic)",
                                           hint="check the host and port")

@@ -7,8 +7,8 @@ After switchover the guest is stopped, and one nursery per session runs:
   stream it straight from guest memory, zero runs as zero frames;
 - the *request server*: a native loop that reads page requests on the
   requests connection and answers each at once on the replies connection;
-- the main task, which waits for the destination's DestDone on the bulk
-  connection.
+- the main task, which waits for the destination's DestDone (it follows
+  the last request on the requests connection).
 
 A lost link is not the end: the session (an id every connection presents)
 waits for the destination to reconnect, and the stream becomes exactly the
@@ -38,7 +38,7 @@ from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
-from .wire import FrameSocket, family_of, format_address, tune
+from .wire import FrameSocket, TlsConfig, family_of, format_address, tune
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class SourceConfig:
     reconnect_timeout: float = 60.0  # how long a lost destination may take to come back
     link_timeout: float = 10.0  # a send the destination does not take for this long means a lost link
     max_pending: int = 16  # handshakes in progress at once; newcomers beyond are closed at once
+    tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
 
 
 @dataclass
@@ -239,30 +240,29 @@ class Source:
 
     async def _greet(self, sock: trio.socket.SocketType, peer: str) -> None:
         """Handshake of one incoming connection; a failure closes only that connection."""
+        # The source receives control frames and page requests, never pages: its
+        # Connection's receive buffer is sized for those (~128 KiB, not ~2.1 MiB).
+        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages), f"destination {peer}")
         joined = False
         try:
             tune(sock)
-            # The source receives control frames and page requests, never pages: its
-            # Connection's receive buffer is sized for those (~128 KiB, not ~2.1 MiB).
-            fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages),
-                             f"destination {peer}")
-            try:
-                with trio.fail_after(self.cfg.handshake_timeout):
-                    await self._handshake(fs)
-                joined = True
-            except (MigrateError, trio.TooSlowError) as exc:
-                self.rejected_peers += 1
-                reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-                log.warning("rejected %s: %s", peer, reason)
-                with trio.move_on_after(1):
-                    try:
-                        await fs.send(p.Error(reason[:200]))
-                    except MigrateError:
-                        pass
+            with trio.fail_after(self.cfg.handshake_timeout):
+                await self._handshake(fs)
+            joined = True
+        except (MigrateError, trio.TooSlowError) as exc:
+            self.rejected_peers += 1
+            reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            hint = getattr(exc, "hint", None)
+            log.warning("rejected %s: %s%s", peer, reason, f" (hint: {hint})" if hint else "")
+            with trio.move_on_after(1):
+                try:
+                    await fs.send(p.Error(reason[:200]))
+                except MigrateError:
+                    pass
         finally:
             self._pending -= 1
-            if not joined:  # a channel of the session is closed by the migration, anything else here
-                sock.close()
+            if not joined:  # a connection of the session is closed by the migration, anything else here
+                fs.close()
 
     async def _wait_for_destination(self) -> None:
         """Waits until one destination has all its connections up.
@@ -281,7 +281,20 @@ class Source:
                 s.close()
                 self.session = None
 
+    async def _start_tls(self, fs: FrameSocket) -> None:
+        """TLS first, when configured.  A plaintext destination (its preamble comes first) is told
+        in plaintext words why it is refused, rather than failing a TLS handshake it cannot read."""
+        tls = self.cfg.tls
+        if tls is None:
+            return
+        await trio.lowlevel.wait_readable(fs.sock)
+        if (await fs.sock.recv(len(p.MAGIC), trio.socket.MSG_PEEK)) == p.MAGIC:
+            raise PeerError("a plaintext destination: this source requires TLS",
+                            hint="give migrate-dst --tls-cert, --tls-key and --tls-ca")
+        await fs.start_tls(tls, None)
+
     async def _handshake(self, fs: FrameSocket) -> None:
+        await self._start_tls(fs)
         nonce = p.new_nonce()
         await fs.send(p.Challenge(nonce))
         hello = await fs.expect(p.Hello)
@@ -330,8 +343,7 @@ class Source:
                     await self._receive_resume(links.bulk)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._stream, links.bulk)
-                    nursery.start_soon(self._serve_requests, links)
-                    self.dest_counters = (await links.bulk.expect(p.DestDone)).counters
+                    self.dest_counters = await self._serve_requests(links)
                     nursery.cancel_scope.cancel()
                 failure = None
             except Exception as exc:
@@ -416,7 +428,7 @@ class Source:
                 break
             self.cursor = runs[-1][0] + runs[-1][1]
             arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
-            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), arr, len(runs),
+            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, arr, len(runs),
                              self._idle_ms, st, peer=bulk.peer)
             done = st.pages + self.serve_stats.pages
             mbps = st.bytes / max(time.monotonic() - t0, 1e-9) / 1e6
@@ -428,18 +440,23 @@ class Source:
         await trio.sleep(self.cfg.link_timeout)
         raise PeerError(f"{bulk.peer} did not confirm within {self.cfg.link_timeout:g} s of the stream's end")
 
-    async def _serve_requests(self, links: _Links) -> None:
-        """Runs the native request server: requests in on one connection, replies out on another.
+    async def _serve_requests(self, links: _Links) -> dict[str, float]:
+        """Runs the native request server (requests in on one connection, replies out on another)
+        until the destination says every page is placed; returns its counters.
 
-        **Cancellation**: stops it through its eventfd and waits for it.
+        DestDone comes after the last request on the same connection, so the
+        request server hands it over and each connection keeps one user.
+
+        **Cancellation**: stops the server through its eventfd and waits for it.
         """
         assert self.guest is not None
         req = links.requests
-        if await run_native(lib.src_serve_loop, self.guest.base, self.spec.pages, req.fileno(), req.conn.rx,
-                            links.replies.fileno(), self._idle_ms, self.serve_stats, self.notes,
-                            peer=req.peer) == CONTROL:
-            event = await req.receive()  # raises for an Error from the destination
+        await run_native(lib.src_serve_loop, self.guest.base, self.spec.pages, req.link, req.conn.rx,
+                         links.replies.link, self._idle_ms, self.serve_stats, self.notes, peer=req.peer)
+        event = await req.receive()  # the loop returns at a control frame; an Error from the destination raises
+        if not isinstance(event, p.DestDone):
             raise RemoteProtocolError(f"unexpected {type(event).__name__} among the requests from {req.peer}")
+        return event.counters
 
 
 def _first(exc: BaseException) -> BaseException:

@@ -1,12 +1,16 @@
-"""A protocol Connection bound to a trio socket: the only place frames meet the network."""
+"""A protocol Connection bound to a socket, plaintext or TLS: where Python's frames meet the network."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import select
 import socket as _stdsocket
 
 import trio
 
+from ._native import ffi, lib
 from .errors import PeerError, PeerGone, RemoteProtocolError, UsageError, printable
 from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
@@ -25,14 +29,6 @@ def tune(sock: trio.socket.SocketType) -> None:
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
 
 
-def _advance(chunks: list[memoryview], n: int) -> None:
-    """Drops the first ``n`` bytes of ``chunks`` after a partial send."""
-    while chunks and n >= len(chunks[0]):
-        n -= len(chunks.pop(0))
-    if n:
-        chunks[0] = chunks[0][n:]
-
-
 def _vet(event: Event | object, peer: str) -> Event | None:
     """The next event, or None when more data is needed; a close or an Error from the peer raises."""
     if event is NEED_DATA:
@@ -45,19 +41,41 @@ def _vet(event: Event | object, peer: str) -> Event | None:
     return event  # type: ignore[return-value]
 
 
-def _lost(peer: str, exc: OSError) -> PeerGone:
-    return PeerGone(f"lost the connection to {peer}: {exc.strerror or exc}")
+def _lost(peer: str, rc: int, why: object) -> PeerGone:
+    return PeerGone(f"lost the connection to {peer}: {_text(why)}: {os.strerror(-rc)}")
+
+
+def _text(why: object) -> str:
+    return ffi.string(why[0]).decode(errors="replace") if why[0] else "?"  # type: ignore[index]
+
+
+class TlsConfig:
+    """This end's TLS 1.3 context: its certificate and key, and the CA its peers must chain to.
+
+    Raises:
+        UsageError: a file cannot be read or the key does not match the certificate.
+    """
+
+    def __init__(self, server: bool, cert: str, key: str, ca: str, rekey_bytes: int = 0) -> None:
+        self.rekey_bytes = rekey_bytes  # a key update every this many bytes sent (0: OpenSSL's own limits)
+        why = ffi.new("char **")
+        self.ctx = lib.tls_context(int(server), cert.encode(), key.encode(), ca.encode(), why)
+        if self.ctx == ffi.NULL:
+            raise UsageError(f"TLS: {_text(why)}", hint="check --tls-cert, --tls-key and --tls-ca (PEM files)")
+        self.ctx = ffi.gc(self.ctx, lib.tls_context_free)
 
 
 class FrameSocket:
-    """Sends and receives protocol events over one connected trio socket.
+    """Sends and receives protocol events over one connected socket, plaintext or TLS.
 
-    One task may send while another receives.  ``bytes_in``/``bytes_out``
-    count everything on the wire.
+    Bytes go through the native ``link_t`` (native/link.h), the same path the
+    native loops use, so a connection can be handed to a loop and back.  One
+    user at a time: a TLS session must never be used by two threads at once.
+    ``bytes_in``/``bytes_out`` count what this object moved.
 
     Args:
         sock: a connected trio socket.
-        conn: the sans-io protocol state for this channel.
+        conn: the sans-io protocol state for this connection.
         peer: a name for log lines and errors.
     """
 
@@ -65,8 +83,45 @@ class FrameSocket:
         self.sock = sock
         self.conn = conn
         self.peer = peer
+        self.link = ffi.new("link_t *", {"fd": sock.fileno()})
+        self._want = ffi.new("int *")
+        self._why = ffi.new("char **")
         self.bytes_in = 0
         self.bytes_out = 0
+
+    async def _wait(self) -> None:
+        if self._want[0] == select.POLLOUT:
+            await trio.lowlevel.wait_writable(self.sock)
+        else:
+            await trio.lowlevel.wait_readable(self.sock)
+
+    async def start_tls(self, tls: TlsConfig, peer_host: str | None) -> None:
+        """Runs the TLS handshake; a client (``peer_host`` given) checks the server's certificate names it.
+
+        Raises:
+            RemoteProtocolError: the handshake failed (certificate, protocol): final.
+            PeerGone: the connection was reset or closed during it.
+        """
+        if lib.tls_attach(self.link, tls.ctx, peer_host.encode() if peer_host else ffi.NULL, self._why) < 0:
+            raise RemoteProtocolError(_text(self._why))
+        self.link.rekey_bytes = tls.rekey_bytes
+        while (rc := lib.tls_handshake(self.link, self._want, self._why)) == -errno.EAGAIN:
+            await self._wait()
+        if rc == -errno.EPROTO:
+            raise RemoteProtocolError(f"{_text(self._why)} (with {self.peer})",
+                                      hint="both sides need --tls-cert/--tls-key/--tls-ca from the same CA; "
+                                           "a plaintext peer answers TLS with 'wrong version number'")
+        if rc < 0:
+            raise _lost(self.peer, rc, self._why)
+
+    @property
+    def tls(self) -> str:
+        """``plaintext``, or the negotiated protocol and cipher."""
+        return ffi.string(lib.tls_description(self.link)).decode()
+
+    async def send_preamble(self) -> None:
+        """Writes the preamble ahead of the first event (see ``Connection.preamble``)."""
+        await self._write([self.conn.preamble()])
 
     async def send(self, event: Event) -> None:
         """Writes one event.
@@ -74,14 +129,21 @@ class FrameSocket:
         **Cancellation**: a cancelled send may leave a partial frame; the
         connection must then be closed.
         """
-        chunks = [memoryview(c) for c in self.conn.send(event)]
-        try:
-            while chunks:
-                n = await self.sock.sendmsg(chunks)
+        await self._write(self.conn.send(event))
+
+    async def _write(self, chunks: list[bytes | memoryview]) -> None:
+        for chunk in chunks:
+            buf, left = ffi.from_buffer(chunk), len(chunk)
+            while left:
+                n = lib.link_send(self.link, buf + (len(chunk) - left), left, self._want, self._why)
+                if n == -errno.EAGAIN:
+                    await self._wait()
+                    continue
+                if n < 0:
+                    raise _lost(self.peer, n, self._why)
                 self.bytes_out += n
-                _advance(chunks, n)
-        except OSError as exc:
-            raise _lost(self.peer, exc) from None
+                left -= n
+        await trio.lowlevel.checkpoint()
 
     async def receive(self) -> Event:
         """Reads the next event; a payload view stays valid until the next ``receive``.
@@ -91,13 +153,16 @@ class FrameSocket:
             RemoteProtocolError: the peer sent malformed input.
         """
         while (event := _vet(self.conn.next_event(), self.peer)) is None:
-            with self.conn.receive_buffer() as view:
-                try:
-                    n = await self.sock.recv_into(view)
-                except OSError as exc:
-                    raise _lost(self.peer, exc) from None
+            buf, space = self.conn.receive_space()
+            n = lib.link_recv(self.link, buf, space, self._want, self._why)
+            if n == -errno.EAGAIN:
+                await self._wait()
+                continue
+            if n < 0:
+                raise _lost(self.peer, n, self._why)
             self.bytes_in += n
             self.conn.commit(n)
+        await trio.lowlevel.checkpoint()
         return event
 
     async def expect(self, kind: type) -> Event:
@@ -114,11 +179,10 @@ class FrameSocket:
         except OSError:
             pass  # already gone
 
-    def fileno(self) -> int:
-        """The descriptor a native loop reads or writes once it owns a direction."""
-        return self.sock.fileno()
-
     def close(self) -> None:
+        """Closes the connection; nobody may use it any more (the native loops are stopped first)."""
+        if self.link.ssl != ffi.NULL:
+            lib.tls_detach(self.link)
         self.sock.close()
 
 

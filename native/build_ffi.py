@@ -12,8 +12,8 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).parent
-HEADERS = ["uffd.h", "guest.h", "wire.h", "dataplane.h"]
-SOURCES = ["uffd.c", "guest.c", "wire.c", "dataplane.c"]
+HEADERS = ["uffd.h", "guest.h", "wire.h", "link.h", "dataplane.h"]
+SOURCES = ["uffd.c", "guest.c", "wire.c", "link.c", "dataplane.c"]
 
 
 def _check_toolchain() -> None:
@@ -23,6 +23,8 @@ def _check_toolchain() -> None:
         sys.exit(f"uffd-migrate: C compiler {cc!r} not found; hint: apt-get install gcc")
     if not pathlib.Path("/usr/include/linux/userfaultfd.h").exists():
         sys.exit("uffd-migrate: <linux/userfaultfd.h> not found; hint: apt-get install linux-libc-dev")
+    if not pathlib.Path("/usr/include/openssl/ssl.h").exists():
+        sys.exit("uffd-migrate: <openssl/ssl.h> not found (TLS); hint: apt-get install libssl-dev")
 
 
 _check_toolchain()
@@ -35,6 +37,7 @@ ffibuilder.set_source(
     sources=[f"native/{s}" for s in SOURCES],
     include_dirs=["native"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    libraries=["ssl", "crypto"],
 )
 
 if __name__ == "__main__":

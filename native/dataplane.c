@@ -35,6 +35,7 @@
 
 #include "uffd.h"
 #include "wire.h"
+#include "link.h"
 #include "dataplane.h"
 
 #define PAGE WIRE_PAGE_SIZE
@@ -123,7 +124,7 @@ static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t 
 /* -- receiving ------------------------------------------------------------ */
 
 /* Makes need bytes available at rx->data + rx->start. */
-static int rx_fill(rxbuf_t *rx, int fd, uint64_t need, int stop_fd, int idle_ms,
+static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_ms,
                    const owed_t *o, const char **why)
 {
     int strikes = 0;
@@ -133,7 +134,8 @@ static int rx_fill(rxbuf_t *rx, int fd, uint64_t need, int stop_fd, int idle_ms,
             rx->end -= rx->start;
             rx->start = 0;
         }
-        ssize_t n = recv(fd, rx->data + rx->end, rx->cap - rx->end, MSG_DONTWAIT);
+        int want = POLLIN;
+        int64_t n = link_recv(l, rx->data + rx->end, rx->cap - rx->end, &want, why);
         if (n > 0) {
             rx->end += (uint64_t)n;
             strikes = 0;
@@ -145,13 +147,9 @@ static int rx_fill(rxbuf_t *rx, int fd, uint64_t need, int stop_fd, int idle_ms,
             *why = "the peer closed the connection in the middle of a frame";
             return -EPIPE;
         }
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN) {
-            *why = "recv";
-            return -errno;
-        }
-        int rc = wait_fd(fd, POLLIN, stop_fd, idle_ms, o, &strikes, why);
+        if (n != -EAGAIN)
+            return (int)n;
+        int rc = wait_fd(l->fd, (short)want, stop_fd, idle_ms, o, &strikes, why);
         if (rc)
             return rc;
     }
@@ -161,11 +159,11 @@ static int rx_fill(rxbuf_t *rx, int fd, uint64_t need, int stop_fd, int idle_ms,
 /* The next frame's header, checked; *plen gets its payload length, which is
  * then in the buffer too, unless the frame is a control frame (LOOP_CONTROL:
  * left unconsumed for Python). */
-static int next_frame(rxbuf_t *rx, int fd, uint64_t guest_pages, uint32_t accept,
+static int next_frame(rxbuf_t *rx, link_t *l, uint64_t guest_pages, uint32_t accept,
                       int stop_fd, int idle_ms, const owed_t *o, struct wire_frame *f,
                       uint64_t *plen, const char **why)
 {
-    int rc = rx_fill(rx, fd, WIRE_FRAME_SIZE, stop_fd, idle_ms, o, why);
+    int rc = rx_fill(rx, l, WIRE_FRAME_SIZE, stop_fd, idle_ms, o, why);
     if (rc)
         return rc;
     memcpy(f, rx->data + rx->start, sizeof *f);
@@ -175,7 +173,7 @@ static int next_frame(rxbuf_t *rx, int fd, uint64_t guest_pages, uint32_t accept
     if (f->kind == WIRE_CONTROL)
         return LOOP_CONTROL;
     *plen = (uint64_t)len;
-    rc = rx_fill(rx, fd, WIRE_FRAME_SIZE + *plen, stop_fd, idle_ms, o, why);
+    rc = rx_fill(rx, l, WIRE_FRAME_SIZE + *plen, stop_fd, idle_ms, o, why);
     if (rc == LOOP_EOF) {
         *why = "the peer closed the connection in the middle of a frame";
         return -EPIPE;
@@ -185,7 +183,7 @@ static int next_frame(rxbuf_t *rx, int fd, uint64_t guest_pages, uint32_t accept
 
 /* -- destination ---------------------------------------------------------- */
 
-int dst_place_loop(dst_plane_t *d, int replies, int fd, rxbuf_t *rx, int idle_ms,
+int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle_ms,
                    int stop_fd, const char **why)
 {
     place_stats_t *me = replies ? &d->urgent : &d->bulk;
@@ -196,7 +194,7 @@ int dst_place_loop(dst_plane_t *d, int replies, int fd, rxbuf_t *rx, int idle_ms
     for (;;) {
         struct wire_frame f;
         uint64_t plen = 0, placed = 0, existed = 0;
-        int rc = next_frame(rx, fd, d->pages, WIRE_TO_DESTINATION, stop_fd, idle_ms, o,
+        int rc = next_frame(rx, l, d->pages, WIRE_TO_DESTINATION, stop_fd, idle_ms, o,
                             &f, &plen, why);
         if (rc)
             return rc;
@@ -242,31 +240,28 @@ int dst_place_loop(dst_plane_t *d, int replies, int fd, rxbuf_t *rx, int idle_ms
 }
 
 /* Sends len bytes from buf whole. */
-static int send_all(int fd, const void *buf, size_t len, int stop_fd, int idle_ms,
+static int send_all(link_t *l, const void *buf, size_t len, int stop_fd, int idle_ms,
                     const char **why)
 {
     int strikes = 0;
     while (len) {
-        ssize_t n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        int want = POLLOUT;
+        int64_t n = link_send(l, buf, len, &want, why);
         if (n > 0) {
             buf = (const char *)buf + n;
             len -= (size_t)n;
             continue;
         }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno != EAGAIN) {
-            *why = "send";
-            return -errno;
-        }
-        int rc = wait_fd(fd, POLLOUT, stop_fd, idle_ms, NULL, &strikes, why);
+        if (n != -EAGAIN)
+            return (int)n;
+        int rc = wait_fd(l->fd, (short)want, stop_fd, idle_ms, NULL, &strikes, why);
         if (rc)
             return rc;
     }
     return 0;
 }
 
-int dst_fault_loop(dst_plane_t *d, int fd, int idle_ms, uint32_t span, int stop_fd,
+int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int stop_fd,
                    const char **why)
 {
     fault_stats_t *st = &d->faults;
@@ -310,7 +305,7 @@ int dst_fault_loop(dst_plane_t *d, int fd, int idle_ms, uint32_t span, int stop_
         add(&st->pages_requested, pages);
         req.f = (struct wire_frame){ .kind = WIRE_REQUEST, .count = k, .stamp = mono_ns() };
         size_t len = WIRE_FRAME_SIZE + k * sizeof req.runs[0];
-        int rc = send_all(fd, &req, len, stop_fd, idle_ms, why);
+        int rc = send_all(l, &req, len, stop_fd, idle_ms, why);
         if (rc)
             return rc;
         hist_add(&st->to_send, req.f.stamp - t_read);
@@ -322,14 +317,42 @@ int dst_fault_loop(dst_plane_t *d, int fd, int idle_ms, uint32_t span, int stop_
 
 /* -- source --------------------------------------------------------------- */
 
-/* Frames queued for one sendmsg(): page payloads point into guest memory. */
+/* Frames queued for one sendmsg(): page payloads point into guest memory.
+ * TLS cannot gather, so a TLS link copies up to a record's worth of the
+ * queue into stage for each write. */
 typedef struct {
     struct wire_frame hdr[TXQ_FRAMES];
     struct iovec iov[2 * TXQ_FRAMES];
     int frames, iovs;
+    char stage[16384];
 } txq_t;
 
-static int flush(txq_t *q, int fd, uint64_t t_recv, int stop_fd, int idle_ms,
+/* Sends from the first left iovecs: bytes sent, -EAGAIN with *want, or -errno. */
+static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, int *want,
+                        const char **why)
+{
+    if (!l->ssl) {
+        struct msghdr msg = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)left };
+        ssize_t n = sendmsg(l->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n >= 0)
+            return n;
+        if (errno == EAGAIN || errno == EINTR) {
+            *want = POLLOUT;
+            return -EAGAIN;
+        }
+        *why = "sendmsg";
+        return -errno;
+    }
+    size_t len = 0;
+    for (int i = 0; i < left && len < sizeof q->stage; i++) {
+        size_t n = iov[i].iov_len < sizeof q->stage - len ? iov[i].iov_len : sizeof q->stage - len;
+        memcpy(q->stage + len, iov[i].iov_base, n);
+        len += n;
+    }
+    return link_send(l, q->stage, len, want, why);
+}
+
+static int flush(txq_t *q, link_t *l, uint64_t t_recv, int stop_fd, int idle_ms,
                  send_stats_t *st, const char **why)
 {
     if (t_recv) {
@@ -340,23 +363,19 @@ static int flush(txq_t *q, int fd, uint64_t t_recv, int stop_fd, int idle_ms,
     struct iovec *iov = q->iov;
     int left = q->iovs, strikes = 0;
     while (left) {
-        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)left };
-        ssize_t n = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        int want = POLLOUT;
+        int64_t n = send_iov(l, q, iov, left, &want, why);
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN) {
-                *why = "sendmsg";
-                return -errno;
-            }
-            int rc = wait_fd(fd, POLLOUT, stop_fd, idle_ms, NULL, &strikes, why);
+            if (n != -EAGAIN)
+                return (int)n;
+            int rc = wait_fd(l->fd, (short)want, stop_fd, idle_ms, NULL, &strikes, why);
             if (rc)
                 return rc;
             continue;
         }
         st->bytes += (uint64_t)n;
         while (left && (size_t)n >= iov->iov_len) {
-            n -= (ssize_t)iov->iov_len;
+            n -= (int64_t)iov->iov_len;
             iov++;
             left--;
         }
@@ -380,7 +399,7 @@ static int page_is_zero(const uint64_t *w)
 
 /* Queues pages [start, start+count) as page frames and zero frames, sending
  * whenever the queue is full. */
-static int push_pages(txq_t *q, int fd, uint64_t base, uint64_t start, uint64_t count,
+static int push_pages(txq_t *q, link_t *l, uint64_t base, uint64_t start, uint64_t count,
                       uint64_t stamp, uint64_t t_recv, int stop_fd, int idle_ms,
                       send_stats_t *st, const char **why)
 {
@@ -405,7 +424,7 @@ static int push_pages(txq_t *q, int fd, uint64_t base, uint64_t start, uint64_t 
             st->zero_pages += n;
         p = q_end;
         if (q->frames == TXQ_FRAMES) {
-            int rc = flush(q, fd, t_recv, stop_fd, idle_ms, st, why);
+            int rc = flush(q, l, t_recv, stop_fd, idle_ms, st, why);
             if (rc)
                 return rc;
         }
@@ -434,7 +453,7 @@ int notes_take(note_ring_t *r, struct wire_run *out, int max)
     return n;
 }
 
-int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx_fd,
+int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
                    int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
                    const char **why)
 {
@@ -446,7 +465,7 @@ int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx
         uint64_t plen = 0;
         /* A destination without faults sends nothing for a long time: no
          * idle bound on requests. */
-        int rc = next_frame(rx, rx_fd, pages, WIRE_TO_SOURCE, stop_fd, -1, NULL, &f, &plen, why);
+        int rc = next_frame(rx, rxl, pages, WIRE_TO_SOURCE, stop_fd, -1, NULL, &f, &plen, why);
         if (rc)
             return rc;
         uint64_t t_recv = mono_ns();
@@ -455,12 +474,12 @@ int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx
             return rc;
         rx->start += WIRE_FRAME_SIZE + plen;
         for (uint32_t i = 0; i < f.count; i++) {
-            rc = push_pages(&q, tx_fd, base, runs[i].start, runs[i].count, f.stamp, t_recv,
+            rc = push_pages(&q, txl, base, runs[i].start, runs[i].count, f.stamp, t_recv,
                             stop_fd, idle_ms, st, why);
             if (rc)
                 return rc;
         }
-        if ((rc = flush(&q, tx_fd, t_recv, stop_fd, idle_ms, st, why)))
+        if ((rc = flush(&q, txl, t_recv, stop_fd, idle_ms, st, why)))
             return rc;
         hist_add(&st->held, mono_ns() - t_recv);
         st->requests++;
@@ -469,7 +488,7 @@ int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx
     }
 }
 
-int src_send_runs(uint64_t base, uint64_t pages, int fd, const struct wire_run *runs,
+int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
                   uint32_t n, int idle_ms, send_stats_t *st, int stop_fd, const char **why)
 {
     txq_t q = { .frames = 0 };
@@ -478,10 +497,10 @@ int src_send_runs(uint64_t base, uint64_t pages, int fd, const struct wire_run *
             *why = "a run outside the guest";
             return -EINVAL;
         }
-        int rc = push_pages(&q, fd, base, runs[i].start, runs[i].count, 0, 0, stop_fd,
+        int rc = push_pages(&q, l, base, runs[i].start, runs[i].count, 0, 0, stop_fd,
                             idle_ms, st, why);
         if (rc)
             return rc;
     }
-    return flush(&q, fd, 0, stop_fd, idle_ms, st, why);
+    return flush(&q, l, 0, stop_fd, idle_ms, st, why);
 }

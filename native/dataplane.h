@@ -74,13 +74,13 @@ typedef struct {
 /* Destination, bulk placer and reply placer: receive page frames on fd and
  * place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame, the stop
  * eventfd, EOF, or idle_ms of silence while pages are owed (always on the
- * bulk stream; on replies, while requests are unanswered). */
-int dst_place_loop(dst_plane_t *d, int replies, int fd, rxbuf_t *rx, int idle_ms,
+ * bulk stream; on replies, while requests are unanswered).  Reads through l. */
+int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle_ms,
                    int stop_fd, const char **why);
 
 /* Destination, fault reader: read faults from the uffd in batches and send
  * one request per batch on fd, runs of span pages from each faulting page. */
-int dst_fault_loop(dst_plane_t *d, int fd, int idle_ms, uint32_t span, int stop_fd,
+int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int stop_fd,
                    const char **why);
 
 /* Requests the source answered, for its streamer to skip and jump after:
@@ -112,13 +112,13 @@ typedef struct {
  * memory on tx_fd (zero runs as WIRE_ZEROS, pages sent straight from the
  * stopped guest), note it for the streamer.  Until the stop eventfd, a
  * control frame or EOF; idle_ms bounds a reply the destination does not read. */
-int src_serve_loop(uint64_t base, uint64_t pages, int rx_fd, rxbuf_t *rx, int tx_fd,
+int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
                    int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
                    const char **why);
 
 /* Source, streamer: send the n runs straight from guest memory on fd.
  * Returns 0 once all are sent. */
-int src_send_runs(uint64_t base, uint64_t pages, int fd, const struct wire_run *runs,
+int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
                   uint32_t n, int idle_ms, send_stats_t *st, int stop_fd, const char **why);
 
 /* CLOCK_MONOTONIC in ns: the clock of every stamp. */

@@ -129,7 +129,7 @@ def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
 
 def test_listening_on_a_public_address_needs_a_key() -> None:
     proc = run_cli([str(BIN / "migrate-src"), "--listen", "0.0.0.0:0", "--guest-mib", "1"])
-    assert_one_line_error(proc, "without a key", "--key-file")
+    assert_one_line_error(proc, "without TLS or a key", "--key-file")
 
 
 def test_bad_options_are_usage_errors() -> None:

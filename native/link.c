@@ -1,0 +1,203 @@
+/* One end of a connection, plaintext or TLS 1.3 (OpenSSL): see link.h. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "link.h"
+
+/* One TLS record's plaintext at most per write: with partial writes enabled
+ * each SSL_write_ex then costs one record, and a retry after WANT_WRITE
+ * resends exactly the same bytes. */
+#define RECORD 16384
+
+static __thread char reason[256];
+
+/* What OpenSSL says went wrong, or the verification result when that is the cause. */
+static const char *ssl_reason(SSL *ssl, const char *what)
+{
+    unsigned long e = ERR_peek_last_error();
+    long verify = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
+    if (verify != X509_V_OK)
+        snprintf(reason, sizeof reason, "%s: certificate verify failed: %s", what,
+                 X509_verify_cert_error_string(verify));
+    else if (e)
+        snprintf(reason, sizeof reason, "%s: %s", what, ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "error");
+    else
+        snprintf(reason, sizeof reason, "%s failed", what);
+    ERR_clear_error();
+    return reason;
+}
+
+/* Maps a failed SSL call to our conventions. */
+static int64_t tls_fail(link_t *l, int ret, int *want, const char **why, const char *what)
+{
+    int err = SSL_get_error((SSL *)l->ssl, ret);
+    switch (err) {
+    case SSL_ERROR_WANT_READ:
+        *want = POLLIN;
+        return -EAGAIN;
+    case SSL_ERROR_WANT_WRITE:
+        *want = POLLOUT;
+        return -EAGAIN;
+    case SSL_ERROR_ZERO_RETURN:
+        return 0; /* close_notify: a clean end */
+    case SSL_ERROR_SYSCALL:
+        if (errno) {
+            *why = what;
+            ERR_clear_error();
+            return -errno;
+        }
+        return 0; /* an abrupt close: framing tells a truncated frame from a clean end */
+    default:
+        *why = ssl_reason((SSL *)l->ssl, what);
+        return -EPROTO;
+    }
+}
+
+int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **why)
+{
+    if (!l->ssl) {
+        ssize_t n = recv(l->fd, buf, len, MSG_DONTWAIT);
+        if (n >= 0)
+            return n;
+        if (errno == EAGAIN || errno == EINTR) {
+            *want = POLLIN;
+            return -EAGAIN;
+        }
+        *why = "recv";
+        return -errno;
+    }
+    size_t got = 0;
+    errno = 0;
+    int ret = SSL_read_ex((SSL *)l->ssl, buf, len, &got);
+    return ret > 0 ? (int64_t)got : tls_fail(l, ret, want, why, "TLS receive");
+}
+
+int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const char **why)
+{
+    if (!l->ssl) {
+        ssize_t n = send(l->fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n >= 0)
+            return n;
+        if (errno == EAGAIN || errno == EINTR) {
+            *want = POLLOUT;
+            return -EAGAIN;
+        }
+        *why = "send";
+        return -errno;
+    }
+    if (l->rekey_bytes && l->since_rekey >= l->rekey_bytes) {
+        /* NOT_REQUESTED: the peer's reader updates its keys without writing
+         * back, so no thread ever has to read and write one session at once. */
+        if (!SSL_key_update((SSL *)l->ssl, SSL_KEY_UPDATE_NOT_REQUESTED)) {
+            *why = ssl_reason((SSL *)l->ssl, "TLS key update");
+            return -EPROTO;
+        }
+        l->since_rekey = 0;
+        l->rekeys++;
+    }
+    size_t sent = 0;
+    errno = 0;
+    int ret = SSL_write_ex((SSL *)l->ssl, buf, len < RECORD ? len : RECORD, &sent);
+    if (ret <= 0)
+        return tls_fail(l, ret, want, why, "TLS send");
+    l->since_rekey += sent;
+    return (int64_t)sent;
+}
+
+void *tls_context(int server, const char *cert, const char *key, const char *ca, const char **why)
+{
+    SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    if (!ctx) {
+        *why = ssl_reason(NULL, "creating a TLS context");
+        return NULL;
+    }
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    /* Partial writes: a record at a time; a moving buffer: our retries
+     * re-gather the same bytes elsewhere. */
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_TICKET);
+    /* No session tickets: nobody reads the server-to-client direction of the
+     * requests connection, so nothing should be sent there. */
+    SSL_CTX_set_num_tickets(ctx, 0);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
+        *why = ssl_reason(NULL, "reading the TLS certificate");
+    } else if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+        *why = ssl_reason(NULL, "reading the TLS key");
+    } else if (SSL_CTX_check_private_key(ctx) != 1) {
+        *why = ssl_reason(NULL, "the TLS key does not match the certificate");
+    } else if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1) {
+        *why = ssl_reason(NULL, "reading the TLS CA file");
+    } else {
+        return ctx;
+    }
+    SSL_CTX_free(ctx);
+    return NULL;
+}
+
+void tls_context_free(void *ctx)
+{
+    SSL_CTX_free((SSL_CTX *)ctx);
+}
+
+int tls_attach(link_t *l, void *ctx, const char *peer_host, const char **why)
+{
+    SSL *ssl = SSL_new((SSL_CTX *)ctx);
+    if (!ssl || SSL_set_fd(ssl, l->fd) != 1) {
+        *why = ssl_reason(NULL, "starting TLS");
+        SSL_free(ssl);
+        return -EPROTO;
+    }
+    if (peer_host) {
+        SSL_set_connect_state(ssl);
+        X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+        /* An IP address must be in the certificate's IP SANs, a name in its DNS SANs. */
+        if (X509_VERIFY_PARAM_set1_ip_asc(param, peer_host) != 1 &&
+            (SSL_set1_host(ssl, peer_host) != 1 || SSL_set_tlsext_host_name(ssl, peer_host) != 1)) {
+            *why = ssl_reason(NULL, "setting the TLS peer name");
+            SSL_free(ssl);
+            return -EPROTO;
+        }
+    } else {
+        SSL_set_accept_state(ssl);
+    }
+    l->ssl = ssl;
+    return 0;
+}
+
+int tls_handshake(link_t *l, int *want, const char **why)
+{
+    errno = 0;
+    int ret = SSL_do_handshake((SSL *)l->ssl);
+    if (ret == 1)
+        return 0;
+    int64_t rc = tls_fail(l, ret, want, why, "TLS handshake");
+    if (rc == 0) { /* the peer closed in the middle of the handshake */
+        *why = "TLS handshake: the peer closed the connection";
+        return -ECONNRESET;
+    }
+    return (int)rc;
+}
+
+const char *tls_description(link_t *l)
+{
+    if (!l->ssl)
+        return "plaintext";
+    snprintf(reason, sizeof reason, "%s %s", SSL_get_version((SSL *)l->ssl),
+             SSL_get_cipher_name((SSL *)l->ssl));
+    return reason;
+}
+
+void tls_detach(link_t *l)
+{
+    SSL_free((SSL *)l->ssl);
+    l->ssl = NULL;
+}

@@ -1,0 +1,47 @@
+/*
+ * One end of a connection, plaintext or TLS: the only path bytes take to and
+ * from the network, for Python (handshake, control frames) and for the
+ * native loops alike.
+ *
+ * Read by the C compiler and by cffi's cdef parser: plain declarations only.
+ * Non-blocking throughout: a call that cannot proceed returns -EAGAIN and
+ * says in *want whether to wait for POLLIN or POLLOUT (TLS may need to write
+ * while reading, or read while writing).  A TLS session is used by one thread
+ * at a time: each connection has one user at a time, Python or one loop
+ * (OpenSSL forbids two threads in one SSL object at once).
+ */
+
+typedef struct {
+    int fd;
+    void *ssl;                /* SSL *, or NULL: plaintext */
+    uint64_t rekey_bytes;     /* TLS sender: a key update every this many bytes (0: OpenSSL's own) */
+    uint64_t since_rekey;     /* bytes sent since the last key update */
+    uint64_t rekeys;          /* key updates sent */
+} link_t;
+
+/* Receives up to len bytes: returns how many (> 0), 0 when the peer closed,
+ * -EAGAIN with *want set, or -errno (-EPROTO for TLS) with *why set. */
+int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **why);
+
+/* Sends up to len bytes: returns how many (> 0), -EAGAIN with *want set, or
+ * -errno with *why set.  TLS: at most one record (16 KiB) per call. */
+int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const char **why);
+
+/* A TLS 1.3 context with this end's certificate and key, verifying the peer
+ * against the CA file (mutual: a server demands a client certificate).
+ * Returns NULL with *why set. */
+void *tls_context(int server, const char *cert, const char *key, const char *ca, const char **why);
+void tls_context_free(void *ctx);
+
+/* Starts TLS on l->fd.  A client checks that the server's certificate names
+ * peer_host (a DNS name or an IP address); a server passes NULL. */
+int tls_attach(link_t *l, void *ctx, const char *peer_host, const char **why);
+
+/* One step of the handshake: 0 when done, -EAGAIN with *want, or -EPROTO with *why. */
+int tls_handshake(link_t *l, int *want, const char **why);
+
+/* The negotiated protocol and cipher, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384". */
+const char *tls_description(link_t *l);
+
+/* Frees the TLS session (the socket is closed by its owner). */
+void tls_detach(link_t *l);
