@@ -260,6 +260,8 @@ class Destination:
             "vcpu_steps": steps, "rss_mib": rss, "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
             "connect_attempts": self.connect_attempts,
+            "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
+            "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
             "placed_timeline": self.timeline,
         }
 

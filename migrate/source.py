@@ -377,6 +377,8 @@ class Source:
             "rejected_peers": self.rejected_peers, "dropped_peers": self.dropped_peers,
             "pages_total": self.spec.pages, "total_s": round(total_s, 3),
             "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "recoveries": recoveries,
+            "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
+            "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
             "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
             "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
         }

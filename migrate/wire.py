@@ -58,6 +58,8 @@ class TlsConfig:
 
     def __init__(self, server: bool, cert: str, key: str, ca: str, rekey_bytes: int = 0) -> None:
         self.rekey_bytes = rekey_bytes  # a key update every this many bytes sent (0: OpenSSL's own limits)
+        self.negotiated = ""  # protocol and cipher of the last handshake, for the metrics
+        self.rekeys = 0  # key updates sent on connections closed so far
         why = ffi.new("char **")
         self.ctx = lib.tls_context(int(server), cert.encode(), key.encode(), ca.encode(), why)
         if self.ctx == ffi.NULL:
@@ -84,6 +86,7 @@ class FrameSocket:
         self.conn = conn
         self.peer = peer
         self.link = ffi.new("link_t *", {"fd": sock.fileno()})
+        self._tls: TlsConfig | None = None
         self._want = ffi.new("int *")
         self._why = ffi.new("char **")
         self.bytes_in = 0
@@ -113,6 +116,8 @@ class FrameSocket:
                                            "a plaintext peer answers TLS with 'wrong version number'")
         if rc < 0:
             raise _lost(self.peer, rc, self._why)
+        self._tls = tls
+        tls.negotiated = self.tls
 
     @property
     def tls(self) -> str:
@@ -183,6 +188,9 @@ class FrameSocket:
         """Closes the connection; nobody may use it any more (the native loops are stopped first)."""
         if self.link.ssl != ffi.NULL:
             lib.tls_detach(self.link)
+        if self._tls is not None:
+            self._tls.rekeys += self.link.rekeys
+            self._tls = None
         self.sock.close()
 
 

@@ -343,6 +343,9 @@ static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, 
         *why = "sendmsg";
         return -errno;
     }
+    /* A large piece (guest pages) is encrypted straight from where it is. */
+    if (iov[0].iov_len >= sizeof q->stage || left == 1)
+        return link_send(l, iov[0].iov_base, iov[0].iov_len, want, why);
     size_t len = 0;
     for (int i = 0; i < left && len < sizeof q->stage; i++) {
         size_t n = iov[i].iov_len < sizeof q->stage - len ? iov[i].iov_len : sizeof q->stage - len;

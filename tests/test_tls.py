@@ -1,0 +1,138 @@
+"""Mutual TLS 1.3 on every connection: migrations verify, keys update, and every rejection is one line.
+
+Certificates are made at test time (trustme); real processes, real sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from conftest import BIN, REPORT, migrate, run_destination, start_source
+
+GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
+DST = ["--verify", "--run-after", "0.1"]
+
+
+class Pki:
+    """A CA, a certificate for the source (127.0.0.1) and one for the destination, as PEM files."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp
+        self.ca = trustme.CA()
+        self.ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+        self.issue("src", "127.0.0.1", "localhost")
+        self.issue("dst", "migrate-dst")
+
+    def issue(self, name: str, *identities: str, **kw: object) -> None:
+        cert = self.ca.issue_cert(*identities, **kw)
+        cert.private_key_pem.write_to_path(str(self.dir / f"{name}.key"))
+        cert.cert_chain_pems[0].write_to_path(str(self.dir / f"{name}.pem"))
+        for extra in cert.cert_chain_pems[1:]:
+            extra.write_to_path(str(self.dir / f"{name}.pem"), append=True)
+
+    def args(self, name: str, ca: Path | None = None) -> list[str]:
+        return ["--tls-cert", str(self.dir / f"{name}.pem"), "--tls-key", str(self.dir / f"{name}.key"),
+                "--tls-ca", str(ca or self.dir / "ca.pem")]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    d = tmp_path / "pki"
+    d.mkdir()
+    return Pki(d)
+
+
+def one_line(err: str, *words: str) -> None:
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == 1, err
+    for w in words:
+        assert w in err, err
+
+
+async def test_tls_migration_verifies_and_reports_the_cipher(tmp_path: Path, pki: Pki) -> None:
+    run = await migrate(tmp_path, [*GUEST, *pki.args("src")], [*DST, *pki.args("dst")])
+    assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
+    m = run.dst_metrics
+    assert m["verified"] is True and m["faults"] > 0
+    assert m["tls"].startswith("TLSv1.3") and run.src_metrics["tls"].startswith("TLSv1.3")
+    REPORT.append(f"tls: {m['tls']}, 16 MiB verified, {m['faults']} faults, stall p50 "
+                  f"{m['vcpu_stall_us']['p50']:.0f} µs")
+
+
+async def test_keys_update_every_mib_and_the_migration_still_verifies(tmp_path: Path, pki: Pki) -> None:
+    rekey = ["--tls-rekey-bytes", str(1 << 20)]
+    run = await migrate(tmp_path, ["--guest-mib", "64", "--workload", "uniform", "--zero-fraction", "0",
+                                   "--run-before", "0.2", *pki.args("src"), *rekey],
+                        [*DST, *pki.args("dst"), *rekey])
+    assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
+    assert run.dst_metrics["verified"] is True
+    assert run.src_metrics["tls_rekeys"] >= 60  # 64 MiB of stream alone
+    assert run.dst_metrics["tls_rekeys"] >= 0
+    REPORT.append(f"tls: a key update every MiB, {run.src_metrics['tls_rekeys']} by the source, "
+                  f"{run.dst_metrics['tls_rekeys']} by the destination; verified")
+
+
+async def reject(tmp_path: Path, src_args: list[str], dst_args: list[str]) -> tuple[int, str, str]:
+    """Runs a destination that must be refused; returns its exit code, its stderr, and the source's."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, [*GUEST, *src_args])
+        try:
+            rc, err, _ = await run_destination(tmp_path, port, ["--connect-timeout", "3", *dst_args])
+        finally:
+            src.kill()
+            await src.wait()
+    return rc, err, (tmp_path / "src.err").read_text()
+
+
+async def test_a_source_certificate_from_another_ca_is_refused(tmp_path: Path, pki: Pki) -> None:
+    (tmp_path / "other").mkdir()
+    stranger = Pki(tmp_path / "other")
+    rc, err, src_err = await reject(tmp_path, pki.args("src"), stranger.args("dst"))
+    assert rc == 1
+    one_line(err, "certificate verify failed", "hint:")
+    assert "rejected" in src_err and "Traceback" not in src_err
+
+
+async def test_an_expired_destination_certificate_is_refused(tmp_path: Path, pki: Pki) -> None:
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    pki.issue("dst", "migrate-dst", not_before=past, not_after=past + datetime.timedelta(days=1))
+    rc, err, src_err = await reject(tmp_path, pki.args("src"), pki.args("dst"))
+    assert rc == 1
+    one_line(err, "TLS")
+    assert "certificate has expired" in src_err and "Traceback" not in src_err
+
+
+async def test_a_plaintext_destination_is_told_the_source_requires_tls(tmp_path: Path, pki: Pki) -> None:
+    rc, err, src_err = await reject(tmp_path, pki.args("src"), [])
+    assert rc == 1
+    one_line(err, "this source requires TLS")
+    assert "plaintext destination" in src_err and "Traceback" not in src_err
+
+
+async def test_a_tls_destination_against_a_plaintext_source_is_one_line(tmp_path: Path, pki: Pki) -> None:
+    rc, err, src_err = await reject(tmp_path, [], pki.args("dst"))
+    assert rc == 1
+    one_line(err, "wrong version number", "hint:")
+    assert "speaks TLS" in src_err and "Traceback" not in src_err
+
+
+async def test_a_certificate_for_another_host_is_refused(tmp_path: Path, pki: Pki) -> None:
+    pki.issue("src", "elsewhere.example")
+    rc, err, _ = await reject(tmp_path, pki.args("src"), pki.args("dst"))
+    assert rc == 1
+    one_line(err, "certificate verify failed")
+
+
+def test_tls_without_its_files_is_a_usage_error() -> None:
+    for prog, extra in (("migrate-src", ["--listen", "127.0.0.1:0"]), ("migrate-dst", ["--connect", "127.0.0.1:9"])):
+        for args in (["--tls"], ["--tls-cert", "x.pem"]):
+            proc = subprocess.run([str(BIN / prog), *extra, *args], capture_output=True, text=True, timeout=30)
+            assert proc.returncode in (1, 2), proc.stderr
+            one_line(proc.stderr, "TLS needs", "hint:")
