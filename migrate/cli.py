@@ -16,6 +16,7 @@ from typing import Callable
 
 import trio
 
+from . import progress
 from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
@@ -46,6 +47,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="PATH|-", help="write one JSON object of metrics here (- for stdout)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="format of stderr log lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress line on a terminal (e.g. when another side draws one on the same "
+                             "terminal); log lines still appear")
 
 
 def _src_parser() -> argparse.ArgumentParser:
@@ -107,11 +111,13 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _setup_logging(prog: str, args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # On a terminal every log line clears a progress line first (see progress.py).
+    handler = progress.LogHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if args.log_format == "json" else logging.Formatter(f"{prog}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    progress.configure(False if args.no_progress else None)
 
 
 def _read_key(args: argparse.Namespace) -> bytes:
@@ -140,9 +146,9 @@ def _run_trio(fn: Callable[..., object], *args: object) -> object:
 
 
 def _print_error(prog: str, exc: MigrateError) -> None:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
+    progress.write_line(f"{prog}: error: {exc}", sys.stderr)
     if exc.hint:
-        print(f"{prog}: hint: {exc.hint}", file=sys.stderr)
+        progress.write_line(f"{prog}: hint: {exc.hint}", sys.stderr)
 
 
 def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
@@ -155,7 +161,7 @@ def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Na
         _print_error(prog, exc)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        progress.write_line(f"{prog}: interrupted", sys.stderr)
         return 130
 
 

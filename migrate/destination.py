@@ -26,7 +26,7 @@ from . import protocol as p
 from .errors import LINK_ERRORS, PeerError, RemoteProtocolError, UsageError, find
 from .guest import Guest, GuestSpec, Workload, replay
 from .metrics import Histogram, rss_mib
-from .progress import Progress
+from .progress import Progress, placed_line
 from .uffd import PAGE_SIZE, Placed, Userfaultfd
 from .wire import BlockingFrames, FrameSocket, connect, run_blocking
 
@@ -184,7 +184,7 @@ class Destination:
                     nursery.start_soon(self._placer, bulk, uffd, guest.base)
                     nursery.start_soon(self._fault_reader, uffd, urgent, guest.base, guest.spec.pages)
                     nursery.start_soon(self._request_channel, urgent, uffd, guest.base)
-                    nursery.start_soon(self._watch_progress, guest.spec.pages, t_switch)
+                    nursery.start_soon(self._watch_progress, guest.spec.pages, t_switch, guest)
                     await self._all_placed.wait()
                     nursery.cancel_scope.cancel()
                 return bulk, urgent
@@ -304,13 +304,13 @@ class Destination:
             self.requests += 1
             await urgent.send(p.PageRequest(tuple(runs), time.perf_counter_ns()))
 
-    async def _watch_progress(self, pages: int, t0: float) -> None:
+    async def _watch_progress(self, pages: int, t0: float, guest: Guest) -> None:
         while True:
             elapsed, placed = time.monotonic() - t0, self.placed_pages
             if len(self.timeline) < MAX_TIMELINE:
                 self.timeline.append((round(elapsed, 3), placed))
-            self.progress.update(
-                f"placed {placed}/{pages} pages ({100 * placed / pages:.0f}%), "
-                f"{placed * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s, {self.faults / max(elapsed, 1e-9):.0f} faults/s, "
-                f"{self.eexist} races absorbed")
+            # Built only when drawn (a terminal), and once more by finish() for the final figures.
+            self.progress.update(lambda: placed_line(
+                self.placed_pages, pages, self.placed_pages * PAGE_SIZE / max(time.monotonic() - t0, 1e-9) / 1e6,
+                self.faults / max(time.monotonic() - t0, 1e-9), guest.stalls().percentile_us(0.5), self.eexist))
             await trio.sleep(TIMELINE_INTERVAL)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ._native import ffi, lib
 from .errors import UffdError, UsageError
-from .metrics import QEMU_DIST_BUCKETS, StallHistogram
+from .metrics import StallHistogram
 from .uffd import PAGE_SIZE
 
 
@@ -166,10 +166,14 @@ class Guest:
         ``vcpu_run`` in guest.c) are counted apart, in ``slow_other``.
         """
         s = [self._stalls[i] for i in range(self.spec.vcpus)]
+
+        def merged(arrays: list[object]) -> list[int]:
+            # Whole arrays at once: the live progress line reads this every redraw.
+            return [sum(col) for col in zip(*(memoryview(ffi.buffer(a)).cast("Q") for a in arrays))]
+
         return StallHistogram(count=sum(x.count for x in s), total_ns=sum(x.total_ns for x in s),
-                              max_ns=max(x.max_ns for x in s),
-                              buckets=[sum(x.buckets[b] for x in s) for b in range(lib.STALL_BUCKETS)],
-                              qemu_dist=[sum(x.qemu_dist[b] for x in s) for b in range(QEMU_DIST_BUCKETS)],
+                              max_ns=max(x.max_ns for x in s), buckets=merged([x.buckets for x in s]),
+                              qemu_dist=merged([x.qemu_dist for x in s]),
                               slow_other=sum(x.slow_other for x in s),
                               slow_other_ns=sum(x.slow_other_ns for x in s))
 
