@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import trio
 
@@ -27,18 +27,35 @@ DEFAULT_PORT = 7450
 KEY_ENV = "MIGRATE_KEY"
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
+def _number(text: str) -> float:
+    """argparse type: a finite number (ranges are checked after parsing, in the option's own words)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+def _whole(text: str) -> int:
+    """argparse type: a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _require(ok: bool, message: str, hint: str) -> None:
+    if not ok:
+        raise UsageError(message, hint=hint)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line plus a hint, like every other user mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: hint: {self.prog} --help lists the options\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +70,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _src_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="migrate-src",
         description="Run a demo guest and hand it over to migrate-dst by postcopy live migration.",
         epilog="The guest runs until a destination connects and --run-before seconds have passed; then its "
@@ -61,44 +78,44 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--guest-mib", type=_positive_float, default=256, metavar="N",
+    size.add_argument("--guest-mib", type=_number, default=256, metavar="N",
                       help="guest memory size in MiB (default 256)")
-    size.add_argument("--guest-pages", type=_positive_int, metavar="N", help="guest memory size in 4 KiB pages")
-    ap.add_argument("--vcpus", type=_positive_int, default=2, metavar="N", help="vCPU threads (default 2)")
+    size.add_argument("--guest-pages", type=_whole, metavar="N", help="guest memory size in 4 KiB pages")
+    ap.add_argument("--vcpus", type=_whole, default=2, metavar="N", help="vCPU threads (default 2)")
     ap.add_argument("--workload", choices=[w.name for w in Workload], default="hotset",
                     help="access pattern of every vCPU (default hotset: 90%% of accesses to 10%% of memory)")
-    ap.add_argument("--seed", type=int, default=1, metavar="N", help="workload seed (default 1)")
-    ap.add_argument("--zero-fraction", type=_positive_float, default=0.25, metavar="F",
+    ap.add_argument("--seed", type=_whole, default=1, metavar="N", help="workload seed (default 1)")
+    ap.add_argument("--zero-fraction", type=_number, default=0.25, metavar="F",
                     help="fraction of guest memory left all-zero (default 0.25)")
-    ap.add_argument("--rate", type=int, default=0, metavar="N",
+    ap.add_argument("--rate", type=_whole, default=0, metavar="N",
                     help="accesses per second per vCPU; 0 runs flat out (default 0)")
-    ap.add_argument("--run-before", type=_positive_float, default=1.0, metavar="S",
+    ap.add_argument("--run-before", type=_number, default=1.0, metavar="S",
                     help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
-    ap.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="S",
+    ap.add_argument("--handshake-timeout", type=_number, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
-    ap.add_argument("--reconnect-timeout", type=_positive_float, default=60.0, metavar="S",
+    ap.add_argument("--reconnect-timeout", type=_number, default=60.0, metavar="S",
                     help="seconds to wait for a destination that lost its link to come back (default 60)")
     _common(ap)
     return ap
 
 
 def _dst_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="migrate-dst",
         description="Receive a running guest from migrate-src: it resumes here at once, its memory follows.")
     ap.add_argument("--connect", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"migrate-src address (default 127.0.0.1:{DEFAULT_PORT})")
-    ap.add_argument("--run-after", type=_positive_float, default=1.0, metavar="S",
+    ap.add_argument("--run-after", type=_number, default=1.0, metavar="S",
                     help="seconds the guest runs here once all memory arrived (default 1)")
     ap.add_argument("--verify", action="store_true",
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
-    ap.add_argument("--prefetch", type=int, default=0, metavar="N",
+    ap.add_argument("--prefetch", type=_whole, default=0, metavar="N",
                     help="also request the N pages after each faulting page (default 0)")
-    ap.add_argument("--reconnect-timeout", type=_positive_float, default=30.0, metavar="S",
+    ap.add_argument("--reconnect-timeout", type=_number, default=30.0, metavar="S",
                     help="after a lost link, seconds to keep reconnecting before giving up (default 30); "
                          "the guest waits meanwhile")
-    ap.add_argument("--watchdog", type=_positive_float, default=2.0, metavar="S",
+    ap.add_argument("--watchdog", type=_number, default=2.0, metavar="S",
                     help="report a vCPU that waits longer than S seconds for one page (default 2)")
     _common(ap)
     return ap
@@ -165,13 +182,47 @@ def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Na
         return 130
 
 
+def _guest_pages(args: argparse.Namespace) -> int:
+    """The guest size in pages, from --guest-mib or --guest-pages, checked against this machine."""
+    if args.guest_pages is None:
+        _require(args.guest_mib >= 1, "--guest-mib must be at least 1",
+                 "for a smaller guest give --guest-pages N (4 KiB pages)")
+        pages = math.ceil(args.guest_mib * 2**20 / PAGE_SIZE)
+    else:
+        _require(args.guest_pages >= 1, "--guest-pages must be at least 1", "the smallest guest is one 4 KiB page")
+        pages = args.guest_pages
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    _require(pages * PAGE_SIZE <= memory,
+             f"a guest of {pages * PAGE_SIZE >> 20} MiB is larger than this machine's memory ({memory >> 20} MiB)",
+             "give a smaller --guest-mib: the source writes most of its guest's memory")
+    return pages
+
+
+def _check_src(args: argparse.Namespace, pages: int) -> None:
+    """Every numeric option of migrate-src in range, said in the option's words."""
+    _require(1 <= args.vcpus <= 256, f"--vcpus must be between 1 and 256, not {args.vcpus}",
+             "each vCPU is a thread with a slice of guest memory")
+    _require(args.vcpus <= pages, f"--vcpus {args.vcpus} needs a guest of at least {args.vcpus} pages, "
+             f"one per vCPU; this one has {pages}", "give fewer --vcpus or a larger --guest-pages")
+    _require(0 <= args.seed < 2**64, "--seed must be between 0 and 2^64-1", "the same seed replays the same run")
+    _require(0 <= args.zero_fraction <= 1, f"--zero-fraction must be between 0 and 1, not {args.zero_fraction:g}",
+             "it is the fraction of guest memory left all-zero, e.g. 0.25")
+    _require(args.rate >= 0, "--rate cannot be negative", "accesses per second per vCPU; 0 runs flat out")
+    _require(args.rate < 2**64, "--rate must be below 2^64", "accesses per second per vCPU; 0 runs flat out")
+    _require(args.run_before >= 0, "--run-before cannot be negative",
+             "seconds the guest runs here first; 0 switches over as soon as a destination connects")
+    _require(args.handshake_timeout > 0, "--handshake-timeout must be more than 0",
+             "seconds a connecting peer has to authenticate, e.g. 10")
+    _require(args.reconnect_timeout >= 0, "--reconnect-timeout cannot be negative",
+             "seconds to wait for a lost destination; 0 gives up at once")
+
+
 def _run_src(args: argparse.Namespace) -> int:
     from .source import SourceConfig, serve
 
     host, port = parse_address(args.listen, DEFAULT_PORT)
-    if args.zero_fraction > 1:
-        raise UsageError("--zero-fraction must be between 0 and 1")
-    pages = args.guest_pages or max(1, math.ceil(args.guest_mib * 2**20 / PAGE_SIZE))
+    pages = _guest_pages(args)
+    _check_src(args, pages)
     key = _read_key(args)
     if not key and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
         raise UsageError(f"refusing to listen on {host} without a key: anyone who reaches the port gets the guest",
@@ -191,8 +242,14 @@ def _run_dst(args: argparse.Namespace) -> int:
     from .summary import print_summary
 
     host, port = parse_address(args.connect, DEFAULT_PORT)
-    if args.prefetch < 0:
-        raise UsageError("--prefetch cannot be negative")
+    _require(args.run_after >= 0, "--run-after cannot be negative",
+             "seconds the guest runs here once all memory arrived; 0 stops it at once")
+    _require(args.prefetch >= 0, "--prefetch cannot be negative",
+             "pages requested after each faulting page; 0 turns prefetching off")
+    _require(args.reconnect_timeout >= 0, "--reconnect-timeout cannot be negative",
+             "seconds to keep reconnecting after a lost link; 0 gives up at once")
+    _require(args.watchdog > 0, "--watchdog must be more than 0",
+             "seconds a vCPU may wait for one page before it is reported, e.g. 2")
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog)
