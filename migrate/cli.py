@@ -163,6 +163,7 @@ def _run_trio(fn: Callable[..., object], *args: object) -> object:
 
 
 def _print_error(prog: str, exc: MigrateError) -> None:
+    progress.finish_all()  # the error goes below the last figures, and nothing is drawn after it
     progress.write_line(f"{prog}: error: {exc}", sys.stderr)
     if exc.hint:
         progress.write_line(f"{prog}: hint: {exc.hint}", sys.stderr)
@@ -178,6 +179,7 @@ def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Na
         _print_error(prog, exc)
         return 1
     except KeyboardInterrupt:
+        progress.finish_all()
         progress.write_line(f"{prog}: interrupted", sys.stderr)
         return 130
 

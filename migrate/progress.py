@@ -71,6 +71,13 @@ def write_line(text: str, stream: IO[str] | None = None) -> None:
             stream.flush()
 
 
+def finish_all() -> None:
+    """Ends every progress line still drawn, keeping its figures: before an error ends the process."""
+    with _lock:
+        for progress in list(_drawn):
+            progress.finish()
+
+
 class LogHandler(logging.StreamHandler):
     """The commands' logging handler: every record becomes one ``write_line``."""
 

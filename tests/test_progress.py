@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from migrate import progress
+from migrate.cli import _print_error
+from migrate.errors import PeerError
 from migrate.progress import CLEAR_LINE, LogHandler, Progress, placed_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,3 +147,15 @@ def test_demo_in_a_terminal_shows_one_live_line_and_clean_log_lines() -> None:
                    "── migration summary", "verified: yes"):
         assert any(line.startswith(needed) for line in lines), (needed, screen)
     assert "Traceback" not in screen
+
+
+def test_an_error_goes_under_the_last_figures_and_nothing_is_drawn_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    placed = [10]
+    p = Progress()
+    p.update(lambda: f"{placed[0]} placed")
+    placed[0] = 12
+    _print_error("prog", PeerError("the source is gone", hint="restart"))
+    assert term.getvalue() == (f"{CLEAR_LINE}10 placed{CLEAR_LINE}12 placed\n{CLEAR_LINE}prog: error: the source is gone\n"
+                               f"{CLEAR_LINE}prog: hint: restart\n")
