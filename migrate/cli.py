@@ -16,6 +16,7 @@ from typing import Callable, NoReturn
 
 import trio
 
+from . import progress
 from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
@@ -26,48 +27,35 @@ DEFAULT_PORT = 7450
 KEY_ENV = "MIGRATE_KEY"
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """A timeout: a finite number of seconds > 0 (0 would give up before starting)."""
+def _number(text: str) -> float:
+    """argparse type: a finite number (ranges are checked after parsing, in the option's own words)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0 seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
 
 
-def _seed(text: str) -> int:
-    """A workload seed: what the vCPUs' 64-bit PRNG state accepts."""
+def _whole(text: str) -> int:
+    """argparse type: a whole number."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be within 0..2**64-1")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+def _require(ok: bool, message: str, hint: str) -> None:
+    if not ok:
+        raise UsageError(message, hint=hint)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with the project's ``hint:`` line after a usage error (exit status 2)."""
+    """argparse, with its errors as one line plus a hint, like every other user mistake."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: hint: {self.prog} --help explains every option\n")
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: hint: {self.prog} --help lists the options\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -80,15 +68,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-cert", metavar="PATH", help="this side's certificate chain (PEM)")
     tls.add_argument("--tls-key", metavar="PATH", help="this side's private key (PEM)")
     tls.add_argument("--tls-ca", metavar="PATH", help="CA certificate(s) the peer's certificate must chain to (PEM)")
-    tls.add_argument("--tls-rekey-bytes", type=_positive_int, metavar="N",
+    tls.add_argument("--tls-rekey-bytes", type=_whole, metavar="N",
                      help="force a TLS key update every N bytes sent on each connection (default: OpenSSL's "
                           "own limits); for testing re-keying")
-    parser.add_argument("--link-timeout", type=_seconds, default=10.0, metavar="S",
+    parser.add_argument("--link-timeout", type=_number, default=10.0, metavar="S",
                         help="seconds a connection may stay silent while pages are owed (or refuse to take "
                              "them) before it counts as lost and recovery starts (default 10)")
     parser.add_argument("--metrics", metavar="PATH|-", help="write one JSON object of metrics here (- for stdout)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="format of stderr log lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress line on a terminal (e.g. when another side draws one on the same "
+                             "terminal); log lines still appear")
 
 
 def _src_parser() -> argparse.ArgumentParser:
@@ -100,26 +91,26 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--guest-mib", type=_positive_float, default=256, metavar="N",
+    size.add_argument("--guest-mib", type=_number, default=256, metavar="N",
                       help="guest memory size in MiB (default 256)")
-    size.add_argument("--guest-pages", type=_positive_int, metavar="N", help="guest memory size in 4 KiB pages")
-    ap.add_argument("--vcpus", type=_positive_int, default=2, metavar="N", help="vCPU threads (default 2)")
+    size.add_argument("--guest-pages", type=_whole, metavar="N", help="guest memory size in 4 KiB pages")
+    ap.add_argument("--vcpus", type=_whole, default=2, metavar="N", help="vCPU threads (default 2)")
     ap.add_argument("--workload", choices=[w.name for w in Workload], default="hotset",
                     help="access pattern of every vCPU (default hotset: 90%% of accesses to 10%% of memory)")
-    ap.add_argument("--seed", type=_seed, default=1, metavar="N", help="workload seed, 0..2**64-1 (default 1)")
-    ap.add_argument("--zero-fraction", type=_positive_float, default=0.25, metavar="F",
+    ap.add_argument("--seed", type=_whole, default=1, metavar="N", help="workload seed (default 1)")
+    ap.add_argument("--zero-fraction", type=_number, default=0.25, metavar="F",
                     help="fraction of guest memory left all-zero (default 0.25)")
-    ap.add_argument("--rate", type=int, default=0, metavar="N",
+    ap.add_argument("--rate", type=_whole, default=0, metavar="N",
                     help="accesses per second per vCPU; 0 runs flat out (default 0)")
-    ap.add_argument("--run-before", type=_positive_float, default=1.0, metavar="S",
+    ap.add_argument("--run-before", type=_number, default=1.0, metavar="S",
                     help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
-    ap.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="S",
+    ap.add_argument("--handshake-timeout", type=_number, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
-    ap.add_argument("--max-pending", type=_positive_int, default=16, metavar="N",
+    ap.add_argument("--max-pending", type=_whole, default=16, metavar="N",
                     help="handshakes in progress at once; a connection beyond is closed at once and the "
                          "destination retries (default 16; lowered to fit the descriptor limit)")
-    ap.add_argument("--reconnect-timeout", type=_seconds, default=60.0, metavar="S",
+    ap.add_argument("--reconnect-timeout", type=_number, default=60.0, metavar="S",
                     help="seconds to wait for a destination that lost its link to come back (default 60)")
     _common(ap)
     return ap
@@ -131,19 +122,19 @@ def _dst_parser() -> argparse.ArgumentParser:
         description="Receive a running guest from migrate-src: it resumes here at once, its memory follows.")
     ap.add_argument("--connect", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"migrate-src address (default 127.0.0.1:{DEFAULT_PORT})")
-    ap.add_argument("--run-after", type=_positive_float, default=1.0, metavar="S",
+    ap.add_argument("--run-after", type=_number, default=1.0, metavar="S",
                     help="seconds the guest runs here once all memory arrived (default 1)")
     ap.add_argument("--verify", action="store_true",
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
-    ap.add_argument("--prefetch", type=int, default=0, metavar="N",
+    ap.add_argument("--prefetch", type=_whole, default=0, metavar="N",
                     help="also request the N pages after each faulting page (default 0)")
-    ap.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="S",
+    ap.add_argument("--connect-timeout", type=_number, default=10.0, metavar="S",
                     help="seconds to keep retrying a connection the source refuses or drops (it is starting, "
                          "or busy with other handshakes) before giving up (default 10)")
-    ap.add_argument("--reconnect-timeout", type=_seconds, default=30.0, metavar="S",
+    ap.add_argument("--reconnect-timeout", type=_number, default=30.0, metavar="S",
                     help="after a lost link, seconds to keep reconnecting before giving up (default 30); "
                          "the guest waits meanwhile")
-    ap.add_argument("--watchdog", type=_seconds, default=2.0, metavar="S",
+    ap.add_argument("--watchdog", type=_number, default=2.0, metavar="S",
                     help="report a vCPU that waits longer than S seconds for one page (default 2)")
     _common(ap)
     return ap
@@ -156,11 +147,13 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _setup_logging(prog: str, args: argparse.Namespace) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    # On a terminal every log line clears a progress line first (see progress.py).
+    handler = progress.LogHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if args.log_format == "json" else logging.Formatter(f"{prog}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    progress.configure(False if args.no_progress else None)
 
 
 def _read_key(args: argparse.Namespace) -> bytes:
@@ -189,9 +182,10 @@ def _run_trio(fn: Callable[..., object], *args: object) -> object:
 
 
 def _print_error(prog: str, exc: MigrateError) -> None:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
+    progress.finish_all()  # the error goes below the last figures, and nothing is drawn after it
+    progress.write_line(f"{prog}: error: {exc}", sys.stderr)
     if exc.hint:
-        print(f"{prog}: hint: {exc.hint}", file=sys.stderr)
+        progress.write_line(f"{prog}: hint: {exc.hint}", sys.stderr)
 
 
 def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
@@ -204,8 +198,55 @@ def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Na
         _print_error(prog, exc)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        progress.finish_all()
+        progress.write_line(f"{prog}: interrupted", sys.stderr)
         return 130
+
+
+def _guest_pages(args: argparse.Namespace) -> int:
+    """The guest size in pages, from --guest-mib or --guest-pages, checked against this machine."""
+    if args.guest_pages is None:
+        _require(args.guest_mib >= 1, "--guest-mib must be at least 1",
+                 "for a smaller guest give --guest-pages N (4 KiB pages)")
+        pages = math.ceil(args.guest_mib * 2**20 / PAGE_SIZE)
+    else:
+        _require(args.guest_pages >= 1, "--guest-pages must be at least 1", "the smallest guest is one 4 KiB page")
+        pages = args.guest_pages
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    _require(pages * PAGE_SIZE <= memory,
+             f"a guest of {pages * PAGE_SIZE >> 20} MiB is larger than this machine's memory ({memory >> 20} MiB)",
+             "give a smaller --guest-mib: the source writes most of its guest's memory")
+    return pages
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """The options both commands have: a timeout of 0 would give up, or spin, at once."""
+    _require(args.reconnect_timeout > 0, "--reconnect-timeout must be more than 0",
+             "seconds to wait for the other side to come back after a lost link, e.g. 30")
+    _require(args.link_timeout > 0, "--link-timeout must be more than 0",
+             "seconds of silence, while pages are owed, before a link counts as lost, e.g. 10")
+    _require(args.tls_rekey_bytes is None or args.tls_rekey_bytes >= 1, "--tls-rekey-bytes must be at least 1",
+             "bytes sent between TLS key updates, e.g. 1048576")
+
+
+def _check_src(args: argparse.Namespace, pages: int) -> None:
+    """Every numeric option of migrate-src in range, said in the option's words."""
+    _require(1 <= args.vcpus <= 256, f"--vcpus must be between 1 and 256, not {args.vcpus}",
+             "each vCPU is a thread with a slice of guest memory")
+    _require(args.vcpus <= pages, f"--vcpus {args.vcpus} needs a guest of at least {args.vcpus} pages, "
+             f"one per vCPU; this one has {pages}", "give fewer --vcpus or a larger --guest-pages")
+    _require(0 <= args.seed < 2**64, "--seed must be between 0 and 2^64-1", "the same seed replays the same run")
+    _require(0 <= args.zero_fraction <= 1, f"--zero-fraction must be between 0 and 1, not {args.zero_fraction:g}",
+             "it is the fraction of guest memory left all-zero, e.g. 0.25")
+    _require(args.rate >= 0, "--rate cannot be negative", "accesses per second per vCPU; 0 runs flat out")
+    _require(args.rate < 2**64, "--rate must be below 2^64", "accesses per second per vCPU; 0 runs flat out")
+    _require(args.max_pending >= 1, "--max-pending must be at least 1",
+             "handshakes in progress at once; a destination beyond them retries, e.g. 16")
+    _require(args.run_before >= 0, "--run-before cannot be negative",
+             "seconds the guest runs here first; 0 switches over as soon as a destination connects")
+    _require(args.handshake_timeout > 0, "--handshake-timeout must be more than 0",
+             "seconds a connecting peer has to authenticate, e.g. 10")
+    _check_common(args)
 
 
 def _tls(args: argparse.Namespace, server: bool) -> TlsConfig | None:
@@ -227,9 +268,8 @@ def _run_src(args: argparse.Namespace) -> int:
     from .source import SourceConfig, serve
 
     host, port = parse_address(args.listen, DEFAULT_PORT)
-    if args.zero_fraction > 1:
-        raise UsageError("--zero-fraction must be between 0 and 1")
-    pages = args.guest_pages or max(1, math.ceil(args.guest_mib * 2**20 / PAGE_SIZE))
+    pages = _guest_pages(args)
+    _check_src(args, pages)
     key = _read_key(args)
     tls = _tls(args, server=True)
     if not key and tls is None and not is_loopback(host):
@@ -253,8 +293,15 @@ def _run_dst(args: argparse.Namespace) -> int:
     from .summary import print_summary
 
     host, port = parse_address(args.connect, DEFAULT_PORT)
-    if not 0 <= args.prefetch < p.MAX_RUN_PAGES:
-        raise UsageError(f"--prefetch must be between 0 and {p.MAX_RUN_PAGES - 1}")
+    _require(args.run_after >= 0, "--run-after cannot be negative",
+             "seconds the guest runs here once all memory arrived; 0 stops it at once")
+    _require(0 <= args.prefetch < p.MAX_RUN_PAGES, f"--prefetch must be between 0 and {p.MAX_RUN_PAGES - 1}",
+             "pages requested after each faulting page; 0 turns prefetching off")
+    _require(args.connect_timeout > 0, "--connect-timeout must be more than 0",
+             "seconds to keep retrying a refused or dropped connection, e.g. 10")
+    _check_common(args)
+    _require(args.watchdog > 0, "--watchdog must be more than 0",
+             "seconds a vCPU may wait for one page before it is reported, e.g. 2")
     cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,

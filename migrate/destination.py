@@ -35,7 +35,7 @@ from .errors import LINK_ERRORS, PeerError, PeerGone, RemoteProtocolError, Usage
 from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
-from .progress import Progress
+from .progress import Progress, placed_line
 from .uffd import PAGE_SIZE, Userfaultfd
 from .wire import FrameSocket, TlsConfig, connect, format_address
 
@@ -279,7 +279,7 @@ class Destination:
                     nursery.start_soon(self._placer, links.bulk)
                     nursery.start_soon(self._fault_reader, links.requests)
                     nursery.start_soon(self._request_channel, links.replies)
-                    nursery.start_soon(self._watch_progress, t_switch)
+                    nursery.start_soon(self._watch_progress, t_switch, guest)
                     await trio.lowlevel.wait_readable(done_fd)
                     nursery.cancel_scope.cancel()
                 return links
@@ -407,16 +407,16 @@ class Destination:
                 log.warning("watchdog: vCPU %d has waited %.1f s for page %d (address %#x)", index, seconds, page,
                             guest.base + page * PAGE_SIZE)
 
-    async def _watch_progress(self, t0: float) -> None:
+    async def _watch_progress(self, t0: float, guest: Guest) -> None:
         d = self.plane
         while True:
-            elapsed, placed = time.monotonic() - t0, self.placed_pages
+            elapsed = time.monotonic() - t0
             if len(self.timeline) < MAX_TIMELINE:
                 self.timeline.append((round(elapsed, 3), d.bulk.pages, d.urgent.pages))
-            self.progress.update(
-                f"placed {placed}/{d.pages} pages ({100 * placed / d.pages:.0f}%), "
-                f"{placed * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s, "
-                f"{d.faults.faults / max(elapsed, 1e-9):.0f} faults/s, {self.eexist} races absorbed")
+            # Built only when drawn (a terminal), and once more by finish() for the final figures.
+            self.progress.update(lambda: placed_line(
+                self.placed_pages, d.pages, self.placed_pages * PAGE_SIZE / max(time.monotonic() - t0, 1e-9) / 1e6,
+                d.faults.faults / max(time.monotonic() - t0, 1e-9), guest.stalls().percentile_us(0.5), self.eexist))
             await trio.sleep(TIMELINE_INTERVAL)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ._native import ffi, lib
 from .errors import UffdError, UsageError
-from .metrics import Histogram
+from .metrics import StallHistogram
 from .uffd import PAGE_SIZE
 
 
@@ -161,12 +161,23 @@ class Guest:
     def steps(self) -> list[int]:
         return [st.steps for st in self._states]
 
-    def stalls(self) -> Histogram:
-        """Accesses that faulted, as the vCPUs timed them, all vCPUs merged (a snapshot while they run)."""
+    def stalls(self) -> StallHistogram:
+        """Accesses that waited for a page, as the vCPUs timed them, all vCPUs merged.
+
+        A snapshot while they run.  Slow accesses that did not wait (see
+        ``vcpu_run`` in guest.c) are counted apart, in ``slow_other``.
+        """
         s = [self._stalls[i] for i in range(self.spec.vcpus)]
-        return Histogram(count=sum(x.count for x in s), total_ns=sum(x.total_ns for x in s),
-                         max_ns=max(x.max_ns for x in s),
-                         buckets=[sum(x.buckets[b] for x in s) for b in range(lib.STALL_BUCKETS)])
+
+        def merged(arrays: list[object]) -> list[int]:
+            # Whole arrays at once: the live progress line reads this every redraw.
+            return [sum(col) for col in zip(*(memoryview(ffi.buffer(a)).cast("Q") for a in arrays))]
+
+        return StallHistogram(count=sum(x.count for x in s), total_ns=sum(x.total_ns for x in s),
+                              max_ns=max(x.max_ns for x in s), buckets=merged([x.buckets for x in s]),
+                              qemu_dist=merged([x.qemu_dist for x in s]),
+                              slow_other=sum(x.slow_other for x in s),
+                              slow_other_ns=sum(x.slow_other_ns for x in s))
 
     def stuck(self, longer_than_ns: int) -> list[tuple[int, float, int]]:
         """vCPUs inside one access for longer than ``longer_than_ns``: (index, seconds, page)."""

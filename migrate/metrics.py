@@ -3,6 +3,8 @@
 The bucket scheme matches the C one in native/guest.c (8 log-linear
 sub-buckets per power of two of nanoseconds, about 12% resolution), so the
 vCPUs' own stall histograms and Python-side latencies read the same way.
+The vCPUs' stalls also come in QEMU's ``postcopy-latency-dist`` layout, so
+they compare with QEMU's figures directly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import IO
 from ._native import lib
 
 BUCKETS: int = lib.HIST_BUCKETS
+# QEMU 10.1 query-migrate "postcopy-latency-dist": bucket N counts faults
+# resolved in [2^N, 2^(N+1)) µs; 24 buckets, the last one up to ~32 s.
+QEMU_DIST_BUCKETS = 24
 
 
 def bucket_of(ns: int) -> int:
@@ -23,6 +28,16 @@ def bucket_of(ns: int) -> int:
         return max(ns, 0)
     msb = ns.bit_length() - 1
     return min(msb * 8 + ((ns >> (msb - 3)) & 7), BUCKETS - 1)
+
+
+def qemu_bucket_of(ns: int) -> int:
+    """Bucket of QEMU's postcopy-latency-dist (the C ``qemu_bucket_of``).
+
+    QEMU takes floor(log2(µs)), puts 0 µs into bucket 0 and anything past the
+    last bucket into the last one; so bucket 0 holds everything under 2 µs.
+    """
+    us = max(ns, 0) // 1000
+    return min(us.bit_length() - 1, QEMU_DIST_BUCKETS - 1) if us else 0
 
 
 def bucket_upper_ns(b: int) -> int:
@@ -68,6 +83,35 @@ class Histogram:
         """count, p50, p99, max (µs) and total_ms: the shape the metrics file uses."""
         return {"count": self.count, "p50": self.percentile_us(0.5), "p99": self.percentile_us(0.99),
                 "max": round(self.max_ns / 1000, 1), "total_ms": round(self.total_ns / 1e6, 3)}
+
+
+@dataclass
+class StallHistogram(Histogram):
+    """The vCPUs' accesses that waited for the migration, plus the slow ones that did not.
+
+    ``qemu_dist`` counts the same stalls as ``buckets`` in QEMU's layout;
+    ``slow_other`` counts accesses that were slow but never slept (a
+    copy-on-write of a zero page, a preemption): no postcopy cost, so they
+    stay out of the stall figures.
+    """
+
+    qemu_dist: list[int] = field(default_factory=lambda: [0] * QEMU_DIST_BUCKETS)
+    slow_other: int = 0
+    slow_other_ns: int = 0
+
+    def add(self, ns: int) -> None:
+        super().add(ns)
+        self.qemu_dist[qemu_bucket_of(ns)] += 1
+
+    def summary(self) -> dict[str, object]:
+        """The Histogram summary plus ``qemu_dist``, ``slow_other``, ``slow_other_ms`` and ``hist``.
+
+        ``hist`` lists the non-empty buckets as [upper edge µs, count], enough
+        to draw the stall CDF without keeping every sample.
+        """
+        hist = [[round(bucket_upper_ns(b) / 1000, 3), n] for b, n in enumerate(self.buckets) if n]
+        return {**super().summary(), "qemu_dist": list(self.qemu_dist), "slow_other": self.slow_other,
+                "slow_other_ms": round(self.slow_other_ns / 1e6, 3), "hist": hist}
 
 
 def rss_mib() -> float:

@@ -16,13 +16,24 @@ typedef struct {
     uint64_t acc;    /* running hash of every value read: proves reads saw the right data */
 } vcpu_state_t;
 
-/* Accesses that faulted on a missing page, as the vCPU itself saw them:
- * a log-linear histogram (8 sub-buckets per power of two of nanoseconds). */
+/* Accesses that waited for the migration, as the vCPU itself saw them: slow
+ * accesses during which the thread slept in the kernel (see vcpu_run). */
+#define QEMU_DIST_BUCKETS 24
 typedef struct {
     uint64_t count;
     uint64_t total_ns;
     uint64_t max_ns;
+    /* Log-linear: 8 sub-buckets per power of two of nanoseconds. */
     uint64_t buckets[STALL_BUCKETS];
+    /* The same stalls in QEMU's postcopy-latency-dist layout (QEMU 10.1,
+     * query-migrate): bucket N counts waits of [2^N, 2^(N+1)) µs, bucket 0
+     * also holds those under 1 µs and the last one everything longer. */
+    uint64_t qemu_dist[QEMU_DIST_BUCKETS];
+    /* Slow accesses that did not wait for the migration (copy-on-write of a
+     * page placed as a zero page, a first touch, a preemption): kept apart,
+     * as they are no postcopy cost. */
+    uint64_t slow_other;
+    uint64_t slow_other_ns;
     /* While an access to a new page is under way: when it started and its
      * address (0 otherwise), for a watchdog to name a vCPU stuck in a fault. */
     uint64_t waiting_since_ns;
@@ -49,7 +60,7 @@ void vcpu_init(vcpu_state_t *st, uint64_t seed, uint32_t index);
 
 /* Runs the workload on pages [first, first+count) until *stop is set or
  * st->steps reaches max_steps.  rate is accesses per second (0: unlimited).
- * Accesses that faulted are timed into stalls.  When gate is not NULL the
+ * Accesses that waited for a page are timed into stalls.  When gate is not NULL the
  * vCPU first waits for gate_open(gate): threads are created ahead of time,
  * so a resume costs one wake-up, not a thread start.  Returns 0. */
 int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import select
 import time
 
 import pytest
 
 from migrate.errors import UsageError
 from migrate.guest import Guest, GuestSpec, Workload, replay
+from migrate.uffd import PAGE_SIZE, Userfaultfd
 
 
 @pytest.mark.parametrize("workload", list(Workload))
@@ -59,3 +61,49 @@ def test_zero_fraction_leaves_zero_pages() -> None:
 def test_impossible_guests_are_usage_errors(kwargs: dict) -> None:
     with pytest.raises(UsageError):
         GuestSpec(**kwargs)
+
+
+# -- stalls: only accesses that waited for a page ---------------------------
+def _registered_guest(pages: int) -> tuple[Guest, Userfaultfd]:
+    g = Guest(GuestSpec(pages=pages, vcpus=1, workload=Workload.uniform, seed=5), fill=False)
+    uffd = Userfaultfd()
+    uffd.register(g.base, g.spec.size)
+    g.time_stalls(True)
+    return g, uffd
+
+
+def test_copy_on_write_of_zero_pages_is_no_stall() -> None:
+    """Pages placed as zero pages fault again when written (copy-on-write), but nothing waits for the migration."""
+    g, uffd = _registered_guest(4096)
+    uffd.zeropage(g.base, g.spec.size)
+    g.start(max_steps=[200_000])  # uniform: 75% writes, every page written many times
+    g.join()
+    s = g.stalls()
+    assert s.count == 0 and s.total_ns == 0 and sum(s.qemu_dist) == 0, s.summary()
+    uffd.close()
+    g.close()
+
+
+def test_a_fault_served_late_is_one_stall_in_both_histograms() -> None:
+    """Each missing page is served 1 ms after its fault: one stall per fault, in QEMU's 1 ms buckets too."""
+    g, uffd = _registered_guest(64)
+    g.start(max_steps=[20_000])  # touches every one of the 64 pages
+    page, faults = bytes(range(256)) * 16, 0
+    deadline = time.monotonic() + 20
+    while g.running() and time.monotonic() < deadline:
+        select.select([uffd.fd], [], [], 0.01)
+        for addr, _tid in uffd.read_faults():
+            time.sleep(0.001)  # a slow network
+            faults += uffd.copy(addr & ~(PAGE_SIZE - 1), page, PAGE_SIZE).pages
+    g.join()
+    s = g.stalls()
+    assert faults == 64
+    assert s.count == faults, s.summary()
+    # QEMU's bucket N holds [2^N, 2^(N+1)) µs: every wait is >= 1000 µs, so bucket 9 or above.
+    assert sum(s.qemu_dist) == s.count and sum(s.qemu_dist[9:]) == s.count
+    assert s.percentile_us(0.5) >= 1000
+    summary = s.summary()
+    assert len(summary["qemu_dist"]) == 24 and summary["slow_other"] >= 0
+    assert sum(n for _, n in summary["hist"]) == s.count
+    uffd.close()
+    g.close()

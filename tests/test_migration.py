@@ -138,24 +138,6 @@ def test_bad_options_are_usage_errors() -> None:
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
 
 
-@pytest.mark.parametrize("prog,args,words", [
-    ("migrate-src", ["--handshake-timeout", "0"], ["--handshake-timeout", "must be > 0"]),
-    ("migrate-src", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
-    ("migrate-src", ["--max-pending", "0"], ["--max-pending"]),
-    ("migrate-src", ["--seed", "-1"], ["--seed", "0..2**64-1"]),
-    ("migrate-src", ["--seed", str(2**64)], ["--seed", "0..2**64-1"]),
-    ("migrate-dst", ["--watchdog", "0"], ["--watchdog", "must be > 0"]),
-    ("migrate-dst", ["--reconnect-timeout", "0"], ["--reconnect-timeout", "must be > 0"]),
-    ("migrate-dst", ["--connect-timeout", "-1"], ["--connect-timeout", "must be > 0"]),
-    ("migrate-dst", ["--watchdog", "inf"], ["--watchdog", "must be > 0"]),
-])
-def test_out_of_range_options_are_one_line_usage_errors(prog: str, args: list[str], words: list[str]) -> None:
-    """Zero timeouts would give up (or spin) at once; a negative seed used to end in a traceback."""
-    proc = run_cli([str(BIN / prog), "--listen" if prog == "migrate-src" else "--connect", "127.0.0.1:9", *args])
-    assert proc.returncode == 2
-    assert_one_line_error(proc, *words)
-
-
 async def test_run_before_keeps_the_guest_running_on_the_source(tmp_path: Path) -> None:
     """--run-before 3 counts from the guest's start on the source: the destination, which joins
     within a second of that, waits well over a second for switchover (it was 0.4 s with the bug)."""
