@@ -311,7 +311,7 @@ class Destination:
                 links = await self._open_links(await self._open(p.Channel.BULK, self._session, attempt), attempt)
                 break
             except (UsageError, *LINK_ERRORS) as exc:
-                if trio.current_time() + delay > deadline:
+                if trio.current_time() >= deadline:
                     placed, total = self.placed_pages, self.plane.pages
                     reason = str(exc)
                     raise PeerError(
@@ -319,7 +319,8 @@ class Destination:
                         f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
                         "stopped here and its memory is incomplete",
                         hint="restart the migration; raise --reconnect-timeout to ride out longer outages") from None
-                await trio.sleep(delay)
+                # The last attempt starts at the deadline, not a backoff step before it.
+                await trio.sleep(min(delay, deadline - trio.current_time()))
                 delay = min(delay * 2, MAX_RETRY)
         runs = guest.absent_runs()
         missing = sum(n for _, n in runs)
