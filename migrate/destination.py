@@ -304,23 +304,23 @@ class Destination:
     async def _reconnect(self, guest: Guest, deadline: float) -> _Links:
         """Reconnects with backoff until ``deadline``, then tells the source what the kernel still lacks."""
         t0 = trio.current_time()
-        delay = FIRST_RETRY
+        delay, reason = FIRST_RETRY, "no attempt fitted"
         while True:
+            if deadline - trio.current_time() < FIRST_RETRY:
+                placed, total = self.placed_pages, self.plane.pages
+                raise PeerError(
+                    f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({reason}); "
+                    f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
+                    "stopped here and its memory is incomplete",
+                    hint="restart the migration; raise --reconnect-timeout to ride out longer outages")
             try:
                 attempt = min(deadline, trio.current_time() + self.cfg.link_timeout)
                 links = await self._open_links(await self._open(p.Channel.BULK, self._session, attempt), attempt)
                 break
             except (UsageError, *LINK_ERRORS) as exc:
-                if trio.current_time() >= deadline:
-                    placed, total = self.placed_pages, self.plane.pages
-                    reason = str(exc)
-                    raise PeerError(
-                        f"the source has been unreachable for {self.cfg.reconnect_timeout:g} s ({reason}); "
-                        f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
-                        "stopped here and its memory is incomplete",
-                        hint="restart the migration; raise --reconnect-timeout to ride out longer outages") from None
-                # The last attempt starts at the deadline, not a backoff step before it.
-                await trio.sleep(min(delay, deadline - trio.current_time()))
+                reason = str(exc)
+                # The last attempt starts near the deadline, not a backoff step before it.
+                await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
                 delay = min(delay * 2, MAX_RETRY)
         runs = guest.absent_runs()
         missing = sum(n for _, n in runs)
