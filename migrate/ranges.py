@@ -32,6 +32,10 @@ class Remaining:
     def __bool__(self) -> bool:
         return bool(self._starts)
 
+    def runs(self) -> list[tuple[int, int]]:
+        """What is left, as sorted, disjoint (start, count) runs."""
+        return [(s, e - s) for s, e in zip(self._starts, self._ends)]
+
     def take(self, cursor: int, limit: int) -> list[tuple[int, int]]:
         """Removes and returns the runs left within the window of ``limit`` pages that starts at
         the first page left at or after ``cursor``.

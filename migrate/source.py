@@ -1,5 +1,19 @@
 """migrate-src: owns the running guest, hands it over at switchover, then serves its pages.
 
+Three modes (``SourceConfig.mode``):
+
+- *postcopy*: at switchover the vCPUs stop and their state goes at once;
+- *hybrid*: first, while the guest keeps running here, precopy rounds: round 1
+  streams every page, each later round the pages the kernel saw written
+  during the previous one (``migrate.dirty``), flagged so that the
+  destination replaces its older copy; the destination acknowledges each
+  round.  At switchover the vCPUs stop, one last scan gives the pages written
+  since the last round, and the destination is told to discard them before
+  the CPU state goes; then postcopy as below, for those pages only;
+- *precopy*: the same rounds, then those last pages are sent with the vCPUs
+  stopped (stop-and-copy) before the CPU state: the destination starts its
+  vCPUs with every page present.
+
 After switchover the guest is stopped, and one nursery per session runs:
 - the *streamer*: a trio task that picks the next window of pages not yet
   sent (jumping to just after the last requested run: a vCPU that faulted
@@ -12,28 +26,34 @@ After switchover the guest is stopped, and one nursery per session runs:
 
 A lost link is not the end: the session (an id every connection presents)
 waits for the destination to reconnect, and the stream becomes exactly the
-page runs the destination's kernel still lacks.
+page runs the destination's kernel still lacks.  During the rounds, the
+round under way is sent again whole as well (a replaced page that did not
+arrive is stale, not absent); a switchover the destination did not confirm
+(``Resume.started``) is sent again; one it confirmed never is.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
 from . import protocol as p
 from ._native import ffi, lib
+from .dirty import DirtyTracker, Runs
 from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError
 from .guest import Guest, GuestSpec
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
+from .uffd import PAGE_SIZE
 from .wire import FrameSocket, tune
 
 log = logging.getLogger(__name__)
@@ -42,7 +62,29 @@ log = logging.getLogger(__name__)
 # hand-over costs little, small enough that the stream follows a request's
 # jump within a few milliseconds.
 WINDOW_PAGES = 2048
+# Working-set order in postcopy: the pages written in this last stretch of
+# --run-before are streamed first.  Short, because a busy guest also writes
+# cold pages now and then (hotset: 10% of its accesses are uniform) and those
+# dilute the set; long enough for a hot set to be written whole.
+WORKING_SET_S = 0.02
+# Precopy rounds stop converging when a round's pages are written again about
+# as fast as they are sent (a busy guest rewrites its hot set faster than any
+# link sends it): once the pages written during a round reach this share of
+# the pages it sent, another round would not shrink them, so the guest
+# switches over at once.
+NOT_CONVERGING = 0.8
 
+
+class StreamOrder(enum.Enum):
+    """What the postcopy stream sends first."""
+
+    address = "address"
+    working_set = "working-set"
+
+
+class Phase(enum.Enum):
+    ROUNDS = "rounds"  # the guest runs here; precopy rounds copy its memory
+    SWITCHED = "switched"  # the vCPUs are stopped: the switchover is sent, or being sent
 
 @dataclass
 class SourceConfig:
@@ -55,6 +97,10 @@ class SourceConfig:
     handshake_timeout: float = 10.0  # a silent or slow-drip client is dropped after this
     reconnect_timeout: float = 60.0  # how long a lost destination may take to come back
     link_timeout: float = 10.0  # a send the destination does not take for this long means a lost link
+    mode: p.Mode = p.Mode.postcopy
+    precopy_rounds: int = 10  # at most this many rounds, the full first one included
+    switchover_ms: float = 5.0  # rounds end once what is written would take this long to send
+    stream_order: StreamOrder = StreamOrder.address
 
 
 @dataclass
@@ -109,17 +155,38 @@ class Source:
         self._note_buf = ffi.new("struct wire_run[]", lib.NOTE_RING)
         self.dest_counters: dict[str, float] = {}
         self.progress = Progress()
+        # Dirty tracking and the precopy rounds: only the kernel's scan results are kept.
+        self.tracker: DirtyTracker | None = None
+        self.phase = Phase.ROUNDS
+        self.round = 0  # the precopy round under way; 0 before the first
+        self.round_set: Runs | None = None  # what the round under way sends (None: round 1, every page)
+        self._last_round = False  # the round under way is estimated short enough to switch over after it
+        self.pending: Runs | None = None  # written during the last round when the rounds stopped converging
+        self.final_last: Runs | None = None  # the scan with the vCPUs stopped: written since the previous scan
+        self.final: Runs | None = None  # what the switchover discards or copies: final_last and pending
+        self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
+        self.first_cursor = 0
+        self.cpu_state: p.CpuState | None = None
+        self.figures = _Figures()
 
     @property
     def _idle_ms(self) -> int:
         return max(1, round(self.cfg.link_timeout * 1000))
 
     # -- set-up ------------------------------------------------------------
+    @property
+    def _tracking(self) -> bool:
+        """Whether this migration asks the kernel what the guest writes."""
+        return self.cfg.mode is not p.Mode.postcopy or self.cfg.stream_order is StreamOrder.working_set
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
         """Runs the guest, migrates it once, and returns the source's metrics."""
+        if self._tracking:
+            await trio.to_thread.run_sync(DirtyTracker.check)  # an old kernel says so now, not after --run-before
         self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
         self.guest.start()
         t0 = trio.current_time()  # --run-before counts guest time, not the fill before it
+        self.figures.t_guest = t0
         listener = await self._listen()
         port = listener.getsockname()[1]
         log.info("guest of %d MiB with %d vCPUs running %s; listening on %s:%d", self.spec.size >> 20,
@@ -128,7 +195,15 @@ class Source:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
             await self._paired.wait()
-            await trio.sleep_until(t0 + self.cfg.run_before)
+            if self.cfg.mode is p.Mode.postcopy and self._tracking:
+                # Track writes over the last WORKING_SET_S before switchover only.
+                await trio.sleep_until(t0 + self.cfg.run_before - WORKING_SET_S)
+                await self._start_tracking()
+                await trio.sleep_until(max(t0 + self.cfg.run_before, trio.current_time() + WORKING_SET_S))
+            else:
+                # Precopy rounds start after --run-before: the guest's pace until then is the baseline
+                # its progress during the rounds is measured against.
+                await trio.sleep_until(t0 + self.cfg.run_before)
             result = await self._migrate()
             nursery.cancel_scope.cancel()
         listener.close()
@@ -197,30 +272,36 @@ class Source:
         await fs.send(p.Welcome(s.id, p.prove(self.cfg.key, p.Role.SOURCE, hello.channel, nonce, hello.nonce)))
         if hello.session == b"":
             sp = self.spec
-            await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
+            await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate,
+                                      self.cfg.mode))
         setattr(s, hello.channel.value, fs)
         log.info("%s: %s channel up", fs.peer, hello.channel.value)
         if s.complete():
             self._paired.set()
 
     # -- migration ---------------------------------------------------------
+    async def _start_tracking(self) -> None:
+        """Registers the guest for write tracking and write-protects all of it (20 ms per GiB)."""
+        assert self.guest is not None
+        self.tracker = await trio.to_thread.run_sync(DirtyTracker, self.guest.base, self.spec.pages)
+
     async def _migrate(self) -> dict[str, object]:
         s = self.session
         assert self.guest is not None and s is not None and s.complete()
-        await trio.to_thread.run_sync(self.guest.stop)
-        t_switch = time.monotonic()
-        steps = self.guest.steps()
-        # Downtime starts when the last vCPU stopped, as its own clock saw it.
-        cpu_state = p.CpuState(tuple(self.guest.export_state()), self.guest.stopped_at_ns())
+        fig = self.figures
+        fig.t_start, fig.steps_start = trio.current_time(), self.guest.live_steps()
         recoveries = 0
+        resume: p.Resume | None = None
         while True:
             links = s.links()
             try:
-                if recoveries == 0:
-                    await links.bulk.send(cpu_state)
-                    log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
-                else:
-                    await self._receive_resume(links.bulk)
+                if recoveries:
+                    resume = await self._receive_resume(links.bulk)
+                if self.phase is Phase.ROUNDS:
+                    await self._rounds(links.bulk, resume)
+                    await self._stop_guest()
+                    resume = None  # the rounds took what it said
+                await self._switchover(links.bulk, resume)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._stream, links.bulk)
                     nursery.start_soon(self._serve_requests, links)
@@ -245,34 +326,223 @@ class Source:
             with trio.move_on_after(self.cfg.reconnect_timeout):
                 await self._paired.wait()
             if not self._paired.is_set():
-                raise PeerError(f"the destination did not come back within {self.cfg.reconnect_timeout:g} s; "
-                                "its guest is incomplete and this one is stopped",
+                where = ("its guest is incomplete and this one is stopped" if self.phase is Phase.SWITCHED
+                         else "the guest never left this host (it was still running here)")
+                raise PeerError(f"the destination did not come back within {self.cfg.reconnect_timeout:g} s; {where}",
                                 hint="restart the migration from scratch")
         self.progress.finish()
-        total_s = time.monotonic() - t_switch
+        if self.tracker is not None:
+            self.tracker.close()
+        return self._metrics(recoveries)
+
+    def _metrics(self, recoveries: int) -> dict[str, object]:
+        fig = self.figures
+        total_s = time.monotonic() - fig.t_switch
         stream, served = self.stream_stats, self.serve_stats
+        before = fig.steps_start / max(fig.t_start - fig.t_guest, 1e-9)
+        during = None
+        if self.cfg.mode is not p.Mode.postcopy:
+            during = (fig.steps_stop - fig.steps_start) / max(fig.t_stop - fig.t_start, 1e-9)
         metrics: dict[str, object] = {
+            "mode": self.cfg.mode.name, "stream_order": self.cfg.stream_order.value,
             "pages_streamed": stream.pages, "pages_requested": served.pages, "requests": served.requests,
             "rejected_peers": self.rejected_peers, "pages_total": self.spec.pages, "total_s": round(total_s, 3),
-            "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "recoveries": recoveries,
+            "migration_s": round(trio.current_time() - fig.t_start, 3),
+            "precopy_s": round(fig.t_stop - fig.t_start, 3) if during is not None else 0.0,
+            "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "bytes_sent_total": stream.bytes + served.bytes,
+            "recoveries": recoveries,
             "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
-            "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
+            "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": self.guest.steps(),
+            "rounds": fig.rounds,
+            "guest_steps_per_s": {"before": round(before), "during_precopy": None if during is None else round(during),
+                                  "ratio": None if during is None else round(during / max(before, 1e-9), 3)},
+            "switchover": {"dirty_pages": self.final.pages if self.final else 0,
+                           "pages_discarded": stream.discards, "stop_and_copy_pages": fig.stop_and_copy_pages,
+                           "stopped_to_cpu_state_ms": round(fig.switch_ms, 3),
+                           "working_set_pages": fig.working_set_pages},
+            "first_window": fig.first_window,
         }
         log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
                  total_s, stream.pages, served.pages, served.requests, self.dest_counters.get("pages_placed", "?"))
         return metrics
 
-    async def _receive_resume(self, bulk: FrameSocket) -> None:
-        """After a reconnection: the stream becomes exactly what the destination's kernel still lacks."""
+    async def _rounds(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
+        """Precopy rounds while the guest runs here, until they converge or --precopy-rounds is reached.
+
+        Each round is acknowledged before the next scan, so at most one
+        round's pages are unconfirmed: after a lost link, that round is sent
+        again whole, with what the destination's kernel lacks.
+        """
+        if self.cfg.mode is p.Mode.postcopy:
+            return
+        assert self.guest is not None
+        if self.round == 0:
+            await self._start_tracking()  # protects every page: round 1 reads each after that
+            self.round = 1
+        st, fig = self.stream_stats, self.figures
+        again: list[tuple[int, int]] | None = None
+        if resume is not None:
+            # A replaced page that did not arrive is stale there, not absent: the round goes again whole.
+            again = list(resume.runs) + (self.round_set.as_list() if self.round_set else [])
+        while True:
+            n = self.round
+            flags = lib.WIRE_REPLACE if n > 1 else 0
+            resent = again is not None
+            if again is not None:
+                runs = Remaining(again).runs()
+                array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
+                pages = sum(b for _, b in runs)
+                again = None
+            elif self.round_set is None:
+                array, count, pages = ffi.new("struct wire_run[]", [{"start": 0, "count": self.spec.pages}]), 1, \
+                    self.spec.pages
+            else:
+                array, count, pages = self.round_set.array, self.round_set.n, self.round_set.pages
+            await bulk.send(p.Round(n, pages))
+            t0, pages0, bytes0 = trio.current_time(), st.pages, st.bytes
+            if count:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._show_round, n, pages0, pages)
+                    await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), array,
+                                     count, flags, self._idle_ms, st, peer=bulk.peer)
+                    nursery.cancel_scope.cancel()
+            await bulk.send(p.RoundEnd(n))
+            ack = await bulk.expect(p.RoundAck)
+            if ack.number != n:
+                raise RemoteProtocolError(f"{bulk.peer} acknowledged round {ack.number} during round {n}")
+            seconds = trio.current_time() - t0
+            sent = st.pages - pages0
+            entry: dict[str, object] = {"round": n, "pages": sent, "bytes": st.bytes - bytes0,
+                                        "seconds": round(seconds, 4), "dirty_pages_found": None}
+            if resent:
+                entry["resent_after_recovery"] = True
+            fig.rounds.append(entry)
+            fig.round_bytes += st.bytes - bytes0
+            fig.round_s += seconds
+            if n >= self.cfg.precopy_rounds or self._last_round:
+                log.info("round %d: %d pages in %.3f s; switching over", n, entry["pages"], seconds)
+                return
+            found = await trio.to_thread.run_sync(self.tracker.take)  # type: ignore[union-attr]
+            entry["dirty_pages_found"] = found.pages
+            # The switchover threshold: what is written would take at most switchover_ms to send, at
+            # the pace of the rounds so far (bytes, so zero pages do not flatter the estimate).
+            rate = fig.round_bytes / max(fig.round_s, 1e-9)
+            estimate_ms = found.pages * PAGE_SIZE / max(rate, 1.0) * 1000
+            log.info("round %d: %d pages in %.3f s; %d written meanwhile (%.1f ms to send)", n, entry["pages"],
+                     seconds, found.pages, estimate_ms)
+            if found.pages == 0:
+                return  # nothing written since: the switchover has nothing left to send
+            if found.pages >= NOT_CONVERGING * sent:
+                log.info("round %d: the guest wrote %d pages while %d were sent: the rounds do not converge; "
+                         "switching over", n, found.pages, sent)
+                self.pending = found  # no use sending them while the guest runs: they join the final set
+                return
+            self._last_round = estimate_ms <= self.cfg.switchover_ms
+            self.round, self.round_set = n + 1, found
+
+    async def _show_round(self, n: int, pages0: int, pages: int) -> None:
+        while True:
+            done = self.stream_stats.pages - pages0
+            self.progress.update(f"round {n}: sent {done}/{pages} pages ({100 * done / max(pages, 1):.0f}%)")
+            await trio.sleep(0.1)
+
+    async def _stop_guest(self) -> None:
+        """Stops the vCPUs and, with rounds, scans what they wrote since the last one: the final dirty set."""
+        assert self.guest is not None
+        guest, fig = self.guest, self.figures
+
+        def stop_and_scan() -> None:
+            guest.stop()
+            if self.cfg.mode is not p.Mode.postcopy:
+                # In the same thread: no extra hop inside the downtime.
+                tracker = self.tracker
+                assert tracker is not None
+                self.final_last = last = tracker.take()
+                self.final = tracker.union(self.pending, last) if self.pending is not None else last
+
+        await trio.to_thread.run_sync(stop_and_scan)
+        fig.t_stop, fig.t_switch = trio.current_time(), time.monotonic()
+        fig.steps_stop = sum(guest.steps())
+        if self.final is not None and fig.rounds and fig.rounds[-1]["dirty_pages_found"] is None:
+            fig.rounds[-1]["dirty_pages_found"] = self.final.pages
+        # Downtime starts when the last vCPU stopped, as its own clock saw it.
+        self.cpu_state = p.CpuState(tuple(guest.export_state()), guest.stopped_at_ns())
+        self.phase = Phase.SWITCHED
+
+    async def _switchover(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
+        """Sends the switchover (discards or stop-and-copy, then the CPU state), unless the destination has it.
+
+        Sets what the postcopy stream then sends: ``remaining``, and ``first``
+        in working-set order.
+        """
+        assert self.guest is not None and self.cpu_state is not None
+        self.cursor, self.first_cursor = 0, 0
+        if resume is not None and resume.started:
+            # The destination runs the guest: its kernel's absent pages are all that is left.
+            self.remaining, self.first = Remaining(list(resume.runs)), Remaining([])
+            return
+        absent = list(resume.runs) if resume is not None else []
+        mode, st, fig, final = self.cfg.mode, self.stream_stats, self.figures, self.final
+        t0 = trio.current_time()
+        if mode is p.Mode.hybrid:
+            assert final is not None
+            await bulk.send(p.Round(self.round + 1, final.pages, final=True))
+            if final.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), final.array, final.n,
+                                 self._idle_ms, st, peer=bulk.peer)
+        elif mode is p.Mode.precopy:
+            assert final is not None
+            array, count, pages = final.array, final.n, final.pages
+            if absent:
+                runs = Remaining(final.as_list() + absent).runs()
+                array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
+                pages = sum(b for _, b in runs)
+            await bulk.send(p.Round(self.round + 1, pages, final=True))
+            pages0 = st.pages
+            if count:
+                await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), array, count,
+                                 lib.WIRE_REPLACE, self._idle_ms, st, peer=bulk.peer)
+            fig.stop_and_copy_pages = st.pages - pages0
+        await bulk.send(self.cpu_state)
+        if resume is None:
+            fig.switch_ms = (time.time_ns() - self.cpu_state.stopped_at_ns) / 1e6
+        log.info("switchover: vCPUs stopped after %d steps; %s", sum(self.guest.steps()), {
+            p.Mode.postcopy: f"streaming {self.spec.pages} pages",
+            p.Mode.hybrid: f"{final.pages if final else 0} pages written since the last round discarded there",
+            p.Mode.precopy: f"{fig.stop_and_copy_pages} pages copied with the vCPUs stopped",
+        }[mode])
+        # What postcopy streams, built after the CPU state left: not inside the downtime.
+        if mode is p.Mode.hybrid:
+            assert final is not None
+            self.remaining = Remaining(final.as_list() + absent)
+        elif mode is p.Mode.precopy:
+            self.remaining = Remaining([])
+        else:
+            self.remaining = Remaining(absent) if resume is not None else Remaining([(0, self.spec.pages)])
+        self.first = Remaining([])
+        if self.cfg.stream_order is StreamOrder.working_set:
+            if mode is p.Mode.postcopy and self.tracker is not None and fig.working_set_pages is None:
+                ws = await trio.to_thread.run_sync(self.tracker.take)
+                self.first = Remaining(ws.as_list())
+                fig.working_set_pages = ws.pages
+                log.info("working set: %d pages written in the last %.0f ms go first", ws.pages, WORKING_SET_S * 1e3)
+            elif mode is p.Mode.hybrid and self.final_last is not None and resume is None:
+                # What is left is what the guest wrote during the last round, and, when the rounds
+                # stopped converging, since the scan before: that last stretch goes first.
+                self.first = Remaining(self.final_last.as_list())
+                fig.working_set_pages = self.final_last.pages
+
+    async def _receive_resume(self, bulk: FrameSocket) -> p.Resume:
+        """After a reconnection: what the destination's kernel lacks, and whether its vCPUs run."""
         runs: list[tuple[int, int]] = []
         while True:
             resume = await bulk.expect(p.Resume)
             runs += resume.runs
             if not resume.more:
                 break
-        self.remaining = Remaining(runs)
-        self.cursor = 0
-        log.info("destination back: it lacks %d pages in %d runs", self.remaining.pages, len(runs))
+        log.info("destination back: it lacks %d pages in %d runs; its vCPUs %s", sum(n for _, n in runs), len(runs),
+                 "run" if resume.started else "wait for the switchover")
+        return p.Resume(tuple(runs), started=resume.started)
 
     def _take_notes(self) -> None:
         """Pages the request server sent leave the stream, which jumps to just after the last of them
@@ -280,7 +550,23 @@ class Source:
         while n := lib.notes_take(self.notes, self._note_buf, lib.NOTE_RING):
             for i in range(n):
                 self.remaining.discard(self._note_buf[i].start, self._note_buf[i].count)
+                self.first.discard(self._note_buf[i].start, self._note_buf[i].count)
             self.cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
+
+    def _next_window(self) -> list[tuple[int, int]]:
+        """The next runs to stream: the working set first (in working-set order), then the rest."""
+        if self.first:
+            runs = self.first.take(self.first_cursor, WINDOW_PAGES)
+            self.first_cursor = runs[-1][0] + runs[-1][1]
+            for start, count in runs:
+                self.remaining.discard(start, count)
+        else:
+            runs = self.remaining.take(self.cursor, WINDOW_PAGES)
+            if runs:
+                self.cursor = runs[-1][0] + runs[-1][1]
+        if runs and self.figures.first_window is None:
+            self.figures.first_window = runs[:64]
+        return runs
 
     async def _stream(self, bulk: FrameSocket) -> None:
         """Streams what is left, a window at a time, from the native sender; then SourceDone.
@@ -293,12 +579,11 @@ class Source:
         sent_before = st.pages
         while True:
             self._take_notes()
-            runs = self.remaining.take(self.cursor, WINDOW_PAGES)
+            runs = self._next_window()
             if not runs:
                 break
-            self.cursor = runs[-1][0] + runs[-1][1]
             arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
-            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), arr, len(runs),
+            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), arr, len(runs), 0,
                              self._idle_ms, st, peer=bulk.peer)
             done = st.pages + self.serve_stats.pages
             mbps = st.bytes / max(time.monotonic() - t0, 1e-9) / 1e6
@@ -322,6 +607,25 @@ class Source:
                             peer=req.peer) == CONTROL:
             event = await req.receive()  # raises for an Error from the destination
             raise RemoteProtocolError(f"unexpected {type(event).__name__} among the requests from {req.peer}")
+
+
+@dataclass
+class _Figures:
+    """Times and counts for the metrics (trio's clock unless named otherwise)."""
+
+    t_guest: float = 0.0  # the guest started
+    t_start: float = 0.0  # the migration began: the first round, or the switchover in postcopy
+    t_stop: float = 0.0  # the vCPUs stopped
+    t_switch: float = 0.0  # the same, time.monotonic()
+    steps_start: int = 0
+    steps_stop: int = 0
+    switch_ms: float = 0.0  # the vCPUs' stop (their own clock) to the CPU state sent
+    stop_and_copy_pages: int = 0
+    working_set_pages: int | None = None
+    rounds: list[dict[str, object]] = field(default_factory=list)
+    round_bytes: int = 0
+    round_s: float = 0.0
+    first_window: list[tuple[int, int]] | None = None
 
 
 def _first(exc: BaseException) -> BaseException:

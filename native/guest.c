@@ -191,8 +191,10 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             write = ctl >= 64; /* 75% writes */
             break;
         }
-        if ((steps & 1023) == 0)
+        if ((steps & 1023) == 0) {
             armed = __atomic_load_n(&stalls->armed, __ATOMIC_RELAXED);
+            __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
+        }
         int timed = armed && page != last_page;
         uint64_t *w = mem + page * WORDS_PER_PAGE + word;
         if (timed) {
@@ -235,6 +237,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->prng = prng;
     st->steps = steps;
     st->acc = acc;
+    __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
     stalls->stopped_at_ns = wall_ns();
     return 0;
 }
