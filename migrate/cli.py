@@ -95,8 +95,8 @@ def _src_parser() -> argparse.ArgumentParser:
                          "pages (QEMU's downtime-limit works the same way). Default 10")
     ap.add_argument("--stream-order", choices=[o.value for o in StreamOrder], default="address",
                     help="what the postcopy stream sends first: address (page 0 upwards, jumping after each "
-                         "faulting page) or working-set (first the pages the guest wrote in its last "
-                         f"{WORKING_SET_S * 1e3:.0f} ms before switchover, as the kernel tracked them; in hybrid the "
+                         "faulting page) or working-set (first the pages the guest wrote in each of its last two "
+                         f"{WORKING_SET_S * 1e3:.0f} ms stretches before switchover, as the kernel tracked them; in hybrid the "
                          "pages left after the rounds are those already; precopy has no postcopy phase) "
                          "(default address)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")

@@ -63,10 +63,11 @@ class DirtyTracker:
         except BaseException:
             self._uffd.close()
             raise
-        # Two result arrays, used in turn, and one for a union; (pages + 1) // 2 runs always suffice.
+        # Two result arrays, used in turn, and one for a union or an intersection; (pages + 1) // 2
+        # runs always suffice.
         cap = (pages + 1) // 2 + 1
         self._arrays = [ffi.new("struct wire_run[]", cap), ffi.new("struct wire_run[]", cap)]
-        self._union = ffi.new("struct wire_run[]", cap)
+        self._combined = ffi.new("struct wire_run[]", cap)
         self._cap = cap
         self._turn = 0
         self._total = ffi.new("uint64_t *")
@@ -96,9 +97,14 @@ class DirtyTracker:
         return Runs(array, n, self._total[0])
 
     def union(self, a: Runs, b: Runs) -> Runs:
-        """The pages of either scan, as one sorted list of runs (valid until the next ``union``)."""
-        n = lib.runs_union(a.array, a.n, b.array, b.n, self._union, self._total)
-        return Runs(self._union, n, self._total[0])
+        """The pages of either scan, as one sorted list of runs (valid until the next union or intersection)."""
+        n = lib.runs_union(a.array, a.n, b.array, b.n, self._combined, self._total)
+        return Runs(self._combined, n, self._total[0])
+
+    def intersection(self, a: Runs, b: Runs) -> Runs:
+        """The pages of both scans (valid until the next union or intersection)."""
+        n = lib.runs_intersect(a.array, a.n, b.array, b.n, self._combined, self._total)
+        return Runs(self._combined, n, self._total[0])
 
     def close(self) -> None:
         """Stops tracking (closing the userfaultfd unregisters the region)."""

@@ -60,6 +60,23 @@ class Remaining:
             self.discard(s, n)
         return runs
 
+    def take_pages(self, cursor: int, limit: int) -> list[tuple[int, int]]:
+        """Removes and returns up to ``limit`` pages of runs, from the first page left at or after
+        ``cursor`` on (wrapping around), however far apart: for a sparse set such as a working set."""
+        runs: list[tuple[int, int]] = []
+        left = limit
+        while left and self._starts:
+            i = bisect.bisect_right(self._ends, cursor)
+            if i == len(self._starts):
+                i = 0
+            start = max(self._starts[i], cursor) if self._ends[i] > cursor else self._starts[i]
+            n = min(self._ends[i] - start, left)
+            runs.append((start, n))
+            self.discard(start, n)
+            left -= n
+            cursor = start + n
+        return runs
+
     def discard(self, start: int, count: int) -> None:
         """Removes [start, start+count) wherever it overlaps what is left."""
         end = start + count

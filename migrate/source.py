@@ -62,11 +62,13 @@ log = logging.getLogger(__name__)
 # hand-over costs little, small enough that the stream follows a request's
 # jump within a few milliseconds.
 WINDOW_PAGES = 2048
-# Working-set order in postcopy: the pages written in this last stretch of
-# --run-before are streamed first.  Short, because a busy guest also writes
-# cold pages now and then (hotset: 10% of its accesses are uniform) and those
-# dilute the set; long enough for a hot set to be written whole.
-WORKING_SET_S = 0.02
+# Working-set order in postcopy: the pages written in each of the last two
+# stretches of this length before switchover are streamed first.  A busy
+# guest also writes cold pages now and then (hotset: 10% of its accesses are
+# uniform): one long stretch would catch many of them, and they would dilute
+# the set; a cold page is seldom written in both of two short ones, while a
+# hot page almost always is.
+WORKING_SET_S = 0.01
 # Precopy rounds stop converging when a round's pages are written again about
 # as fast as they are sent (a busy guest rewrites its hot set faster than any
 # link sends it): once the pages written during a round reach this share of
@@ -167,6 +169,7 @@ class Source:
         self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
         self.first_cursor = 0
         self.cpu_state: p.CpuState | None = None
+        self._ws_before: Runs | None = None  # postcopy, working-set order: written in the stretch before the last
         self.figures = _Figures()
 
     @property
@@ -196,9 +199,12 @@ class Source:
             nursery.start_soon(self._accept_loop, listener, nursery)
             await self._paired.wait()
             if self.cfg.mode is p.Mode.postcopy and self._tracking:
-                # Track writes over the last WORKING_SET_S before switchover only.
-                await trio.sleep_until(t0 + self.cfg.run_before - WORKING_SET_S)
+                # Track writes over the last two stretches of WORKING_SET_S before switchover only.
+                await trio.sleep_until(t0 + self.cfg.run_before - 2 * WORKING_SET_S)
                 await self._start_tracking()
+                await trio.sleep(WORKING_SET_S)
+                assert self.tracker is not None
+                self._ws_before = await trio.to_thread.run_sync(self.tracker.take)
                 await trio.sleep_until(max(t0 + self.cfg.run_before, trio.current_time() + WORKING_SET_S))
             else:
                 # Precopy rounds start after --run-before: the guest's pace until then is the baseline
@@ -521,11 +527,15 @@ class Source:
             self.remaining = Remaining(absent) if resume is not None else Remaining([(0, self.spec.pages)])
         self.first = Remaining([])
         if self.cfg.stream_order is StreamOrder.working_set:
-            if mode is p.Mode.postcopy and self.tracker is not None and fig.working_set_pages is None:
-                ws = await trio.to_thread.run_sync(self.tracker.take)
+            if mode is p.Mode.postcopy and self._ws_before is not None and fig.working_set_pages is None:
+                tracker = self.tracker
+                assert tracker is not None
+                last = await trio.to_thread.run_sync(tracker.take)
+                ws = tracker.intersection(self._ws_before, last)
                 self.first = Remaining(ws.as_list())
                 fig.working_set_pages = ws.pages
-                log.info("working set: %d pages written in the last %.0f ms go first", ws.pages, WORKING_SET_S * 1e3)
+                log.info("working set: %d pages written in each of the last two %.0f ms stretches go first",
+                         ws.pages, WORKING_SET_S * 1e3)
             elif mode is p.Mode.hybrid and self.final_last is not None and resume is None:
                 # What is left is what the guest wrote during the last round, and, when the rounds
                 # stopped converging, since the scan before: that last stretch goes first.
@@ -551,12 +561,12 @@ class Source:
             for i in range(n):
                 self.remaining.discard(self._note_buf[i].start, self._note_buf[i].count)
                 self.first.discard(self._note_buf[i].start, self._note_buf[i].count)
-            self.cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
+            self.cursor = self.first_cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
 
     def _next_window(self) -> list[tuple[int, int]]:
         """The next runs to stream: the working set first (in working-set order), then the rest."""
         if self.first:
-            runs = self.first.take(self.first_cursor, WINDOW_PAGES)
+            runs = sorted(self.first.take_pages(self.first_cursor, WINDOW_PAGES))
             self.first_cursor = runs[-1][0] + runs[-1][1]
             for start, count in runs:
                 self.remaining.discard(start, count)
@@ -565,7 +575,8 @@ class Source:
             if runs:
                 self.cursor = runs[-1][0] + runs[-1][1]
         if runs and self.figures.first_window is None:
-            self.figures.first_window = runs[:64]
+            self.figures.first_window = {"pages": sum(n for _, n in runs), "runs": len(runs),
+                                         "start": runs[0][0], "end": runs[-1][0] + runs[-1][1]}
         return runs
 
     async def _stream(self, bulk: FrameSocket) -> None:
@@ -625,7 +636,7 @@ class _Figures:
     rounds: list[dict[str, object]] = field(default_factory=list)
     round_bytes: int = 0
     round_s: float = 0.0
-    first_window: list[tuple[int, int]] | None = None
+    first_window: dict[str, int] | None = None  # what the postcopy stream sent first: pages, runs, span
 
 
 def _first(exc: BaseException) -> BaseException:

@@ -130,3 +130,24 @@ uint64_t runs_union(const struct wire_run *a, uint64_t na, const struct wire_run
     *pages = total;
     return n;
 }
+
+uint64_t runs_intersect(const struct wire_run *a, uint64_t na, const struct wire_run *b,
+                        uint64_t nb, struct wire_run *out, uint64_t *pages)
+{
+    uint64_t i = 0, j = 0, n = 0, total = 0;
+    while (i < na && j < nb) {
+        uint64_t a_end = a[i].start + a[i].count, b_end = b[j].start + b[j].count;
+        uint64_t lo = a[i].start > b[j].start ? a[i].start : b[j].start;
+        uint64_t hi = a_end < b_end ? a_end : b_end;
+        if (lo < hi) {
+            out[n++] = (struct wire_run){ lo, hi - lo };
+            total += hi - lo;
+        }
+        if (a_end < b_end)
+            i++;
+        else
+            j++;
+    }
+    *pages = total;
+    return n;
+}

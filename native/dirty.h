@@ -48,3 +48,10 @@ int region_discard(uint64_t addr, uint64_t len);
  * the number of runs; *pages gets their total. */
 uint64_t runs_union(const struct wire_run *a, uint64_t na, const struct wire_run *b, uint64_t nb,
                     struct wire_run *out, uint64_t *pages);
+
+/* The pages in both of two sorted lists of disjoint runs (written in each of
+ * two scans' intervals: a working set without the pages written only once),
+ * into out, which holds at least na + nb runs or (npages + 1) / 2.  Returns
+ * the number of runs; *pages gets their total. */
+uint64_t runs_intersect(const struct wire_run *a, uint64_t na, const struct wire_run *b,
+                        uint64_t nb, struct wire_run *out, uint64_t *pages);
