@@ -98,6 +98,7 @@ class Destination:
         self.rounds_received = 0
         self._final_seen = False
         self.missing_at_switchover = 0
+        self.discarded_at_switchover = 0
 
     @property
     def placed_pages(self) -> int:
@@ -234,6 +235,7 @@ class Destination:
             "mode": self.mode.name, "precopy_rounds": self.rounds_received,
             "pages_missing_at_switchover": self.missing_at_switchover,
             "pages_replaced": bulk_s.replaced, "pages_discarded": bulk_s.discarded,
+            "pages_discarded_at_switchover": self.discarded_at_switchover,
             "placements": bulk_s.pages + urgent_s.pages,
             "bytes_total": bulk_s.bytes + urgent_s.bytes + faults.bytes,
             "pages_total": spec.pages, "pages_placed": placed, "verified": verified,
@@ -293,10 +295,13 @@ class Destination:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} from {bulk.peer} before switchover")
             self.rounds_received = max(self.rounds_received, event.number)
             self._final_seen = event.final
+            discarded_before = self.plane.bulk.discarded
             self.progress.update(f"round {event.number}: {event.pages} pages" + (" (switchover)" if event.final else ""))
             await run_native(lib.dst_place_loop, self.plane, 0, 1, bulk.fileno(), bulk.conn.rx, self._idle_ms,
                              peer=bulk.peer)  # until the next control frame
             event = await bulk.receive()
+            if self._final_seen:
+                self.discarded_at_switchover = self.plane.bulk.discarded - discarded_before
             if isinstance(event, p.RoundEnd):
                 if event.number != self.rounds_received or self._final_seen:
                     raise RemoteProtocolError(f"{bulk.peer} ended round {event.number} during round "

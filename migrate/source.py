@@ -164,6 +164,7 @@ class Source:
         self.round_set: Runs | None = None  # what the round under way sends (None: round 1, every page)
         self._last_round = False  # the round under way is estimated short enough to switch over after it
         self.pending: Runs | None = None  # written during the last round when the rounds stopped converging
+        self._discard_round = False  # hybrid, not converging: the round under way discards pending there
         self.final_last: Runs | None = None  # the scan with the vCPUs stopped: written since the previous scan
         self.final: Runs | None = None  # what the switchover discards or copies: final_last and pending
         self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
@@ -346,9 +347,12 @@ class Source:
         total_s = time.monotonic() - fig.t_switch
         stream, served = self.stream_stats, self.serve_stats
         before = fig.steps_start / max(fig.t_start - fig.t_guest, 1e-9)
-        during = None
+        during = ratio = None
         if self.cfg.mode is not p.Mode.postcopy:
             during = (fig.steps_stop - fig.steps_start) / max(fig.t_stop - fig.t_start, 1e-9)
+            # The live count moves in steps of up to 1024 per vCPU: a ratio from fewer steps is noise.
+            if fig.steps_start >= 100 * 1024 * self.spec.vcpus:
+                ratio = round(during / before, 3)
         metrics: dict[str, object] = {
             "mode": self.cfg.mode.name, "stream_order": self.cfg.stream_order.value,
             "pages_streamed": stream.pages, "pages_requested": served.pages, "requests": served.requests,
@@ -361,9 +365,10 @@ class Source:
             "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": self.guest.steps(),
             "rounds": fig.rounds,
             "guest_steps_per_s": {"before": round(before), "during_precopy": None if during is None else round(during),
-                                  "ratio": None if during is None else round(during / max(before, 1e-9), 3)},
+                                  "ratio": ratio},
             "switchover": {"dirty_pages": self.final.pages if self.final else 0,
-                           "pages_discarded": stream.discards, "stop_and_copy_pages": fig.stop_and_copy_pages,
+                           "pages_discarded": fig.discarded_at_switchover,
+                           "stop_and_copy_pages": fig.stop_and_copy_pages,
                            "stopped_to_cpu_state_ms": round(fig.switch_ms, 3),
                            "working_set_pages": fig.working_set_pages},
             "first_window": fig.first_window,
@@ -388,12 +393,16 @@ class Source:
         st, fig = self.stream_stats, self.figures
         again: list[tuple[int, int]] | None = None
         if resume is not None:
-            # A replaced page that did not arrive is stale there, not absent: the round goes again whole.
-            again = list(resume.runs) + (self.round_set.as_list() if self.round_set else [])
+            # A replaced page that did not arrive is stale there, not absent: the round goes again whole
+            # (a discarding round: its discards again, and what is absent as pages).
+            again = list(resume.runs)
+            if self.round_set is not None and not self._discard_round:
+                again += self.round_set.as_list()
         while True:
             n = self.round
             flags = lib.WIRE_REPLACE if n > 1 else 0
             resent = again is not None
+            discards = self.round_set if self._discard_round else None
             if again is not None:
                 runs = Remaining(again).runs()
                 array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
@@ -402,16 +411,21 @@ class Source:
             elif self.round_set is None:
                 array, count, pages = ffi.new("struct wire_run[]", [{"start": 0, "count": self.spec.pages}]), 1, \
                     self.spec.pages
+            elif discards is not None:
+                array, count, pages = None, 0, 0
             else:
                 array, count, pages = self.round_set.array, self.round_set.n, self.round_set.pages
-            await bulk.send(p.Round(n, pages))
-            t0, pages0, bytes0 = trio.current_time(), st.pages, st.bytes
+            await bulk.send(p.Round(n, pages + (discards.pages if discards else 0)))
+            t0, pages0, bytes0, discards0 = trio.current_time(), st.pages, st.bytes, st.discards
             if count:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._show_round, n, pages0, pages)
                     await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), array,
                                      count, flags, self._idle_ms, st, peer=bulk.peer)
                     nursery.cancel_scope.cancel()
+            if discards is not None and discards.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), discards.array, discards.n,
+                                 self._idle_ms, st, peer=bulk.peer)
             await bulk.send(p.RoundEnd(n))
             ack = await bulk.expect(p.RoundAck)
             if ack.number != n:
@@ -420,13 +434,15 @@ class Source:
             sent = st.pages - pages0
             entry: dict[str, object] = {"round": n, "pages": sent, "bytes": st.bytes - bytes0,
                                         "seconds": round(seconds, 4), "dirty_pages_found": None}
+            if discards is not None:
+                entry["discarded"] = st.discards - discards0
             if resent:
                 entry["resent_after_recovery"] = True
             fig.rounds.append(entry)
             fig.round_bytes += st.bytes - bytes0
             fig.round_s += seconds
-            if n >= self.cfg.precopy_rounds or self._last_round:
-                log.info("round %d: %d pages in %.3f s; switching over", n, entry["pages"], seconds)
+            if n >= self.cfg.precopy_rounds or self._last_round or discards is not None:
+                log.info("round %d: %d pages in %.3f s; switching over", n, sent, seconds)
                 return
             found = await trio.to_thread.run_sync(self.tracker.take)  # type: ignore[union-attr]
             entry["dirty_pages_found"] = found.pages
@@ -434,15 +450,23 @@ class Source:
             # the pace of the rounds so far (bytes, so zero pages do not flatter the estimate).
             rate = fig.round_bytes / max(fig.round_s, 1e-9)
             estimate_ms = found.pages * PAGE_SIZE / max(rate, 1.0) * 1000
-            log.info("round %d: %d pages in %.3f s; %d written meanwhile (%.1f ms to send)", n, entry["pages"],
-                     seconds, found.pages, estimate_ms)
+            log.info("round %d: %d pages in %.3f s; %d written meanwhile (%.1f ms to send)", n, sent, seconds,
+                     found.pages, estimate_ms)
             if found.pages == 0:
                 return  # nothing written since: the switchover has nothing left to send
             if found.pages >= NOT_CONVERGING * sent:
-                log.info("round %d: the guest wrote %d pages while %d were sent: the rounds do not converge; "
-                         "switching over", n, found.pages, sent)
-                self.pending = found  # no use sending them while the guest runs: they join the final set
-                return
+                # No use sending them again while the guest runs: they join the final set.
+                self.pending = found
+                if self.cfg.mode is p.Mode.precopy:
+                    log.info("the rounds do not converge (%d pages written while %d were sent): switching over",
+                             found.pages, sent)
+                    return
+                # Hybrid: the destination drops them now, while the guest still runs here, rather than
+                # inside the downtime; postcopy brings them.  The switchover then discards only what is
+                # written between this scan and the vCPUs' stop.
+                log.info("the rounds do not converge (%d pages written while %d were sent): discarding them "
+                         "there now; postcopy brings them after the switchover", found.pages, sent)
+                self._discard_round = True
             self._last_round = estimate_ms <= self.cfg.switchover_ms
             self.round, self.round_set = n + 1, found
 
@@ -491,11 +515,16 @@ class Source:
         mode, st, fig, final = self.cfg.mode, self.stream_stats, self.figures, self.final
         t0 = trio.current_time()
         if mode is p.Mode.hybrid:
-            assert final is not None
-            await bulk.send(p.Round(self.round + 1, final.pages, final=True))
-            if final.n:
-                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), final.array, final.n,
+            # Everything written since the last scan is stale there; what was pending then was discarded
+            # by the last round already (and nothing placed since).
+            last = self.final_last
+            assert last is not None
+            await bulk.send(p.Round(self.round + 1, last.pages, final=True))
+            discards0 = st.discards
+            if last.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), last.array, last.n,
                                  self._idle_ms, st, peer=bulk.peer)
+            fig.discarded_at_switchover = st.discards - discards0
         elif mode is p.Mode.precopy:
             assert final is not None
             array, count, pages = final.array, final.n, final.pages
@@ -514,7 +543,7 @@ class Source:
             fig.switch_ms = (time.time_ns() - self.cpu_state.stopped_at_ns) / 1e6
         log.info("switchover: vCPUs stopped after %d steps; %s", sum(self.guest.steps()), {
             p.Mode.postcopy: f"streaming {self.spec.pages} pages",
-            p.Mode.hybrid: f"{final.pages if final else 0} pages written since the last round discarded there",
+            p.Mode.hybrid: f"{fig.discarded_at_switchover} pages written since the last scan discarded there",
             p.Mode.precopy: f"{fig.stop_and_copy_pages} pages copied with the vCPUs stopped",
         }[mode])
         # What postcopy streams, built after the CPU state left: not inside the downtime.
@@ -632,6 +661,7 @@ class _Figures:
     steps_stop: int = 0
     switch_ms: float = 0.0  # the vCPUs' stop (their own clock) to the CPU state sent
     stop_and_copy_pages: int = 0
+    discarded_at_switchover: int = 0
     working_set_pages: int | None = None
     rounds: list[dict[str, object]] = field(default_factory=list)
     round_bytes: int = 0

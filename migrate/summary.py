@@ -13,7 +13,7 @@ def print_summary(m: dict, out: IO[str]) -> None:
         "── migration summary ─────────────────────────────",
         f"guest            {m['guest_mib']:.0f} MiB, {m['vcpus']} vCPUs, {m['workload']}, {m['mode']}",
         *([f"precopy          {m['precopy_rounds']} rounds, {m['pages_replaced']} pages replaced, "
-           f"{m['pages_discarded']} discarded at switchover"] if m["mode"] != "postcopy" else []),
+           f"{m['pages_discarded_at_switchover']} discarded at switchover"] if m["mode"] != "postcopy" else []),
         f"pages placed     {m['pages_placed']}/{m['pages_total']} ({m['zero_pages']} as zero pages)",
         f"downtime         {m['downtime_ms']:.2f} ms (source vCPUs stopped → running here)",
         f"memory arrived   in {m['total_s']:.2f} s, {mib:.0f} MiB on the bulk channel ({m['stream_gbps']:.2f} GB/s)",

@@ -223,6 +223,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             last = 0;
         }
         if (rate && (steps & 63) == 0) {
+            __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED); /* slow guests publish sooner */
             /* Sleep off any lead over the rate, in short naps so that a stop
              * request is seen promptly even at a few accesses per second. */
             uint64_t due = start + (steps - start_steps) * 1000000000ULL / rate, t;
