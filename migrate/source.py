@@ -350,8 +350,9 @@ class Source:
         during = ratio = None
         if self.cfg.mode is not p.Mode.postcopy:
             during = (fig.steps_stop - fig.steps_start) / max(fig.t_stop - fig.t_start, 1e-9)
-            # The live count moves in steps of up to 1024 per vCPU: a ratio from fewer steps is noise.
-            if fig.steps_start >= 100 * 1024 * self.spec.vcpus:
+            # The live count moves by up to 1024 steps per vCPU (64 when rate-limited): a ratio from
+            # fewer than a hundred such strides is noise.
+            if fig.steps_start >= 100 * (64 if self.spec.rate else 1024) * self.spec.vcpus:
                 ratio = round(during / before, 3)
         metrics: dict[str, object] = {
             "mode": self.cfg.mode.name, "stream_order": self.cfg.stream_order.value,
@@ -404,7 +405,10 @@ class Source:
             resent = again is not None
             discards = self.round_set if self._discard_round else None
             if again is not None:
-                runs = Remaining(again).runs()
+                left = Remaining(again)
+                for start, count in (discards.as_list() if discards else []):
+                    left.discard(start, count)  # dropped again below: no use sending them first
+                runs = left.runs()
                 array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
                 pages = sum(b for _, b in runs)
                 again = None
@@ -493,8 +497,8 @@ class Source:
         await trio.to_thread.run_sync(stop_and_scan)
         fig.t_stop, fig.t_switch = trio.current_time(), time.monotonic()
         fig.steps_stop = sum(guest.steps())
-        if self.final is not None and fig.rounds and fig.rounds[-1]["dirty_pages_found"] is None:
-            fig.rounds[-1]["dirty_pages_found"] = self.final.pages
+        if self.final_last is not None and fig.rounds and fig.rounds[-1]["dirty_pages_found"] is None:
+            fig.rounds[-1]["dirty_pages_found"] = self.final_last.pages  # written during the last round
         # Downtime starts when the last vCPU stopped, as its own clock saw it.
         self.cpu_state = p.CpuState(tuple(guest.export_state()), guest.stopped_at_ns())
         self.phase = Phase.SWITCHED
