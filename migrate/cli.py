@@ -96,9 +96,9 @@ def _src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stream-order", choices=[o.value for o in StreamOrder], default="address",
                     help="what the postcopy stream sends first: address (page 0 upwards, jumping after each "
                          "faulting page) or working-set (first the pages the guest wrote in each of its last two "
-                         f"{WORKING_SET_S * 1e3:.0f} ms stretches before switchover, as the kernel tracked them; in hybrid the "
-                         "pages left after the rounds are those already; precopy has no postcopy phase) "
-                         "(default address)")
+                         f"{WORKING_SET_S * 1e3:.0f} ms stretches before switchover, as the kernel tracked them; "
+                         "in hybrid the pages left after the rounds are those already; precopy has no postcopy "
+                         "phase) (default address)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
     ap.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")

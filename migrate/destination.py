@@ -12,17 +12,17 @@ loops (native/dataplane.c), each owned by a trio task:
   "already present" page, which is counted as a race the kernel absorbed);
 - the *request channel* places the replies to those requests;
 - migration is complete when the pages present add up to the guest's size
-  (the loops signal an eventfd): the kernel never places a page twice, and
-  a discard subtracts the pages the kernel said were present in its run
-  just before it dropped them.
+  (the loops signal an eventfd): at switchover, after the last discard, the
+  kernel says how many pages are present, and from then on the loops count
+  what they place (the kernel never places a page twice).
 
 In hybrid and precopy modes the placer first runs alone, before switchover,
 while the guest still runs on the source: it places each round, replaces
 (discards, then places) the runs a later round sends again, acknowledges
 each round, and at a hybrid switchover discards the runs the source names,
 before the vCPUs start.  Still no record of which page is where: the source
-names the runs, the kernel counts what a discard removed.  In precopy the
-vCPUs start only once every page is present, and nothing faults.
+names the runs, and the kernel's page tables say what is present.  In
+precopy the vCPUs start only once every page is present, and nothing faults.
 
 A lost link is not the end: the guest waits in its faults while this side
 reconnects, asks the kernel which pages are still absent, and sends the
@@ -296,7 +296,8 @@ class Destination:
             self.rounds_received = max(self.rounds_received, event.number)
             self._final_seen = event.final
             discarded_before = self.plane.bulk.discarded
-            self.progress.update(f"round {event.number}: {event.pages} pages" + (" (switchover)" if event.final else ""))
+            self.progress.update(f"round {event.number}: {event.pages} pages"
+                                 + (" (switchover)" if event.final else ""))
             await run_native(lib.dst_place_loop, self.plane, 0, 1, bulk.fileno(), bulk.conn.rx, self._idle_ms,
                              peer=bulk.peer)  # until the next control frame
             event = await bulk.receive()
