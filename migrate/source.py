@@ -164,6 +164,7 @@ class Source:
         self.round_set: Runs | None = None  # what the round under way sends (None: round 1, every page)
         self._last_round = False  # the round under way is estimated short enough to switch over after it
         self.pending: Runs | None = None  # written during the last round when the rounds stopped converging
+        self._discard_round = False  # hybrid, not converging: the round under way discards pending there
         self.final_last: Runs | None = None  # the scan with the vCPUs stopped: written since the previous scan
         self.final: Runs | None = None  # what the switchover discards or copies: final_last and pending
         self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
@@ -393,30 +394,42 @@ class Source:
         st, fig = self.stream_stats, self.figures
         again: list[tuple[int, int]] | None = None
         if resume is not None:
-            # A replaced page that did not arrive is stale there, not absent: the round goes again whole.
-            again = list(resume.runs) + (self.round_set.as_list() if self.round_set else [])
+            # A replaced page that did not arrive is stale there, not absent: the round goes again whole
+            # (a discarding round: its discards again, and what is absent as pages).
+            again = list(resume.runs)
+            if self.round_set is not None and not self._discard_round:
+                again += self.round_set.as_list()
         while True:
             n = self.round
             flags = lib.WIRE_REPLACE if n > 1 else 0
             resent = again is not None
+            discards = self.round_set if self._discard_round else None
             if again is not None:
-                runs = Remaining(again).runs()
+                left = Remaining(again)
+                for start, count in (discards.as_list() if discards else []):
+                    left.discard(start, count)  # dropped again below: no use sending them first
+                runs = left.runs()
                 array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
                 pages = sum(b for _, b in runs)
                 again = None
             elif self.round_set is None:
                 array, count, pages = ffi.new("struct wire_run[]", [{"start": 0, "count": self.spec.pages}]), 1, \
                     self.spec.pages
+            elif discards is not None:
+                array, count, pages = None, 0, 0
             else:
                 array, count, pages = self.round_set.array, self.round_set.n, self.round_set.pages
-            await bulk.send(p.Round(n, pages))
-            t0, pages0, bytes0 = trio.current_time(), st.pages, st.bytes
+            await bulk.send(p.Round(n, pages + (discards.pages if discards else 0)))
+            t0, pages0, bytes0, discards0 = trio.current_time(), st.pages, st.bytes, st.discards
             if count:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._show_round, n, pages0, pages)
                     await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.fileno(), array,
                                      count, flags, self._idle_ms, st, peer=bulk.peer)
                     nursery.cancel_scope.cancel()
+            if discards is not None and discards.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), discards.array, discards.n,
+                                 self._idle_ms, st, peer=bulk.peer)
             await bulk.send(p.RoundEnd(n))
             ack = await bulk.expect(p.RoundAck)
             if ack.number != n:
@@ -425,12 +438,14 @@ class Source:
             sent = st.pages - pages0
             entry: dict[str, object] = {"round": n, "pages": sent, "bytes": st.bytes - bytes0,
                                         "seconds": round(seconds, 4), "dirty_pages_found": None}
+            if discards is not None:
+                entry["discarded"] = st.discards - discards0
             if resent:
                 entry["resent_after_recovery"] = True
             fig.rounds.append(entry)
             fig.round_bytes += st.bytes - bytes0
             fig.round_s += seconds
-            if n >= self.cfg.precopy_rounds or self._last_round:
+            if n >= self.cfg.precopy_rounds or self._last_round or discards is not None:
                 log.info("round %d: %d pages in %.3f s; switching over", n, sent, seconds)
                 return
             found = await trio.to_thread.run_sync(self.tracker.take)  # type: ignore[union-attr]
@@ -447,12 +462,18 @@ class Source:
             # while the guest wrote for the whole round and the outage.
             planned = self.spec.pages if self.round_set is None else self.round_set.pages
             if found.pages >= NOT_CONVERGING * max(sent, planned):
-                # No use sending them again while the guest runs: they join the final set, merged with
-                # the last scan into few long runs (a discard of a long run is far cheaper per page).
-                log.info("the rounds do not converge (%d pages written during a round of %d): switching over",
-                         found.pages, max(sent, planned))
+                # No use sending them again while the guest runs: they join the final set.
                 self.pending = found
-                return
+                if self.cfg.mode is p.Mode.precopy:
+                    log.info("the rounds do not converge (%d pages written during a round of %d): switching over",
+                             found.pages, max(sent, planned))
+                    return
+                # Hybrid: the destination drops them now, while the guest still runs here, rather than
+                # inside the downtime (dropping costs per page); postcopy brings them.  The switchover
+                # then discards only what is written between this scan and the vCPUs' stop.
+                log.info("the rounds do not converge (%d pages written during a round of %d): discarding them "
+                         "there now; postcopy brings them after the switchover", found.pages, max(sent, planned))
+                self._discard_round = True
             self._last_round = estimate_ms <= self.cfg.switchover_ms
             self.round, self.round_set = n + 1, found
 
@@ -501,11 +522,14 @@ class Source:
         mode, st, fig, final = self.cfg.mode, self.stream_stats, self.figures, self.final
         t0 = trio.current_time()
         if mode is p.Mode.hybrid:
-            assert final is not None
-            await bulk.send(p.Round(self.round + 1, final.pages, final=True))
+            # Everything written since the last scan is stale there; what was pending then was discarded
+            # by the last round already (and nothing placed since).
+            last = self.final_last
+            assert last is not None
+            await bulk.send(p.Round(self.round + 1, last.pages, final=True))
             discards0 = st.discards
-            if final.n:
-                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), final.array, final.n,
+            if last.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.fileno(), last.array, last.n,
                                  self._idle_ms, st, peer=bulk.peer)
             fig.discarded_at_switchover = st.discards - discards0
         elif mode is p.Mode.precopy:
@@ -526,7 +550,7 @@ class Source:
             fig.switch_ms = (time.time_ns() - self.cpu_state.stopped_at_ns) / 1e6
         log.info("switchover: vCPUs stopped after %d steps; %s", sum(self.guest.steps()), {
             p.Mode.postcopy: f"streaming {self.spec.pages} pages",
-            p.Mode.hybrid: f"{fig.discarded_at_switchover} pages written since the last round discarded there",
+            p.Mode.hybrid: f"{fig.discarded_at_switchover} pages written since the last scan discarded there",
             p.Mode.precopy: f"{fig.stop_and_copy_pages} pages copied with the vCPUs stopped",
         }[mode])
         # What postcopy streams, built after the CPU state left: not inside the downtime.
