@@ -20,7 +20,7 @@ from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .protocol import Mode
-from .source import WORKING_SET_S, StreamOrder
+from .source import NOT_CONVERGING, WORKING_SET_S, SourceConfig, StreamOrder
 from .uffd import PAGE_SIZE
 from .wire import parse_address
 
@@ -84,7 +84,8 @@ def _src_parser() -> argparse.ArgumentParser:
                          "destination resumes it only once all memory is there (default postcopy)")
     ap.add_argument("--precopy-rounds", type=_positive_int, metavar="N",
                     help="hybrid and precopy: at most N rounds, the first (every page) included; fewer when they "
-                         "converge, see --switchover-ms (default 5)")
+                         "converge (see --switchover-ms) or stop converging (the pages written during a round "
+                         f"reach {NOT_CONVERGING * 100:.0f}%% of those it sent) (default {SourceConfig.precopy_rounds})")
     ap.add_argument("--switchover-ms", type=_positive_float, metavar="MS",
                     help="hybrid and precopy: the switchover threshold, an estimate of time, not a page count: "
                          "once the pages written during a round would take at most MS ms to send at the rate "
@@ -92,7 +93,7 @@ def _src_parser() -> argparse.ArgumentParser:
                          "A time because it is what the switchover costs (precopy's downtime is the "
                          "stop-and-copy of what the last round left dirty; hybrid's postcopy tail is as long), "
                          "and a page count means a different wait on every link and for every share of zero "
-                         "pages (QEMU's downtime-limit works the same way). Default 10")
+                         f"pages (QEMU's downtime-limit works the same way). Default {SourceConfig.switchover_ms:g}")
     ap.add_argument("--stream-order", choices=[o.value for o in StreamOrder], default="address",
                     help="what the postcopy stream sends first: address (page 0 upwards, jumping after each "
                          "faulting page) or working-set (first the pages the guest wrote in each of its last two "
@@ -189,7 +190,7 @@ def _main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Na
 
 
 def _run_src(args: argparse.Namespace) -> int:
-    from .source import SourceConfig, serve
+    from .source import serve
 
     mode = Mode[args.mode]
     if mode is Mode.postcopy and (args.precopy_rounds is not None or args.switchover_ms is not None):
