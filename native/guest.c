@@ -231,6 +231,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             if (now_armed && !armed)
                 switches = voluntary_switches();
             armed = now_armed;
+            __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
         }
         int timed = armed && page != last_page;
         uint64_t *w = mem + page * WORDS_PER_PAGE + word;
@@ -264,6 +265,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             last = 0;
         }
         if (rate && (steps & 63) == 0) {
+            __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED); /* slow guests publish sooner */
             /* Sleep off any lead over the rate, in short naps so that a stop
              * request is seen promptly even at a few accesses per second. */
             uint64_t due = start + (steps - start_steps) * 1000000000ULL / rate, t;
@@ -282,6 +284,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->prng = prng;
     st->steps = steps;
     st->acc = acc;
+    __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
     stalls->stopped_at_ns = wall_ns();
     return 0;
 }

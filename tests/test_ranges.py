@@ -32,3 +32,17 @@ def test_discard_punches_holes_and_everything_is_sent_once() -> None:
     assert sorted(seen) == [p for p in range(1, 500) if not 10 <= p < 15]
     assert len(seen) == len(set(seen))
     assert not r
+
+
+def test_take_pages_counts_pages_not_address_span() -> None:
+    """A sparse set (a working set) goes out a number of pages at a time, however far apart they lie."""
+    r = Remaining([(0, 3), (1000, 2), (5000, 4), (9000, 10)])
+    assert r.take_pages(0, 6) == [(0, 3), (1000, 2), (5000, 1)]
+    assert r.take_pages(5001, 100) == [(5001, 3), (9000, 10)]
+    assert not r
+
+
+def test_take_pages_wraps_and_runs_lists_what_is_left() -> None:
+    r = Remaining([(10, 5), (100, 5)])
+    assert r.take_pages(50, 7) == [(100, 5), (10, 2)]
+    assert r.runs() == [(12, 3)]
