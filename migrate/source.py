@@ -76,6 +76,9 @@ ACCEPT_BACKOFF = 0.1
 # RLIMIT_NOFILE: two channels and a worker's duplicate, a reconnection's pair
 # while the old one closes, the metrics file, with room to spare.
 RESERVED_FDS = 16
+# A destination sends its first bytes as soon as it connects: a connection
+# silent for this long is closed, whatever --handshake-timeout allows.
+FIRST_BYTES_S = 1.0
 # A warning that a flood could repeat thousands of times is logged at most this often.
 WARN_INTERVAL = 2.0
 
@@ -158,6 +161,10 @@ class _Session:
             setattr(self, name, None)
 
 
+class _Silent(MigrateError):
+    """A connection that did not say a word in time: a flood, not a destination."""
+
+
 class _Throttled:
     """A warning that may recur without end (a flood), logged at most once per interval."""
 
@@ -212,6 +219,7 @@ class Source:
         self._max_pending = cfg.max_pending
         self._accept_warning = _Throttled()
         self._drop_warning = _Throttled()
+        self._silent_warning = _Throttled()
         self.dest_counters: dict[str, float] = {}
         self.progress = Progress()
         # Dirty tracking and the precopy rounds: only the kernel's scan results are kept.
@@ -332,6 +340,9 @@ class Source:
             with trio.fail_after(self.cfg.handshake_timeout):
                 await self._handshake(fs)
             joined = True
+        except _Silent as exc:
+            self.rejected_peers += 1
+            self._silent_warning.warn("closed %s: %s", peer, exc)
         except (MigrateError, trio.TooSlowError) as exc:
             self.rejected_peers += 1
             reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
@@ -364,20 +375,35 @@ class Source:
                 s.close()
                 self.session = None
 
-    async def _start_tls(self, fs: FrameSocket) -> None:
+    async def _first_bytes(self, sock: trio.socket.SocketType) -> bytes:
+        """The connection's first bytes, peeked: a destination sends its preamble (or a TLS
+        ClientHello) as soon as it connects, so a connection silent for FIRST_BYTES_S frees its
+        handshake slot at once instead of after --handshake-timeout (an idle or slow-drip flood
+        turns over ten times faster, and a destination arriving during one gets in)."""
+        want = len(p.MAGIC) + 2  # the whole preamble; a ClientHello is longer
+        # SO_RCVLOWAT: readable only once the whole preamble is there (or at EOF).
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVLOWAT, want)
+        try:
+            with trio.move_on_after(min(FIRST_BYTES_S, self.cfg.handshake_timeout)):
+                await trio.lowlevel.wait_readable(sock)
+                return await sock.recv(want, trio.socket.MSG_PEEK)
+            raise _Silent(f"no preamble within {min(FIRST_BYTES_S, self.cfg.handshake_timeout):g} s")
+        finally:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVLOWAT, 1)
+
+    async def _start_tls(self, fs: FrameSocket, first: bytes) -> None:
         """TLS first, when configured.  A plaintext destination (its preamble comes first) is told
         in plaintext words why it is refused, rather than failing a TLS handshake it cannot read."""
         tls = self.cfg.tls
         if tls is None:
             return
-        await trio.lowlevel.wait_readable(fs.sock)
-        if (await fs.sock.recv(len(p.MAGIC), trio.socket.MSG_PEEK)) == p.MAGIC:
+        if first.startswith(p.MAGIC):
             raise PeerError("a plaintext destination: this source requires TLS",
                             hint="give migrate-dst --tls-cert, --tls-key and --tls-ca")
         await fs.start_tls(tls, None)
 
     async def _handshake(self, fs: FrameSocket) -> None:
-        await self._start_tls(fs)
+        await self._start_tls(fs, await self._first_bytes(fs.sock))
         nonce = p.new_nonce()
         await fs.send(p.Challenge(nonce))
         hello = await fs.expect(p.Hello)

@@ -56,6 +56,20 @@ class Run:
     dst_err: str
 
 
+# Sources started by the test running now: a test that fails half-way must not leave one
+# burning CPU under the tests after it.
+_STARTED: list[trio.Process] = []
+
+
+@pytest.fixture(autouse=True)
+def no_source_left_behind():
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+
+
 async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = None,
                        listen: str = "127.0.0.1:0") -> tuple[trio.Process, int]:
     """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port.
@@ -70,6 +84,7 @@ async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = N
             [*(wrapper or []), str(BIN / "migrate-src"), "--listen", listen, "--ready-file", str(ready),
              "--metrics", str(tmp / "src.json"), *args],
             stdout=subprocess.DEVNULL, stderr=err)
+    _STARTED.append(proc)
     while not (ready.exists() and ready.read_text().strip()):
         assert proc.poll() is None, (tmp / "src.err").read_text()
         await trio.sleep(0.05)

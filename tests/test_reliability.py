@@ -282,7 +282,8 @@ async def test_idle_connections_cost_the_source_little_memory(tmp_path: Path) ->
         await trio.sleep(0.5)
         before = vm_rss_kib(src.pid)
         conns = await trio.to_thread.run_sync(idle_flood, port, 25)
-        for c in conns:  # the source's Challenge: every handshake is under way
+        for c in conns:  # a preamble, then the source's Challenge: every handshake is under way
+            c.sendall(p.Connection(p.Role.DESTINATION).preamble())
             assert len(c.recv(4096)) > 0
         await trio.sleep(0.3)
         growth_mib = (vm_rss_kib(src.pid) - before) / 1024
@@ -319,6 +320,7 @@ async def open_channel(port: int, channel: p.Channel, session: bytes = b"") -> t
     sock = trio.socket.socket()
     await sock.connect(("127.0.0.1", port))
     fs = FrameSocket(sock, p.Connection(p.Role.DESTINATION), "source")
+    await fs.send_preamble()
     challenge = await fs.expect(p.Challenge)
     nonce = p.new_nonce()
     await fs.send(p.Hello(channel, session, nonce, p.prove(b"", p.Role.DESTINATION, channel, challenge.nonce, nonce)))
@@ -409,3 +411,21 @@ async def test_a_destination_that_dies_half_way_through_joining_does_not_hold_th
         rc, err, m = await run_destination(tmp_path, port, ["--verify", "--run-after", "0"])
         assert await src.wait() == 0
     assert rc == 0 and m["verified"] is True, err
+
+
+async def test_a_silent_connection_frees_its_handshake_slot_within_a_second(tmp_path: Path) -> None:
+    """A destination speaks first, at once: a connection that says nothing is closed after 1 s, not after
+    --handshake-timeout, so an idle flood turns the pending slots over quickly."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "1", "--vcpus", "1", "--handshake-timeout", "30"])
+        try:
+            with trio.socket.socket() as s:
+                await s.connect(("127.0.0.1", port))
+                t0 = trio.current_time()
+                assert await s.recv(100) == b""  # closed by the source, without a word
+                waited = trio.current_time() - t0
+        finally:
+            src.kill()
+            await src.wait()
+    assert 0.5 < waited < 5, waited
+    assert "no preamble within 1 s" in (tmp_path / "src.err").read_text()
