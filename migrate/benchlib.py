@@ -56,6 +56,13 @@ def paired_ratios(nums: Sequence[float | None], dens: Sequence[float | None]) ->
     return [ratio(a, b) for a, b in zip(nums, dens)]
 
 
+def paired_deltas(nums: Sequence[float | None], subs: Sequence[float | None]) -> list[float | None]:
+    """Round by round: each run's figure minus its twin's in the same round (None where either is missing)."""
+    if len(nums) != len(subs):
+        raise ValueError(f"{len(nums)} runs against {len(subs)} twins")
+    return [a - b if a is not None and b is not None else None for a, b in zip(nums, subs)]
+
+
 def spread(xs: Iterable[float | None]) -> tuple[float, float] | None:
     """(min, max) of the values that are not None."""
     vals = [x for x in xs if x is not None]
@@ -91,8 +98,15 @@ def add_dists(dists: Iterable[list[int] | None]) -> list[int] | None:
     return out
 
 
-def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = None) -> dict:
-    """The figures one migration is judged by, picked out of both sides' metrics."""
+def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = None,
+              cpu: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+    """The figures one migration is judged by, picked out of both sides' metrics.
+
+    ``cpu`` is each side's CPU time as the bench measured it when the process
+    ended ({"src": {"user": s, "sys": s}, "dst": ...}): the whole process, from
+    start to exit (the source fills its guest first, the destination verifies
+    last), so it is compared between twins, never read alone as the stream's cost.
+    """
     stall = dst.get("vcpu_stall_us") or {}
     service = dst.get("fault_service_us") or {}
     hops = dst.get("hops_us") or {}
@@ -133,7 +147,13 @@ def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = Non
         "rss_over_guest_mib_dst": round(dst["rss_mib"] - mib, 1) if dst.get("rss_mib") is not None else None,
         "recoveries": len(dst.get("recoveries") or []),
         "wall_s": wall_s,
+        # "plaintext", or TLS's protocol and cipher as the destination negotiated them.
+        "tls": dst.get("tls"),
     }
+    for side in ("src", "dst"):
+        for kind in ("user", "sys"):
+            v = ((cpu or {}).get(side) or {}).get(kind)
+            out[f"cpu_{side}_{kind}_s"] = round(v, 3) if v is not None else None
     dist = latency_dist(stall)
     if dist is not None:
         out["postcopy_latency_dist"] = dist
@@ -148,6 +168,7 @@ MEDIAN_FIELDS: tuple[str, ...] = (
     "stall_p99_us", "stall_max_us", "stall_total_ms", "stalled_fraction", "service_p50_us", "service_p99_us",
     "service_total_ms", "faults", "requests", "pages_placed_urgent", "eexist", "zero_pages",
     "rss_over_guest_mib_src", "rss_over_guest_mib_dst", "wall_s",
+    "cpu_src_user_s", "cpu_src_sys_s", "cpu_dst_user_s", "cpu_dst_sys_s",
 )
 
 
@@ -170,7 +191,14 @@ def combine(runs: Sequence[Mapping]) -> dict:
     dist = add_dists(r.get("postcopy_latency_dist") for r in runs)
     if dist is not None:
         row["postcopy_latency_dist"] = dist
+    row["tls"] = negotiated(r.get("tls") for r in runs)
     return row
+
+
+def negotiated(values: Iterable[str | None]) -> str | None:
+    """What the runs negotiated: the one value they share, or their distinct values joined by " | "."""
+    distinct = sorted({v for v in values if v})
+    return " | ".join(distinct) if distinct else None
 
 
 def unaccounted_us(row: Mapping) -> float | None:
@@ -235,16 +263,18 @@ IDLE_PLACER_MIN_GBPS = 1.1  # the idle stream target applies only when the machi
 
 
 def evaluate(values: Mapping[str, float | None], per_run: Mapping[str, Sequence[float | None]],
-             placer_unloaded_gbps: float | None, notes: Mapping[str, str] | None = None) -> dict[str, dict]:
+             placer_unloaded_gbps: float | None, notes: Mapping[str, str] | None = None,
+             target_list: Sequence[Target] | None = None) -> dict[str, dict]:
     """Each target: its value, bound, met (True/False/None) and in how many runs it was met.
 
     ``values`` holds the figure judged (a median, or a worst case); ``per_run``
     the same figure run by run, where there is one, so a reader sees whether
     the median hides a split.  The idle stream target is "not applicable"
     (met None) when the unloaded C placer itself stays under 1.1 GB/s.
+    ``target_list`` defaults to issue 9's targets (``targets()``).
     """
     out: dict[str, dict] = {}
-    for t in targets():
+    for t in (targets() if target_list is None else target_list):
         v = values.get(t.name)
         entry: dict[str, object] = {"value": v, "target": f"{t.op} {t.bound:g}", "met": t.met(v), "what": t.what}
         runs = [x for x in per_run.get(t.name, ()) if x is not None]
@@ -259,6 +289,86 @@ def evaluate(values: Mapping[str, float | None], per_run: Mapping[str, Sequence[
         if notes and t.name in notes and "note" not in entry:
             entry["note"] = notes[t.name]
         out[t.name] = entry
+    return out
+
+
+# -- TLS against plaintext (issue 13) ---------------------------------------------------------------
+
+# Each TLS scenario and its plaintext twin: the same guest with the same options,
+# plus --tls-cert/--tls-key/--tls-ca on both sides, run right after the twin in
+# every round, so that each pair sees the same machine.
+TLS_TWINS: dict[str, str] = {"idle_tls": "idle", "busy_tls": "busy"}
+TLS_STREAM_PAIR = ("idle_tls", "idle")  # the stream: a nearly idle guest, pure streaming
+TLS_STALL_PAIR = ("busy_tls", "busy")  # the fault path: the demo's guest, flat out
+
+# Figures compared pair by pair (plaintext median, TLS median, median of the per-round TLS - plaintext).
+CPU_FIELDS: tuple[str, ...] = ("cpu_src_user_s", "cpu_src_sys_s", "cpu_dst_user_s", "cpu_dst_sys_s")
+PAIR_FIELDS: tuple[str, ...] = ("total_s", "stream_gbps", "stall_p50_us", "service_p50_us", "downtime_ms",
+                                *CPU_FIELDS)
+
+
+def tls_targets() -> list[Target]:
+    """The targets of issue 13 (TLS), each against the plaintext twin measured in the same round."""
+    return [
+        Target("stream_ratio", ">=", 0.7, "idle: stream with TLS / plaintext stream (per round)"),
+        Target("stall_p50_delta_us", "<=", 20, "busy: stall p50 with TLS - plaintext p50 (per round), µs"),
+        Target("downtime_ms", "<=", 2, "downtime with TLS, median of the TLS runs, ms"),
+    ]
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return round(x, nd) if x is not None else None
+
+
+def _rounded(xs: Sequence[float | None], nd: int = 4) -> list[float | None]:
+    return [_r(x, nd) for x in xs]
+
+
+def tls_pair(rounds: Sequence[Mapping], tls: str, plain: str) -> dict[str, dict]:
+    """One TLS scenario against its twin, figure by figure: both medians and the median per-round delta."""
+    out: dict[str, dict] = {}
+    for f in PAIR_FIELDS:
+        a = pick(rounds, lambda r: r["runs"][tls][f])
+        b = pick(rounds, lambda r: r["runs"][plain][f])
+        deltas = _rounded(paired_deltas(a, b))
+        out[f] = {"plaintext": _r(median(b)), "tls": _r(median(a)), "delta": _r(median(deltas)),
+                  "delta_by_round": deltas}
+    return out
+
+
+def tls_summary(rounds: Sequence[Mapping], notes: Mapping[str, str] | None = None) -> dict:
+    """TLS against plaintext over the rounds of one guest size (each round: {"runs": {scenario: summary}}).
+
+    ``stream_ratio``: median over rounds of idle_tls's stream over idle's in the
+    same round; ``stall_p50_delta_us``: median over rounds of busy_tls's stall
+    p50 minus busy's; ``downtime_ms``: median over every TLS run; ``cipher``:
+    what the destinations negotiated (their metrics' ``tls``).  A round that
+    lacks either side of a pair counts for neither.
+    """
+    def fig(name: str, key: str) -> list[float | None]:
+        return pick(rounds, lambda r: r["runs"][name][key])
+
+    (s_tls, s_plain), (b_tls, b_plain) = TLS_STREAM_PAIR, TLS_STALL_PAIR
+    stream = _rounded(paired_ratios(fig(s_tls, "stream_gbps"), fig(s_plain, "stream_gbps")))
+    stall = _rounded(paired_deltas(fig(b_tls, "stall_p50_us"), fig(b_plain, "stall_p50_us")))
+    tls_runs = [r["runs"][s] for r in rounds for s in TLS_TWINS if s in r.get("runs", {})]
+    downtimes = [x["downtime_ms"] for x in tls_runs if x.get("downtime_ms") is not None]
+    out: dict[str, object] = {
+        "cipher": negotiated(x.get("tls") for x in tls_runs),
+        "stream_ratio": median(stream),
+        "stall_p50_delta_us": median(stall),
+        "downtime_ms": median(downtimes),
+        "stream_ratio_by_round": stream,
+        "stall_p50_delta_us_by_round": stall,
+        "downtime_runs_ms": downtimes,
+        "runs": len(tls_runs),
+        "pairs": {tls: tls_pair(rounds, tls, plain) for tls, plain in TLS_TWINS.items()
+                  if any(tls in r.get("runs", {}) for r in rounds)},
+    }
+    values = {"stream_ratio": out["stream_ratio"], "stall_p50_delta_us": out["stall_p50_delta_us"],
+              "downtime_ms": out["downtime_ms"]}
+    per_run = {"stream_ratio": stream, "stall_p50_delta_us": stall, "downtime_ms": downtimes}
+    out["targets"] = evaluate(values, per_run, None, notes, tls_targets())
     return out
 
 

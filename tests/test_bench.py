@@ -166,3 +166,108 @@ def test_idle_stream_target_applies_only_when_the_placer_can_do_it() -> None:
     fast = bl.evaluate(_values(idle_stream_gbps=0.8), {}, placer_unloaded_gbps=1.1)
     assert fast["idle_stream_gbps"]["met"] is False
     assert bl.evaluate(_values(), {}, None)["idle_stream_gbps"]["met"] is None
+
+
+# -- TLS against plaintext (issue 13) ---------------------------------------------------------------
+
+def test_deltas_pair_each_run_with_its_twin() -> None:
+    assert bl.paired_deltas([50.0, 60.0, None], [40.0, 45.0, 30.0]) == [10.0, 15.0, None]
+    assert bl.paired_deltas([50.0], [None]) == [None]
+    with pytest.raises(ValueError):
+        bl.paired_deltas([1.0], [1.0, 2.0])
+
+
+def test_summarize_keeps_the_negotiated_cipher_and_each_sides_cpu() -> None:
+    cpu = {"src": {"user": 1.25, "sys": 0.5}, "dst": {"user": 0.75, "sys": 0.25}}
+    s = bl.summarize(_dst(tls="TLSv1.3 TLS_AES_128_GCM_SHA256"), {}, 1024, cpu=cpu)
+    assert s["tls"] == "TLSv1.3 TLS_AES_128_GCM_SHA256"
+    assert (s["cpu_src_user_s"], s["cpu_src_sys_s"], s["cpu_dst_user_s"], s["cpu_dst_sys_s"]) == (1.25, 0.5, 0.75, 0.25)
+    bare = bl.summarize(_dst(), {}, 1024)  # older metrics, no rusage: missing, never zero
+    assert bare["tls"] is None and bare["cpu_dst_user_s"] is None
+    assert bl.combine([s, s])["cpu_dst_user_s"] == 0.75
+
+
+def test_negotiated_names_the_one_cipher_or_all_of_them() -> None:
+    assert bl.negotiated(["TLSv1.3 A", None, "TLSv1.3 A"]) == "TLSv1.3 A"
+    assert bl.negotiated(["TLSv1.3 B", "TLSv1.3 A"]) == "TLSv1.3 A | TLSv1.3 B"
+    assert bl.negotiated([None]) is None
+    assert bl.combine([bl.summarize(_dst(tls="plaintext"), {}, 1024)])["tls"] == "plaintext"
+
+
+AES = "TLSv1.3 TLS_AES_128_GCM_SHA256"
+
+
+def _round(idle: float | None, idle_tls: float | None, busy_p50: float | None, busy_tls_p50: float | None,
+           downtimes: tuple[float, float] = (1.0, 1.5), cpu_dst: tuple[float, float] = (0.5, 0.9)) -> dict:
+    """One round's run summaries: idle and busy, each with its TLS twin; None leaves the run out."""
+    runs = {}
+    if idle is not None:
+        runs["idle"] = bl.summarize(_dst(stream_gbps=idle, tls="plaintext"), {}, 1024,
+                                    cpu={"dst": {"user": cpu_dst[0], "sys": 0.5}})
+    if idle_tls is not None:
+        runs["idle_tls"] = bl.summarize(_dst(stream_gbps=idle_tls, tls=AES, downtime_ms=downtimes[0]), {}, 1024,
+                                        cpu={"dst": {"user": cpu_dst[1], "sys": 0.5}})
+    for name, p50, tls, down in (("busy", busy_p50, "plaintext", 0.7), ("busy_tls", busy_tls_p50, AES, downtimes[1])):
+        if p50 is not None:
+            stall = dict(_dst()["vcpu_stall_us"], p50=p50)
+            runs[name] = bl.summarize(_dst(vcpu_stall_us=stall, tls=tls, downtime_ms=down), {}, 1024)
+    return {"runs": runs}
+
+
+def test_tls_targets_are_the_issues() -> None:
+    t = {x.name: x for x in bl.tls_targets()}
+    assert (t["stream_ratio"].op, t["stream_ratio"].bound) == (">=", 0.7)
+    assert (t["stall_p50_delta_us"].op, t["stall_p50_delta_us"].bound) == ("<=", 20)
+    assert (t["downtime_ms"].op, t["downtime_ms"].bound) == ("<=", 2)
+    assert bl.TLS_TWINS == {"idle_tls": "idle", "busy_tls": "busy"}
+
+
+def test_tls_summary_pairs_each_tls_run_with_its_twin_in_the_same_round() -> None:
+    rounds = [_round(2.0, 1.0, 50.0, 60.0), _round(1.0, 0.8, 40.0, 80.0, cpu_dst=(0.4, 1.0)),
+              _round(3.0, 2.4, 45.0, 49.0, downtimes=(2.5, 3.0))]
+    out = bl.tls_summary(rounds)
+    assert out["cipher"] == AES
+    # Per round 0.5, 0.8, 0.8: the median of the ratios, not the ratio of the medians (1.0 / 2.0).
+    assert out["stream_ratio_by_round"] == [0.5, 0.8, 0.8]
+    assert out["stream_ratio"] == 0.8
+    assert out["stall_p50_delta_us_by_round"] == [10.0, 40.0, 4.0]
+    assert out["stall_p50_delta_us"] == 10.0
+    assert out["downtime_runs_ms"] == [1.0, 1.5, 1.0, 1.5, 2.5, 3.0]  # every TLS run, and only those
+    assert out["downtime_ms"] == 1.5
+    assert out["runs"] == 6
+    pair = out["pairs"]["idle_tls"]
+    assert pair["stream_gbps"]["plaintext"] == 2.0 and pair["stream_gbps"]["tls"] == 1.0
+    assert pair["cpu_dst_user_s"]["delta_by_round"] == [0.4, 0.6, 0.4]
+    assert pair["cpu_dst_user_s"]["delta"] == 0.4
+    assert pair["cpu_src_user_s"]["delta"] is None  # not measured: no figure, never zero
+    assert out["pairs"]["busy_tls"]["stall_p50_us"]["delta"] == 10.0
+    t = out["targets"]
+    assert t["stream_ratio"]["met"] is True and t["stream_ratio"]["runs_met"] == [2, 3]
+    assert t["stall_p50_delta_us"]["met"] is True and t["stall_p50_delta_us"]["runs_met"] == [2, 3]
+    assert t["downtime_ms"]["met"] is True and t["downtime_ms"]["runs_met"] == [4, 6]
+    assert t["downtime_ms"]["target"] == "<= 2"
+
+
+def test_tls_targets_missed_and_bounds_met_when_equal() -> None:
+    out = bl.tls_summary([_round(2.0, 1.2, 50.0, 75.0, downtimes=(2.5, 2.5))])
+    assert out["stream_ratio"] == 0.6 and out["targets"]["stream_ratio"]["met"] is False
+    assert out["targets"]["stall_p50_delta_us"]["met"] is False
+    assert out["targets"]["downtime_ms"]["met"] is False
+    equal = bl.tls_summary([_round(2.0, 1.4, 50.0, 70.0, downtimes=(2.0, 2.0))])
+    assert all(t["met"] is True for t in equal["targets"].values())
+
+
+def test_tls_summary_skips_rounds_that_lack_a_twin() -> None:
+    rounds = [_round(2.0, None, 50.0, 60.0), _round(2.0, 1.6, None, 60.0), _round(2.0, 1.0, 50.0, 55.0)]
+    out = bl.tls_summary(rounds, notes={"stream_ratio": "--quick: 256 MiB guests"})
+    assert out["stream_ratio_by_round"] == [None, 0.8, 0.5]
+    assert out["stall_p50_delta_us_by_round"] == [10.0, None, 5.0]
+    assert out["stream_ratio"] == pytest.approx(0.65)
+    assert out["targets"]["stream_ratio"]["runs_met"] == [1, 2]
+    assert out["targets"]["stream_ratio"]["note"] == "--quick: 256 MiB guests"
+
+
+def test_tls_summary_without_tls_runs_measures_nothing() -> None:
+    out = bl.tls_summary([_round(2.0, None, 50.0, None)])
+    assert out["cipher"] is None and out["runs"] == 0 and out["pairs"] == {}
+    assert all(t["met"] is None for t in out["targets"].values())
