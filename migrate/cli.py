@@ -20,6 +20,7 @@ from . import progress
 from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
+from .prepage import POLICIES as PREPAGE_POLICIES
 from .uffd import PAGE_SIZE
 from .wire import TlsConfig, is_loopback, parse_address
 
@@ -44,6 +45,48 @@ def _whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+_RATE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_rate(text: str) -> int:
+    """A rate in bytes per second: ``500M`` (bytes/s), ``1G``, ``2.5Gbit`` (bits/s, divided by 8).
+
+    Suffixes K, M, G are powers of 1000, as on a link's name plate; a trailing
+    ``B`` or ``B/s`` is allowed; ``bit``, ``bit/s`` or ``bps`` means bits.
+
+    Raises:
+        ValueError: not a positive rate in one of these forms.
+    """
+    t = text.strip()
+    per_bit = False
+    for tail in ("bit/s", "bit", "bps", "b/s"):  # a small b is a bit, as in Gbit/s
+        if t.endswith(tail):
+            t, per_bit = t[: -len(tail)], True
+            break
+    else:
+        for tail in ("B/s", "B"):
+            if t.endswith(tail):
+                t = t[: -len(tail)]
+                break
+    unit = t[-1:].upper() if t[-1:].upper() in ("K", "M", "G") else ""
+    number = t[: len(t) - len(unit)]
+    value = float(number) * _RATE_UNITS[unit]  # ValueError for nonsense
+    if per_bit:
+        value /= 8
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(text)
+    return round(value)
+
+
+def _rate(text: str) -> int:
+    """argparse type: a rate (see ``parse_rate``)."""
+    try:
+        return parse_rate(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: give bytes per second such as 500M or 1G, or bits such as 1Gbit") from None
 
 
 def _require(ok: bool, message: str, hint: str) -> None:
@@ -104,6 +147,16 @@ def _src_parser() -> argparse.ArgumentParser:
                     help="accesses per second per vCPU; 0 runs flat out (default 0)")
     ap.add_argument("--run-before", type=_number, default=1.0, metavar="S",
                     help="seconds the guest runs here before switchover, at the least (default 1)")
+    ap.add_argument("--max-bandwidth", type=_rate, metavar="RATE",
+                    help="cap the background stream at RATE bytes per second (K, M, G are powers of 1000: "
+                         "500M is 500 MB/s; 1Gbit is 125 MB/s), like QEMU's max-postcopy-bandwidth; pages a "
+                         "faulting vCPU waits for are never capped nor queued behind the stream (default: no cap)")
+    ap.add_argument("--prepage", choices=PREPAGE_POLICIES, default="jump",
+                    help="what the stream sends next, from the faults the destination reports: none (address "
+                         "order), jump (on from just after the last requested pages, as QEMU does), bubble "
+                         "(outward both ways from the last fault, Hines & Gopalan), adaptive (around recent "
+                         "fault clusters, in their direction, in chunks that grow while no fault comes) "
+                         "(default jump)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
     ap.add_argument("--handshake-timeout", type=_number, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
@@ -281,7 +334,8 @@ def _run_src(args: argparse.Namespace) -> int:
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
-                       max_pending=args.max_pending, tls=tls)
+                       max_pending=args.max_pending, tls=tls, max_bandwidth=args.max_bandwidth or 0,
+                       prepage=args.prepage)
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0

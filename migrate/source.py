@@ -1,10 +1,13 @@
 """migrate-src: owns the running guest, hands it over at switchover, then serves its pages.
 
 After switchover the guest is stopped, and one nursery per session runs:
-- the *streamer*: a trio task that picks the next window of pages not yet
-  sent (jumping to just after the last requested run: a vCPU that faulted
-  there is likely to touch the next pages soon) and has the native sender
-  stream it straight from guest memory, zero runs as zero frames;
+- the *streamer*: a trio task that asks its pre-paging policy
+  (``migrate.prepage``, ``--prepage``) for the next window of pages not yet
+  sent, from the runs the request server sent (by default it jumps to just
+  after the last requested run: a vCPU that faulted there is likely to touch
+  the next pages soon), and has the native sender stream it straight from
+  guest memory, zero runs as zero frames, paced by a token bucket of its own
+  when ``--max-bandwidth`` caps it;
 - the *request server*: a native loop that reads page requests on the
   requests connection and answers each at once on the replies connection;
 - the main task, which waits for the destination's DestDone (it follows
@@ -30,6 +33,7 @@ from functools import partial
 
 import trio
 
+from . import prepage
 from . import protocol as p
 from ._native import ffi, lib
 from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError
@@ -46,6 +50,20 @@ log = logging.getLogger(__name__)
 # hand-over costs little, small enough that the stream follows a request's
 # jump within a few milliseconds.
 WINDOW_PAGES = 2048
+# Under --max-bandwidth a window is about this long at the cap (and at least
+# MIN_WINDOW_PAGES): on a slow link a 2048-page window takes tens of
+# milliseconds, too long for the stream to follow a fault.
+WINDOW_S = 0.004
+MIN_WINDOW_PAGES = 64
+# The cap's bucket holds this much time at the cap (and at least
+# MIN_BURST_BYTES): the most the stream sends at once after a pause, so at
+# most about this long a queue it forms at a bottleneck.
+BURST_S = 0.001
+MIN_BURST_BYTES = 32 * 1024
+# Samples of the stream's bytes over time, for the bench's 1 s windows: one
+# per interval, bounded.
+TIMELINE_INTERVAL = 0.1
+MAX_TIMELINE = 10_000
 # Connections the kernel queues while the accept loop is busy or backing off
 # (a flood, a shortage of descriptors), instead of refusing them.
 LISTEN_BACKLOG = 128
@@ -73,6 +91,8 @@ class SourceConfig:
     link_timeout: float = 10.0  # a send the destination does not take for this long means a lost link
     max_pending: int = 16  # handshakes in progress at once; newcomers beyond are closed at once
     tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
+    max_bandwidth: int = 0  # bytes per second the background stream may use; 0: no cap
+    prepage: str = "jump"  # the pre-paging policy (migrate.prepage)
 
 
 @dataclass
@@ -149,7 +169,6 @@ class Source:
         self.spec = cfg.spec
         self.guest: Guest | None = None
         self.remaining = Remaining([(0, cfg.spec.pages)])
-        self.cursor = 0
         self.session: _Session | None = None
         self._paired = trio.Event()
         self.rejected_peers = 0
@@ -159,6 +178,14 @@ class Source:
         self.serve_stats = ffi.new("send_stats_t *")
         self.notes = ffi.new("note_ring_t *")
         self._note_buf = ffi.new("struct wire_run[]", lib.NOTE_RING)
+        # The stream's token bucket: the streamer task's alone, kept across windows and sessions.
+        self.pacer = ffi.new("pacer_t *")
+        self.pacer.rate = cfg.max_bandwidth
+        self.pacer.burst = max(MIN_BURST_BYTES, round(cfg.max_bandwidth * BURST_S))
+        self.window_pages = WINDOW_PAGES if not cfg.max_bandwidth else max(
+            MIN_WINDOW_PAGES, min(WINDOW_PAGES, round(cfg.max_bandwidth * WINDOW_S / 4096)))
+        self.policy = prepage.make(cfg.prepage)
+        self.stream_timeline: list[tuple[float, int]] = []
         self._pending = 0  # handshakes in progress
         self._max_pending = cfg.max_pending
         self._accept_warning = _Throttled()
@@ -342,6 +369,7 @@ class Source:
                 else:
                     await self._receive_resume(links.bulk)
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sample_stream, t_switch)
                     nursery.start_soon(self._stream, links.bulk)
                     self.dest_counters = await self._serve_requests(links)
                     nursery.cancel_scope.cancel()
@@ -380,6 +408,10 @@ class Source:
             "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
             "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
             "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
+            "max_bandwidth_bytes_per_s": self.cfg.max_bandwidth, "prepage": self.cfg.prepage,
+            "prepage_stats": self.policy.statistics(), "window_pages": self.window_pages,
+            "pacer_waits": self.pacer.waits, "pacer_waited_ms": round(self.pacer.waited_ns / 1e6, 3),
+            "stream_timeline": self.stream_timeline,
             "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
         }
         log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
@@ -403,16 +435,22 @@ class Source:
                 if not resume.more:
                     break
         self.remaining = Remaining(runs)
-        self.cursor = 0
+        self.policy = prepage.make(self.cfg.prepage)  # what it knew of faults is stale now
         log.info("destination back: it lacks %d pages in %d runs", self.remaining.pages, len(runs))
 
     def _take_notes(self) -> None:
-        """Pages the request server sent leave the stream, which jumps to just after the last of them
-        (a vCPU that faulted there is likely to touch the next pages soon)."""
+        """Pages the request server sent leave the stream, and the policy hears of each fault."""
         while n := lib.notes_take(self.notes, self._note_buf, lib.NOTE_RING):
             for i in range(n):
-                self.remaining.discard(self._note_buf[i].start, self._note_buf[i].count)
-            self.cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
+                start, count = self._note_buf[i].start, self._note_buf[i].count
+                self.remaining.discard(start, count)
+                self.policy.fault(start, count)
+
+    async def _sample_stream(self, t0: float) -> None:
+        """Samples the stream's bytes every TIMELINE_INTERVAL for the metrics (bounded)."""
+        while len(self.stream_timeline) < MAX_TIMELINE:
+            self.stream_timeline.append((round(time.monotonic() - t0, 3), self.stream_stats.bytes))
+            await trio.sleep(TIMELINE_INTERVAL)
 
     async def _stream(self, bulk: FrameSocket) -> None:
         """Streams what is left, a window at a time, from the native sender; then SourceDone.
@@ -425,13 +463,12 @@ class Source:
         sent_before = st.pages
         while True:
             self._take_notes()
-            runs = self.remaining.take(self.cursor, WINDOW_PAGES)
+            runs = self.policy.next_window(self.remaining, self.window_pages)
             if not runs:
                 break
-            self.cursor = runs[-1][0] + runs[-1][1]
             arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
             await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, arr, len(runs),
-                             self._idle_ms, st, peer=bulk.peer)
+                             self.pacer, self._idle_ms, st, peer=bulk.peer)
             done = st.pages + self.serve_stats.pages
             mbps = st.bytes / max(time.monotonic() - t0, 1e-9) / 1e6
             self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * min(done, self.spec.pages) / self.spec.pages:.0f}%), "

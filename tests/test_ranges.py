@@ -32,3 +32,16 @@ def test_discard_punches_holes_and_everything_is_sent_once() -> None:
     assert sorted(seen) == [p for p in range(1, 500) if not 10 <= p < 15]
     assert len(seen) == len(set(seen))
     assert not r
+
+
+def test_take_after_and_before_go_outward_without_wrapping() -> None:
+    r = Remaining([(0, 100)])
+    r.discard(40, 20)  # [0, 40) and [60, 100) left
+    assert r.take_after(50, 5) == [(60, 5)]  # the first page left at or after 50
+    assert r.take_before(50, 5) == [(35, 5)]  # the last pages left below 50
+    assert r.take_before(36, 10) == [(25, 10)]
+    assert r.take_after(98, 10) == [(98, 2)]
+    assert r.take_after(100, 10) == []  # nothing after: no wrap
+    assert r.take_before(0, 10) == []
+    r.discard(10, 5)
+    assert r.take_before(25, 20) == [(5, 5), (15, 10)]  # one window across a hole, in address order
