@@ -161,6 +161,10 @@ class Guest:
     def steps(self) -> list[int]:
         return [st.steps for st in self._states]
 
+    def live_steps_each(self) -> list[int]:
+        """Steps each vCPU has executed so far, while it runs (published every 64-1024 steps)."""
+        return [self._stalls[i].steps_live for i in range(self.spec.vcpus)]
+
     def stalls(self) -> StallHistogram:
         """Accesses that waited for a page, as the vCPUs timed them, all vCPUs merged.
 

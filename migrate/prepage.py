@@ -14,15 +14,19 @@ send are the streamer's, and the destination keeps no state at all.
 - ``bubble``: outward both ways from the last fault, a window forward then a
   window backward (Hines and Gopalan, VEE'09, "bubbling"): spatial locality
   without knowing which way the vCPU goes.
-- ``adaptive``: a small table of fault *zones* (clusters of recent faults).
-  Each window goes to the zone with the most recent faults, outward from the
-  part of it already swept: forward or backward when most of its recent
-  fault-to-fault strides point that way (Leap, ATC'20, prefetches along the
-  majority stride), both ways otherwise.  A zone's chunk doubles each time it
-  is served without a new fault and halves when one comes (CRIU's page server
-  grows and shrinks its chunk the same way), so a region the guest is busy in
-  is swept fast while a stray fault costs a few pages.  With no zone left, the
-  stream goes on in address order.
+- ``adaptive``: a small table of fault *zones* (clusters of recent faults,
+  at most 16, each a few integers).  A zone whose recent fault-to-fault
+  strides mostly point one way has a trend (Leap, ATC'20, prefetches along
+  the majority stride): each window first sweeps the trending zones from
+  their fronts in that direction, busiest first, each in a chunk that starts
+  small and doubles every window the trend holds (CRIU's lazy-pages daemon
+  grows its chunk the same way while no fault contradicts it); the rest of
+  the window goes in address order.  Faults with no trend (a hot set, uniform
+  access) are not chased: chasing them spreads the stream over every vCPU's
+  region, where address order completes one region after another and the
+  vCPUs in it stop faulting (measured, see docs/performance.md).  Several
+  scanning vCPUs are each followed at once, where ``jump`` follows only the
+  latest fault.
 """
 
 from __future__ import annotations
@@ -138,47 +142,54 @@ class _Zone:
     hi: int
     last: int  # page of its latest fault
     score: float = 1.0  # its faults, fading as the stream sends pages
-    chunk: int = 0  # pages it gets per window
-    served: float = 0.0  # windows it got lately, fading like the score
+    chunk: int = 0  # pages it gets in its next window
+    served: float = 0.0  # windows it got lately, fading like the score: busy zones share fairly
     strides: deque[int] = field(default_factory=lambda: deque(maxlen=Adaptive.STRIDES))
 
-    def reach(self) -> int:
-        return max(Adaptive.NEAR, self.hi - self.lo)
-
     def direction(self) -> int:
-        """+1 or -1 when most recent strides point that way (Leap's majority), else 0."""
-        if len(self.strides) < 2:
-            return 0
-        up = sum(1 for d in self.strides if d > 0)
-        if 2 * up > len(self.strides) + 1:
-            return 1
-        if 2 * (len(self.strides) - up) > len(self.strides) + 1:
-            return -1
+        """+1 or -1 when the recent strides show a trend, else 0.
+
+        A trend is Leap's majority stride: the last two strides equal (a
+        vCPU stepping through pages: +1, +1), or the last three all one way
+        (a scan that outruns the stream faults at its front, a varying
+        distance apart).  Random faults seldom do either: on a uniform guest,
+        two strides of one sign made a "trend" out of three faults that
+        happened to fall close together, often enough to cost more faults
+        than they saved.
+        """
+        s = self.strides
+        if len(s) >= 2 and s[-1] == s[-2]:
+            return 1 if s[-1] > 0 else -1
+        if len(s) >= 3:
+            last = (s[-1], s[-2], s[-3])
+            if all(d > 0 for d in last):
+                return 1
+            if all(d < 0 for d in last):
+                return -1
         return 0
 
 
 class Adaptive(Policy):
-    """``adaptive``: sweeps the zones of recent faults, busiest first, in their direction."""
+    """``adaptive``: zones of recent faults that show a trend first, in its direction; the rest in order."""
 
     name = "adaptive"
-    ZONES = 8  # zones tracked at once: a few vCPUs' working regions
-    NEAR = 256  # pages: a fault this close to a zone (or within its own span) belongs to it
+    ZONES = 16  # zones tracked at once: a few vCPUs' working regions, and room for stray faults
+    NEAR = 64  # pages: a fault within a zone's swept part, or this close to it, belongs to it
     STRIDES = 8  # fault-to-fault strides kept per zone for the majority vote
-    MIN_CHUNK = 16  # pages a zone gets right after a fault
+    MIN_CHUNK = 16  # pages a zone gets in its first window; doubling each window it is served
     HALF_LIFE = 4096  # pages streamed over which a zone's score halves
-    FLOOR = 0.25  # a zone whose score fades below this is dropped
+    FLOOR = 0.5  # a zone whose score fades below this is dropped
 
     def __init__(self) -> None:
         super().__init__()
         self.zones: list[_Zone] = []
         self.faults = 0
         self.zones_made = 0
-        self.windows_zoned = 0
+        self.zone_pages = 0
 
     def fault(self, start: int, count: int) -> None:
         self.faults += 1
-        self.cursor = start + count  # address order, when it comes to that, goes on from here
-        near = [z for z in self.zones if z.lo - z.reach() <= start < z.hi + z.reach()]
+        near = [z for z in self.zones if z.lo - self.NEAR <= start < z.hi + self.NEAR]
         if not near:
             if len(self.zones) == self.ZONES:
                 self.zones.remove(min(self.zones, key=lambda z: z.score))
@@ -186,20 +197,20 @@ class Adaptive(Policy):
             self.zones_made += 1
             return
         z = min(near, key=lambda z: min(abs(start - z.lo), abs(start - z.hi)))
+        before = z.direction()
         if start != z.last:
             z.strides.append(start - z.last)
         z.last = start
         z.score += 1
-        if not z.lo <= start < z.hi:
-            z.chunk = max(self.MIN_CHUNK, z.chunk // 2)  # a fault outside what it swept: we are behind
-            # A zone with a direction jumps to the fault: the vCPU went past the pages between
-            # (they faulted, or will not be touched soon).  Without one, the pages between may be
-            # just as hot: the sweep goes on outward from where it was.
-            way = z.direction()
-            if way > 0 and start + count > z.hi:
-                z.hi = start + count
-            elif way < 0 and start < z.lo:
-                z.lo = start
+        way = z.direction()
+        if way != before:
+            z.chunk = self.MIN_CHUNK  # a new or turned trend: small bites until it holds
+        # Beyond its front the zone jumps to the fault: the vCPU went past the pages between
+        # (they faulted, or it will not come back to them soon).
+        if way > 0 and start + count > z.hi:
+            z.hi = start + count
+        elif way < 0 and start < z.lo:
+            z.lo = start
         self._merge()
 
     def _merge(self) -> None:
@@ -218,46 +229,53 @@ class Adaptive(Policy):
         self.zones = merged
 
     def window(self, remaining: Remaining, limit: int) -> Runs:
-        while self.zones:
-            z = max(self.zones, key=lambda z: z.score / (1 + z.served))
-            runs = self._sweep(z, remaining, min(z.chunk, limit))
-            if not runs:
-                self.zones.remove(z)  # nothing left around it
+        """The trending zones' chunks, busiest first, then address order for the rest of the window.
+
+        A zone without a trend gets nothing: its faults are random as far as
+        anyone can tell (a hot set, uniform access), and chasing them spreads
+        the stream over every vCPU's region, where address order completes
+        one region after another (measured: chasing faults on a uniform or
+        hot-set guest costs more faults than address order).
+        """
+        runs: Runs = []
+        left = limit
+        tried: set[int] = set()
+        while left and (ready := [z for z in self.zones if z.direction() and id(z) not in tried]):
+            z = max(ready, key=lambda z: z.score / (1 + z.served))
+            tried.add(id(z))
+            got = self._sweep(z, remaining, min(z.chunk, left))
+            if not got:
+                self.zones.remove(z)  # nothing left its way
                 continue
-            pages = sum(n for _, n in runs)
-            fade = 0.5 ** (pages / self.HALF_LIFE)
-            for other in self.zones:
-                other.score *= fade
-                other.served *= fade
             z.served += 1
-            z.chunk = min(limit, 2 * z.chunk)  # no fault came: a bigger bite next time
-            self.zones = [o for o in self.zones if o.score >= self.FLOOR]
-            self.windows_zoned += 1
-            self.cursor = runs[-1][0] + runs[-1][1]
-            return runs
-        return []
+            z.chunk = min(limit, 2 * z.chunk)  # the trend holds: a bigger bite next time
+            runs += got
+            left -= sum(n for _, n in got)
+        self.zone_pages += limit - left
+        if left:
+            runs += self.in_order(remaining, left)
+        fade = 0.5 ** (limit / self.HALF_LIFE)
+        for z in self.zones:
+            z.score *= fade
+            z.served *= fade
+        self.zones = [z for z in self.zones if z.score >= self.FLOOR]
+        return runs
 
     @staticmethod
     def _sweep(z: _Zone, remaining: Remaining, pages: int) -> Runs:
-        way = z.direction()
-        runs: Runs = []
-        if way >= 0:
-            ahead = remaining.take_after(z.hi, pages if way else (pages + 1) // 2)
-            if ahead:
-                z.hi = ahead[-1][0] + ahead[-1][1]
-            runs += ahead
-        if way <= 0:
-            behind = remaining.take_before(z.lo, pages - sum(n for _, n in runs))
-            if behind:
-                z.lo = behind[0][0]
-            runs = behind + runs
-        if not runs and way:  # its way is exhausted: try the other
-            z.strides.clear()
-            return Adaptive._sweep(z, remaining, pages)
+        """Up to ``pages`` pages from the zone's front, in its direction."""
+        if z.direction() > 0:
+            runs = remaining.take_after(z.hi, pages)
+            if runs:
+                z.hi = runs[-1][0] + runs[-1][1]
+        else:
+            runs = remaining.take_before(z.lo, pages)
+            if runs:
+                z.lo = runs[0][0]
         return runs
 
     def statistics(self) -> dict[str, object]:
-        return {"zones_made": self.zones_made, "windows_zoned": self.windows_zoned}
+        return {"zones_made": self.zones_made, "zone_pages": self.zone_pages}
 
 
 _POLICIES: dict[str, Callable[[], Policy]] = {p.name: p for p in (AddressOrder, Jump, Bubble, Adaptive)}

@@ -42,7 +42,7 @@ from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
-from .wire import FrameSocket, TlsConfig, family_of, format_address, tune
+from .wire import FrameSocket, TlsConfig, family_of, format_address, mark_urgent, tune
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,8 @@ class Source:
         if hello.session == b"":
             sp = self.spec
             await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
+        if hello.channel is not p.Channel.BULK:
+            mark_urgent(fs.sock)
         setattr(s, hello.channel.value, fs)
         log.info("%s: %s channel up", fs.peer, hello.channel.value)
         if s.complete():

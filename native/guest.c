@@ -194,6 +194,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * GUEST_PAGE_SIZE);
     uint64_t hot = count / 10 ? count / 10 : 1;
     uint64_t prng = st->prng, steps = st->steps, acc = st->acc;
+    __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
     uint64_t start = now_ns(), start_steps = steps, last = 0, last_page = UINT64_MAX;
     /* Only the first access to a page can fault, so only accesses that change
      * page are timed (one clock read each, reusing the previous one when the
@@ -231,6 +232,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             if (now_armed && !armed)
                 switches = voluntary_switches();
             armed = now_armed;
+            __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
         }
         int timed = armed && page != last_page;
         uint64_t *w = mem + page * WORDS_PER_PAGE + word;
@@ -264,6 +266,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
             last = 0;
         }
         if (rate && (steps & 63) == 0) {
+            __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED); /* slow guests publish sooner */
             /* Sleep off any lead over the rate, in short naps so that a stop
              * request is seen promptly even at a few accesses per second. */
             uint64_t due = start + (steps - start_steps) * 1000000000ULL / rate, t;
@@ -282,6 +285,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->prng = prng;
     st->steps = steps;
     st->acc = acc;
+    __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
     stalls->stopped_at_ns = wall_ns();
     return 0;
 }

@@ -41,6 +41,10 @@ typedef struct {
     /* Wall-clock time (CLOCK_REALTIME, ns) when the vCPU last stopped: where
      * downtime starts, as the guest itself saw it. */
     uint64_t stopped_at_ns;
+    /* Steps executed so far, published every 1024 steps (64 when rate-limited) while the vCPU runs
+     * (its CPU state is written back only when it stops): where each vCPU was
+     * when the last page arrived, for the bench's working set. */
+    uint64_t steps_live;
     /* Nonzero while accesses are timed: only during postcopy can an access
      * stall, and reading a clock per access costs the workload its memory
      * parallelism (several times slower on random access), so a vCPU runs

@@ -53,32 +53,38 @@ def test_bubble_alternates_forward_and_backward_from_the_fault() -> None:
     assert windows[:5] == [(0, 10), (501, 10), (490, 10), (511, 10), (480, 10)]
 
 
-def test_adaptive_follows_the_majority_stride_of_a_zone() -> None:
-    """Faults going down a region: the zone sweeps downward, in chunks that grow while no fault comes."""
-    policy = prepage.make("adaptive")
-    remaining = Remaining([(0, 10_000)])
+def test_adaptive_follows_a_trend_in_chunks_that_grow() -> None:
+    """Faults stepping down a region: the zone is swept downward from its front, a chunk first and
+    twice that next, and address order fills the rest of each window."""
+    policy, remaining = prepage.make("adaptive"), Remaining([(0, 10_000)])
     for page in (5000, 4990, 4980, 4970):
         remaining.discard(page, 1)
         policy.fault(page, 1)
-    first = policy.next_window(remaining, 256)
-    second = policy.next_window(remaining, 256)
-    assert first[-1][0] + first[-1][1] == 4970 and sum(n for _, n in first) == prepage.Adaptive.MIN_CHUNK
-    assert second[-1][0] + second[-1][1] == first[0][0]  # on downward
-    assert sum(n for _, n in second) == 2 * prepage.Adaptive.MIN_CHUNK
+    chunk = prepage.Adaptive.MIN_CHUNK
+    assert policy.next_window(remaining, 256) == [(4970 - chunk, chunk), (0, 256 - chunk)]
+    assert policy.next_window(remaining, 256)[0] == (4970 - 3 * chunk, 2 * chunk)
 
 
-def test_adaptive_serves_the_busiest_zone_first_and_forgets_stray_faults() -> None:
-    policy = prepage.make("adaptive")
-    remaining = Remaining([(0, 100_000)])
-    for page in (20_000, 20_100, 19_950, 20_040, 70_000):  # a busy region, then one stray fault
+def test_adaptive_follows_every_scanning_vcpu_at_once() -> None:
+    policy, remaining = prepage.make("adaptive"), Remaining([(0, 100_000)])
+    for step in range(3):
+        for base in (10_000, 60_000):  # two vCPUs, each stepping a page at a time
+            remaining.discard(base + step, 1)
+            policy.fault(base + step, 1)
+    runs = policy.next_window(remaining, 256)
+    assert (10_003, prepage.Adaptive.MIN_CHUNK) in runs and (60_003, prepage.Adaptive.MIN_CHUNK) in runs
+
+
+def test_adaptive_does_not_chase_faults_without_a_trend() -> None:
+    """Faults all over the place (a uniform guest): the stream stays in address order."""
+    policy, remaining = prepage.make("adaptive"), Remaining([(0, 1 << 20)])
+    for i in range(200):
+        page = (i * 7919 * 104729) % (1 << 20)
         remaining.discard(page, 1)
         policy.fault(page, 1)
-    runs = policy.next_window(remaining, 64)
-    assert all(19_000 < s < 21_000 for s, _ in runs)
-    for _ in range(200):  # bounded: the zones fade as pages go
-        policy.next_window(remaining, 64)
-    assert len(policy.zones) <= prepage.Adaptive.ZONES
-    assert all(z.score >= prepage.Adaptive.FLOOR for z in policy.zones)
+    runs = policy.next_window(remaining, 256)
+    assert runs[0][0] == 1 and sum(n for _, n in runs) == 256  # page 0 faulted: from page 1 on
+    assert policy.statistics()["zone_pages"] == 0
 
 
 def test_a_policy_keeps_no_state_per_page() -> None:
