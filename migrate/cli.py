@@ -95,7 +95,14 @@ def _require(ok: bool, message: str, hint: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line plus a hint, like every other user mistake."""
+    """argparse, with its errors as one line plus a hint, like every other user mistake.
+
+    ``@FILE`` reads more options from FILE, one per line (the docker-compose
+    demo passes its TLS options this way).
+    """
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(fromfile_prefix_chars="@", **kw)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: hint: {self.prog} --help lists the options\n")
@@ -130,7 +137,8 @@ def _src_parser() -> argparse.ArgumentParser:
         prog="migrate-src",
         description="Run a demo guest and hand it over to migrate-dst by postcopy live migration.",
         epilog="The guest runs until a destination connects and --run-before seconds have passed; then its "
-               "vCPUs stop, their state goes to the destination, and its memory follows.")
+               "vCPUs stop, their state goes to the destination, and its memory follows. "
+               "@FILE reads more options from FILE, one per line.")
     ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
     size = ap.add_mutually_exclusive_group()
@@ -172,7 +180,8 @@ def _src_parser() -> argparse.ArgumentParser:
 def _dst_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="migrate-dst",
-        description="Receive a running guest from migrate-src: it resumes here at once, its memory follows.")
+        description="Receive a running guest from migrate-src: it resumes here at once, its memory follows.",
+        epilog="@FILE reads more options from FILE, one per line.")
     ap.add_argument("--connect", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"migrate-src address (default 127.0.0.1:{DEFAULT_PORT})")
     ap.add_argument("--run-after", type=_number, default=1.0, metavar="S",

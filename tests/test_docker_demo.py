@@ -6,6 +6,7 @@ explanation (the tail of its output). About 20 s with the base image cached,
 about 90 s without it (debootstrap), plus the apt install on a new machine.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -25,8 +26,9 @@ def _tail(text: str, lines: int = 60) -> str:
 
 
 @pytest.mark.docker
-def test_docker_demo_migrates_and_verifies() -> None:
-    env = dict(os.environ)
+@pytest.mark.parametrize("tls", ["0", "1"], ids=["plaintext", "tls"])
+def test_docker_demo_migrates_and_verifies(tls: str) -> None:
+    env = dict(os.environ, TLS=tls)
     # Small and quick: the demo shows the plumbing; speed is measured elsewhere.
     env.setdefault("GUEST_MIB", "64")
     env.setdefault("RUN_BEFORE", "1")
@@ -58,3 +60,5 @@ def test_docker_demo_migrates_and_verifies() -> None:
     assert "verified: yes" in proc.stdout, (
         f"the destination did not print 'verified: yes':\n{_tail(proc.stdout)}"
     )
+    metrics = json.loads((ROOT / "dist" / "docker-demo" / "metrics.json").read_text())
+    assert metrics["tls"].startswith("TLSv1.3") == (tls == "1"), metrics["tls"]

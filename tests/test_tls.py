@@ -14,6 +14,7 @@ import trio
 import trustme
 
 from conftest import BIN, REPORT, migrate, run_destination, start_source
+from proxy import CuttingProxy
 
 GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
 DST = ["--verify", "--run-after", "0.1"]
@@ -136,3 +137,19 @@ def test_tls_without_its_files_is_a_usage_error() -> None:
             proc = subprocess.run([str(BIN / prog), *extra, *args], capture_output=True, text=True, timeout=30)
             assert proc.returncode in (1, 2), proc.stderr
             one_line(proc.stderr, "TLS needs", "hint:")
+
+
+async def test_a_tls_migration_recovers_from_a_cut_link(tmp_path: Path, pki: Pki) -> None:
+    """Every reconnection is a new TLS handshake on each connection; the guest still verifies."""
+    guest_bytes = 64 << 20
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            src, port = await start_source(tmp_path, ["--guest-mib", "64", "--zero-fraction", "0", "--workload",
+                                                      "uniform", "--run-before", "0.2", *pki.args("src")])
+            proxy = CuttingProxy(port, [guest_bytes // 2], lambda _: proxy.cut())
+            proxy_port = await nursery.start(proxy.serve)
+            rc, err, m = await run_destination(tmp_path, proxy_port, [*DST, *pki.args("dst")])
+            src_rc = await src.wait()
+            nursery.cancel_scope.cancel()
+    assert rc == 0 and src_rc == 0, err + (tmp_path / "src.err").read_text()
+    assert m["verified"] is True and len(m["recoveries"]) == 1 and m["tls"].startswith("TLSv1.3")
