@@ -54,10 +54,11 @@ QUICK_LINKS = ["1Gbit,1ms"]
 WORKLOADS = ["hotset", "sequential", "uniform"]
 POLICIES = ["none", "jump", "bubble", "adaptive"]
 REALISTIC_RATE = 25_000  # accesses per second per vCPU: QEMU's anchor load
-# The policies run with the stream capped just under the link: the queue at
+# The policies run with the stream capped under the link (0.9 of its rate in
+# payload is 0.94 of it on the wire, with TCP/IP headers): the queue at
 # the bottleneck stays short, so what the stream sends next is decided close
 # to when it leaves (and replies are not held behind it even without DSCP).
-POLICY_CAP = 0.95
+POLICY_CAP = 0.9
 
 
 def log(msg: str = "") -> None:
@@ -331,8 +332,14 @@ def part_urgent(python: Path, workdir: Path, specs: list[LinkSpec], mib: int, ve
     return out
 
 
+MEDIAN_KEYS = ("faults", "working_set_pages", "faults_over_working_set", "stall_total_ms", "stall_count",
+               "stall_p50_us", "stall_p99_us", "total_s", "stream_gbps", "network_p50_us")
+
+
 def part_policies(python: Path, workdir: Path, specs: list[LinkSpec], workloads: list[str], policies: list[str],
-                  rates: dict[str, int], mib: int, verify: bool) -> dict[str, Any]:
+                  rates: dict[str, int], mib: int, verify: bool, repeat: int) -> dict[str, Any]:
+    """Every policy on every guest and link, ``repeat`` times each, interleaved (policy innermost, so
+    that a noisy stretch of this shared machine hits every policy alike); the medians lead."""
     out: dict[str, Any] = {}
     dst = ["--run-after", "0.2"] + (["--verify"] if verify else [])
     for spec in specs:
@@ -340,23 +347,41 @@ def part_policies(python: Path, workdir: Path, specs: list[LinkSpec], workloads:
         with emulated_link(spec) as link:
             for pace, rate in rates.items():
                 for workload in workloads:
-                    for policy in policies:
+                    runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
+                    for i in range(repeat):
+                        for policy in policies:
+                            key = f"{spec.name}/{pace}/{workload}/{policy}"
+                            log(f"policy {key} ({i + 1}/{repeat})")
+                            run = Migration(python, link, workdir).run(
+                                [*guest_args(workload, mib, rate, seed=1 + i), "--run-before", "1", "--prepage", policy,
+                                 *cap], dst)
+                            sm = summary(run)
+                            if sm["steps_switchover"] and sm["steps_placed"]:
+                                sm["working_set_pages"] = working_set(workload, mib, 1 + i, sm["steps_switchover"],
+                                                                      sm["steps_placed"])
+                                sm["faults_over_working_set"] = round(sm["faults"] / max(1, sm["working_set_pages"]), 4)
+                            sm["placed_timeline"] = run["dst"].get("placed_timeline")
+                            sm["stall_hist"] = (run["dst"].get("vcpu_stall_us") or {}).get("hist")
+                            runs[policy].append(sm)
+                            log(f"  faults {sm['faults']} of a working set of {sm.get('working_set_pages')} "
+                                f"({100 * (sm.get('faults_over_working_set') or 0):.1f}%), stalls {sm['stall_total_ms']} "
+                                f"ms in all, {sm['total_s']} s, verified {sm['verified']}")
+                    for policy, group in runs.items():
                         key = f"{spec.name}/{pace}/{workload}/{policy}"
-                        log(f"policy {key}")
-                        run = Migration(python, link, workdir).run(
-                            [*guest_args(workload, mib, rate), "--run-before", "1", "--prepage", policy, *cap], dst)
-                        sm = summary(run)
-                        if sm["steps_switchover"] and sm["steps_placed"]:
-                            sm["working_set_pages"] = working_set(workload, mib, 1, sm["steps_switchover"],
-                                                                  sm["steps_placed"])
-                            sm["faults_over_working_set"] = round(sm["faults"] / max(1, sm["working_set_pages"]), 4)
-                        sm["placed_timeline"] = run["dst"].get("placed_timeline")
-                        sm["stall_hist"] = (run["dst"].get("vcpu_stall_us") or {}).get("hist")
-                        out[key] = sm
-                        log(f"  faults {sm['faults']} of a working set of {sm.get('working_set_pages')} "
-                            f"({100 * (sm.get('faults_over_working_set') or 0):.1f}%), stalls {sm['stall_total_ms']} ms "
-                            f"in all, {sm['total_s']} s, verified {sm['verified']}")
+                        med = {k: _median([r.get(k) for r in group]) for k in MEDIAN_KEYS}
+                        # The plots draw the run whose faults are the median's.
+                        pick = min(group, key=lambda r: abs((r.get("faults") or 0) - (med["faults"] or 0)))
+                        out[key] = {**med, "verified": all(r.get("verified") is not False for r in group),
+                                    "repeat": len(group), "placed_timeline": pick["placed_timeline"],
+                                    "stall_hist": pick["stall_hist"], "pages_total": pick["pages_total"],
+                                    "runs": [{k: v for k, v in r.items() if k not in ("placed_timeline", "stall_hist")}
+                                             for r in group]}
     return out
+
+
+def _median(xs: list[Any]) -> Any:
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    return round(statistics.median(xs), 4) if xs else None
 
 
 # ---------------------------------------------------------------- report
@@ -394,6 +419,43 @@ def report(res: dict[str, Any]) -> None:
         print(f"  {'':<34}" + "".join(f"{p:>22}" for p in POLICIES))
         for row, cells in rows.items():
             print(f"  {row:<34}" + "".join(f"{cells.get(p, '-'):>22}" for p in POLICIES))
+    if res.get("targets"):
+        print("\ntargets:")
+        for name, t in res["targets"].items():
+            met = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+            print(f"  {name:<66} {str(t['value']):>18}  {met}" + (f" ({t['policy']})" if t.get("policy") else ""))
+
+
+def targets(res: dict[str, Any]) -> dict[str, Any]:
+    """Issue 12's targets, from what this run measured (None: not measured)."""
+    out: dict[str, Any] = {}
+    pol = res.get("policies") or {}
+    for workload in ("hotset", "sequential"):
+        cases = {k.rsplit("/", 1)[1]: v for k, v in pol.items() if k.startswith(f"1Gbit,1ms/realistic/{workload}/")}
+        shares = {p: v.get("faults_over_working_set") for p, v in cases.items() if v.get("faults_over_working_set")
+                  is not None}
+        if shares:
+            best = min(shares, key=lambda p: shares[p])
+            jump = (cases.get("jump") or {}).get("stall_total_ms")
+            out[f"{workload}: best policy's faults / working set <= 5%"] = {
+                "value": shares[best], "policy": best, "met": shares[best] <= 0.05}
+            stall = cases[best].get("stall_total_ms")
+            out[f"{workload}: best policy's total stall <= 50% of jump's"] = {
+                "value": round(stall / jump, 3) if stall is not None and jump else None, "policy": best,
+                "met": stall is not None and bool(jump) and stall <= 0.5 * jump}
+    urgent = (res.get("urgent") or {}).get("1Gbit,1ms") or {}
+    rtt = ((res.get("links") or {}).get("1Gbit,1ms") or {}).get("rtt_idle_us", {}).get("p50")
+    for case in ("fifo", "fifo+headroom", "ef"):
+        p50 = (urgent.get(case) or {}).get("network_p50_us")
+        out[f"urgent reply p50 <= RTT + 1 ms at 1 Gbit/s ({case})"] = {
+            "value": p50, "rtt_us": rtt, "met": None if p50 is None or rtt is None else p50 <= rtt + 1000}
+    for cap, v in (res.get("cap") or {}).items():
+        out[f"--max-bandwidth {cap} within 5% over every 1 s window"] = {
+            "value": [v["min_over_cap"], v["max_over_cap"]], "met": v["within_5pct"]}
+    for name, v in (res.get("links") or {}).items():
+        out[f"link {name} sustains its rate (tcp_bulk >= 95% of it, headers aside)"] = {
+            "value": v["tcp_share_of_rate"], "met": v["tcp_share_of_rate"] >= 0.95}
+    return out
 
 
 def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
@@ -445,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="guests for the policies part")
     ap.add_argument("--policies", default=",".join(POLICIES), help="policies to compare")
     ap.add_argument("--guest-mib", type=int, default=256, help="guest size (default 256)")
+    ap.add_argument("--repeat", type=int, metavar="N", help="runs of each policy case, medians reported "
+                                                            "(default 3; 1 with --quick)")
     ap.add_argument("--queue-ms", type=float, default=5.0, help="the bottleneck queue, in ms at the link's rate")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip the replay proof of each migration")
     ap.add_argument("--plot", action="store_true", help="draw PNGs next to bench/links.json (matplotlib: .[plot])")
@@ -457,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     parts = set(args.parts.split(","))
+    repeat = args.repeat or (1 if args.quick else 3)
     python = Path(args.python)
     if not (python.parent / "migrate-src").exists():
         print(f"scripts/bench-links: error: migrate-src not found next to {python}\n"
@@ -472,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
                            "links_run": [s.name for s in specs], "queue_ms": args.queue_ms, "guest_mib": args.guest_mib,
-                           "policy_cap_of_rate": POLICY_CAP}
+                           "policy_cap_of_rate": POLICY_CAP, "repeat": repeat}
     try:
         res["git"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip()
@@ -490,11 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                                            args.guest_mib, args.verify)),
             ("policies", lambda: part_policies(
                 python, work, specs, args.workloads.split(","), args.policies.split(","),
-                {"realistic": REALISTIC_RATE} if args.quick else {"realistic": REALISTIC_RATE},
-                args.guest_mib, args.verify)),
+                {"realistic": REALISTIC_RATE}, args.guest_mib, args.verify, repeat)),
             ("flat_out", lambda: part_policies(
                 python, work, [s for s in specs if s.name == "1Gbit,1ms"] or specs[:1], ["hotset", "sequential"],
-                args.policies.split(","), {"flat-out": 0}, args.guest_mib, args.verify)),
+                args.policies.split(","), {"flat-out": 0}, args.guest_mib, args.verify, repeat)),
         ]
         for name, fn in steps:
             if (name if name != "flat_out" else "policies") not in parts or (name == "flat_out" and args.quick):
@@ -513,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, sm in (res.get("policies") or {}).items():
         if sm.get("verified") is False:
             failed = True
+    res["targets"] = targets(res)
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
     out.write_text(json.dumps(res, indent=1) + "\n")
     report(res)
