@@ -257,7 +257,11 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def window_rates(timeline: list[list[float]], window: float = 1.0) -> list[float]:
-    """The stream's rate (bytes/s) over every ``window``-second stretch of a ``[t, bytes]`` timeline."""
+    """The stream's rate (bytes/s) over every ``window``-second stretch of a ``[t, bytes]`` timeline,
+    while it streamed: samples after the last byte (the source waits for DestDone) are left out."""
+    if timeline:
+        last = timeline[-1][1]
+        timeline = timeline[: next(i for i, (_, b) in enumerate(timeline) if b == last) + 1]
     rates = []
     for i, (t0, b0) in enumerate(timeline):
         for t1, b1 in timeline[i + 1:]:
@@ -459,7 +463,8 @@ def targets(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
-    """Placed pages over time per policy and the stall CDF, one PNG per link, pace and workload."""
+    """One PNG per link, pace and guest: pages placed over time per policy (all of them, and those
+    that came by the urgent path, i.e. faults), and the stall CDF against the link's floor."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -472,24 +477,31 @@ def plot(res: dict[str, Any], outdir: Path) -> list[Path]:
         groups.setdefault(f"{link}/{pace}/{workload}", {})[policy] = sm
     written = []
     for group, runs in groups.items():
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, (placed, urgent, cdf_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
         for policy, sm in runs.items():
             fake = {"placed_timeline": sm.get("placed_timeline"), "total_s": sm.get("total_s"),
                     "pages_placed": sm.get("pages_total"), "vcpu_stall_us": {"hist": sm.get("stall_hist")}}
-            series = timelines(fake).get("placed")
-            if series:
-                left.plot([t for t, _ in series], [n for _, n in series], label=policy)
+            series = timelines(fake)
+            if series.get("placed"):
+                placed.plot([t for t, _ in series["placed"]], [n for _, n in series["placed"]], label=policy)
+            if series.get("urgent"):
+                urgent.plot([t for t, _ in series["urgent"]], [n for _, n in series["urgent"]], label=policy)
             cdf = stall_cdf(fake)
             if cdf:
-                right.plot([x for x, _ in cdf], [y for _, y in cdf], label=f"{policy} ({sm.get('stall_count')} stalls)")
-        left.set(xlabel="s since switchover", ylabel="pages placed", title=f"placed pages, {group}")
-        right.set(xscale="log", xlabel="vCPU stall (µs)", ylabel="fraction of stalls", title="stall CDF")
-        for ax in (left, right):
+                cdf_ax.plot([x for x, _ in cdf], [y for _, y in cdf], label=f"{policy} ({sm.get('stall_count'):.0f} stalls)")
+        floor = ((res.get("links") or {}).get(group.split("/")[0]) or {}).get("rtt_idle_us", {}).get("p50")
+        if floor:
+            cdf_ax.axvline(floor, color="grey", linestyle="--", label=f"floor: a reply's idle round trip ({floor:.0f} µs)")
+        placed.set(xlabel="s since switchover", ylabel="pages placed", title=f"all pages placed, {group}")
+        urgent.set(xlabel="s since switchover", ylabel="pages placed on request",
+                   title="pages the vCPUs faulted on (urgent path)")
+        cdf_ax.set(xscale="log", xlabel="vCPU stall (µs)", ylabel="fraction of stalls", title="stall CDF")
+        for ax in (placed, urgent, cdf_ax):
             if ax.lines:
                 ax.legend(fontsize=8)
         fig.tight_layout()
         out = outdir / f"links-{group.replace('/', '-').replace(',', '-')}.png"
-        fig.savefig(out, dpi=100)
+        fig.savefig(out, dpi=90)
         plt.close(fig)
         written.append(out)
     return written
@@ -515,7 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
                     help="interpreter of the venv with uffd-migrate installed (default .venv/bin/python)")
     ap.add_argument("--out", default=str(RESULTS), help="results file (default bench/links.json)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the parts this run does not measure from the existing results file")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plots of the existing results file")
     args = ap.parse_args(argv)
+    if args.replot:
+        for png in plot(json.loads(Path(args.out).read_text()), Path(args.out).parent):
+            print(f"wrote {png}")
+        return 0
     try:
         specs = [LinkSpec.parse(t, queue_ms=args.queue_ms) for t in (args.link or (QUICK_LINKS if args.quick else LINKS))]
     except ValueError as exc:
@@ -534,10 +553,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scripts/bench-links: error: {exc}\nscripts/bench-links: hint: run it as root", file=sys.stderr)
         return 2
     out = Path(args.out)
-    res: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    res: dict[str, Any] = json.loads(out.read_text()) if args.keep and out.exists() else {}
+    res.pop("errors", None)
+    res.update({"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "machine": {"kernel": platform.release(), "cpus": os.cpu_count()},
                            "links_run": [s.name for s in specs], "queue_ms": args.queue_ms, "guest_mib": args.guest_mib,
-                           "policy_cap_of_rate": POLICY_CAP, "repeat": repeat}
+                           "policy_cap_of_rate": POLICY_CAP, "repeat": repeat})
     try:
         res["git"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip()

@@ -423,7 +423,7 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             int rc = pace_wait(pace, stop_fd, why);
             if (rc)
                 return rc;
-            max = pace->burst;
+            max = pace->quantum;
         }
         int64_t n = send_iov(l, q, iov, left, max, &want, why);
         if (n < 0) {

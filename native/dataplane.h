@@ -118,13 +118,17 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
 
 /* The streamer's token bucket (--max-bandwidth): owned by the streamer task
  * alone and handed to every src_send_runs() call, so the budget carries over
- * from one window to the next.  The request server never has one: replies
- * are never capped.  Tokens are bytes; they accrue at rate, up to burst, and
- * a send is let through while they are positive, then charged what it sent,
- * so over any stretch the stream sends at most rate * time + burst bytes. */
+ * from one window to the next (and the pause between two windows, while
+ * Python picks the next one, is made up for, up to the bucket's depth).  The
+ * request server never has one: replies are never capped.  Tokens are bytes;
+ * they accrue at rate, up to burst, and a send of at most quantum bytes is let
+ * through while they are positive, then charged what it sent, so over any
+ * stretch the stream sends at most rate * time + burst + quantum bytes, and
+ * in a steady stream at most quantum bytes at once. */
 typedef struct {
     uint64_t rate;      /* bytes per second; 0: no cap */
-    uint64_t burst;     /* bytes: the bucket's depth, and the most one send may take */
+    uint64_t burst;     /* bytes: the bucket's depth */
+    uint64_t quantum;   /* bytes: the most one send may take */
     double tokens;      /* bytes that may go now; negative: owed */
     uint64_t t_ns;      /* when tokens was last brought up to date; 0: not yet */
     uint64_t waits;     /* pauses the cap imposed */
