@@ -309,7 +309,7 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
         int rc = send_all(l, &req, len, stop_fd, idle_ms, why);
         if (rc)
             return rc;
-        hist_add(&st->to_send, req.f.stamp - t_read);
+        hist_add(&st->to_send, mono_ns() - t_read); /* read, request built and sent */
         st->faults += k;
         st->requests++;
         st->bytes += len;

@@ -57,7 +57,7 @@ typedef struct {
     uint64_t requests;
     uint64_t pages_requested;
     uint64_t bytes;      /* bytes sent */
-    hist_t to_send;      /* fault read -> request sent */
+    hist_t to_send;      /* faults read -> their request sent (send() included) */
 } fault_stats_t;
 
 /* The destination's guest as its loops see it. */
@@ -84,10 +84,11 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
                    const char **why);
 
 /* Requests the source answered, for its streamer to skip and jump after:
- * one producer (the request server), one consumer (the streamer task).  A
- * note that does not fit is dropped: the stream then sends those pages again,
- * a duplicate the destination absorbs, never a loss. */
-#define NOTE_RING 256
+ * one producer (the request server), one consumer (the streamer task, which
+ * drains it between windows).  Sized for a few thousand requests a window; a
+ * note that does not fit is dropped: the stream then sends those pages
+ * again, a duplicate the destination absorbs, never a loss. */
+#define NOTE_RING 4096
 typedef struct {
     uint64_t head;
     uint64_t tail;

@@ -197,6 +197,47 @@ static inline int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* Busy spinner threads: the load a guest's vCPUs put on the machine, so a
+ * reference measured next to them is fair to a migration whose guest runs
+ * as many vCPUs flat out.  They only burn CPU (no memory traffic) and run
+ * until spinners_stop(). */
+#define MAX_SPINNERS 64
+static volatile int spinners_quit;
+static pthread_t spinner_threads[MAX_SPINNERS];
+static int spinner_count;
+
+static void *spinner(void *arg)
+{
+    (void)arg;
+    volatile uint64_t n = 0;
+    while (!spinners_quit)
+        n++;
+    return NULL;
+}
+
+static inline void spinners_start(int n)
+{
+    if (n < 0 || n > MAX_SPINNERS) {
+        fprintf(stderr, "spinners: 0..%d\n", MAX_SPINNERS);
+        exit(2);
+    }
+    spinners_quit = 0;
+    for (spinner_count = 0; spinner_count < n; spinner_count++) {
+        int e = pthread_create(&spinner_threads[spinner_count], NULL, spinner, NULL);
+        if (e) {
+            errno = e;
+            die("pthread_create spinner");
+        }
+    }
+}
+
+static inline void spinners_stop(void)
+{
+    spinners_quit = 1;
+    while (spinner_count)
+        pthread_join(spinner_threads[--spinner_count], NULL);
+}
+
 /* Nearest-rank percentile of a sorted array. */
 static inline double pct(const double *v, size_t n, double p)
 {

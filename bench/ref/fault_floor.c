@@ -1,15 +1,18 @@
 /* fault_floor: the floor of one postcopy fault served over the network.
- *   usage: fault_floor [K=2000] [REGION_MIB=256]
+ *   usage: fault_floor [K=2000] [REGION_MIB=256] [SPINNERS=0]
  * Threads:  source  - serves page requests on a TCP_NODELAY connection
  *                     (request: 8-byte page index, reply: 4096 bytes)
  *           handler - polls the uffd, reads uffd_msg, requests the page,
  *                     receives it, UFFDIO_COPY (wakes the vCPU)
  *           vCPU    - (main thread) touches K random missing pages one after
  *                     another and times each access with CLOCK_MONOTONIC
+ *           spinners - SPINNERS threads that only burn CPU for the whole run:
+ *                     the load of a guest with as many vCPUs running flat out
  * Run twice: with an idle link, then "loaded" while a second connection in
  * the same process saturates with an ideal-placer stream (TCP receive +
  * UFFDIO_COPY into a second registered region), as the bulk channel would.
- * Prints {"fault_idle_us": {p50,p99,max}, "fault_loaded_us": {...}}. */
+ * Prints {"fault_idle_us": {p50,p99,max}, "fault_loaded_us": {...},
+ * "loaded_stream_gbps": ..., "spinners": N}. */
 #include "common.h"
 
 #define RUN (256 * 1024)           /* bulk run, as ideal_placer's default */
@@ -139,8 +142,9 @@ int main(int argc, char **argv)
 {
     size_t k = argc > 1 ? strtoul(argv[1], NULL, 10) : 2000;
     region_len = (argc > 2 ? strtoul(argv[2], NULL, 10) : 256) * MIB;
+    int spinners = argc > 3 ? atoi(argv[3]) : 0;
     if (!k || k > region_len / PAGE) {
-        fprintf(stderr, "usage: fault_floor [K <= pages] [REGION_MIB]\n");
+        fprintf(stderr, "usage: fault_floor [K <= pages] [REGION_MIB] [SPINNERS]\n");
         return 2;
     }
     srandom(1);
@@ -152,6 +156,7 @@ int main(int argc, char **argv)
     pthread_t ts, th, tb, tp;
     pthread_create(&ts, NULL, source, NULL);
     pthread_create(&th, NULL, handler, NULL);
+    spinners_start(spinners);            /* before the warm-up: both phases run loaded */
 
     touch_pages(16);                     /* warm-up: connection, code, caches */
     madvise(region, region_len, MADV_DONTNEED);
@@ -174,11 +179,12 @@ int main(int argc, char **argv)
     stop_handler = 1;
     pthread_join(th, NULL);              /* closing its socket ends the source */
     pthread_join(ts, NULL);
+    spinners_stop();
 
     printf("{");
     print_stats("fault_idle_us", idle, k);
     printf(", ");
     print_stats("fault_loaded_us", loaded, k);
-    printf(", \"loaded_stream_gbps\": %.3f}\n", bulk_gbps);
+    printf(", \"loaded_stream_gbps\": %.3f, \"spinners\": %d}\n", bulk_gbps, spinners);
     return 0;
 }

@@ -1,11 +1,13 @@
 /* ideal_placer: the ceiling of the postcopy bulk stream.
- *   usage: ideal_placer [MIB=1024] [RUN_KIB=256]
+ *   usage: ideal_placer [MIB=1024] [RUN_KIB=256] [SPINNERS=0]
  * A sender thread streams a region of MIB MiB over loopback TCP; the main
  * thread receives it in runs of RUN_KIB KiB (each received fully into a
  * buffer) and places every run with one UFFDIO_COPY into an anonymous region
  * registered MISSING with userfaultfd.  That is exactly the destination's
- * placer with no framing, no interpreter and no faults competing.
- * Prints {"placer_gbps": ...}. */
+ * placer with no framing, no interpreter and no faults competing.  SPINNERS
+ * threads burn CPU for the whole run: the load of a guest with as many vCPUs
+ * running flat out, which a migration's placer competes with.
+ * Prints {"placer_gbps": ..., "spinners": N, ...}. */
 #include "common.h"
 
 static size_t region_len;
@@ -33,8 +35,9 @@ int main(int argc, char **argv)
 {
     size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 1024;
     size_t run = (argc > 2 ? strtoul(argv[2], NULL, 10) : 256) * 1024;
+    int spinners = argc > 3 ? atoi(argv[3]) : 0;
     if (!mib || !run || run % PAGE) {
-        fprintf(stderr, "usage: ideal_placer [MIB] [RUN_KIB, multiple of 4]\n");
+        fprintf(stderr, "usage: ideal_placer [MIB] [RUN_KIB, multiple of 4] [SPINNERS]\n");
         return 2;
     }
     region_len = mib * MIB;
@@ -45,6 +48,7 @@ int main(int argc, char **argv)
     memset(buf, 0, run);                   /* fault the bounce buffer in now */
 
     int lfd = tcp_listen(&port);
+    spinners_start(spinners);
     pthread_t t;
     pthread_create(&t, NULL, sender, NULL);
     int fd = tcp_accept(lfd, 0);
@@ -65,6 +69,7 @@ int main(int argc, char **argv)
     }
     double dt = now_s() - t0;
     pthread_join(t, NULL);
+    spinners_stop();
 
     /* Spot-check: placed pages are readable without faulting and hold the data. */
     if (placed != region_len || dst[region_len - PAGE] != (char)((region_len / PAGE - 1) | 1)) {
@@ -72,6 +77,7 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("{\"placer_gbps\": %.3f, \"bytes\": %lu, \"run_kib\": %zu, \"seconds\": %.4f, "
-           "\"eexist\": %lu}\n", placed / dt / 1e9, placed, run / 1024, dt, eexist);
+           "\"eexist\": %lu, \"spinners\": %d}\n", placed / dt / 1e9, placed, run / 1024, dt, eexist,
+           spinners);
     return 0;
 }
