@@ -96,14 +96,18 @@ def validate(link: Link, tools: dict[str, Path], seconds: float = 3.0) -> dict[s
     """The C references through the link: bulk goodput, and a reply's round trip idle and loaded."""
     spec = link.spec
     src, dst = link.netns_path("src"), link.netns_path("dst")
-    bulk = _json_out([str(tools["tcp_bulk"]), str(round(spec.bytes_per_s * seconds)), src, dst, link.dst_addr],
-                     timeout=60 + 3 * seconds)
+    # The best of three: a link cannot carry more than its rate, so the best run says what it sustains
+    # (the others say how much this shared machine took from it meanwhile).
+    bulks = [_json_out([str(tools["tcp_bulk"]), str(round(spec.bytes_per_s * seconds)), src, dst, link.dst_addr],
+                       timeout=60 + 3 * seconds) for _ in range(3)]
+    bulk = max(bulks, key=lambda b: b["tcp_gbps"])
     idle = _json_out([str(tools["pingpong"]), "200", dst, src, link.src_addr, "0", "2000"], timeout=60)
     out: dict[str, Any] = {
         "tcp_goodput_gbps": round(bulk["tcp_gbps"] * 8, 3),
         # TCP/IP/Ethernet headers take 66 of every 1514 bytes on the wire: full use of the link
         # carries 95.6% of its rate as payload.
         "tcp_share_of_rate": round(bulk["tcp_gbps"] * 8e9 / spec.rate_bps / (1448 / 1514), 3),
+        "tcp_goodput_gbps_runs": [round(b["tcp_gbps"] * 8, 3) for b in bulks],
         "rtt_idle_us": idle["rtt_us"],
     }
     for name, tos in (("fifo", "0"), ("ef", hex(URGENT_TOS))):
@@ -309,8 +313,10 @@ def part_cap(python: Path, workdir: Path, caps: list[str], mib: int) -> dict[str
     return out
 
 
-def part_urgent(python: Path, workdir: Path, specs: list[LinkSpec], mib: int, verify: bool) -> dict[str, Any]:
-    """A flat-out uniform guest (faults all the way) while its stream saturates the link."""
+def part_urgent(python: Path, workdir: Path, specs: list[LinkSpec], mib: int, verify: bool,
+                repeat: int) -> dict[str, Any]:
+    """A flat-out uniform guest (faults all the way) while its stream saturates the link; ``repeat``
+    runs of each case, the cases interleaved, medians reported."""
     out: dict[str, Any] = {}
     dst = ["--run-after", "0.2"] + (["--verify"] if verify else [])
     for spec in specs:
@@ -320,19 +326,24 @@ def part_urgent(python: Path, workdir: Path, specs: list[LinkSpec], mib: int, ve
             "ef": (True, None),  # after: the urgent band for DSCP EF
             "ef+headroom": (True, POLICY_CAP),
         }
-        out[spec.name] = {}
-        for name, (prio, cap) in cases.items():
-            s = LinkSpec(spec.rate_bps, spec.rtt_ms, spec.queue_ms, priority=prio)
-            extra = ["--max-bandwidth", str(round(s.bytes_per_s * cap))] if cap else []
-            log(f"urgent path, {spec.name}, {name}")
-            with emulated_link(s) as link:
-                run = Migration(python, link, workdir).run(
-                    [*guest_args("uniform", mib, 0), "--run-before", "0.5", *extra], dst)
-            sm = summary(run)
-            sm["forwarder_drops"] = {k: v.get("drops_queue") for k, v in link.forwarder.items()}
-            out[spec.name][name] = sm
-            log(f"  request->reply p50 {sm['network_p50_us']} us p99 {sm['network_p99_us']} us, fault service p50 "
-                f"{sm['fault_service_p50_us']} us, stream {sm['stream_gbps']} GB/s, verified {sm['verified']}")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+        for i in range(repeat):
+            for name, (prio, cap) in cases.items():
+                s = LinkSpec(spec.rate_bps, spec.rtt_ms, spec.queue_ms, priority=prio)
+                extra = ["--max-bandwidth", str(round(s.bytes_per_s * cap))] if cap else []
+                log(f"urgent path, {spec.name}, {name} ({i + 1}/{repeat})")
+                with emulated_link(s) as link:
+                    run = Migration(python, link, workdir).run(
+                        [*guest_args("uniform", mib, 0), "--run-before", "0.5", *extra], dst)
+                sm = summary(run)
+                sm["forwarder_drops"] = {k: v.get("drops_queue") for k, v in link.forwarder.items()}
+                runs[name].append(sm)
+                log(f"  request->reply p50 {sm['network_p50_us']} us p99 {sm['network_p99_us']} us, fault service "
+                    f"p50 {sm['fault_service_p50_us']} us, stream {sm['stream_gbps']} GB/s, verified {sm['verified']}")
+        out[spec.name] = {name: {**{k: _median([r.get(k) for r in group]) for k in (
+            "network_p50_us", "network_p99_us", "fault_service_p50_us", "stream_gbps", "faults", "total_s")},
+            "verified": all(r.get("verified") is not False for r in group), "runs": group}
+            for name, group in runs.items()}
     return out
 
 
@@ -573,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             ("links", lambda: part_links(specs, tools)),
             ("cap", lambda: part_cap(python, work, ["50M", "500M"], 64)),
             ("urgent", lambda: part_urgent(python, work, [s for s in specs if s.rate_bps <= 1e9] or specs[:1],
-                                           args.guest_mib, args.verify)),
+                                           args.guest_mib, args.verify, repeat)),
             ("policies", lambda: part_policies(
                 python, work, specs, args.workloads.split(","), args.policies.split(","),
                 {"realistic": REALISTIC_RATE}, args.guest_mib, args.verify, repeat)),

@@ -6,12 +6,15 @@ tolerance is wide, as this machine is shared.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
+import trio
 
 from conftest import REPORT, migrate
 from migrate.cli import parse_rate
+from migrate.wire import URGENT_PRIORITY, URGENT_TOS, mark_urgent
 from test_cli import run
 
 
@@ -49,3 +52,17 @@ async def test_a_capped_stream_takes_as_long_as_the_cap_says(tmp_path: Path) -> 
     REPORT.append(f"64 MiB capped at 50 MB/s: streamed in {m['total_s']:.2f} s, {s['pacer_waits']} pauses")
     assert 1.0 <= m["total_s"] <= 2.5, m["total_s"]
     assert s["max_bandwidth_bytes_per_s"] == 50_000_000 and s["pacer_waits"] > 0
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+async def test_urgent_connections_are_marked_for_a_bottleneck_to_serve_first(family: int) -> None:
+    """Requests and replies carry DSCP EF (and the interactive priority); a bottleneck that honours
+    DiffServ serves them ahead of the stream (scripts/bench-links measures the difference)."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    with sock:
+        mark_urgent(sock)
+        if family == socket.AF_INET6:
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS) == URGENT_TOS
+        else:
+            assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == URGENT_TOS
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == URGENT_PRIORITY
