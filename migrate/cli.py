@@ -21,6 +21,8 @@ from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
+from .protocol import Mode
+from .source import NOT_CONVERGING, WORKING_SET_S, SourceConfig, StreamOrder
 from .uffd import PAGE_SIZE
 from .wire import TlsConfig, is_loopback, parse_address
 
@@ -135,9 +137,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _src_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="migrate-src",
-        description="Run a demo guest and hand it over to migrate-dst by postcopy live migration.",
-        epilog="The guest runs until a destination connects and --run-before seconds have passed; then its "
-               "vCPUs stop, their state goes to the destination, and its memory follows. "
+        description="Run a demo guest and hand it over to migrate-dst by live migration (postcopy, hybrid or "
+                    "precopy).",
+        epilog="The guest runs until a destination connects and --run-before seconds have passed; then, in "
+               "postcopy, its vCPUs stop, their state goes to the destination, and its memory follows. In "
+               "hybrid and precopy, precopy rounds start then, while the guest keeps running here. "
                "@FILE reads more options from FILE, one per line.")
     ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
@@ -155,16 +159,41 @@ def _src_parser() -> argparse.ArgumentParser:
                     help="accesses per second per vCPU; 0 runs flat out (default 0)")
     ap.add_argument("--run-before", type=_number, default=1.0, metavar="S",
                     help="seconds the guest runs here before switchover, at the least (default 1)")
+    ap.add_argument("--mode", choices=[m.name for m in Mode], default="postcopy",
+                    help="postcopy: stop here, resume there at once, memory follows on demand; hybrid: precopy "
+                         "rounds while the guest runs here, then postcopy for the pages written since the last "
+                         "round; precopy: the same rounds, then those pages with the guest stopped, and the "
+                         "destination resumes it only once all memory is there (default postcopy)")
+    ap.add_argument("--precopy-rounds", type=_whole, metavar="N",
+                    help="hybrid and precopy: at most N rounds, the first (every page) included; fewer when they "
+                         "converge (see --switchover-ms) or stop converging (the pages written during a round "
+                         f"reach {NOT_CONVERGING * 100:.0f}%% of those it sent) (default {SourceConfig.precopy_rounds})")
+    ap.add_argument("--switchover-ms", type=_number, metavar="MS",
+                    help="hybrid and precopy: the switchover threshold, an estimate of time, not a page count: "
+                         "once the pages written during a round would take at most MS ms to send at the rate "
+                         "the rounds achieved, they are the last round and the guest switches over after it. "
+                         "A time because it is what the switchover costs (precopy's downtime is the "
+                         "stop-and-copy of what the last round left dirty; hybrid's postcopy tail is as long), "
+                         "and a page count means a different wait on every link and for every share of zero "
+                         f"pages (QEMU's downtime-limit works the same way). Default {SourceConfig.switchover_ms:g}")
+    ap.add_argument("--stream-order", choices=[o.value for o in StreamOrder], default="address",
+                    help="what the postcopy stream sends first: address (the order --prepage picks) or "
+                         "working-set (first the pages the guest wrote in each of its last two "
+                         f"{WORKING_SET_S * 1e3:.0f} ms stretches before switchover, as the kernel tracked them; "
+                         "in hybrid the pages left after the rounds are those already; precopy has no postcopy "
+                         "phase) (default address)")
     ap.add_argument("--max-bandwidth", type=_rate, metavar="RATE",
-                    help="cap the background stream at RATE bytes per second (K, M, G are powers of 1000: "
-                         "500M is 500 MB/s; 1Gbit is 125 MB/s), like QEMU's max-postcopy-bandwidth; pages a "
-                         "faulting vCPU waits for are never capped nor queued behind the stream (default: no cap)")
+                    help="cap the background stream (precopy rounds and the postcopy stream) at RATE bytes per "
+                         "second (K, M, G are powers of 1000: 500M is 500 MB/s; 1Gbit is 125 MB/s), like QEMU's "
+                         "max-bandwidth and max-postcopy-bandwidth; pages a faulting vCPU waits for, and "
+                         "precopy's stop-and-copy, are never capped, and replies never queue behind the stream "
+                         "(default: no cap)")
     ap.add_argument("--prepage", choices=PREPAGE_POLICIES, default="jump",
-                    help="what the stream sends next, from the faults the destination reports: none (address "
-                         "order), jump (on from just after the last requested pages, as QEMU does), bubble "
-                         "(outward both ways from the last fault, Hines & Gopalan), adaptive (around recent "
-                         "fault clusters, in their direction, in chunks that grow while no fault comes) "
-                         "(default jump)")
+                    help="what the postcopy stream sends next, from the faults the destination reports: none "
+                         "(address order), jump (on from just after the last requested pages, as QEMU does), "
+                         "bubble (outward both ways from the last fault, Hines & Gopalan), adaptive (ahead of "
+                         "every cluster of faults whose strides show a trend, Leap's majority stride, in chunks "
+                         "that grow while it holds; address order otherwise) (default jump)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
     ap.add_argument("--handshake-timeout", type=_number, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
@@ -308,6 +337,10 @@ def _check_src(args: argparse.Namespace, pages: int) -> None:
              "seconds the guest runs here first; 0 switches over as soon as a destination connects")
     _require(args.handshake_timeout > 0, "--handshake-timeout must be more than 0",
              "seconds a connecting peer has to authenticate, e.g. 10")
+    _require(args.precopy_rounds is None or args.precopy_rounds >= 1, "--precopy-rounds must be at least 1",
+             "the first round sends every page; e.g. 10")
+    _require(args.switchover_ms is None or args.switchover_ms > 0, "--switchover-ms must be more than 0",
+             "the time the last round may take to send, e.g. 5")
     _check_common(args)
 
 
@@ -327,8 +360,12 @@ def _tls(args: argparse.Namespace, server: bool) -> TlsConfig | None:
 
 
 def _run_src(args: argparse.Namespace) -> int:
-    from .source import SourceConfig, serve
+    from .source import serve
 
+    mode = Mode[args.mode]
+    if mode is Mode.postcopy and (args.precopy_rounds is not None or args.switchover_ms is not None):
+        raise UsageError("--precopy-rounds and --switchover-ms apply to precopy rounds",
+                         hint="add --mode hybrid or --mode precopy")
     host, port = parse_address(args.listen, DEFAULT_PORT)
     pages = _guest_pages(args)
     _check_src(args, pages)
@@ -343,8 +380,12 @@ def _run_src(args: argparse.Namespace) -> int:
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
-                       max_pending=args.max_pending, tls=tls, max_bandwidth=args.max_bandwidth or 0,
-                       prepage=args.prepage)
+                       max_pending=args.max_pending, tls=tls, mode=mode, stream_order=StreamOrder(args.stream_order),
+                       max_bandwidth=args.max_bandwidth or 0, prepage=args.prepage)
+    if args.precopy_rounds is not None:
+        cfg.precopy_rounds = args.precopy_rounds
+    if args.switchover_ms is not None:
+        cfg.switchover_ms = args.switchover_ms
     metrics = _run_trio(serve, cfg)
     write_metrics(metrics, args.metrics, sys.stdout)
     return 0

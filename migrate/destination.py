@@ -11,13 +11,22 @@ loops (native/dataplane.c), each owned by a trio task:
   included (a duplicate costs one page of bandwidth and comes back as an
   "already present" page, which is counted as a race the kernel absorbed);
 - the *request channel* places the replies to those requests;
-- migration is complete when the pages the kernel reports as placed add up
-  to the guest's size (the loops signal an eventfd): the kernel never places
-  a page twice.
+- migration is complete when the pages present add up to the guest's size
+  (the loops signal an eventfd): at switchover, after the last discard, the
+  kernel says how many pages are present, and from then on the loops count
+  what they place (the kernel never places a page twice).
+
+In hybrid and precopy modes the placer first runs alone, before switchover,
+while the guest still runs on the source: it places each round, replaces
+(discards, then places) the runs a later round sends again, acknowledges
+each round, and at a hybrid switchover discards the runs the source names,
+before the vCPUs start.  Still no record of which page is where: the source
+names the runs, and the kernel's page tables say what is present.  In
+precopy the vCPUs start only once every page is present, and nothing faults.
 
 A lost link is not the end: the guest waits in its faults while this side
 reconnects, asks the kernel which pages are still absent, and sends the
-source that list.
+source that list (and whether the vCPUs already run here).
 """
 
 from __future__ import annotations
@@ -91,10 +100,21 @@ class Destination:
         self._session = b""
         self.recoveries: list[dict[str, float]] = []
         self.connect_attempts = 0  # every try of every channel: more than 2 when the source was busy
+        self.mode = p.Mode.postcopy
+        self.started = False  # the CPU state arrived and the vCPUs run: the switchover is done
+        self.rounds_received = 0
+        self._final_seen = False
+        self.missing_at_switchover = 0
+        self.discarded_at_switchover = 0
 
     @property
     def placed_pages(self) -> int:
-        return self.plane.bulk.pages + self.plane.urgent.pages
+        """Pages present, by the counters: what the kernel held at switchover, plus placements since.
+
+        Before switchover: every placement (a replaced page counts each time).
+        """
+        d = self.plane
+        return d.present_base + d.bulk.pages + d.urgent.pages - d.placed_base
 
     @property
     def eexist(self) -> int:
@@ -189,6 +209,7 @@ class Destination:
         info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
+        self.mode = info.mode
         guest = Guest(spec, fill=False)
         uffd.register(guest.base, spec.size)
         d = self.plane
@@ -196,22 +217,43 @@ class Destination:
         done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         d.done_fd = done_fd
         links = await self._open_links(bulk, deadline)
-        log.info("guest of %d pages (%d MiB), %d vCPUs, %s; waiting for switchover",
-                 spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name)
+        log.info("guest of %d pages (%d MiB), %d vCPUs, %s; %s migration; waiting for %s",
+                 spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name, self.mode.name,
+                 "switchover" if self.mode is p.Mode.postcopy else "the precopy rounds")
 
-        guest.time_stalls(True)  # until every page is here, any access may stall
+        # Until every page is here, any access may stall; in precopy none can.
+        guest.time_stalls(self.mode is not p.Mode.precopy)
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
         try:
-            cpu = await links.bulk.expect(p.CpuState)
+            cpu, links = await self._until_switchover(guest, links)
             if len(cpu.vcpus) != spec.vcpus:
                 raise RemoteProtocolError(f"the source sent the state of {len(cpu.vcpus)} vCPUs for a guest of "
                                           f"{spec.vcpus}", hint="run the same uffd-migrate version on both sides")
+            try:  # signals from the rounds (every page was present then) say nothing about now
+                os.eventfd_read(done_fd)
+            except BlockingIOError:
+                pass
             guest.import_state(list(cpu.vcpus))
-            guest.release()  # before any page has arrived: every first touch faults
+            guest.release()  # in postcopy before any page has arrived: every first touch faults
             running_at = time.time_ns()
             t_switch = time.monotonic()
+            self.started = True
+            # Completion from here on: what the kernel holds now (after every discard), plus what the
+            # loops place (they never discard after switchover, and the kernel never places a page
+            # twice).  Asked after the release, outside the downtime (one walk, ~2 ms per GiB): until
+            # the loops start a vCPU can only wait in a fault, and nothing places or drops a page.
+            d.present_base = guest.present_pages()
+            d.placed_base = d.bulk.pages + d.urgent.pages
+            self.missing_at_switchover = spec.pages - d.present_base
+            if self.mode is p.Mode.precopy and self.missing_at_switchover:
+                # Never seen: the source sends every page before the CPU state, and the placer has
+                # placed every frame before it. Should it happen, the postcopy path fetches the
+                # pages on demand (never a page read as zeros), and the metrics show the faults.
+                log.error("precopy switchover with %d pages missing; fetching them on demand",
+                          self.missing_at_switchover)
             downtime_ms = (running_at - cpu.stopped_at_ns) / 1e6
-            log.info("vCPUs running again %.2f ms after the source stopped them", downtime_ms)
+            log.info("vCPUs running again %.2f ms after the source stopped them; %d of %d pages present",
+                     downtime_ms, self.placed_pages, spec.pages)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watchdog, guest)
                 links = await self._postcopy(guest, links, done_fd, t_switch)
@@ -246,11 +288,17 @@ class Destination:
         guest.close()
         bulk_s, urgent_s = d.bulk, d.urgent
         return {
+            "mode": self.mode.name, "precopy_rounds": self.rounds_received,
+            "pages_missing_at_switchover": self.missing_at_switchover,
+            "pages_replaced": bulk_s.replaced, "pages_discarded": bulk_s.discarded,
+            "pages_discarded_at_switchover": self.discarded_at_switchover,
+            "placements": bulk_s.pages + urgent_s.pages,
+            "bytes_total": bulk_s.bytes + urgent_s.bytes + faults.bytes,
             "pages_total": spec.pages, "pages_placed": placed, "verified": verified,
             "downtime_ms": round(downtime_ms, 3), "total_s": round(placement_s, 3),
             "connect_to_done_s": round(time.monotonic() - t_connect, 3),
             "bytes_bulk": bulk_s.bytes, "bytes_urgent": urgent_s.bytes, "bytes_requests": faults.bytes,
-            "stream_gbps": round(bulk_s.bytes / placement_s / 1e9, 3),
+            "stream_gbps": round(bulk_s.bytes / max(placement_s, 1e-3) / 1e9, 3),
             "faults": faults.faults, "requests": faults.requests, "pages_requested": faults.pages_requested,
             "eexist": eexist, "eexist_bulk": bulk_s.eexist, "eexist_urgent": urgent_s.eexist,
             "pages_placed_bulk": bulk_s.pages, "pages_placed_urgent": urgent_s.pages,
@@ -268,6 +316,60 @@ class Destination:
             "placed_timeline": self.timeline,
         }
 
+    async def _until_switchover(self, guest: Guest, links: _Links) -> tuple[p.CpuState, _Links]:
+        """Before switchover: places the precopy rounds (if any) until the CPU state arrives.
+
+        Returns the CPU state and the live links.  A lost link reconnects with
+        ``Resume(started=False)``: the source then sends the round under way
+        again, or the whole switchover.
+
+        **Cancellation**: stops the placer through its eventfd and waits for it.
+        """
+        deadline: float | None = None
+        while True:
+            placed_before = self.placed_pages
+            try:
+                return await self._receive_rounds(links), links
+            except (*LINK_ERRORS, trio.TooSlowError) as exc:  # as in postcopy: see LINK_ERRORS
+                failure = "the link went silent between rounds" if isinstance(exc, trio.TooSlowError) else exc
+            links.close()
+            self.progress.finish()
+            if deadline is None or self.placed_pages > placed_before:
+                deadline = trio.current_time() + self.cfg.reconnect_timeout
+            log.warning("lost the source before switchover (%s) with %d of %d pages here; reconnecting for up to %g s",
+                        failure, self.placed_pages, self.plane.pages, self.cfg.reconnect_timeout)
+            links = await self._reconnect(guest, deadline)
+
+    async def _receive_rounds(self, links: _Links) -> p.CpuState:
+        bulk = links.bulk
+        # Before the first round the source may run its guest for as long as it likes: no bound.
+        # Between rounds it only scans (milliseconds): silence then means a lost link.
+        event = await bulk.receive()
+        while True:
+            if isinstance(event, p.CpuState):
+                if self.mode is not p.Mode.postcopy and not self._final_seen:
+                    raise RemoteProtocolError(f"CPU state from {bulk.peer} before the final precopy round")
+                return event
+            if not isinstance(event, p.Round) or self.mode is p.Mode.postcopy:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} from {bulk.peer} before switchover")
+            self.rounds_received = max(self.rounds_received, event.number)
+            self._final_seen = event.final
+            discarded_before = self.plane.bulk.discarded
+            self.progress.update(f"round {event.number}: {event.pages} pages"
+                                 + (" (switchover)" if event.final else ""))
+            await run_native(lib.dst_place_loop, self.plane, 0, 1, bulk.link, bulk.conn.rx, self._idle_ms,
+                             peer=bulk.peer)  # until the next control frame
+            event = await bulk.receive()
+            if self._final_seen:
+                self.discarded_at_switchover = self.plane.bulk.discarded - discarded_before
+            if isinstance(event, p.RoundEnd):
+                if event.number != self.rounds_received or self._final_seen:
+                    raise RemoteProtocolError(f"{bulk.peer} ended round {event.number} during round "
+                                              f"{self.rounds_received}")
+                await bulk.send(p.RoundAck(event.number))
+                with trio.fail_after(self.cfg.link_timeout):
+                    event = await bulk.receive()
+
     async def _postcopy(self, guest: Guest, links: _Links, done_fd: int, t_switch: float) -> _Links:
         """Places pages until all are there, reconnecting when a link breaks; returns the live links.
 
@@ -276,6 +378,8 @@ class Destination:
         """
         deadline: float | None = None  # of the recovery under way: progress resets it
         while True:
+            if self.placed_pages >= self.plane.pages:
+                return links  # precopy, or nothing was written after the last round
             placed_before = self.placed_pages
             try:
                 async with trio.open_nursery() as nursery:
@@ -325,12 +429,14 @@ class Destination:
                 # The last attempt starts near the deadline, not a backoff step before it.
                 await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
                 delay = min(delay * 2, MAX_RETRY)
+        # The kernel's page tables, after every discard so far, are the whole record of what is missing.
         runs = guest.absent_runs()
         missing = sum(n for _, n in runs)
         for i in range(0, max(len(runs), 1), p.MAX_RESUME_RUNS):
             await links.bulk.send(p.Resume(tuple(runs[i:i + p.MAX_RESUME_RUNS]),
-                                           more=i + p.MAX_RESUME_RUNS < len(runs)))
-        await self._ask_again(guest, links.requests)
+                                           more=i + p.MAX_RESUME_RUNS < len(runs), started=self.started))
+        if self.started:
+            await self._ask_again(guest, links.requests)
         reconnect_s = trio.current_time() - t0
         self.recoveries.append({"reconnect_s": round(reconnect_s, 3), "pages_missing": missing})
         log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
@@ -378,7 +484,7 @@ class Destination:
 
         **Cancellation**: stops the placer through its eventfd and waits for it.
         """
-        if await run_native(lib.dst_place_loop, self.plane, 0, bulk.link, bulk.conn.rx, self._idle_ms,
+        if await run_native(lib.dst_place_loop, self.plane, 0, 0, bulk.link, bulk.conn.rx, self._idle_ms,
                             peer=bulk.peer) == CONTROL:
             event = await bulk.receive()  # raises for an Error from the source
             if not isinstance(event, p.SourceDone):
@@ -397,8 +503,8 @@ class Destination:
 
         **Cancellation**: stops it through its eventfd and waits for it.
         """
-        if await run_native(lib.dst_place_loop, self.plane, 1, replies.link, replies.conn.rx, self._idle_ms,
-                            peer=replies.peer) == CONTROL:
+        if await run_native(lib.dst_place_loop, self.plane, 1, 0, replies.link, replies.conn.rx,
+                            self._idle_ms, peer=replies.peer) == CONTROL:
             event = await replies.receive()  # raises for an Error from the source
             raise RemoteProtocolError(f"unexpected {type(event).__name__} among the replies from {replies.peer}")
 

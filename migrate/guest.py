@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -161,6 +162,10 @@ class Guest:
     def steps(self) -> list[int]:
         return [st.steps for st in self._states]
 
+    def live_steps(self) -> int:
+        """Steps all vCPUs have executed so far, while they run (published every 1024 steps)."""
+        return sum(self._stalls[i].steps_live for i in range(self.spec.vcpus))
+
     def live_steps_each(self) -> list[int]:
         """Steps each vCPU has executed so far, while it runs (published every 64-1024 steps)."""
         return [self._stalls[i].steps_live for i in range(self.spec.vcpus)]
@@ -209,6 +214,23 @@ class Guest:
             runs += [(starts[i], counts[i]) for i in range(n)]
             first = nxt[0]
         return runs
+
+    def present_pages(self) -> int:
+        """How many guest pages the kernel holds (present or swapped out), in one PAGEMAP_SCAN walk.
+
+        Never touches guest memory.  At switchover this is the base that the
+        placement counters add to: see ``dst_plane_t`` in native/dataplane.h.
+        """
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            out = ffi.new("uint64_t *")
+            rc = lib.region_present_pages(fd, self.base, self.spec.size, out)
+        finally:
+            os.close(fd)
+        if rc < 0:
+            raise UffdError("PAGEMAP_SCAN of the present pages", -rc,
+                            hint="precopy rounds need Linux >= 6.7 on the destination too")
+        return out[0]
 
     def digest(self) -> int:
         """64-bit digest of all guest memory; every page must be present (or it faults)."""

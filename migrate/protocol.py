@@ -7,10 +7,11 @@ loops use too; this module reads and writes that struct through cffi and
 checks it with the same C function the loops call, so Python and C cannot
 drift:
 
-- data frames (page runs, zero runs, page requests) are the struct and a raw
-  payload: the hot path's format, spoken by the native loops;
-- control frames (handshake, CPU state, Resume, SourceDone, DestDone, Error)
-  are the struct and a msgpack body ``[kind, fields...]``: spoken by Python.
+- data frames (page runs, zero runs, discards, page requests) are the struct
+  and a raw payload: the hot path's format, spoken by the native loops;
+- control frames (handshake, rounds, CPU state, Resume, SourceDone, DestDone,
+  Error) are the struct and a msgpack body ``[kind, fields...]``: spoken by
+  Python.
 
 Every length read from the wire is bounded before anything is allocated, and
 every field is checked for type and range, so a hostile peer gets a
@@ -40,7 +41,7 @@ from ._native import ffi, lib
 from .errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"UFMG"
-VERSION = 2
+VERSION = 3  # 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag)
 PAGE_SIZE: int = lib.WIRE_PAGE_SIZE
 FRAME_SIZE: int = lib.WIRE_FRAME_SIZE
 MAX_RUN_PAGES: int = lib.WIRE_MAX_RUN_PAGES
@@ -64,6 +65,21 @@ _READ_AHEAD = 64 * 1024
 class Role(enum.Enum):
     SOURCE = "source"
     DESTINATION = "destination"
+
+
+class Mode(enum.IntEnum):
+    """How the guest's memory moves; the source decides and says so in GuestInfo.
+
+    - postcopy: the guest stops here and resumes there at once; its memory follows.
+    - hybrid: precopy rounds while the guest runs here, then postcopy for the
+      pages written since the last round (discarded on the destination first).
+    - precopy: the same rounds, then the last written pages with the guest
+      stopped; the destination resumes it only once every page is there.
+    """
+
+    postcopy = 0
+    hybrid = 1
+    precopy = 2
 
 
 class Channel(enum.Enum):
@@ -116,6 +132,7 @@ class GuestInfo:
     seed: int
     zero_permille: int
     rate: int
+    mode: Mode = Mode.postcopy
     page_size: int = PAGE_SIZE
 
 
@@ -131,8 +148,9 @@ class CpuState:
 class PageRun:
     """``count`` pages from page ``start``; a reply echoes its request's stamp and says how long it was held.
 
-    ``payload`` is a view into the connection's buffer when received: valid
-    until the next ``receive_data``/``receive_buffer`` call.
+    ``replace``: a precopy round sends the run again; the destination discards
+    its older copy first.  ``payload`` is a view into the connection's buffer
+    when received: valid until the next ``receive_data``/``receive_buffer`` call.
     """
 
     start: int
@@ -140,6 +158,7 @@ class PageRun:
     payload: memoryview | bytes = field(repr=False)
     echo: int = 0
     held_ns: int = 0
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,42 @@ class ZeroRun:
     count: int
     echo: int = 0
     held_ns: int = 0
+    replace: bool = False
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Source → destination at a hybrid switchover: make these pages absent again (they were written since sent)."""
+
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Round:
+    """Source → destination: precopy round ``number`` begins, ``pages`` pages (and, if ``final``, the switchover).
+
+    The final round is sent with the guest stopped: its discards (hybrid) or
+    its pages (precopy), then the CpuState.
+    """
+
+    number: int
+    pages: int
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    """Source → destination: every frame of round ``number`` has been sent; acknowledge it once placed."""
+
+    number: int
+
+
+@dataclass(frozen=True)
+class RoundAck:
+    """Destination → source: every frame before ``RoundEnd(number)`` is placed."""
+
+    number: int
 
 
 @dataclass(frozen=True)
@@ -162,10 +217,16 @@ class PageRequest:
 
 @dataclass(frozen=True)
 class Resume:
-    """Destination → source after a reconnection: runs the kernel still lacks; ``more`` if others follow."""
+    """Destination → source after a reconnection: runs the kernel still lacks; ``more`` if others follow.
+
+    ``started``: the CpuState had arrived and the vCPUs run here, so the
+    switchover is done and must never be repeated (a discard now could drop
+    what a vCPU wrote).
+    """
 
     runs: tuple[tuple[int, int], ...]
     more: bool = False
+    started: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,17 +250,17 @@ class Error:
     message: str
 
 
-Event = Union[Challenge, Hello, Welcome, GuestInfo, CpuState, PageRun, ZeroRun, PageRequest, Resume,
-              SourceDone, DestDone, Error]
+Event = Union[Challenge, Hello, Welcome, GuestInfo, CpuState, PageRun, ZeroRun, Discard, PageRequest, Round,
+              RoundEnd, RoundAck, Resume, SourceDone, DestDone, Error]
 
 # Control kinds: the first element of a control frame's msgpack body.
-_KINDS: dict[type, int] = {Challenge: 1, Hello: 2, Welcome: 3, GuestInfo: 4, CpuState: 5, Resume: 9,
-                           SourceDone: 10, DestDone: 11, Error: 12}
+_KINDS: dict[type, int] = {Challenge: 1, Hello: 2, Welcome: 3, GuestInfo: 4, CpuState: 5, Round: 6, RoundEnd: 7,
+                           RoundAck: 8, Resume: 9, SourceDone: 10, DestDone: 11, Error: 12}
 # What each role may receive: anything else is a protocol error (data frames
 # are checked by the C mask below, the same one the native loops use).
 _ACCEPTS = {
-    Role.SOURCE: {Hello, Resume, DestDone, Error},
-    Role.DESTINATION: {Challenge, Welcome, GuestInfo, CpuState, SourceDone, Error},
+    Role.SOURCE: {Hello, RoundAck, Resume, DestDone, Error},
+    Role.DESTINATION: {Challenge, Welcome, GuestInfo, CpuState, Round, RoundEnd, SourceDone, Error},
 }
 _MASK = {Role.SOURCE: lib.WIRE_TO_SOURCE, Role.DESTINATION: lib.WIRE_TO_DESTINATION}
 
@@ -218,9 +279,9 @@ def proof_ok(expected: bytes, got: bytes) -> bool:
     return hmac.compare_digest(expected, got)
 
 
-def _frame(kind: int, count: int, start: int = 0, stamp: int = 0, held_ns: int = 0) -> bytes:
+def _frame(kind: int, count: int, start: int = 0, stamp: int = 0, held_ns: int = 0, flags: int = 0) -> bytes:
     f = ffi.new("struct wire_frame *", {"kind": kind, "count": count, "start": start, "stamp": stamp,
-                                        "held_ns": held_ns})
+                                        "held_ns": held_ns, "flags": flags})
     return bytes(ffi.buffer(f))
 
 
@@ -270,9 +331,13 @@ class Connection:
         if isinstance(event, PageRun):
             if len(event.payload) != event.count * PAGE_SIZE or not 0 < event.count <= MAX_RUN_PAGES:
                 raise LocalProtocolError(f"page run of {event.count} pages with {len(event.payload)} bytes")
-            chunks += [_frame(lib.WIRE_PAGES, event.count, event.start, event.echo, event.held_ns), event.payload]
+            chunks += [_frame(lib.WIRE_PAGES, event.count, event.start, event.echo, event.held_ns,
+                              lib.WIRE_REPLACE if event.replace else 0), event.payload]
         elif isinstance(event, ZeroRun):
-            chunks.append(_frame(lib.WIRE_ZEROS, event.count, event.start, event.echo, event.held_ns))
+            chunks.append(_frame(lib.WIRE_ZEROS, event.count, event.start, event.echo, event.held_ns,
+                                 lib.WIRE_REPLACE if event.replace else 0))
+        elif isinstance(event, Discard):
+            chunks.append(_frame(lib.WIRE_DISCARD, event.count, event.start))
         elif isinstance(event, PageRequest):
             if not 0 < len(event.runs) <= MAX_REQUEST_RUNS:
                 raise LocalProtocolError(f"{len(event.runs)} runs in one request; split it")
@@ -376,10 +441,13 @@ class Connection:
         if rx.end - rx.start < FRAME_SIZE + plen:
             return self._need_data()
         payload = self._view(rx.start + FRAME_SIZE, plen)
+        replace = bool(f.flags & lib.WIRE_REPLACE)
         if f.kind == lib.WIRE_PAGES:
-            event: Event = PageRun(f.start, f.count, payload, f.stamp, f.held_ns)
+            event: Event = PageRun(f.start, f.count, payload, f.stamp, f.held_ns, replace)
         elif f.kind == lib.WIRE_ZEROS:
-            event = ZeroRun(f.start, f.count, f.stamp, f.held_ns)
+            event = ZeroRun(f.start, f.count, f.stamp, f.held_ns, replace)
+        elif f.kind == lib.WIRE_DISCARD:
+            event = Discard(f.start, f.count)
         elif f.kind == lib.WIRE_REQUEST:
             event = self._decode_request(f, payload)
         else:
@@ -441,7 +509,10 @@ def _encode_fields(event: Event) -> list[object]:
     if isinstance(event, Resume):
         if len(event.runs) > MAX_RESUME_RUNS:
             raise LocalProtocolError(f"{len(event.runs)} runs in one Resume; split it")
-        return [[list(r) for r in event.runs], event.more]
+        return [[list(r) for r in event.runs], event.more, event.started]
+    if isinstance(event, GuestInfo):
+        return [event.pages, event.vcpus, event.workload, event.seed, event.zero_permille, event.rate,
+                int(event.mode), event.page_size]
     return list(vars(event).values())
 
 
@@ -510,10 +581,10 @@ def _dec_hello(f: tuple) -> Hello:
 
 
 def _dec_guest_info(f: tuple) -> GuestInfo:
-    pages, vcpus, workload, seed, zero, rate, page_size = _arity(f, 7, "GuestInfo")
+    pages, vcpus, workload, seed, zero, rate, mode, page_size = _arity(f, 8, "GuestInfo")
     info = GuestInfo(_int(pages, "pages", 1 << 40), _int(vcpus, "vcpus", 257), _int(workload, "workload", 4),
                      _int(seed, "seed", _U64), _int(zero, "zero_permille", 1001), _int(rate, "rate"),
-                     _int(page_size, "page_size"))
+                     Mode(_int(mode, "mode", len(Mode))), _int(page_size, "page_size"))
     if info.page_size != PAGE_SIZE:
         raise RemoteProtocolError(f"the source uses {info.page_size}-byte pages, we use {PAGE_SIZE}")
     if not 1 <= info.vcpus <= info.pages:
@@ -535,7 +606,11 @@ _DECODERS = {
     Welcome: lambda f: Welcome(*(_bytes(v, n, hi=32) for v, n in zip(_arity(f, 2, "Welcome"), ("session", "proof")))),
     GuestInfo: _dec_guest_info,
     CpuState: _dec_cpu_state,
-    Resume: lambda f: Resume(_runs(_arity(f, 2, "Resume")[0]), _bool(f[1], "more")),
+    Round: lambda f: Round(_int(_arity(f, 3, "Round")[0], "number", 1 << 32), _int(f[1], "pages", 1 << 40),
+                           _bool(f[2], "final")),
+    RoundEnd: lambda f: RoundEnd(_int(_arity(f, 1, "RoundEnd")[0], "number", 1 << 32)),
+    RoundAck: lambda f: RoundAck(_int(_arity(f, 1, "RoundAck")[0], "number", 1 << 32)),
+    Resume: lambda f: Resume(_runs(_arity(f, 3, "Resume")[0]), _bool(f[1], "more"), _bool(f[2], "started")),
     SourceDone: lambda f: SourceDone(_int(_arity(f, 1, "SourceDone")[0], "pages_sent", 1 << 40)),
     DestDone: _dec_counters,
     Error: lambda f: Error(_text(_arity(f, 1, "Error")[0], "message")),

@@ -32,6 +32,10 @@ class Remaining:
     def __bool__(self) -> bool:
         return bool(self._starts)
 
+    def runs(self) -> list[tuple[int, int]]:
+        """What is left, as sorted, disjoint (start, count) runs."""
+        return [(s, e - s) for s, e in zip(self._starts, self._ends)]
+
     def take(self, cursor: int, limit: int) -> list[tuple[int, int]]:
         """Removes and returns the runs left within the window of ``limit`` pages that starts at
         the first page left at or after ``cursor``.
@@ -80,6 +84,23 @@ class Remaining:
         runs.reverse()
         for s, n in runs:
             self.discard(s, n)
+        return runs
+
+    def take_pages(self, cursor: int, limit: int) -> list[tuple[int, int]]:
+        """Removes and returns up to ``limit`` pages of runs, from the first page left at or after
+        ``cursor`` on (wrapping around), however far apart: for a sparse set such as a working set."""
+        runs: list[tuple[int, int]] = []
+        left = limit
+        while left and self._starts:
+            i = bisect.bisect_right(self._ends, cursor)
+            if i == len(self._starts):
+                i = 0
+            start = max(self._starts[i], cursor) if self._ends[i] > cursor else self._starts[i]
+            n = min(self._ends[i] - start, left)
+            runs.append((start, n))
+            self.discard(start, n)
+            left -= n
+            cursor = start + n
         return runs
 
     def discard(self, start: int, count: int) -> None:

@@ -1,5 +1,19 @@
 """migrate-src: owns the running guest, hands it over at switchover, then serves its pages.
 
+Three modes (``SourceConfig.mode``):
+
+- *postcopy*: at switchover the vCPUs stop and their state goes at once;
+- *hybrid*: first, while the guest keeps running here, precopy rounds: round 1
+  streams every page, each later round the pages the kernel saw written
+  during the previous one (``migrate.dirty``), flagged so that the
+  destination replaces its older copy; the destination acknowledges each
+  round.  At switchover the vCPUs stop, one last scan gives the pages written
+  since the last round, and the destination is told to discard them before
+  the CPU state goes; then postcopy as below, for those pages only;
+- *precopy*: the same rounds, then those last pages are sent with the vCPUs
+  stopped (stop-and-copy) before the CPU state: the destination starts its
+  vCPUs with every page present.
+
 After switchover the guest is stopped, and one nursery per session runs:
 - the *streamer*: a trio task that asks its pre-paging policy
   (``migrate.prepage``, ``--prepage``) for the next window of pages not yet
@@ -15,11 +29,15 @@ After switchover the guest is stopped, and one nursery per session runs:
 
 A lost link is not the end: the session (an id every connection presents)
 waits for the destination to reconnect, and the stream becomes exactly the
-page runs the destination's kernel still lacks.
+page runs the destination's kernel still lacks.  During the rounds, the
+round under way is sent again whole as well (a replaced page that did not
+arrive is stale, not absent); a switchover the destination did not confirm
+(``Resume.started``) is sent again; one it confirmed never is.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import logging
@@ -36,12 +54,14 @@ import trio
 from . import prepage
 from . import protocol as p
 from ._native import ffi, lib
+from .dirty import DirtyTracker, Runs
 from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError
 from .guest import Guest, GuestSpec
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
+from .uffd import PAGE_SIZE
 from .wire import FrameSocket, TlsConfig, family_of, format_address, mark_urgent, tune
 
 log = logging.getLogger(__name__)
@@ -82,6 +102,31 @@ RESERVED_FDS = 16
 # A warning that a flood could repeat thousands of times is logged at most this often.
 WARN_INTERVAL = 2.0
 
+# Working-set order in postcopy: the pages written in each of the last two
+# stretches of this length before switchover are streamed first.  A busy
+# guest also writes cold pages now and then (hotset: 10% of its accesses are
+# uniform): one long stretch would catch many of them, and they would dilute
+# the set; a cold page is seldom written in both of two short ones, while a
+# hot page almost always is.
+WORKING_SET_S = 0.01
+# Precopy rounds stop converging when a round's pages are written again about
+# as fast as they are sent (a busy guest rewrites its hot set faster than any
+# link sends it): once the pages written during a round reach this share of
+# the pages it sent, another round would not shrink them, so the guest
+# switches over at once.
+NOT_CONVERGING = 0.8
+
+
+class StreamOrder(enum.Enum):
+    """What the postcopy stream sends first."""
+
+    address = "address"
+    working_set = "working-set"
+
+
+class Phase(enum.Enum):
+    ROUNDS = "rounds"  # the guest runs here; precopy rounds copy its memory
+    SWITCHED = "switched"  # the vCPUs are stopped: the switchover is sent, or being sent
 
 @dataclass
 class SourceConfig:
@@ -96,8 +141,12 @@ class SourceConfig:
     link_timeout: float = 10.0  # a send the destination does not take for this long means a lost link
     max_pending: int = 16  # handshakes in progress at once; newcomers beyond are closed at once
     tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
+    mode: p.Mode = p.Mode.postcopy
+    precopy_rounds: int = 10  # at most this many rounds, the full first one included
+    switchover_ms: float = 5.0  # rounds end once what is written would take this long to send
+    stream_order: StreamOrder = StreamOrder.address
     max_bandwidth: int = 0  # bytes per second the background stream may use; 0: no cap
-    prepage: str = "jump"  # the pre-paging policy (migrate.prepage)
+    prepage: str = "jump"  # the postcopy stream's pre-paging policy (migrate.prepage)
 
 
 @dataclass
@@ -198,19 +247,42 @@ class Source:
         self._drop_warning = _Throttled()
         self.dest_counters: dict[str, float] = {}
         self.progress = Progress()
+        # Dirty tracking and the precopy rounds: only the kernel's scan results are kept.
+        self.tracker: DirtyTracker | None = None
+        self.phase = Phase.ROUNDS
+        self.round = 0  # the precopy round under way; 0 before the first
+        self.round_set: Runs | None = None  # what the round under way sends (None: round 1, every page)
+        self._last_round = False  # the round under way is estimated short enough to switch over after it
+        self.pending: Runs | None = None  # written during the last round when the rounds stopped converging
+        self._discard_round = False  # hybrid, not converging: the round under way discards pending there
+        self.final_last: Runs | None = None  # the scan with the vCPUs stopped: written since the previous scan
+        self.final: Runs | None = None  # what the switchover discards or copies: final_last and pending
+        self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
+        self.first_cursor = 0
+        self.cpu_state: p.CpuState | None = None
+        self._ws_before: Runs | None = None  # postcopy, working-set order: written in the stretch before the last
+        self.figures = _Figures()
 
     @property
     def _idle_ms(self) -> int:
         return max(1, round(self.cfg.link_timeout * 1000))
 
     # -- set-up ------------------------------------------------------------
+    @property
+    def _tracking(self) -> bool:
+        """Whether this migration asks the kernel what the guest writes."""
+        return self.cfg.mode is not p.Mode.postcopy or self.cfg.stream_order is StreamOrder.working_set
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
         """Runs the guest, migrates it once, and returns the source's metrics."""
+        if self._tracking:
+            await trio.to_thread.run_sync(DirtyTracker.check)  # an old kernel says so now, not after --run-before
         self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
         self.guest.start()
         # --run-before counts guest time, not the fill before it; on trio's clock,
         # which is offset from time.monotonic() on purpose.
         t0 = trio.current_time()
+        self.figures.t_guest = t0
         listener = await self._listen()
         self._max_pending = _fit_to_descriptors(self.cfg.max_pending)
         port = listener.getsockname()[1]
@@ -220,7 +292,18 @@ class Source:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._accept_loop, listener, nursery)
             await self._wait_for_destination()
-            await trio.sleep_until(t0 + self.cfg.run_before)
+            if self.cfg.mode is p.Mode.postcopy and self._tracking:
+                # Track writes over the last two stretches of WORKING_SET_S before switchover only.
+                await trio.sleep_until(t0 + self.cfg.run_before - 2 * WORKING_SET_S)
+                await self._start_tracking()
+                await trio.sleep(WORKING_SET_S)
+                assert self.tracker is not None
+                self._ws_before = await trio.to_thread.run_sync(self.tracker.take)
+                await trio.sleep_until(max(t0 + self.cfg.run_before, trio.current_time() + WORKING_SET_S))
+            else:
+                # Precopy rounds start after --run-before: the guest's pace until then is the baseline
+                # its progress during the rounds is measured against.
+                await trio.sleep_until(t0 + self.cfg.run_before)
             result = await self._migrate()
             nursery.cancel_scope.cancel()
         listener.close()
@@ -350,7 +433,8 @@ class Source:
         await fs.send(p.Welcome(s.id, p.prove(self.cfg.key, p.Role.SOURCE, hello.channel, nonce, hello.nonce)))
         if hello.session == b"":
             sp = self.spec
-            await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate))
+            await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate,
+                                      self.cfg.mode))
         if hello.channel is not p.Channel.BULK:
             mark_urgent(fs.sock)
         setattr(s, hello.channel.value, fs)
@@ -359,25 +443,30 @@ class Source:
             self._paired.set()
 
     # -- migration ---------------------------------------------------------
+    async def _start_tracking(self) -> None:
+        """Registers the guest for write tracking and write-protects all of it (20 ms per GiB)."""
+        assert self.guest is not None
+        self.tracker = await trio.to_thread.run_sync(DirtyTracker, self.guest.base, self.spec.pages)
+
     async def _migrate(self) -> dict[str, object]:
         s = self.session
         assert self.guest is not None and s is not None and s.complete()
-        await trio.to_thread.run_sync(self.guest.stop)
-        t_switch = time.monotonic()
-        steps = self.guest.steps()
-        # Downtime starts when the last vCPU stopped, as its own clock saw it.
-        cpu_state = p.CpuState(tuple(self.guest.export_state()), self.guest.stopped_at_ns())
+        fig = self.figures
+        fig.t_start, fig.steps_start = trio.current_time(), self.guest.live_steps()
         recoveries = 0
+        resume: p.Resume | None = None
         while True:
             links = s.links()
             try:
-                if recoveries == 0:
-                    await links.bulk.send(cpu_state)
-                    log.info("switchover: vCPUs stopped after %s steps; streaming %d pages", steps, self.spec.pages)
-                else:
-                    await self._receive_resume(links.bulk)
+                if recoveries:
+                    resume = await self._receive_resume(links.bulk)
+                if self.phase is Phase.ROUNDS:
+                    await self._rounds(links.bulk, resume)
+                    await self._stop_guest()
+                    resume = None  # the rounds took what it said
+                await self._switchover(links.bulk, resume)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._sample_stream, t_switch)
+                    nursery.start_soon(self._sample_stream, fig.t_switch)
                     nursery.start_soon(self._stream, links.bulk)
                     self.dest_counters = await self._serve_requests(links)
                     nursery.cancel_scope.cancel()
@@ -402,17 +491,36 @@ class Source:
             with trio.move_on_after(self.cfg.reconnect_timeout):
                 await self._paired.wait()
             if not self._paired.is_set():
-                raise PeerError(f"the destination did not come back within {self.cfg.reconnect_timeout:g} s; "
-                                "its guest is incomplete and this one is stopped",
+                where = ("its guest is incomplete and this one is stopped" if self.phase is Phase.SWITCHED
+                         else "the guest never left this host (it was still running here)")
+                raise PeerError(f"the destination did not come back within {self.cfg.reconnect_timeout:g} s; {where}",
                                 hint="restart the migration from scratch")
         self.progress.finish()
-        total_s = time.monotonic() - t_switch
+        if self.tracker is not None:
+            self.tracker.close()
+        return self._metrics(recoveries)
+
+    def _metrics(self, recoveries: int) -> dict[str, object]:
+        fig = self.figures
+        total_s = time.monotonic() - fig.t_switch
         stream, served = self.stream_stats, self.serve_stats
+        before = fig.steps_start / max(fig.t_start - fig.t_guest, 1e-9)
+        during = ratio = None
+        if self.cfg.mode is not p.Mode.postcopy:
+            during = (fig.steps_stop - fig.steps_start) / max(fig.t_stop - fig.t_start, 1e-9)
+            # The live count moves by up to 1024 steps per vCPU (64 when rate-limited): a ratio from
+            # fewer than a hundred such strides is noise.
+            if fig.steps_start >= 100 * (64 if self.spec.rate else 1024) * self.spec.vcpus:
+                ratio = round(during / before, 3)
         metrics: dict[str, object] = {
+            "mode": self.cfg.mode.name, "stream_order": self.cfg.stream_order.value,
             "pages_streamed": stream.pages, "pages_requested": served.pages, "requests": served.requests,
             "rejected_peers": self.rejected_peers, "dropped_peers": self.dropped_peers,
             "pages_total": self.spec.pages, "total_s": round(total_s, 3),
-            "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "recoveries": recoveries,
+            "migration_s": round(trio.current_time() - fig.t_start, 3),
+            "precopy_s": round(fig.t_stop - fig.t_start, 3) if during is not None else 0.0,
+            "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "bytes_sent_total": stream.bytes + served.bytes,
+            "recoveries": recoveries,
             "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
             "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
             "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
@@ -420,14 +528,225 @@ class Source:
             "prepage_stats": self.policy.statistics(), "window_pages": self.window_pages,
             "pacer_waits": self.pacer.waits, "pacer_waited_ms": round(self.pacer.waited_ns / 1e6, 3),
             "stream_timeline": self.stream_timeline,
-            "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": steps,
+            "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": self.guest.steps(),
+            "rounds": fig.rounds,
+            "guest_steps_per_s": {"before": round(before), "during_precopy": None if during is None else round(during),
+                                  "ratio": ratio},
+            "switchover": {"dirty_pages": self.final.pages if self.final else 0,
+                           "pages_discarded": fig.discarded_at_switchover,
+                           "stop_and_copy_pages": fig.stop_and_copy_pages,
+                           "stopped_to_cpu_state_ms": round(fig.switch_ms, 3),
+                           "working_set_pages": fig.working_set_pages},
+            "first_window": fig.first_window,
         }
         log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
                  total_s, stream.pages, served.pages, served.requests, self.dest_counters.get("pages_placed", "?"))
         return metrics
 
-    async def _receive_resume(self, bulk: FrameSocket) -> None:
-        """After a reconnection: the stream becomes exactly what the destination's kernel still lacks."""
+    async def _rounds(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
+        """Precopy rounds while the guest runs here, until they converge or --precopy-rounds is reached.
+
+        Each round is acknowledged before the next scan, so at most one
+        round's pages are unconfirmed: after a lost link, that round is sent
+        again whole, with what the destination's kernel lacks.
+        """
+        if self.cfg.mode is p.Mode.postcopy:
+            return
+        assert self.guest is not None
+        if self.round == 0:
+            await self._start_tracking()  # protects every page: round 1 reads each after that
+            self.round = 1
+        st, fig = self.stream_stats, self.figures
+        again: list[tuple[int, int]] | None = None
+        if resume is not None:
+            # A replaced page that did not arrive is stale there, not absent: the round goes again whole
+            # (a discarding round: its discards again, and what is absent as pages).
+            again = list(resume.runs)
+            if self.round_set is not None and not self._discard_round:
+                again += self.round_set.as_list()
+        while True:
+            n = self.round
+            flags = lib.WIRE_REPLACE if n > 1 else 0
+            resent = again is not None
+            discards = self.round_set if self._discard_round else None
+            if again is not None:
+                left = Remaining(again)
+                for start, count in (discards.as_list() if discards else []):
+                    left.discard(start, count)  # dropped again below: no use sending them first
+                runs = left.runs()
+                array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
+                pages = sum(b for _, b in runs)
+                again = None
+            elif self.round_set is None:
+                array, count, pages = ffi.new("struct wire_run[]", [{"start": 0, "count": self.spec.pages}]), 1, \
+                    self.spec.pages
+            elif discards is not None:
+                array, count, pages = None, 0, 0
+            else:
+                array, count, pages = self.round_set.array, self.round_set.n, self.round_set.pages
+            await bulk.send(p.Round(n, pages + (discards.pages if discards else 0)))
+            t0, pages0, bytes0, discards0 = trio.current_time(), st.pages, st.bytes, st.discards
+            if count:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._show_round, n, pages0, pages)
+                    await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, array,
+                                     count, flags, self.pacer, self._idle_ms, st, peer=bulk.peer)
+                    nursery.cancel_scope.cancel()
+            if discards is not None and discards.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.link, discards.array, discards.n,
+                                 self._idle_ms, st, peer=bulk.peer)
+            await bulk.send(p.RoundEnd(n))
+            ack = await bulk.expect(p.RoundAck)
+            if ack.number != n:
+                raise RemoteProtocolError(f"{bulk.peer} acknowledged round {ack.number} during round {n}")
+            seconds = trio.current_time() - t0
+            sent = st.pages - pages0
+            entry: dict[str, object] = {"round": n, "pages": sent, "bytes": st.bytes - bytes0,
+                                        "seconds": round(seconds, 4), "dirty_pages_found": None}
+            if discards is not None:
+                entry["discarded"] = st.discards - discards0
+            if resent:
+                entry["resent_after_recovery"] = True
+            fig.rounds.append(entry)
+            fig.round_bytes += st.bytes - bytes0
+            fig.round_s += seconds
+            if n >= self.cfg.precopy_rounds or self._last_round or discards is not None:
+                log.info("round %d: %d pages in %.3f s; switching over", n, sent, seconds)
+                return
+            found = await trio.to_thread.run_sync(self.tracker.take)  # type: ignore[union-attr]
+            entry["dirty_pages_found"] = found.pages
+            # The switchover threshold: what is written would take at most switchover_ms to send, at
+            # the pace of the rounds so far (bytes, so zero pages do not flatter the estimate).
+            rate = fig.round_bytes / max(fig.round_s, 1e-9)
+            estimate_ms = found.pages * PAGE_SIZE / max(rate, 1.0) * 1000
+            log.info("round %d: %d pages in %.3f s; %d written meanwhile (%.1f ms to send)", n, sent, seconds,
+                     found.pages, estimate_ms)
+            if found.pages == 0:
+                return  # nothing written since: the switchover has nothing left to send
+            # Against the round's whole set: a round sent again after a lost link sends part of it,
+            # while the guest wrote for the whole round and the outage.
+            planned = self.spec.pages if self.round_set is None else self.round_set.pages
+            if found.pages >= NOT_CONVERGING * max(sent, planned):
+                # No use sending them again while the guest runs: they join the final set.
+                self.pending = found
+                if self.cfg.mode is p.Mode.precopy:
+                    log.info("the rounds do not converge (%d pages written during a round of %d): switching over",
+                             found.pages, max(sent, planned))
+                    return
+                # Hybrid: the destination drops them now, while the guest still runs here, rather than
+                # inside the downtime (dropping costs per page); postcopy brings them.  The switchover
+                # then discards only what is written between this scan and the vCPUs' stop.
+                log.info("the rounds do not converge (%d pages written during a round of %d): discarding them "
+                         "there now; postcopy brings them after the switchover", found.pages, max(sent, planned))
+                self._discard_round = True
+            self._last_round = estimate_ms <= self.cfg.switchover_ms
+            self.round, self.round_set = n + 1, found
+
+    async def _show_round(self, n: int, pages0: int, pages: int) -> None:
+        while True:
+            done = self.stream_stats.pages - pages0
+            self.progress.update(f"round {n}: sent {done}/{pages} pages ({100 * done / max(pages, 1):.0f}%)")
+            await trio.sleep(0.1)
+
+    async def _stop_guest(self) -> None:
+        """Stops the vCPUs and, with rounds, scans what they wrote since the last one: the final dirty set."""
+        assert self.guest is not None
+        guest, fig = self.guest, self.figures
+
+        def stop_and_scan() -> None:
+            guest.stop()
+            if self.cfg.mode is not p.Mode.postcopy:
+                # In the same thread: no extra hop inside the downtime.
+                tracker = self.tracker
+                assert tracker is not None
+                self.final_last = last = tracker.take()
+                self.final = tracker.union(self.pending, last) if self.pending is not None else last
+
+        await trio.to_thread.run_sync(stop_and_scan)
+        fig.t_stop, fig.t_switch = trio.current_time(), time.monotonic()
+        fig.steps_stop = sum(guest.steps())
+        if self.final_last is not None and fig.rounds and fig.rounds[-1]["dirty_pages_found"] is None:
+            fig.rounds[-1]["dirty_pages_found"] = self.final_last.pages  # written during the last round
+        # Downtime starts when the last vCPU stopped, as its own clock saw it.
+        self.cpu_state = p.CpuState(tuple(guest.export_state()), guest.stopped_at_ns())
+        self.phase = Phase.SWITCHED
+
+    async def _switchover(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
+        """Sends the switchover (discards or stop-and-copy, then the CPU state), unless the destination has it.
+
+        Sets what the postcopy stream then sends: ``remaining``, and ``first``
+        in working-set order.
+        """
+        assert self.guest is not None and self.cpu_state is not None
+        self.first_cursor = 0
+        self.policy = prepage.make(self.cfg.prepage)  # after a lost link, what it knew of faults is stale
+        if resume is not None and resume.started:
+            # The destination runs the guest: its kernel's absent pages are all that is left.
+            self.remaining, self.first = Remaining(list(resume.runs)), Remaining([])
+            return
+        absent = list(resume.runs) if resume is not None else []
+        mode, st, fig, final = self.cfg.mode, self.stream_stats, self.figures, self.final
+        t0 = trio.current_time()
+        if mode is p.Mode.hybrid:
+            # Everything written since the last scan is stale there; what was pending then was discarded
+            # by the last round already (and nothing placed since).
+            last = self.final_last
+            assert last is not None
+            await bulk.send(p.Round(self.round + 1, last.pages, final=True))
+            discards0 = st.discards
+            if last.n:
+                await run_native(lib.src_send_discards, self.spec.pages, bulk.link, last.array, last.n,
+                                 self._idle_ms, st, peer=bulk.peer)
+            fig.discarded_at_switchover = st.discards - discards0
+        elif mode is p.Mode.precopy:
+            assert final is not None
+            array, count, pages = final.array, final.n, final.pages
+            if absent:
+                runs = Remaining(final.as_list() + absent).runs()
+                array, count = ffi.new("struct wire_run[]", [{"start": a, "count": b} for a, b in runs]), len(runs)
+                pages = sum(b for _, b in runs)
+            await bulk.send(p.Round(self.round + 1, pages, final=True))
+            pages0 = st.pages
+            if count:
+                # Inside the downtime: never capped.
+                await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, array, count,
+                                 lib.WIRE_REPLACE, ffi.NULL, self._idle_ms, st, peer=bulk.peer)
+            fig.stop_and_copy_pages = st.pages - pages0
+        await bulk.send(self.cpu_state)
+        if resume is None:
+            fig.switch_ms = (time.time_ns() - self.cpu_state.stopped_at_ns) / 1e6
+        log.info("switchover: vCPUs stopped after %d steps; %s", sum(self.guest.steps()), {
+            p.Mode.postcopy: f"streaming {self.spec.pages} pages",
+            p.Mode.hybrid: f"{fig.discarded_at_switchover} pages written since the last scan discarded there",
+            p.Mode.precopy: f"{fig.stop_and_copy_pages} pages copied with the vCPUs stopped",
+        }[mode])
+        # What postcopy streams, built after the CPU state left: not inside the downtime.
+        if mode is p.Mode.hybrid:
+            assert final is not None
+            self.remaining = Remaining(final.as_list() + absent)
+        elif mode is p.Mode.precopy:
+            self.remaining = Remaining([])
+        else:
+            self.remaining = Remaining(absent) if resume is not None else Remaining([(0, self.spec.pages)])
+        self.first = Remaining([])
+        if self.cfg.stream_order is StreamOrder.working_set:
+            if mode is p.Mode.postcopy and self._ws_before is not None and fig.working_set_pages is None:
+                tracker = self.tracker
+                assert tracker is not None
+                last = await trio.to_thread.run_sync(tracker.take)
+                ws = tracker.intersection(self._ws_before, last)
+                self.first = Remaining(ws.as_list())
+                fig.working_set_pages = ws.pages
+                log.info("working set: %d pages written in each of the last two %.0f ms stretches go first",
+                         ws.pages, WORKING_SET_S * 1e3)
+            elif mode is p.Mode.hybrid and self.final_last is not None and resume is None:
+                # What is left is what the guest wrote during the last round, and, when the rounds
+                # stopped converging, since the scan before: that last stretch goes first.
+                self.first = Remaining(self.final_last.as_list())
+                fig.working_set_pages = self.final_last.pages
+
+    async def _receive_resume(self, bulk: FrameSocket) -> p.Resume:
+        """After a reconnection: what the destination's kernel lacks, and whether its vCPUs run."""
         runs: list[tuple[int, int]] = []
         pages = 0
         with trio.fail_after(self.cfg.link_timeout):
@@ -442,9 +761,9 @@ class Source:
                                               f"more than the guest's {self.spec.pages}")
                 if not resume.more:
                     break
-        self.remaining = Remaining(runs)
-        self.policy = prepage.make(self.cfg.prepage)  # what it knew of faults is stale now
-        log.info("destination back: it lacks %d pages in %d runs", self.remaining.pages, len(runs))
+        log.info("destination back: it lacks %d pages in %d runs; its vCPUs %s", pages, len(runs),
+                 "run" if resume.started else "wait for the switchover")
+        return p.Resume(tuple(runs), started=resume.started)
 
     def _take_notes(self) -> None:
         """Pages the request server sent leave the stream, and the policy hears of each fault."""
@@ -452,13 +771,32 @@ class Source:
             for i in range(n):
                 start, count = self._note_buf[i].start, self._note_buf[i].count
                 self.remaining.discard(start, count)
+                self.first.discard(start, count)
                 self.policy.fault(start, count)
+            # In working-set order the stream goes on through the set from just after the last
+            # request; the policy decides for the rest.
+            self.first_cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
 
     async def _sample_stream(self, t0: float) -> None:
         """Samples the stream's bytes every TIMELINE_INTERVAL for the metrics (bounded)."""
         while len(self.stream_timeline) < MAX_TIMELINE:
             self.stream_timeline.append((round(time.monotonic() - t0, 3), self.stream_stats.bytes))
             await trio.sleep(TIMELINE_INTERVAL)
+
+    def _next_window(self) -> list[tuple[int, int]]:
+        """The next runs to stream: the working set first (in working-set order), then what the
+        pre-paging policy picks from the rest."""
+        if self.first:
+            runs = sorted(self.first.take_pages(self.first_cursor, self.window_pages))
+            self.first_cursor = runs[-1][0] + runs[-1][1]
+            for start, count in runs:
+                self.remaining.discard(start, count)
+        else:
+            runs = self.policy.next_window(self.remaining, self.window_pages)
+        if runs and self.figures.first_window is None:
+            self.figures.first_window = {"pages": sum(n for _, n in runs), "runs": len(runs),
+                                         "start": runs[0][0], "end": runs[-1][0] + runs[-1][1]}
+        return runs
 
     async def _stream(self, bulk: FrameSocket) -> None:
         """Streams what is left, a window at a time, from the native sender; then SourceDone.
@@ -471,11 +809,11 @@ class Source:
         sent_before = st.pages
         while True:
             self._take_notes()
-            runs = self.policy.next_window(self.remaining, self.window_pages)
+            runs = self._next_window()
             if not runs:
                 break
             arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
-            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, arr, len(runs),
+            await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, arr, len(runs), 0,
                              self.pacer, self._idle_ms, st, peer=bulk.peer)
             done = st.pages + self.serve_stats.pages
             mbps = st.bytes / max(time.monotonic() - t0, 1e-9) / 1e6
@@ -504,6 +842,26 @@ class Source:
         if not isinstance(event, p.DestDone):
             raise RemoteProtocolError(f"unexpected {type(event).__name__} among the requests from {req.peer}")
         return event.counters
+
+
+@dataclass
+class _Figures:
+    """Times and counts for the metrics (trio's clock unless named otherwise)."""
+
+    t_guest: float = 0.0  # the guest started
+    t_start: float = 0.0  # the migration began: the first round, or the switchover in postcopy
+    t_stop: float = 0.0  # the vCPUs stopped
+    t_switch: float = 0.0  # the same, time.monotonic()
+    steps_start: int = 0
+    steps_stop: int = 0
+    switch_ms: float = 0.0  # the vCPUs' stop (their own clock) to the CPU state sent
+    stop_and_copy_pages: int = 0
+    discarded_at_switchover: int = 0
+    working_set_pages: int | None = None
+    rounds: list[dict[str, object]] = field(default_factory=list)
+    round_bytes: int = 0
+    round_s: float = 0.0
+    first_window: dict[str, int] | None = None  # what the postcopy stream sent first: pages, runs, span
 
 
 def _first(exc: BaseException) -> BaseException:

@@ -29,7 +29,9 @@ def print_summary(m: dict, out: IO[str]) -> None:
     other = stall.get("slow_other", 0)
     lines = [
         "── migration summary ─────────────────────────────",
-        f"guest            {m['guest_mib']:.0f} MiB, {m['vcpus']} vCPUs, {m['workload']}",
+        f"guest            {m['guest_mib']:.0f} MiB, {m['vcpus']} vCPUs, {m['workload']}, {m['mode']}",
+        *([f"precopy          {m['precopy_rounds']} rounds, {m['pages_replaced']} pages replaced, "
+           f"{m['pages_discarded_at_switchover']} discarded at switchover"] if m["mode"] != "postcopy" else []),
         f"pages placed     {m['pages_placed']}/{m['pages_total']} ({m['zero_pages']} as zero pages)",
         f"downtime         {m['downtime_ms']:.2f} ms (source vCPUs stopped → running here)",
         f"memory arrived   in {m['total_s']:.2f} s, {mib:.0f} MiB on the bulk channel ({m['stream_gbps']:.2f} GB/s)",
@@ -41,6 +43,7 @@ def print_summary(m: dict, out: IO[str]) -> None:
            "for a page (copy-on-write, preemption)"] if other else []),
         f"fault service    p50 {service['p50']:.0f} µs, p99 {service['p99']:.0f} µs, max {service['max']:.0f} µs",
         f"races absorbed   {m['eexist']} pages already present when placed (no userland page state)",
+        *([f"encryption       {m['tls']}"] if m.get("tls", "plaintext") != "plaintext" else []),
         *(f"recovery         link lost and back in {r['reconnect_s'] * 1000:.0f} ms, "
           f"{r['pages_missing']} pages still absent were streamed again" for r in m["recoveries"]),
         f"verified: {'yes' if m['verified'] else 'NO' if m['verified'] is False else 'not checked (use --verify)'}",

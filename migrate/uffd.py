@@ -44,21 +44,23 @@ class Placed:
 
 
 class Userfaultfd:
-    """A non-blocking userfaultfd with the API handshake done.
+    """A non-blocking userfaultfd with the API handshake done (unless ``api=False``).
 
     Raises:
         UffdError: when userfaultfd cannot be opened, with a hint saying why.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, api: bool = True) -> None:
         se, de = ffi.new("int *"), ffi.new("int *")
         fd = lib.uffd_open(se, de)
         if fd < 0:
             raise UffdError("opening a userfaultfd", se[0], _open_hint(se[0], de[0]))
         self.fd: int = fd
-        features = ffi.new("uint64_t *")
-        self._check("UFFDIO_API", lib.uffd_api(fd, features))
-        self.features: int = features[0]
+        self.features: int = 0
+        if api:  # without: the caller does its own handshake (it is once per descriptor)
+            features = ffi.new("uint64_t *")
+            self._check("UFFDIO_API", lib.uffd_api(fd, features))
+            self.features = features[0]
 
     def _check(self, operation: str, rc: int) -> None:
         if rc < 0:

@@ -12,8 +12,9 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).parent
-HEADERS = ["uffd.h", "guest.h", "wire.h", "link.h", "dataplane.h"]
-SOURCES = ["uffd.c", "guest.c", "wire.c", "link.c", "dataplane.c"]
+# wire.h before the headers that use its structs; kernel.h is C only (see there).
+HEADERS = ["uffd.h", "guest.h", "wire.h", "link.h", "dataplane.h", "dirty.h"]
+SOURCES = ["uffd.c", "guest.c", "wire.c", "link.c", "dataplane.c", "dirty.c"]
 
 
 def _check_toolchain() -> None:

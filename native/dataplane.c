@@ -3,10 +3,14 @@
  * started and stopped by a trio task (migrate/loops.py):
  *
  *   destination
- *     placer         bulk connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE
+ *     placer         bulk connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE; before
+ *                    switchover also discards (MADV_DONTNEED) the runs a
+ *                    precopy round replaces or the switchover names
  *     fault reader   uffd -> a page request per batch of faults -> request connection
  *     reply placer   reply connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE
- *   source (its guest is stopped: its memory is read, never written)
+ *   source (its memory is read, never written: by postcopy the guest is
+ *   stopped; a precopy round reads it while the guest runs, and the kernel's
+ *   dirty tracking sends a page written meanwhile again in the next round)
  *     streamer       runs of guest memory -> bulk connection (Python picks the runs),
  *                    paced by a token bucket when --max-bandwidth caps it
  *     request server request connection -> guest memory -> reply connection
@@ -16,7 +20,8 @@
  * lost, because the kernel re-checks the page tables after the faulting
  * thread queued itself (userfaultfd_must_wait()); the losing UFFDIO_COPY
  * answers -EEXIST, which is counted, and needs no explicit wake: the copy that
- * won woke every waiter.  Completion is a sum of counters.
+ * won woke every waiter.  Completion is a sum of counters from a base the
+ * kernel gave at switchover (see dst_plane_t).
  *
  * Every loop poll()s its descriptors and a stop eventfd of its own; a stop is
  * LOOP_STOPPED, never mistaken for the peer going away.  Errors are returned
@@ -38,6 +43,7 @@
 #include "wire.h"
 #include "link.h"
 #include "dataplane.h"
+#include "dirty.h"
 
 #define PAGE WIRE_PAGE_SIZE
 /* Frames gathered into one sendmsg(): each is a header and at most one
@@ -184,7 +190,14 @@ static int next_frame(rxbuf_t *rx, link_t *l, uint64_t guest_pages, uint32_t acc
 
 /* -- destination ---------------------------------------------------------- */
 
-int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle_ms,
+/* Pages present now, by the counters (meaningful after switchover: before,
+ * replacements count twice, and Python ignores the signal). */
+static uint64_t present_pages(const dst_plane_t *d)
+{
+    return d->present_base + load(&d->bulk.pages) + load(&d->urgent.pages) - d->placed_base;
+}
+
+int dst_place_loop(dst_plane_t *d, int replies, int discards, link_t *l, rxbuf_t *rx, int idle_ms,
                    int stop_fd, const char **why)
 {
     place_stats_t *me = replies ? &d->urgent : &d->bulk;
@@ -201,6 +214,24 @@ int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle
             return rc;
         uint64_t t_recv = mono_ns();
         uint64_t dst = d->base + f.start * PAGE;
+        if (f.kind == WIRE_DISCARD || (f.flags & WIRE_REPLACE)) {
+            if (!discards) {
+                *why = "a discard or a replacement after switchover (a vCPU may have written the pages)";
+                return -EBADMSG;
+            }
+            rc = region_discard(dst, (uint64_t)f.count * PAGE);
+            if (rc < 0) {
+                *why = "MADV_DONTNEED of a discarded run";
+                return rc;
+            }
+            add(f.kind == WIRE_DISCARD ? &me->discarded : &me->replaced, f.count);
+            if (f.kind == WIRE_DISCARD) {
+                rx->start += WIRE_FRAME_SIZE;
+                me->frames++;
+                me->bytes += WIRE_FRAME_SIZE;
+                continue;
+            }
+        }
         if (f.kind == WIRE_PAGES) {
             rc = uffd_copy(d->uffd, dst, rx->data + rx->start + WIRE_FRAME_SIZE, plen,
                            &placed, &existed);
@@ -217,7 +248,7 @@ int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle
         me->eexist += existed / PAGE;
         if (f.kind == WIRE_ZEROS)
             me->zero_pages += placed / PAGE;
-        uint64_t mine = add(&me->pages, placed / PAGE);
+        add(&me->pages, placed / PAGE);
         if (replies) {
             add(&me->answered, f.count);
             uint64_t t_placed = mono_ns();
@@ -232,10 +263,9 @@ int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle
                 hist_add(&me->place, t_placed - t_recv);
             }
         }
-        /* Each placer adds to its own counter, then reads the other's: of two
-         * that place the last pages at once, at least one sees the sum. */
-        const place_stats_t *other = replies ? &d->bulk : &d->urgent;
-        if (placed && mine + load(&other->pages) >= d->pages)
+        /* Each placer adds to its own counter, then reads both: of two that
+         * place the last pages at once, at least one sees the sum. */
+        if (placed && present_pages(d) >= d->pages)
             eventfd_write(d->done_fd, 1);
     }
 }
@@ -463,8 +493,8 @@ static int page_is_zero(const uint64_t *w)
 /* Queues pages [start, start+count) as page frames and zero frames, sending
  * whenever the queue is full. */
 static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_t start,
-                      uint64_t count, uint64_t stamp, uint64_t t_recv, int stop_fd, int idle_ms,
-                      send_stats_t *st, const char **why)
+                      uint64_t count, uint32_t flags, uint64_t stamp, uint64_t t_recv, int stop_fd,
+                      int idle_ms, send_stats_t *st, const char **why)
 {
     uint64_t p = start, end = start + count;
     while (p < end) {
@@ -476,7 +506,8 @@ static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_
             q_end++;
         uint64_t n = q_end - p;
         q->hdr[q->frames] = (struct wire_frame){
-            .kind = zero ? WIRE_ZEROS : WIRE_PAGES, .count = (uint32_t)n, .start = p, .stamp = stamp
+            .kind = zero ? WIRE_ZEROS : WIRE_PAGES, .count = (uint32_t)n, .start = p, .stamp = stamp,
+            .flags = flags
         };
         q->iov[q->iovs++] = (struct iovec){ &q->hdr[q->frames], WIRE_FRAME_SIZE };
         if (!zero)
@@ -537,7 +568,7 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
             return rc;
         rx->start += WIRE_FRAME_SIZE + plen;
         for (uint32_t i = 0; i < f.count; i++) {
-            rc = push_pages(&q, txl, NULL, base, runs[i].start, runs[i].count, f.stamp, t_recv,
+            rc = push_pages(&q, txl, NULL, base, runs[i].start, runs[i].count, 0, f.stamp, t_recv,
                             stop_fd, idle_ms, st, why);
             if (rc)
                 return rc;
@@ -551,20 +582,50 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
     }
 }
 
+static int check_run(const struct wire_run *r, uint64_t pages, const char **why)
+{
+    if (r->count == 0 || r->start > pages || r->count > pages - r->start) {
+        *why = "a run outside the guest";
+        return -EINVAL;
+    }
+    return 0;
+}
+
 int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint32_t n, pacer_t *pace, int idle_ms, send_stats_t *st, int stop_fd,
-                  const char **why)
+                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
+                  int stop_fd, const char **why)
 {
     txq_t q = { .frames = 0 };
-    for (uint32_t i = 0; i < n; i++) {
-        if (runs[i].count == 0 || runs[i].start > pages || runs[i].count > pages - runs[i].start) {
-            *why = "a run outside the guest";
-            return -EINVAL;
-        }
-        int rc = push_pages(&q, l, pace, base, runs[i].start, runs[i].count, 0, 0, stop_fd,
+    for (uint64_t i = 0; i < n; i++) {
+        int rc = check_run(&runs[i], pages, why);
+        if (!rc)
+            rc = push_pages(&q, l, pace, base, runs[i].start, runs[i].count, flags, 0, 0, stop_fd,
                             idle_ms, st, why);
         if (rc)
             return rc;
     }
     return flush(&q, l, pace, 0, stop_fd, idle_ms, st, why);
+}
+
+int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
+                      int idle_ms, send_stats_t *st, int stop_fd, const char **why)
+{
+    txq_t q = { .frames = 0 };
+    for (uint64_t i = 0; i < n; i++) {
+        int rc = check_run(&runs[i], pages, why);
+        if (rc)
+            return rc;
+        /* A frame counts at most 2^32 - 1 pages: split longer runs. */
+        for (uint64_t p = runs[i].start, end = p + runs[i].count; p < end;) {
+            uint64_t k = end - p < UINT32_MAX ? end - p : UINT32_MAX;
+            q.hdr[q.frames] = (struct wire_frame){ .kind = WIRE_DISCARD, .count = (uint32_t)k, .start = p };
+            q.iov[q.iovs++] = (struct iovec){ &q.hdr[q.frames], WIRE_FRAME_SIZE };
+            q.frames++;
+            st->discards += k;
+            p += k;
+            if (q.frames == TXQ_FRAMES && (rc = flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why)))
+                return rc;
+        }
+    }
+    return flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why);
 }

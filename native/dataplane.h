@@ -38,13 +38,15 @@ typedef struct {
 /* One placing loop's counters (bulk placer, or reply placer): written by that
  * loop alone, read by anyone. */
 typedef struct {
-    uint64_t pages;      /* pages newly placed */
+    uint64_t pages;      /* pages newly placed (a replaced page counts each time) */
     uint64_t zero_pages; /* of which as zero pages */
     uint64_t eexist;     /* pages already present: races the kernel absorbed */
     uint64_t frames;
     uint64_t bytes;      /* bytes received, frames and payload */
     uint64_t answered;   /* replies only: requested pages answered, placed or not */
     uint64_t owed_base;  /* replies only: pages asked of earlier, lost links (set between sessions) */
+    uint64_t replaced;   /* bulk only: pages of WIRE_REPLACE frames (discarded, then placed) */
+    uint64_t discarded;  /* bulk only: pages of WIRE_DISCARD frames */
     hist_t service;      /* replies: request sent -> pages placed */
     hist_t network;      /* replies: request sent -> reply received, less the source's hold */
     hist_t held;         /* replies: the source's hold, as it measured it */
@@ -60,12 +62,19 @@ typedef struct {
     hist_t to_send;      /* faults read -> their request sent (send() included) */
 } fault_stats_t;
 
-/* The destination's guest as its loops see it. */
+/* The destination's guest as its loops see it.  Completion: once the
+ * discards are over (at switchover), the kernel is asked how many pages are
+ * present (present_base, one PAGEMAP_SCAN walk) and the placement counters
+ * are noted (placed_base); from then on nothing is discarded and the kernel
+ * never places a page twice, so pages present now are
+ * present_base + bulk.pages + urgent.pages - placed_base. */
 typedef struct {
     int uffd;
     uint64_t base;
     uint64_t pages;
-    int done_fd;          /* eventfd, written once the placed pages add up to the guest */
+    int done_fd;          /* eventfd, written whenever a placement leaves every page present */
+    uint64_t present_base; /* set between sessions, while no loop runs */
+    uint64_t placed_base;
     place_stats_t bulk;   /* the placer's */
     place_stats_t urgent; /* the reply placer's */
     fault_stats_t faults; /* the fault reader's */
@@ -74,8 +83,11 @@ typedef struct {
 /* Destination, bulk placer and reply placer: receive page frames on fd and
  * place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame, the stop
  * eventfd, EOF, or idle_ms of silence while pages are owed (always on the
- * bulk stream; on replies, while requests are unanswered).  Reads through l. */
-int dst_place_loop(dst_plane_t *d, int replies, link_t *l, rxbuf_t *rx, int idle_ms,
+ * bulk stream; on replies, while requests are unanswered).  With discards
+ * (the bulk placer before switchover, while no vCPU runs here), DISCARD
+ * frames and REPLACE flags are obeyed; otherwise they are a protocol error:
+ * once a vCPU runs, dropping a page could lose what it wrote.  Reads through l. */
+int dst_place_loop(dst_plane_t *d, int replies, int discards, link_t *l, rxbuf_t *rx, int idle_ms,
                    int stop_fd, const char **why);
 
 /* Destination, fault reader: read faults from the uffd in batches and send
@@ -105,6 +117,7 @@ typedef struct {
     uint64_t zero_pages;
     uint64_t frames;
     uint64_t bytes;
+    uint64_t discards; /* pages named in DISCARD frames */
     uint64_t requests; /* request server only */
     hist_t held;       /* request server only: request received -> reply sent */
 } send_stats_t;
@@ -136,11 +149,18 @@ typedef struct {
     uint64_t waited_ns; /* their total length */
 } pacer_t;
 
-/* Source, streamer: send the n runs straight from guest memory on fd, no
- * faster than the pacer lets (NULL: no cap).  Returns 0 once all are sent. */
+/* Source, streamer: send the n runs straight from guest memory on l, as
+ * page and zero frames with flags (0, or WIRE_REPLACE for a precopy round
+ * after the first), no faster than the pacer lets (NULL: no cap).  Returns 0
+ * once all are sent. */
 int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint32_t n, pacer_t *pace, int idle_ms, send_stats_t *st, int stop_fd,
-                  const char **why);
+                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
+                  int stop_fd, const char **why);
+
+/* Source, at a hybrid switchover: one DISCARD frame per run on l.
+ * Returns 0 once all are sent. */
+int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
+                      int idle_ms, send_stats_t *st, int stop_fd, const char **why);
 
 /* CLOCK_MONOTONIC in ns: the clock of every stamp. */
 uint64_t mono_ns(void);

@@ -42,8 +42,9 @@ typedef struct {
      * downtime starts, as the guest itself saw it. */
     uint64_t stopped_at_ns;
     /* Steps executed so far, published every 1024 steps (64 when rate-limited) while the vCPU runs
-     * (its CPU state is written back only when it stops): where each vCPU was
-     * when the last page arrived, for the bench's working set. */
+     * (its CPU state is written back only when it stops): the guest's
+     * progress during precopy, against before; where each vCPU was when the
+     * last page arrived, for the link bench's working set. */
     uint64_t steps_live;
     /* Nonzero while accesses are timed: only during postcopy can an access
      * stall, and reading a clock per access costs the workload its memory

@@ -10,7 +10,9 @@ _Static_assert(offsetof(struct wire_frame, start) == 8, "wire_frame layout");
 _Static_assert(offsetof(struct wire_frame, held_ns) == 24, "wire_frame layout");
 _Static_assert(sizeof(struct wire_run) == 16, "wire_run has padding");
 _Static_assert(WIRE_TO_SOURCE == (1 << WIRE_REQUEST | 1 << WIRE_CONTROL), "mask");
-_Static_assert(WIRE_TO_DESTINATION == (1 << WIRE_PAGES | 1 << WIRE_ZEROS | 1 << WIRE_CONTROL), "mask");
+_Static_assert(WIRE_TO_DESTINATION ==
+                   (1 << WIRE_PAGES | 1 << WIRE_ZEROS | 1 << WIRE_CONTROL | 1 << WIRE_DISCARD),
+               "mask");
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the wire is little-endian; this build would need byte swaps"
 #endif
@@ -29,12 +31,14 @@ static int inside(uint64_t start, uint64_t count, uint64_t guest_pages)
 int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t accept,
                    const char **why)
 {
-    if (f->kind < WIRE_PAGES || f->kind > WIRE_CONTROL)
+    if (f->kind < WIRE_PAGES || f->kind > WIRE_DISCARD)
         return bad(why, "unknown frame kind");
     if (!(accept & (1u << f->kind)))
         return bad(why, "a frame of a kind this end never receives");
-    if (f->reserved)
-        return bad(why, "reserved field is not zero");
+    if (f->flags & ~(uint32_t)WIRE_REPLACE)
+        return bad(why, "unknown frame flags");
+    if (f->flags && f->kind != WIRE_PAGES && f->kind != WIRE_ZEROS)
+        return bad(why, "frame flags on a frame that takes none");
     switch (f->kind) {
     case WIRE_CONTROL:
         if (f->count == 0 || f->count > WIRE_MAX_CONTROL)
@@ -49,7 +53,7 @@ int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t ac
         return bad(why, "pages before the guest was described");
     if (f->count == 0 || !inside(f->start, f->count, guest_pages))
         return bad(why, "pages outside the guest");
-    if (f->kind == WIRE_ZEROS)
+    if (f->kind == WIRE_ZEROS || f->kind == WIRE_DISCARD)
         return 0;
     if (f->count > WIRE_MAX_RUN_PAGES)
         return bad(why, "page frame longer than 256 pages");

@@ -12,7 +12,17 @@
  *   WIRE_ZEROS    count all-zero pages from page start: no payload
  *   WIRE_REQUEST  count struct wire_run: the pages a vCPU waits for
  *   WIRE_CONTROL  count bytes of msgpack [kind, fields...]: handshake, CPU
- *                 state, Resume, SourceDone, DestDone, Error (Python only)
+ *                 state, Round, RoundEnd, RoundAck, Resume, SourceDone,
+ *                 DestDone, Error (Python only)
+ *   WIRE_DISCARD  count pages from page start that the destination must make
+ *                 absent again (MADV_DONTNEED): at a precopy switchover, the
+ *                 pages written since they were sent; no payload
+ *
+ * Flags: WIRE_REPLACE on a PAGES or ZEROS frame of a precopy round says the
+ * destination may already hold an older copy of the run (it was sent in an
+ * earlier round, then written): the placer discards the run, then places it.
+ * Without it a present page is kept (-EEXIST), which is what postcopy wants.
+ * The destination accepts DISCARD and REPLACE only before its vCPUs start.
  *
  * Little-endian; the struct has no padding (asserted in wire.c).
  */
@@ -27,20 +37,23 @@
 #define WIRE_MAX_CONTROL 65536
 #define WIRE_FRAME_SIZE 32
 
-enum wire_kind { WIRE_PAGES = 1, WIRE_ZEROS = 2, WIRE_REQUEST = 3, WIRE_CONTROL = 4 };
+enum wire_kind { WIRE_PAGES = 1, WIRE_ZEROS = 2, WIRE_REQUEST = 3, WIRE_CONTROL = 4, WIRE_DISCARD = 5 };
+
+/* Frame flags. */
+#define WIRE_REPLACE 1 /* PAGES, ZEROS: discard the run first, then place it */
 
 /* What each end may receive, as masks of (1 << kind). */
 #define WIRE_TO_SOURCE 24      /* REQUEST | CONTROL */
-#define WIRE_TO_DESTINATION 22 /* PAGES | ZEROS | CONTROL */
+#define WIRE_TO_DESTINATION 54 /* PAGES | ZEROS | CONTROL | DISCARD */
 
 struct wire_frame {
     uint32_t kind;
-    uint32_t count;    /* pages (PAGES, ZEROS), runs (REQUEST), bytes (CONTROL) */
-    uint64_t start;    /* first page (PAGES, ZEROS); 0 otherwise */
+    uint32_t count;    /* pages (PAGES, ZEROS, DISCARD), runs (REQUEST), bytes (CONTROL) */
+    uint64_t start;    /* first page (PAGES, ZEROS, DISCARD); 0 otherwise */
     uint64_t stamp;    /* REQUEST: the destination's clock when it sent it;
                         * reply PAGES/ZEROS: that stamp echoed; stream: 0 */
     uint32_t held_ns;  /* reply: how long the source held the request, its own clock */
-    uint32_t reserved; /* 0 */
+    uint32_t flags;    /* WIRE_REPLACE on PAGES and ZEROS; 0 otherwise */
 };
 
 struct wire_run {

@@ -66,3 +66,15 @@ async def test_urgent_connections_are_marked_for_a_bottleneck_to_serve_first(fam
         else:
             assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == URGENT_TOS
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == URGENT_PRIORITY
+
+
+async def test_the_cap_holds_precopy_rounds_too(tmp_path: Path) -> None:
+    """Hybrid: the first round sends every page while the guest runs, at the cap like the postcopy stream."""
+    result = await migrate(tmp_path, ["--guest-mib", "64", "--zero-fraction", "0", "--workload", "readmostly",
+                                      "--rate", "1", "--max-bandwidth", "50M", "--run-before", "0.2",
+                                      "--mode", "hybrid"], ["--verify", "--run-after", "0.1"], timeout=25)
+    assert result.dst_rc == 0 and result.src_rc == 0, result.dst_err + result.src_err
+    s = result.src_metrics
+    assert result.dst_metrics["verified"] is True
+    first = s["rounds"][0]
+    assert first["pages"] == 16384 and 1.0 <= first["seconds"] <= 2.5, first

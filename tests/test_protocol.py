@@ -28,9 +28,10 @@ def deliver(sender: p.Connection, receiver: p.Connection, event: p.Event) -> p.E
 
 
 PREAMBLE = struct.pack(">4sH", p.MAGIC, p.VERSION)
-# struct wire_frame, for hand-made hostile frames (native/wire.h): kind, count, start, stamp, held_ns, reserved.
+# struct wire_frame, for hand-made hostile frames (native/wire.h): kind, count, start, stamp, held_ns, flags.
 HEADER = struct.Struct("<IIQQII")
-PAGES, ZEROS, REQUEST, CONTROL = 1, 2, 3, 4
+PAGES, ZEROS, REQUEST, CONTROL, DISCARD = 1, 2, 3, 4, 5
+REPLACE = 1
 
 
 def test_hand_made_header_matches_the_c_struct() -> None:
@@ -38,8 +39,8 @@ def test_hand_made_header_matches_the_c_struct() -> None:
     assert HEADER.pack(PAGES, 2, 3, 4, 5, 0) == p._frame(p.lib.WIRE_PAGES, 2, 3, 4, 5)
 
 
-def raw(kind: int, count: int, start: int = 0, payload: bytes = b"", reserved: int = 0) -> bytes:
-    return PREAMBLE + HEADER.pack(kind, count, start, 0, 0, reserved) + payload
+def raw(kind: int, count: int, start: int = 0, payload: bytes = b"", flags: int = 0) -> bytes:
+    return PREAMBLE + HEADER.pack(kind, count, start, 0, 0, flags) + payload
 
 
 def frame(body: object, preamble: bool = True) -> bytes:
@@ -52,6 +53,11 @@ SOURCE_EVENTS = [
     p.Challenge(b"n" * 32),
     p.Welcome(b"s" * 16, b"p" * 32),
     p.GuestInfo(pages=100, vcpus=2, workload=1, seed=2**64 - 1, zero_permille=250, rate=0),
+    p.GuestInfo(pages=100, vcpus=2, workload=1, seed=2, zero_permille=250, rate=0, mode=p.Mode.precopy),
+    p.Round(3, 1234, final=True),
+    p.RoundEnd(2),
+    p.ZeroRun(5, 7, replace=True),
+    p.Discard(40, 60),
     p.CpuState(((1, 2, 3), (2**64 - 1, 0, 5)), 1_700_000_000_000_000_000),
     p.PageRun(3, 2, b"\xab" * (2 * PAGE), echo=2**62),
     p.ZeroRun(99, 1, echo=7, held_ns=9),
@@ -62,6 +68,8 @@ DEST_EVENTS = [
     p.Hello(p.Channel.REPLIES, b"s" * 16, b"n" * 32, b"p" * 32),
     p.PageRequest(((0, 1), (50, 50)), stamp=12345),
     p.Resume(((0, 100),), more=True),
+    p.Resume(((3, 4),), started=True),
+    p.RoundAck(7),
     p.DestDone({"pages_placed": 100, "ratio": 0.5, "verified": True}),
 ]
 
@@ -127,7 +135,12 @@ def test_page_runs_before_the_guest_is_known_are_refused() -> None:
     (raw(PAGES, 1, 2**64 - 1), "outside the guest"),
     (raw(PAGES, 2, 99), "outside the guest"),
     (raw(ZEROS, 0, 5), "outside the guest"),
-    (raw(ZEROS, 1, 5, reserved=1), "reserved"),
+    (raw(ZEROS, 1, 5, flags=2), "unknown frame flags"),
+    (raw(DISCARD, 1, 5, flags=REPLACE), "takes none"),
+    (raw(CONTROL, 3, 0, b"\x91\x0a\x00", flags=REPLACE), "takes none"),
+    (raw(DISCARD, 2, 99), "outside the guest"),
+    (raw(DISCARD, 0, 0), "outside the guest"),
+    (frame([6, 1, 2]), "fields"),
     (raw(77, 1), "unknown frame kind"),
     (raw(0, 1), "unknown frame kind"),
     (raw(REQUEST, 1, 0, b"\0" * 16), "never receives"),
@@ -139,7 +152,8 @@ def test_page_runs_before_the_guest_is_known_are_refused() -> None:
     (frame([5, [[1, 2]], 0]), "vCPU state"),
     (frame([5, [], 0]), "1..256 vCPUs"),
     (frame([12, "x" * 5000]), "string"),
-    (frame([4, 10, 2, 1, 1, 0, 0, 65536]), "already described|65536-byte pages"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 0, 65536]), "already described|65536-byte pages"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 3, 4096]), "mode"),
     (b"\xc1" * 3 + frame([1, b"n" * 32]), "bad magic"),
     (PREAMBLE + HEADER.pack(CONTROL, 3, 0, 0, 0, 0) + b"\xc1\xc1\xc1", "undecodable"),
 ])
@@ -158,6 +172,8 @@ def test_source_refuses_destination_only_kinds_and_bad_requests() -> None:
         (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, p.MAX_RUN_PAGES + 1)), "0 or more than 256"),
         (raw(REQUEST, 1, 0, struct.pack("<QQ", 99, 2)), "outside the guest"),
         (raw(REQUEST, 1, 0, struct.pack("<QQ", 2**64 - 1, 2)), "outside the guest"),
+        (raw(DISCARD, 1, 0), "never receives"),
+        (frame([9, [[0, 1]], False]), "fields"),
     ]:
         src = p.Connection(p.Role.SOURCE, guest_pages=100)
         src.receive_data(data)
@@ -224,20 +240,21 @@ def test_fuzz_well_framed_hostile_control_frames(fields: list, kind: int) -> Non
 
 
 @settings(max_examples=1000, deadline=None)
-@given(st.integers(0, 6), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
-       st.integers(0, 200), st.sampled_from(list(p.Role)))
-def test_fuzz_the_c_frame_check(kind: int, count: int, start: int, reserved: int, pages: int, role: p.Role) -> None:
+@given(st.integers(0, 7), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
+       st.one_of(st.integers(0, 3), st.integers(0, 2**32 - 1)), st.integers(0, 200), st.sampled_from(list(p.Role)))
+def test_fuzz_the_c_frame_check(kind: int, count: int, start: int, flags: int, pages: int, role: p.Role) -> None:
     """The C check the native loops use: whatever it accepts is in bounds, with the payload it implies."""
-    f = p.ffi.new("struct wire_frame *", {"kind": kind, "count": count, "start": start, "reserved": reserved})
+    f = p.ffi.new("struct wire_frame *", {"kind": kind, "count": count, "start": start, "flags": flags})
     why = p.ffi.new("char **")
     plen = p.lib.wire_check(f, pages, p._MASK[role], why)
     if plen < 0:
         assert p.ffi.string(why[0])
         return
-    assert reserved == 0 and (p._MASK[role] >> kind) & 1
-    if kind in (PAGES, ZEROS):
+    assert (p._MASK[role] >> kind) & 1
+    assert flags == 0 or (flags == REPLACE and kind in (PAGES, ZEROS))
+    if kind in (PAGES, ZEROS, DISCARD):
         assert 1 <= count and start + count <= pages
-        assert plen == (count * PAGE if kind == PAGES else 0) and (kind == ZEROS or count <= p.MAX_RUN_PAGES)
+        assert plen == (count * PAGE if kind == PAGES else 0) and (kind != PAGES or count <= p.MAX_RUN_PAGES)
     elif kind == REQUEST:
         assert 1 <= count <= p.MAX_REQUEST_RUNS and plen == 16 * count
     else:
@@ -256,7 +273,7 @@ def test_fuzz_the_c_request_check(runs: list[tuple[int, int]], pages: int) -> No
 def test_one_resume_frame_names_no_more_than_the_guest() -> None:
     """Runs of the whole guest, many times over, would make the source send the guest again and again."""
     src = p.Connection(p.Role.SOURCE, guest_pages=100)
-    src.receive_data(frame([9, [[0, 60], [50, 50]], True]))
+    src.receive_data(frame([9, [[0, 60], [50, 50]], True, False]))
     with pytest.raises(RemoteProtocolError, match="Resume names 110 pages"):
         src.next_event()
 

@@ -45,3 +45,17 @@ def test_take_after_and_before_go_outward_without_wrapping() -> None:
     assert r.take_before(0, 10) == []
     r.discard(10, 5)
     assert r.take_before(25, 20) == [(5, 5), (15, 10)]  # one window across a hole, in address order
+
+
+def test_take_pages_counts_pages_not_address_span() -> None:
+    """A sparse set (a working set) goes out a number of pages at a time, however far apart they lie."""
+    r = Remaining([(0, 3), (1000, 2), (5000, 4), (9000, 10)])
+    assert r.take_pages(0, 6) == [(0, 3), (1000, 2), (5000, 1)]
+    assert r.take_pages(5001, 100) == [(5001, 3), (9000, 10)]
+    assert not r
+
+
+def test_take_pages_wraps_and_runs_lists_what_is_left() -> None:
+    r = Remaining([(10, 5), (100, 5)])
+    assert r.take_pages(50, 7) == [(100, 5), (10, 2)]
+    assert r.runs() == [(12, 3)]

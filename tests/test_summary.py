@@ -16,7 +16,7 @@ def metrics(faults: int, stalls: int, slow_other: int = 0) -> dict:
             "requests": faults, "bytes_bulk": 2**30, "bytes_urgent": faults * 4096, "guest_mib": 1024.0,
             "vcpus": 2, "workload": "uniform", "pages_placed": 262144, "pages_total": 262144, "zero_pages": 0,
             "downtime_ms": 3.0, "total_s": 1.2, "stream_gbps": 0.9, "eexist": 12, "recoveries": [],
-            "verified": True}
+            "verified": True, "mode": "postcopy"}
 
 
 def summary(m: dict) -> list[str]:

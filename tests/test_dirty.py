@@ -1,0 +1,176 @@
+"""The kernel's dirty tracking (source) and discards (destination): no userland bitmap anywhere.
+
+One process, real page tables: the source registers a region for
+asynchronous write-protection and asks PAGEMAP_SCAN what was written; the
+destination's placer replaces and discards runs it is told to.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+from hypothesis import given, settings, strategies as st
+
+from migrate import protocol as p
+from migrate._native import ffi, lib
+from migrate.dirty import DirtyTracker, Runs
+from migrate.errors import RemoteProtocolError
+from migrate.guest import Guest, GuestSpec
+from migrate.loops import run_native
+from migrate.uffd import PAGE_SIZE, Userfaultfd
+
+PAGES = 1024
+
+
+def write(guest: Guest, first: int, count: int, seed: int = 7) -> None:
+    """Writes pages from C (guest memory is never touched from Python)."""
+    lib.guest_fill(guest.base, first, count, seed, 0)
+
+
+def test_a_scan_returns_exactly_what_was_written_and_protects_it_again() -> None:
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1, zero_permille=500), fill=True)
+    tracker = DirtyTracker(guest.base, PAGES)
+    try:
+        assert tracker.take().pages == 0
+        write(guest, 5, 2)
+        write(guest, 100, 11)
+        write(guest, PAGES - 1, 1)
+        got = tracker.take()
+        assert got.as_list() == [(5, 2), (100, 11), (PAGES - 1, 1)] and got.pages == 14
+        assert tracker.take().pages == 0  # protected again
+        write(guest, 6, 1)
+        assert tracker.take().as_list() == [(6, 1)]
+    finally:
+        tracker.close()
+        guest.close()
+
+
+def test_pages_never_touched_are_tracked_too() -> None:
+    """WP_UNPOPULATED: a zero page the guest never touched is seen at its first write."""
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # nothing populated at all
+    tracker = DirtyTracker(guest.base, PAGES)
+    try:
+        write(guest, 300, 4)
+        assert tracker.take().as_list() == [(300, 4)]
+    finally:
+        tracker.close()
+        guest.close()
+
+
+def test_the_previous_result_survives_one_more_scan() -> None:
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=True)
+    tracker = DirtyTracker(guest.base, PAGES)
+    try:
+        write(guest, 10, 3)
+        a = tracker.take()
+        write(guest, 11, 5)
+        b = tracker.take()
+        assert a.as_list() == [(10, 3)] and b.as_list() == [(11, 5)]
+        assert tracker.union(a, b).as_list() == [(10, 6)]
+        assert tracker.intersection(a, b).as_list() == [(11, 2)]
+    finally:
+        tracker.close()
+        guest.close()
+
+
+def _runs(pages: set[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == page:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((page, 1))
+    return out
+
+
+def _array(runs: list[tuple[int, int]]) -> Runs:
+    return Runs(ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs] or 1), len(runs),
+                sum(n for _, n in runs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(st.integers(0, 200)), st.sets(st.integers(0, 200)))
+def test_union_and_intersection_of_scans_are_the_set_operations(a: set[int], b: set[int]) -> None:
+    out, total = ffi.new("struct wire_run[]", 202), ffi.new("uint64_t *")
+    ra, rb = _array(_runs(a)), _array(_runs(b))
+    for fn, want in ((lib.runs_union, a | b), (lib.runs_intersect, a & b)):
+        n = fn(ra.array, ra.n, rb.array, rb.n, out, total)
+        assert Runs(out, n, total[0]).as_list() == _runs(want) and total[0] == len(want)
+
+
+# -- the destination's placer: replace and discard, only before switchover ----------------------
+class Dest:
+    def __init__(self) -> None:
+        self.uffd = Userfaultfd()
+        self.guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)
+        self.uffd.register(self.guest.base, self.guest.spec.size)
+        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": PAGES})
+        self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.plane.done_fd = self.done
+        self.conn = p.Connection(p.Role.DESTINATION, guest_pages=PAGES)
+        self.conn._got_preamble = True
+
+    def close(self) -> None:
+        os.close(self.done)
+        self.uffd.close()
+        self.guest.close()
+
+
+@pytest.fixture
+def dest():
+    d = Dest()
+    yield d
+    d.close()
+
+
+async def place(dest: Dest, events: list[p.Event], discards: int) -> int:
+    """Feeds events, then a SourceDone, through the native placer; returns how it ended."""
+    src = p.Connection(p.Role.SOURCE, guest_pages=PAGES)
+    src._sent_preamble = True
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        theirs.sendall(b"".join(bytes(c) for e in [*events, p.SourceDone(0)] for c in src.send(e)))
+        with trio.fail_after(10):
+            link = ffi.new("link_t *", {"fd": ours.fileno()})
+            end = await run_native(lib.dst_place_loop, dest.plane, 0, discards, link, dest.conn.rx,
+                                   10_000, peer="source")
+        assert dest.conn.next_event() == p.SourceDone(0)  # the hand-back leaves it for Python
+        return end
+
+
+async def test_a_replaced_run_takes_the_new_contents_and_a_discarded_one_is_absent(dest: Dest) -> None:
+    old, new = b"\x01" * (4 * PAGE_SIZE), b"\x02" * (4 * PAGE_SIZE)
+    assert await place(dest, [p.PageRun(0, 4, old), p.ZeroRun(4, 60)], 1) == lib.LOOP_CONTROL
+    assert dest.guest.absent_runs() == [(64, PAGES - 64)]
+    # Without the flag the present pages stay (-EEXIST); with it the run is replaced.
+    assert await place(dest, [p.PageRun(0, 4, new)], 1) == lib.LOOP_CONTROL
+    assert dest.plane.bulk.eexist == 4
+    assert await place(dest, [p.PageRun(0, 4, new, replace=True), p.Discard(10, 5), p.ZeroRun(12, 1, replace=True)],
+                       1) == lib.LOOP_CONTROL
+    assert dest.guest.absent_runs() == [(10, 2), (13, 2), (64, PAGES - 64)]
+    assert dest.plane.bulk.replaced == 5 and dest.plane.bulk.discarded == 5
+    assert dest.guest.present_pages() == 64 - 4
+    digest_new = lib.guest_digest(dest.guest.base, 4)  # pages 0..3 are present: reading them cannot fault
+    ref = Guest(GuestSpec(pages=4, vcpus=1), fill=False)
+    try:
+        uffd = Userfaultfd()
+        uffd.register(ref.base, ref.spec.size)
+        uffd.copy(ref.base, new, len(new))
+        assert lib.guest_digest(ref.base, 4) == digest_new
+        uffd.close()
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize("event", [p.Discard(0, 1), p.PageRun(0, 1, b"x" * PAGE_SIZE, replace=True),
+                                   p.ZeroRun(0, 1, replace=True)], ids=["discard", "replace", "replace-zero"])
+async def test_after_switchover_a_discard_or_replacement_is_refused(dest: Dest, event: p.Event) -> None:
+    """Once vCPUs run, dropping a page could lose what one wrote: the placer refuses, and touches nothing."""
+    await place(dest, [p.ZeroRun(0, 1)], 0)
+    with pytest.raises(RemoteProtocolError, match="after switchover"):
+        await place(dest, [event], 0)
+    assert dest.guest.absent_runs() == [(1, PAGES - 1)]
