@@ -20,6 +20,7 @@ from . import progress
 from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
+from .prepage import POLICIES as PREPAGE_POLICIES
 from .protocol import Mode
 from .source import NOT_CONVERGING, WORKING_SET_S, SourceConfig, StreamOrder
 from .uffd import PAGE_SIZE
@@ -46,6 +47,48 @@ def _whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+_RATE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_rate(text: str) -> int:
+    """A rate in bytes per second: ``500M`` (bytes/s), ``1G``, ``2.5Gbit`` (bits/s, divided by 8).
+
+    Suffixes K, M, G are powers of 1000, as on a link's name plate; a trailing
+    ``B`` or ``B/s`` is allowed; ``bit``, ``bit/s`` or ``bps`` means bits.
+
+    Raises:
+        ValueError: not a positive rate in one of these forms.
+    """
+    t = text.strip()
+    per_bit = False
+    for tail in ("bit/s", "bit", "bps", "b/s"):  # a small b is a bit, as in Gbit/s
+        if t.endswith(tail):
+            t, per_bit = t[: -len(tail)], True
+            break
+    else:
+        for tail in ("B/s", "B"):
+            if t.endswith(tail):
+                t = t[: -len(tail)]
+                break
+    unit = t[-1:].upper() if t[-1:].upper() in ("K", "M", "G") else ""
+    number = t[: len(t) - len(unit)]
+    value = float(number) * _RATE_UNITS[unit]  # ValueError for nonsense
+    if per_bit:
+        value /= 8
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(text)
+    return round(value)
+
+
+def _rate(text: str) -> int:
+    """argparse type: a rate (see ``parse_rate``)."""
+    try:
+        return parse_rate(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: give bytes per second such as 500M or 1G, or bits such as 1Gbit") from None
 
 
 def _require(ok: bool, message: str, hint: str) -> None:
@@ -134,11 +177,23 @@ def _src_parser() -> argparse.ArgumentParser:
                          "and a page count means a different wait on every link and for every share of zero "
                          f"pages (QEMU's downtime-limit works the same way). Default {SourceConfig.switchover_ms:g}")
     ap.add_argument("--stream-order", choices=[o.value for o in StreamOrder], default="address",
-                    help="what the postcopy stream sends first: address (page 0 upwards, jumping after each "
-                         "faulting page) or working-set (first the pages the guest wrote in each of its last two "
+                    help="what the postcopy stream sends first: address (the order --prepage picks) or "
+                         "working-set (first the pages the guest wrote in each of its last two "
                          f"{WORKING_SET_S * 1e3:.0f} ms stretches before switchover, as the kernel tracked them; "
                          "in hybrid the pages left after the rounds are those already; precopy has no postcopy "
                          "phase) (default address)")
+    ap.add_argument("--max-bandwidth", type=_rate, metavar="RATE",
+                    help="cap the background stream (precopy rounds and the postcopy stream) at RATE bytes per "
+                         "second (K, M, G are powers of 1000: 500M is 500 MB/s; 1Gbit is 125 MB/s), like QEMU's "
+                         "max-bandwidth and max-postcopy-bandwidth; pages a faulting vCPU waits for, and "
+                         "precopy's stop-and-copy, are never capped, and replies never queue behind the stream "
+                         "(default: no cap)")
+    ap.add_argument("--prepage", choices=PREPAGE_POLICIES, default="jump",
+                    help="what the postcopy stream sends next, from the faults the destination reports: none "
+                         "(address order), jump (on from just after the last requested pages, as QEMU does), "
+                         "bubble (outward both ways from the last fault, Hines & Gopalan), adaptive (ahead of "
+                         "every cluster of faults whose strides show a trend, Leap's majority stride, in chunks "
+                         "that grow while it holds; address order otherwise) (default jump)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
     ap.add_argument("--handshake-timeout", type=_number, default=10.0, metavar="S",
                     help="seconds a connecting peer has to authenticate (default 10)")
@@ -325,7 +380,8 @@ def _run_src(args: argparse.Namespace) -> int:
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
-                       max_pending=args.max_pending, tls=tls, mode=mode, stream_order=StreamOrder(args.stream_order))
+                       max_pending=args.max_pending, tls=tls, mode=mode, stream_order=StreamOrder(args.stream_order),
+                       max_bandwidth=args.max_bandwidth or 0, prepage=args.prepage)
     if args.precopy_rounds is not None:
         cfg.precopy_rounds = args.precopy_rounds
     if args.switchover_ms is not None:

@@ -46,7 +46,7 @@ from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress, placed_line
 from .uffd import PAGE_SIZE, Userfaultfd
-from .wire import FrameSocket, TlsConfig, connect, format_address
+from .wire import FrameSocket, TlsConfig, connect, format_address, mark_urgent
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,8 @@ class Destination:
                          p.Connection(p.Role.DESTINATION, guest_pages=self.plane.pages or None),
                          f"source {format_address(self.cfg.host, self.cfg.port)}")
         try:
+            if channel is not p.Channel.BULK:
+                mark_urgent(fs.sock)
             if self.cfg.tls is not None:
                 await fs.start_tls(self.cfg.tls, self.cfg.host)
             await fs.send_preamble()
@@ -262,6 +264,7 @@ class Destination:
             guest.request_stop()
             raise
         placement_s = time.monotonic() - t_switch
+        steps_placed = guest.live_steps_each()  # where the vCPUs were as the last page arrived
         guest.time_stalls(False)  # every page is present: no access can stall any more
         self.progress.finish()
         placed, eexist, faults = self.placed_pages, self.eexist, d.faults
@@ -305,7 +308,7 @@ class Destination:
                         "network": Histogram.from_c(urgent_s.network).summary(),
                         "source_held": Histogram.from_c(urgent_s.held).summary(),
                         "reply_to_placed": Histogram.from_c(urgent_s.place).summary()},
-            "vcpu_steps": steps, "rss_mib": rss, "guest_mib": spec.size / 2**20,
+            "vcpu_steps": steps, "vcpu_steps_at_placed": steps_placed, "rss_mib": rss, "guest_mib": spec.size / 2**20,
             "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
             "connect_attempts": self.connect_attempts,
             "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",

@@ -166,6 +166,10 @@ class Guest:
         """Steps all vCPUs have executed so far, while they run (published every 1024 steps)."""
         return sum(self._stalls[i].steps_live for i in range(self.spec.vcpus))
 
+    def live_steps_each(self) -> list[int]:
+        """Steps each vCPU has executed so far, while it runs (published every 64-1024 steps)."""
+        return [self._stalls[i].steps_live for i in range(self.spec.vcpus)]
+
     def stalls(self) -> StallHistogram:
         """Accesses that waited for a page, as the vCPUs timed them, all vCPUs merged.
 

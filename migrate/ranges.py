@@ -60,6 +60,32 @@ class Remaining:
             self.discard(s, n)
         return runs
 
+    def take_after(self, cursor: int, limit: int) -> list[tuple[int, int]]:
+        """Removes and returns the runs left within ``limit`` pages from the first page left at or
+        after ``cursor``; ``[]`` when nothing is left there (no wrapping around)."""
+        i = bisect.bisect_right(self._ends, cursor)
+        if i == len(self._starts):
+            return []
+        return self.take(cursor, limit)
+
+    def take_before(self, cursor: int, limit: int) -> list[tuple[int, int]]:
+        """Removes and returns the runs left within the ``limit`` pages that end with the last page
+        left below ``cursor``, in address order; ``[]`` when nothing is left below it."""
+        i = bisect.bisect_left(self._starts, cursor) - 1
+        if i < 0:
+            return []
+        end = min(self._ends[i], cursor)
+        first = end - limit
+        runs = []
+        while i >= 0 and self._ends[i] > first:
+            s, e = max(self._starts[i], first), min(self._ends[i], end)
+            runs.append((s, e - s))
+            i -= 1
+        runs.reverse()
+        for s, n in runs:
+            self.discard(s, n)
+        return runs
+
     def take_pages(self, cursor: int, limit: int) -> list[tuple[int, int]]:
         """Removes and returns up to ``limit`` pages of runs, from the first page left at or after
         ``cursor`` on (wrapping around), however far apart: for a sparse set such as a working set."""

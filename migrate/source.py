@@ -15,10 +15,13 @@ Three modes (``SourceConfig.mode``):
   vCPUs with every page present.
 
 After switchover the guest is stopped, and one nursery per session runs:
-- the *streamer*: a trio task that picks the next window of pages not yet
-  sent (jumping to just after the last requested run: a vCPU that faulted
-  there is likely to touch the next pages soon) and has the native sender
-  stream it straight from guest memory, zero runs as zero frames;
+- the *streamer*: a trio task that asks its pre-paging policy
+  (``migrate.prepage``, ``--prepage``) for the next window of pages not yet
+  sent, from the runs the request server sent (by default it jumps to just
+  after the last requested run: a vCPU that faulted there is likely to touch
+  the next pages soon), and has the native sender stream it straight from
+  guest memory, zero runs as zero frames, paced by a token bucket of its own
+  when ``--max-bandwidth`` caps it;
 - the *request server*: a native loop that reads page requests on the
   requests connection and answers each at once on the replies connection;
 - the main task, which waits for the destination's DestDone (it follows
@@ -48,6 +51,7 @@ from functools import partial
 
 import trio
 
+from . import prepage
 from . import protocol as p
 from ._native import ffi, lib
 from .dirty import DirtyTracker, Runs
@@ -58,7 +62,7 @@ from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
 from .uffd import PAGE_SIZE
-from .wire import FrameSocket, TlsConfig, family_of, format_address, tune
+from .wire import FrameSocket, TlsConfig, family_of, format_address, mark_urgent, tune
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,25 @@ log = logging.getLogger(__name__)
 # hand-over costs little, small enough that the stream follows a request's
 # jump within a few milliseconds.
 WINDOW_PAGES = 2048
+# Under --max-bandwidth a window is about this long at the cap (and at least
+# MIN_WINDOW_PAGES): on a slow link a 2048-page window takes tens of
+# milliseconds, too long for the stream to follow a fault.
+WINDOW_S = 0.004
+MIN_WINDOW_PAGES = 64
+# The cap's bucket holds this much time at the cap (and at least
+# MIN_BURST_BYTES): enough to make up for the pause between two windows while
+# the streamer picks the next (measured: with 1 ms the stream lost 3-6% of a
+# 50 MB/s cap on a busy machine).  One send takes at most QUANTUM_S at the
+# cap (and at least MIN_QUANTUM_BYTES): in a steady stream no burst at a
+# bottleneck is longer.
+BURST_S = 0.005
+MIN_BURST_BYTES = 128 * 1024
+QUANTUM_S = 0.0005
+MIN_QUANTUM_BYTES = 16 * 1024
+# Samples of the stream's bytes over time, for the bench's 1 s windows: one
+# per interval, bounded.
+TIMELINE_INTERVAL = 0.1
+MAX_TIMELINE = 10_000
 # Connections the kernel queues while the accept loop is busy or backing off
 # (a flood, a shortage of descriptors), instead of refusing them.
 LISTEN_BACKLOG = 128
@@ -125,6 +148,8 @@ class SourceConfig:
     precopy_rounds: int = 10  # at most this many rounds, the full first one included
     switchover_ms: float = 5.0  # rounds end once what is written would take this long to send
     stream_order: StreamOrder = StreamOrder.address
+    max_bandwidth: int = 0  # bytes per second the background stream may use; 0: no cap
+    prepage: str = "jump"  # the postcopy stream's pre-paging policy (migrate.prepage)
 
 
 @dataclass
@@ -205,7 +230,6 @@ class Source:
         self.spec = cfg.spec
         self.guest: Guest | None = None
         self.remaining = Remaining([(0, cfg.spec.pages)])
-        self.cursor = 0
         self.session: _Session | None = None
         self._paired = trio.Event()
         self.rejected_peers = 0
@@ -215,6 +239,15 @@ class Source:
         self.serve_stats = ffi.new("send_stats_t *")
         self.notes = ffi.new("note_ring_t *")
         self._note_buf = ffi.new("struct wire_run[]", lib.NOTE_RING)
+        # The stream's token bucket: the streamer task's alone, kept across windows and sessions.
+        self.pacer = ffi.new("pacer_t *")
+        self.pacer.rate = cfg.max_bandwidth
+        self.pacer.burst = max(MIN_BURST_BYTES, round(cfg.max_bandwidth * BURST_S))
+        self.pacer.quantum = max(MIN_QUANTUM_BYTES, round(cfg.max_bandwidth * QUANTUM_S))
+        self.window_pages = WINDOW_PAGES if not cfg.max_bandwidth else max(
+            MIN_WINDOW_PAGES, min(WINDOW_PAGES, round(cfg.max_bandwidth * WINDOW_S / 4096)))
+        self.policy = prepage.make(cfg.prepage)
+        self.stream_timeline: list[tuple[float, int]] = []
         self._pending = 0  # handshakes in progress
         self._max_pending = cfg.max_pending
         self._accept_warning = _Throttled()
@@ -428,6 +461,8 @@ class Source:
             sp = self.spec
             await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate,
                                       self.cfg.mode))
+        if hello.channel is not p.Channel.BULK:
+            mark_urgent(fs.sock)
         setattr(s, hello.channel.value, fs)
         log.info("%s: %s channel up", fs.peer, hello.channel.value)
         if s.complete():
@@ -457,6 +492,7 @@ class Source:
                     resume = None  # the rounds took what it said
                 await self._switchover(links.bulk, resume)
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sample_stream, fig.t_switch)
                     nursery.start_soon(self._stream, links.bulk)
                     self.dest_counters = await self._serve_requests(links)
                     nursery.cancel_scope.cancel()
@@ -514,6 +550,10 @@ class Source:
             "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
             "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
             "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
+            "max_bandwidth_bytes_per_s": self.cfg.max_bandwidth, "prepage": self.cfg.prepage,
+            "prepage_stats": self.policy.statistics(), "window_pages": self.window_pages,
+            "pacer_waits": self.pacer.waits, "pacer_waited_ms": round(self.pacer.waited_ns / 1e6, 3),
+            "stream_timeline": self.stream_timeline,
             "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": self.guest.steps(),
             "rounds": fig.rounds,
             "guest_steps_per_s": {"before": round(before), "during_precopy": None if during is None else round(during),
@@ -576,7 +616,7 @@ class Source:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._show_round, n, pages0, pages)
                     await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, array,
-                                     count, flags, self._idle_ms, st, peer=bulk.peer)
+                                     count, flags, self.pacer, self._idle_ms, st, peer=bulk.peer)
                     nursery.cancel_scope.cancel()
             if discards is not None and discards.n:
                 await run_native(lib.src_send_discards, self.spec.pages, bulk.link, discards.array, discards.n,
@@ -664,7 +704,8 @@ class Source:
         in working-set order.
         """
         assert self.guest is not None and self.cpu_state is not None
-        self.cursor, self.first_cursor = 0, 0
+        self.first_cursor = 0
+        self.policy = prepage.make(self.cfg.prepage)  # after a lost link, what it knew of faults is stale
         if resume is not None and resume.started:
             # The destination runs the guest: its kernel's absent pages are all that is left.
             self.remaining, self.first = Remaining(list(resume.runs)), Remaining([])
@@ -693,8 +734,9 @@ class Source:
             await bulk.send(p.Round(self.round + 1, pages, final=True))
             pages0 = st.pages
             if count:
+                # Inside the downtime: never capped.
                 await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, array, count,
-                                 lib.WIRE_REPLACE, self._idle_ms, st, peer=bulk.peer)
+                                 lib.WIRE_REPLACE, ffi.NULL, self._idle_ms, st, peer=bulk.peer)
             fig.stop_and_copy_pages = st.pages - pages0
         await bulk.send(self.cpu_state)
         if resume is None:
@@ -750,25 +792,33 @@ class Source:
         return p.Resume(tuple(runs), started=resume.started)
 
     def _take_notes(self) -> None:
-        """Pages the request server sent leave the stream, which jumps to just after the last of them
-        (a vCPU that faulted there is likely to touch the next pages soon)."""
+        """Pages the request server sent leave the stream, and the policy hears of each fault."""
         while n := lib.notes_take(self.notes, self._note_buf, lib.NOTE_RING):
             for i in range(n):
-                self.remaining.discard(self._note_buf[i].start, self._note_buf[i].count)
-                self.first.discard(self._note_buf[i].start, self._note_buf[i].count)
-            self.cursor = self.first_cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
+                start, count = self._note_buf[i].start, self._note_buf[i].count
+                self.remaining.discard(start, count)
+                self.first.discard(start, count)
+                self.policy.fault(start, count)
+            # In working-set order the stream goes on through the set from just after the last
+            # request; the policy decides for the rest.
+            self.first_cursor = self._note_buf[n - 1].start + self._note_buf[n - 1].count
+
+    async def _sample_stream(self, t0: float) -> None:
+        """Samples the stream's bytes every TIMELINE_INTERVAL for the metrics (bounded)."""
+        while len(self.stream_timeline) < MAX_TIMELINE:
+            self.stream_timeline.append((round(time.monotonic() - t0, 3), self.stream_stats.bytes))
+            await trio.sleep(TIMELINE_INTERVAL)
 
     def _next_window(self) -> list[tuple[int, int]]:
-        """The next runs to stream: the working set first (in working-set order), then the rest."""
+        """The next runs to stream: the working set first (in working-set order), then what the
+        pre-paging policy picks from the rest."""
         if self.first:
-            runs = sorted(self.first.take_pages(self.first_cursor, WINDOW_PAGES))
+            runs = sorted(self.first.take_pages(self.first_cursor, self.window_pages))
             self.first_cursor = runs[-1][0] + runs[-1][1]
             for start, count in runs:
                 self.remaining.discard(start, count)
         else:
-            runs = self.remaining.take(self.cursor, WINDOW_PAGES)
-            if runs:
-                self.cursor = runs[-1][0] + runs[-1][1]
+            runs = self.policy.next_window(self.remaining, self.window_pages)
         if runs and self.figures.first_window is None:
             self.figures.first_window = {"pages": sum(n for _, n in runs), "runs": len(runs),
                                          "start": runs[0][0], "end": runs[-1][0] + runs[-1][1]}
@@ -790,7 +840,7 @@ class Source:
                 break
             arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
             await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, arr, len(runs), 0,
-                             self._idle_ms, st, peer=bulk.peer)
+                             self.pacer, self._idle_ms, st, peer=bulk.peer)
             done = st.pages + self.serve_stats.pages
             mbps = st.bytes / max(time.monotonic() - t0, 1e-9) / 1e6
             self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * min(done, self.spec.pages) / self.spec.pages:.0f}%), "

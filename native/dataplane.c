@@ -11,7 +11,8 @@
  *   source (its memory is read, never written: by postcopy the guest is
  *   stopped; a precopy round reads it while the guest runs, and the kernel's
  *   dirty tracking sends a page written meanwhile again in the next round)
- *     streamer       runs of guest memory -> bulk connection (Python picks the runs)
+ *     streamer       runs of guest memory -> bulk connection (Python picks the runs),
+ *                    paced by a token bucket when --max-bandwidth caps it
  *     request server request connection -> guest memory -> reply connection
  *
  * No per-page state anywhere: the destination places what arrives and asks
@@ -357,12 +358,29 @@ typedef struct {
     char stage[16384];
 } txq_t;
 
-/* Sends from the first left iovecs: bytes sent, -EAGAIN with *want, or -errno. */
-static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, int *want,
-                        const char **why)
+/* Sends from the first left iovecs, at most max bytes: bytes sent, -EAGAIN
+ * with *want, or -errno. */
+static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, size_t max,
+                        int *want, const char **why)
 {
     if (!l->ssl) {
+        struct iovec cut[2 * TXQ_FRAMES];
         struct msghdr msg = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)left };
+        size_t total = 0;
+        for (int i = 0; i < left && total <= max; i++)
+            total += iov[i].iov_len;
+        if (total > max) { /* paced: a copy of the vector, cut at max bytes */
+            size_t room = max;
+            int k = 0;
+            for (; k < left && room; k++) {
+                cut[k] = iov[k];
+                if (cut[k].iov_len > room)
+                    cut[k].iov_len = room;
+                room -= cut[k].iov_len;
+            }
+            msg.msg_iov = cut;
+            msg.msg_iovlen = (size_t)k;
+        }
         ssize_t n = sendmsg(l->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (n >= 0)
             return n;
@@ -375,17 +393,50 @@ static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, 
     }
     /* A large piece (guest pages) is encrypted straight from where it is. */
     if (iov[0].iov_len >= sizeof q->stage || left == 1)
-        return link_send(l, iov[0].iov_base, iov[0].iov_len, want, why);
-    size_t len = 0;
-    for (int i = 0; i < left && len < sizeof q->stage; i++) {
-        size_t n = iov[i].iov_len < sizeof q->stage - len ? iov[i].iov_len : sizeof q->stage - len;
+        return link_send(l, iov[0].iov_base, iov[0].iov_len < max ? iov[0].iov_len : max, want, why);
+    size_t len = 0, cap = max < sizeof q->stage ? max : sizeof q->stage;
+    for (int i = 0; i < left && len < cap; i++) {
+        size_t n = iov[i].iov_len < cap - len ? iov[i].iov_len : cap - len;
         memcpy(q->stage + len, iov[i].iov_base, n);
         len += n;
     }
     return link_send(l, q->stage, len, want, why);
 }
 
-static int flush(txq_t *q, link_t *l, uint64_t t_recv, int stop_fd, int idle_ms,
+/* Waits until the pacer lets a send through (its tokens are positive).
+ * Returns 0, LOOP_STOPPED, or -errno. */
+static int pace_wait(pacer_t *p, int stop_fd, const char **why)
+{
+    for (;;) {
+        uint64_t now = mono_ns();
+        if (!p->t_ns) {
+            p->t_ns = now;
+            p->tokens = (double)p->burst;
+        }
+        p->tokens += (double)(now - p->t_ns) * (double)p->rate / 1e9;
+        if (p->tokens > (double)p->burst)
+            p->tokens = (double)p->burst;
+        p->t_ns = now;
+        if (p->tokens > 0)
+            return 0;
+        /* Sleep until the debt is paid, in ns: a millisecond poll() would
+         * round every pause up and undershoot the rate. */
+        uint64_t ns = (uint64_t)(-p->tokens * 1e9 / (double)p->rate) + 1;
+        struct timespec ts = { (time_t)(ns / 1000000000ULL), (long)(ns % 1000000000ULL) };
+        struct pollfd pfd = { stop_fd, POLLIN, 0 };
+        int rc = ppoll(&pfd, 1, &ts, NULL);
+        if (rc < 0 && errno != EINTR) {
+            *why = "ppoll";
+            return -errno;
+        }
+        if (rc > 0)
+            return LOOP_STOPPED;
+        p->waits++;
+        p->waited_ns += mono_ns() - now;
+    }
+}
+
+static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_fd, int idle_ms,
                  send_stats_t *st, const char **why)
 {
     if (t_recv) {
@@ -397,7 +448,14 @@ static int flush(txq_t *q, link_t *l, uint64_t t_recv, int stop_fd, int idle_ms,
     int left = q->iovs, strikes = 0;
     while (left) {
         int want = POLLOUT;
-        int64_t n = send_iov(l, q, iov, left, &want, why);
+        size_t max = SIZE_MAX;
+        if (pace && pace->rate) {
+            int rc = pace_wait(pace, stop_fd, why);
+            if (rc)
+                return rc;
+            max = pace->quantum;
+        }
+        int64_t n = send_iov(l, q, iov, left, max, &want, why);
         if (n < 0) {
             if (n != -EAGAIN)
                 return (int)n;
@@ -407,6 +465,8 @@ static int flush(txq_t *q, link_t *l, uint64_t t_recv, int stop_fd, int idle_ms,
             continue;
         }
         st->bytes += (uint64_t)n;
+        if (pace && pace->rate)
+            pace->tokens -= (double)n;
         while (left && (size_t)n >= iov->iov_len) {
             n -= (int64_t)iov->iov_len;
             iov++;
@@ -432,9 +492,9 @@ static int page_is_zero(const uint64_t *w)
 
 /* Queues pages [start, start+count) as page frames and zero frames, sending
  * whenever the queue is full. */
-static int push_pages(txq_t *q, link_t *l, uint64_t base, uint64_t start, uint64_t count,
-                      uint32_t flags, uint64_t stamp, uint64_t t_recv, int stop_fd, int idle_ms,
-                      send_stats_t *st, const char **why)
+static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_t start,
+                      uint64_t count, uint32_t flags, uint64_t stamp, uint64_t t_recv, int stop_fd,
+                      int idle_ms, send_stats_t *st, const char **why)
 {
     uint64_t p = start, end = start + count;
     while (p < end) {
@@ -458,7 +518,7 @@ static int push_pages(txq_t *q, link_t *l, uint64_t base, uint64_t start, uint64
             st->zero_pages += n;
         p = q_end;
         if (q->frames == TXQ_FRAMES) {
-            int rc = flush(q, l, t_recv, stop_fd, idle_ms, st, why);
+            int rc = flush(q, l, pace, t_recv, stop_fd, idle_ms, st, why);
             if (rc)
                 return rc;
         }
@@ -508,12 +568,12 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
             return rc;
         rx->start += WIRE_FRAME_SIZE + plen;
         for (uint32_t i = 0; i < f.count; i++) {
-            rc = push_pages(&q, txl, base, runs[i].start, runs[i].count, 0, f.stamp, t_recv,
+            rc = push_pages(&q, txl, NULL, base, runs[i].start, runs[i].count, 0, f.stamp, t_recv,
                             stop_fd, idle_ms, st, why);
             if (rc)
                 return rc;
         }
-        if ((rc = flush(&q, txl, t_recv, stop_fd, idle_ms, st, why)))
+        if ((rc = flush(&q, txl, NULL, t_recv, stop_fd, idle_ms, st, why)))
             return rc;
         hist_add(&st->held, mono_ns() - t_recv);
         st->requests++;
@@ -532,19 +592,19 @@ static int check_run(const struct wire_run *r, uint64_t pages, const char **why)
 }
 
 int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint64_t n, uint32_t flags, int idle_ms, send_stats_t *st, int stop_fd,
-                  const char **why)
+                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
+                  int stop_fd, const char **why)
 {
     txq_t q = { .frames = 0 };
     for (uint64_t i = 0; i < n; i++) {
         int rc = check_run(&runs[i], pages, why);
         if (!rc)
-            rc = push_pages(&q, l, base, runs[i].start, runs[i].count, flags, 0, 0, stop_fd,
+            rc = push_pages(&q, l, pace, base, runs[i].start, runs[i].count, flags, 0, 0, stop_fd,
                             idle_ms, st, why);
         if (rc)
             return rc;
     }
-    return flush(&q, l, 0, stop_fd, idle_ms, st, why);
+    return flush(&q, l, pace, 0, stop_fd, idle_ms, st, why);
 }
 
 int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
@@ -563,9 +623,9 @@ int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, ui
             q.frames++;
             st->discards += k;
             p += k;
-            if (q.frames == TXQ_FRAMES && (rc = flush(&q, l, 0, stop_fd, idle_ms, st, why)))
+            if (q.frames == TXQ_FRAMES && (rc = flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why)))
                 return rc;
         }
     }
-    return flush(&q, l, 0, stop_fd, idle_ms, st, why);
+    return flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why);
 }

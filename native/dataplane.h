@@ -130,12 +130,32 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
                    int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
                    const char **why);
 
+/* The streamer's token bucket (--max-bandwidth): owned by the streamer task
+ * alone and handed to every src_send_runs() call, so the budget carries over
+ * from one window to the next (and the pause between two windows, while
+ * Python picks the next one, is made up for, up to the bucket's depth).  The
+ * request server never has one: replies are never capped.  Tokens are bytes;
+ * they accrue at rate, up to burst, and a send of at most quantum bytes is let
+ * through while they are positive, then charged what it sent, so over any
+ * stretch the stream sends at most rate * time + burst + quantum bytes, and
+ * in a steady stream at most quantum bytes at once. */
+typedef struct {
+    uint64_t rate;      /* bytes per second; 0: no cap */
+    uint64_t burst;     /* bytes: the bucket's depth */
+    uint64_t quantum;   /* bytes: the most one send may take */
+    double tokens;      /* bytes that may go now; negative: owed */
+    uint64_t t_ns;      /* when tokens was last brought up to date; 0: not yet */
+    uint64_t waits;     /* pauses the cap imposed */
+    uint64_t waited_ns; /* their total length */
+} pacer_t;
+
 /* Source, streamer: send the n runs straight from guest memory on l, as
  * page and zero frames with flags (0, or WIRE_REPLACE for a precopy round
- * after the first).  Returns 0 once all are sent. */
+ * after the first), no faster than the pacer lets (NULL: no cap).  Returns 0
+ * once all are sent. */
 int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint64_t n, uint32_t flags, int idle_ms, send_stats_t *st, int stop_fd,
-                  const char **why);
+                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
+                  int stop_fd, const char **why);
 
 /* Source, at a hybrid switchover: one DISCARD frame per run on l.
  * Returns 0 once all are sent. */

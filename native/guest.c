@@ -194,6 +194,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * GUEST_PAGE_SIZE);
     uint64_t hot = count / 10 ? count / 10 : 1;
     uint64_t prng = st->prng, steps = st->steps, acc = st->acc;
+    __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
     uint64_t start = now_ns(), start_steps = steps, last = 0, last_page = UINT64_MAX;
     /* Only the first access to a page can fault, so only accesses that change
      * page are timed (one clock read each, reusing the previous one when the

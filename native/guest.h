@@ -43,7 +43,8 @@ typedef struct {
     uint64_t stopped_at_ns;
     /* Steps executed so far, published every 1024 steps (64 when rate-limited) while the vCPU runs
      * (its CPU state is written back only when it stops): the guest's
-     * progress during precopy, against before. */
+     * progress during precopy, against before; where each vCPU was when the
+     * last page arrived, for the link bench's working set. */
     uint64_t steps_live;
     /* Nonzero while accesses are timed: only during postcopy can an access
      * stall, and reading a clock per access costs the workload its memory

@@ -135,7 +135,8 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, 0, link(ours),
                                            side.conn.rx, 60_000, peer="source"))
-                await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 2, 0, 60_000,
+                await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 2, 0, ffi.NULL,
+                                 60_000,
                                  stats, peer="destination")
                 await trio.lowlevel.wait_readable(side.done)
                 nursery.cancel_scope.cancel()

@@ -34,6 +34,19 @@ def test_discard_punches_holes_and_everything_is_sent_once() -> None:
     assert not r
 
 
+def test_take_after_and_before_go_outward_without_wrapping() -> None:
+    r = Remaining([(0, 100)])
+    r.discard(40, 20)  # [0, 40) and [60, 100) left
+    assert r.take_after(50, 5) == [(60, 5)]  # the first page left at or after 50
+    assert r.take_before(50, 5) == [(35, 5)]  # the last pages left below 50
+    assert r.take_before(36, 10) == [(25, 10)]
+    assert r.take_after(98, 10) == [(98, 2)]
+    assert r.take_after(100, 10) == []  # nothing after: no wrap
+    assert r.take_before(0, 10) == []
+    r.discard(10, 5)
+    assert r.take_before(25, 20) == [(5, 5), (15, 10)]  # one window across a hole, in address order
+
+
 def test_take_pages_counts_pages_not_address_span() -> None:
     """A sparse set (a working set) goes out a number of pages at a time, however far apart they lie."""
     r = Remaining([(0, 3), (1000, 2), (5000, 4), (9000, 10)])

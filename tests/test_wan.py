@@ -1,0 +1,55 @@
+"""A migration over the emulated WAN link (bench/wan.py): real namespaces, veths, htb, the delay forwarder.
+
+Needs root (skipped otherwise, saying so).  Correctness only: the guest
+verifies, the link's delay shows in the urgent path, and nothing of the link
+is left behind.  How fast it goes is scripts/bench-links' business.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPORT
+
+wan = pytest.importorskip("wan")  # bench/ is on the test path (pyproject.toml)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def link_possible() -> None:
+    try:
+        wan.check()
+    except wan.LinkUnavailable as exc:
+        pytest.skip(f"no emulated link here: {exc}")
+
+
+def test_link_spec_parses_rate_and_rtt() -> None:
+    assert wan.LinkSpec.parse("1Gbit,1ms") == wan.LinkSpec(1e9, 1.0)
+    assert wan.LinkSpec.parse("10G,0.1ms").name == "10Gbit,0.1ms"
+    assert wan.LinkSpec.parse("100Mbit,500us").rtt_ms == 0.5
+    with pytest.raises(ValueError):
+        wan.LinkSpec.parse("fast,1ms")
+
+
+def test_a_migration_over_a_shaped_delayed_link_verifies(tmp_path: Path) -> None:
+    from linkbench import Migration, guest_args
+
+    spec = wan.LinkSpec.parse("1Gbit,4ms")
+    with wan.emulated_link(spec) as link:
+        run = Migration(BIN / "python", link, tmp_path).run(
+            [*guest_args("hotset", 32, 25000), "--run-before", "0.3", "--prepage", "adaptive",
+             "--max-bandwidth", "100M"], ["--verify", "--run-after", "0.1"], timeout=25)
+        names = {link.src_ns, link.dst_ns, link.wire_ns}
+    d = run["dst"]
+    assert d["verified"] is True and d["pages_placed"] == d["pages_total"]
+    # Every request and its reply crossed the forwarder: at least the round trip it adds.
+    assert d["faults"] > 0 and d["hops_us"]["network"]["p50"] >= 4000 * 0.95
+    fwd = link.forwarder
+    assert fwd["a_to_b"]["frames"] > 0 and fwd["b_to_a"]["frames"] > 0
+    assert fwd["a_to_b"]["drops_other"] == fwd["b_to_a"]["drops_other"] == 0
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in left for name in names), left
+    REPORT.append(f"over an emulated 1 Gbit/s, 4 ms link: {d['faults']} faults, request->reply p50 "
+                  f"{d['hops_us']['network']['p50']:.0f} us, verified")
