@@ -384,7 +384,12 @@ class Source:
             with trio.move_on_after(1):
                 try:
                     await fs.send(p.Error(reason[:200]))
-                except MigrateError:
+                    # Closing with unread input would reset the connection, and a reset can
+                    # destroy our answer before the peer reads it: let the peer close first.
+                    fs.sock.shutdown(trio.socket.SHUT_WR)
+                    while await fs.sock.recv(65536):
+                        pass
+                except (MigrateError, OSError):
                     pass
         finally:
             self._pending -= 1
@@ -429,6 +434,9 @@ class Source:
         in plaintext words why it is refused, rather than failing a TLS handshake it cannot read."""
         tls = self.cfg.tls
         if tls is None:
+            if first[:1] == b"\x16":  # a TLS handshake record: answer before the client reads our Challenge
+                raise RemoteProtocolError("the peer speaks TLS and this end does not",
+                                          hint="give both sides --tls-cert, --tls-key and --tls-ca, or neither")
             return
         if first.startswith(p.MAGIC):
             raise PeerError("a plaintext destination: this source requires TLS",

@@ -156,6 +156,8 @@ class FrameSocket:
         await self._write(self.conn.send(event))
 
     async def _write(self, chunks: list[bytes | memoryview]) -> None:
+        if len(chunks) > 1 and sum(len(c) for c in chunks) <= 65536:
+            chunks = [b"".join(chunks)]  # a control frame leaves in one piece, one system call
         for chunk in chunks:
             buf, left = ffi.from_buffer(chunk), len(chunk)
             while left:
