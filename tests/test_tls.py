@@ -153,3 +153,14 @@ async def test_a_tls_migration_recovers_from_a_cut_link(tmp_path: Path, pki: Pki
             nursery.cancel_scope.cancel()
     assert rc == 0 and src_rc == 0, err + (tmp_path / "src.err").read_text()
     assert m["verified"] is True and len(m["recoveries"]) == 1 and m["tls"].startswith("TLSv1.3")
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "precopy"])
+async def test_tls_in_the_precopy_modes(tmp_path: Path, pki: Pki, mode: str) -> None:
+    """Rounds, replacements and discards travel the same TLS connections; the guest verifies."""
+    run = await migrate(tmp_path, ["--guest-mib", "32", "--workload", "uniform", "--rate", "20000", "--run-before",
+                                   "0.2", "--mode", mode, *pki.args("src")], [*DST, *pki.args("dst")])
+    assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
+    m = run.dst_metrics
+    assert m["verified"] is True and m["mode"] == mode and m["tls"].startswith("TLSv1.3")
+    assert len(run.src_metrics["rounds"]) >= 2
