@@ -40,7 +40,7 @@ import trio
 
 from . import protocol as p
 from ._native import ffi, lib
-from .errors import LINK_ERRORS, PeerError, PeerGone, RemoteProtocolError, UsageError
+from .errors import LINK_ERRORS, PeerError, PeerGone, RemoteProtocolError, UsageError, lost_link
 from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
@@ -332,13 +332,20 @@ class Destination:
                 return await self._receive_rounds(links), links
             except (*LINK_ERRORS, trio.TooSlowError) as exc:  # as in postcopy: see LINK_ERRORS
                 failure = "the link went silent between rounds" if isinstance(exc, trio.TooSlowError) else exc
-            links.close()
-            self.progress.finish()
-            if deadline is None or self.placed_pages > placed_before:
-                deadline = trio.current_time() + self.cfg.reconnect_timeout
-            log.warning("lost the source before switchover (%s) with %d of %d pages here; reconnecting for up to %g s",
-                        failure, self.placed_pages, self.plane.pages, self.cfg.reconnect_timeout)
-            links = await self._reconnect(guest, deadline)
+            links, deadline = await self._recover(guest, links, failure, placed_before, deadline,
+                                                  "before switchover ")
+
+    async def _recover(self, guest: Guest, links: _Links, failure: object, placed_before: int,
+                       deadline: float | None, when: str) -> tuple[_Links, float]:
+        """Closes the lost links and reconnects.  One deadline per outage: it restarts only once pages
+        arrived since the last loss, so a link that keeps failing at once cannot loop for ever."""
+        links.close()
+        self.progress.finish()
+        if deadline is None or self.placed_pages > placed_before:
+            deadline = trio.current_time() + self.cfg.reconnect_timeout
+        log.warning("lost the source %s(%s) with %d of %d pages here; reconnecting for up to %g s", when,
+                    failure, self.placed_pages, self.plane.pages, self.cfg.reconnect_timeout)
+        return await self._reconnect(guest, deadline), deadline
 
     async def _receive_rounds(self, links: _Links) -> p.CpuState:
         bulk = links.bulk
@@ -393,20 +400,10 @@ class Destination:
             except BaseException as exc:
                 if self.placed_pages == self.plane.pages:
                     return links  # every page is here: whatever a loop was doing no longer matters
-                if not isinstance(exc, Exception):
+                failure = lost_link(exc) if isinstance(exc, Exception) else None
+                if failure is None:
                     raise
-                lost, other = exc.split(LINK_ERRORS) if isinstance(exc, ExceptionGroup) else (
-                    (exc, None) if isinstance(exc, LINK_ERRORS) else (None, exc))
-                if lost is None or other is not None:
-                    raise  # a bug or a local failure is never mistaken for a lost link
-                failure = _first(lost)
-            links.close()
-            self.progress.finish()
-            if deadline is None or self.placed_pages > placed_before:
-                deadline = trio.current_time() + self.cfg.reconnect_timeout
-            log.warning("lost the source (%s) with %d of %d pages placed; reconnecting for up to %g s",
-                        failure, self.placed_pages, self.plane.pages, self.cfg.reconnect_timeout)
-            links = await self._reconnect(guest, deadline)
+            links, deadline = await self._recover(guest, links, failure, placed_before, deadline, "")
 
     async def _reconnect(self, guest: Guest, deadline: float) -> _Links:
         """Reconnects with backoff until ``deadline``, then tells the source what the kernel still lacks."""
@@ -528,10 +525,3 @@ class Destination:
                 self.placed_pages, d.pages, self.placed_pages * PAGE_SIZE / max(time.monotonic() - t0, 1e-9) / 1e6,
                 d.faults.faults / max(time.monotonic() - t0, 1e-9), guest.stalls().percentile_us(0.5), self.eexist))
             await trio.sleep(TIMELINE_INTERVAL)
-
-
-def _first(exc: BaseException) -> BaseException:
-    """The first leaf of a (nested) exception group."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

@@ -74,3 +74,14 @@ def find(exc: BaseException, types: type | tuple[type, ...]) -> BaseException | 
 
 # What a broken link looks like: the peer vanished, timed out, or sent garbage.
 LINK_ERRORS = (PeerError, RemoteProtocolError)
+
+
+def lost_link(exc: BaseException) -> BaseException | None:
+    """The first link error when ``exc`` holds link errors and nothing else (a lost link: recover);
+    None otherwise (re-raise: a bug or a local failure is never mistaken for a lost link)."""
+    if isinstance(exc, BaseExceptionGroup):
+        lost, other = exc.split(LINK_ERRORS)
+        if lost is None or other is not None:
+            return None
+        return find(lost, LINK_ERRORS)
+    return exc if isinstance(exc, LINK_ERRORS) else None

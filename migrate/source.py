@@ -55,7 +55,7 @@ from . import prepage
 from . import protocol as p
 from ._native import ffi, lib
 from .dirty import DirtyTracker, Runs
-from .errors import LINK_ERRORS, MigrateError, PeerError, RemoteProtocolError, UsageError
+from .errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link
 from .guest import Guest, GuestSpec
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
@@ -508,11 +508,9 @@ class Source:
             except Exception as exc:
                 if isinstance(exc, trio.TooSlowError):
                     exc = PeerError(f"the destination sent no Resume within {self.cfg.link_timeout:g} s")
-                lost, other = exc.split(LINK_ERRORS) if isinstance(exc, ExceptionGroup) else (
-                    (exc, None) if isinstance(exc, LINK_ERRORS) else (None, exc))
-                if lost is None or other is not None:
-                    raise  # a bug or a local failure is never mistaken for a lost link
-                failure = lost
+                failure = lost_link(exc)
+                if failure is None:
+                    raise
             # Closing after DestDone is the clean end: the destination waits for it.
             s.close()
             if failure is None:
@@ -520,7 +518,7 @@ class Source:
             self.progress.finish()
             recoveries += 1
             self._paired = trio.Event()
-            log.warning("lost the destination (%s); waiting up to %g s for it to reconnect", _first(failure),
+            log.warning("lost the destination (%s); waiting up to %g s for it to reconnect", failure,
                         self.cfg.reconnect_timeout)
             with trio.move_on_after(self.cfg.reconnect_timeout):
                 await self._paired.wait()
@@ -896,13 +894,6 @@ class _Figures:
     round_bytes: int = 0
     round_s: float = 0.0
     first_window: dict[str, int] | None = None  # what the postcopy stream sent first: pages, runs, span
-
-
-def _first(exc: BaseException) -> BaseException:
-    """The first leaf of a (nested) exception group."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def serve(cfg: SourceConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:

@@ -49,3 +49,4 @@ def test_stall_histogram_summary_carries_both_layouts() -> None:
     assert s["qemu_dist"][0] == 1 and s["qemu_dist"][4] == 2 and s["qemu_dist"][9] == 1 and s["qemu_dist"][12] == 1
     assert s["slow_other"] == 3 and s["slow_other_ms"] == 0.012
     assert sum(n for _, n in s["hist"]) == 5 and all(a[0] < b[0] for a, b in zip(s["hist"], s["hist"][1:]))
+
