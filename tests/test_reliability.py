@@ -192,6 +192,19 @@ async def wait_for_line(path: Path, text: str, timeout: float = 20) -> None:
             await trio.sleep(0.05)
 
 
+async def destination_joined(nursery: trio.Nursery, tmp_path: Path, port: int) -> list:
+    """Starts a verifying destination in ``nursery`` and returns once all its connections are up; the
+    list it returns gets (exit code, stderr, metrics) when the destination ends."""
+    result: list = []
+
+    async def destination() -> None:
+        result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
+
+    nursery.start_soon(destination)
+    await wait_for_line(tmp_path / "src.err", "replies channel up")
+    return result
+
+
 async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tmp_path: Path) -> None:
     """100 idle connections against a source limited to 64 descriptors, before the destination
     arrives and again once it is in: handshakes beyond --max-pending are closed at once, the
@@ -203,13 +216,7 @@ async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tm
                                            wrapper=["prlimit", "--nofile=64:64"])
             flood += await trio.to_thread.run_sync(idle_flood, port, 100)
             async with trio.open_nursery() as nursery:
-                result: list = []
-
-                async def destination() -> None:
-                    result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
-
-                nursery.start_soon(destination)
-                await wait_for_line(tmp_path / "src.err", "replies channel up")
+                result = await destination_joined(nursery, tmp_path, port)
                 flood += await trio.to_thread.run_sync(idle_flood, port, 100)
             src_rc = await src.wait()
     finally:
@@ -239,13 +246,7 @@ async def test_accept_errors_back_off_and_the_migration_goes_on(tmp_path: Path) 
     with trio.fail_after(60):
         src, port = await start_source(tmp_path, [*SMALL_GUEST, "--handshake-timeout", "1", "--run-before", "3"])
         async with trio.open_nursery() as nursery:
-            result: list = []
-
-            async def destination() -> None:
-                result.extend(await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"]))
-
-            nursery.start_soon(destination)
-            await wait_for_line(tmp_path / "src.err", "replies channel up")
+            result = await destination_joined(nursery, tmp_path, port)
             await trio.run_process(["prlimit", f"--pid={src.pid}", f"--nofile={open_fds(src.pid)}:"])
             flood = await trio.to_thread.run_sync(idle_flood, port, 5)  # queued by the kernel, not accepted
             await wait_for_line(tmp_path / "src.err", "Too many open files")
