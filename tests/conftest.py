@@ -70,6 +70,25 @@ def no_source_left_behind():
             proc.kill()
 
 
+async def destination_against(fake_source) -> tuple[int, str]:  # noqa: ANN001 - async (listener) -> None
+    """Runs migrate-dst against ``fake_source(listener)``, a hand-made source on 127.0.0.1 that a test
+    writes to break one rule; returns the destination's exit code and stderr."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fake_source, listener)
+                proc = await trio.run_process(
+                    [str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{listener.getsockname()[1]}"],
+                    capture_stderr=True, check=False)
+                nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+    return proc.returncode, proc.stderr.decode()
+
+
 async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = None,
                        listen: str = "127.0.0.1:0") -> tuple[trio.Process, int]:
     """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, migrate, run_destination, start_source
+from conftest import BIN, REPORT, destination_against, migrate, run_destination, start_source
 from migrate import protocol as p
 
 FAST = ["--run-before", "0.3"]
@@ -170,26 +170,14 @@ async def test_source_announces_its_address_as_json(tmp_path: Path) -> None:
 
 async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:
     """A source from the future: the destination names both versions and exits."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-
-    async def future_source() -> None:
+    async def future_source(listener: trio.socket.SocketType) -> None:
         conn, _ = await listener.accept()
         with conn:
             await conn.send(struct.pack(">4sH", p.MAGIC, p.VERSION + 1) + b"\0" * 64)
             await trio.sleep(5)
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(future_source)
-            proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"],
-                                          capture_stderr=True, check=False)
-            nursery.cancel_scope.cancel()
-    listener.close()
-    err = proc.stderr.decode()
-    assert proc.returncode == 1 and "Traceback" not in err
+    rc, err = await destination_against(future_source)
+    assert rc == 1 and "Traceback" not in err
     assert f"protocol version {p.VERSION + 1}" in err and "same uffd-migrate version" in err
 
 

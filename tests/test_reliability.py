@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, migrate, run_destination, start_source
+from conftest import BIN, REPORT, destination_against, migrate, run_destination, start_source
 from migrate import protocol as p
 from migrate.errors import PeerError
 from migrate.wire import FrameSocket
@@ -358,12 +358,8 @@ async def test_resume_frames_that_never_end_are_refused(tmp_path: Path) -> None:
 
 async def test_cpu_state_for_the_wrong_number_of_vcpus_is_one_line(tmp_path: Path) -> None:
     """A source whose CPU state does not match the guest it announced: one line, no traceback."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    port = listener.getsockname()[1]
 
-    async def accept(channel: p.Channel) -> FrameSocket:
+    async def accept(listener: trio.socket.SocketType, channel: p.Channel) -> FrameSocket:
         sock, _ = await listener.accept()
         fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=256), "destination")
         try:
@@ -377,27 +373,20 @@ async def test_cpu_state_for_the_wrong_number_of_vcpus_is_one_line(tmp_path: Pat
             raise
         return fs
 
-    async def wrong_source() -> None:
-        channels = [await accept(p.Channel.BULK)]
+    async def wrong_source(listener: trio.socket.SocketType) -> None:
+        channels = [await accept(listener, p.Channel.BULK)]
         try:
             await channels[0].send(p.GuestInfo(pages=256, vcpus=2, workload=0, seed=1, zero_permille=0, rate=0))
-            channels.append(await accept(p.Channel.REQUESTS))
-            channels.append(await accept(p.Channel.REPLIES))
+            channels.append(await accept(listener, p.Channel.REQUESTS))
+            channels.append(await accept(listener, p.Channel.REPLIES))
             await channels[0].send(p.CpuState(((1, 0, 0),) * 3, 0))
             await trio.sleep_forever()
         finally:
             for fs in channels:
                 fs.close()
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(wrong_source)
-            proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}"],
-                                          capture_stderr=True, check=False)
-            nursery.cancel_scope.cancel()
-    listener.close()
-    err = proc.stderr.decode()
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    rc, err = await destination_against(wrong_source)
+    assert rc == 1 and "Traceback" not in err, err
     assert "state of 3 vCPUs for a guest of 2" in err and "hint:" in err
 
 
