@@ -18,6 +18,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+from .protocol import PAGE_SIZE
+
 # The hops of the urgent path, in the order a request crosses them: the keys
 # of the destination's ``hops_us``.  Its ``fault_service_us`` is the sum of the
 # last three, request by request.
@@ -122,7 +124,7 @@ def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = Non
         "stream_gbps": dst.get("stream_gbps"),
         # Guest memory made present per second, zero pages and pages sent on
         # request included: the bulk stream alone carries neither.
-        "guest_gbps": round(pages * 4096 / total / 1e9, 3) if pages and total else None,
+        "guest_gbps": round(pages * PAGE_SIZE / total / 1e9, 3) if pages and total else None,
         "downtime_ms": dst.get("downtime_ms"),
         "stall_count": stall.get("count"),
         "stall_p50_us": stall.get("p50"),

@@ -245,7 +245,7 @@ class Source:
         self.pacer.burst = max(MIN_BURST_BYTES, round(cfg.max_bandwidth * BURST_S))
         self.pacer.quantum = max(MIN_QUANTUM_BYTES, round(cfg.max_bandwidth * QUANTUM_S))
         self.window_pages = WINDOW_PAGES if not cfg.max_bandwidth else max(
-            MIN_WINDOW_PAGES, min(WINDOW_PAGES, round(cfg.max_bandwidth * WINDOW_S / 4096)))
+            MIN_WINDOW_PAGES, min(WINDOW_PAGES, round(cfg.max_bandwidth * WINDOW_S / p.PAGE_SIZE)))
         self.policy = prepage.make(cfg.prepage)
         self.stream_timeline: list[tuple[float, int]] = []
         self._pending = 0  # handshakes in progress

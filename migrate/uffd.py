@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from ._native import ffi, lib
 from .errors import UffdError
 
-PAGE_SIZE = lib.GUEST_PAGE_SIZE
-_MAX_FAULTS = 64
+# One definition of each, in native/wire.h: a fault batch is what one page request carries.
+PAGE_SIZE: int = lib.WIRE_PAGE_SIZE
+_MAX_FAULTS: int = lib.WIRE_MAX_REQUEST_RUNS
 
 
 def _open_hint(syscall_errno: int, device_errno: int) -> str:

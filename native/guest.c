@@ -10,9 +10,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "wire.h"
 #include "guest.h"
 
-#define WORDS_PER_PAGE (GUEST_PAGE_SIZE / 8)
+#define WORDS_PER_PAGE (WIRE_PAGE_SIZE / 8)
 #define ZERO_EXTENT_PAGES 32
 /* Only an access slower than this pays for a getrusage() (about 0.25 µs
  * here), which tells whether the thread slept during it.  Below it: cache
@@ -89,7 +90,7 @@ void guest_fill(uint64_t base, uint64_t first, uint64_t count, uint64_t seed, ui
         if (splitmix(~seed ^ (p / ZERO_EXTENT_PAGES)) % 1000 < zero_permille)
             continue;
         uint64_t h = splitmix(seed ^ (p << 16));
-        uint64_t *w = (uint64_t *)(uintptr_t)(base + p * GUEST_PAGE_SIZE);
+        uint64_t *w = (uint64_t *)(uintptr_t)(base + p * WIRE_PAGE_SIZE);
         for (uint64_t i = 0; i < WORDS_PER_PAGE; i++)
             w[i] = splitmix(h + i);
     }
@@ -191,7 +192,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
         gate_wait(gate);
     if (count == 0)
         return 0;
-    uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * GUEST_PAGE_SIZE);
+    uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * WIRE_PAGE_SIZE);
     uint64_t hot = count / 10 ? count / 10 : 1;
     uint64_t prng = st->prng, steps = st->steps, acc = st->acc;
     __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);

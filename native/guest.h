@@ -6,7 +6,6 @@
  * on the destination any access may sleep in a userfaultfd fault.
  */
 
-#define GUEST_PAGE_SIZE 4096
 #define STALL_BUCKETS 512
 
 /* A vCPU's whole CPU state: what migrate-src sends at switchover. */

@@ -10,9 +10,10 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
+#include "wire.h"
 #include "uffd.h"
 
-#define PAGE 4096ULL
+#define PAGE ((uint64_t)WIRE_PAGE_SIZE)
 
 int uffd_open(int *syscall_errno, int *device_errno)
 {
@@ -109,9 +110,9 @@ int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t *placed, uint64_t
 
 int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max)
 {
-    struct uffd_msg msgs[64];
-    if (max > 64)
-        max = 64;
+    struct uffd_msg msgs[WIRE_MAX_REQUEST_RUNS];
+    if (max > WIRE_MAX_REQUEST_RUNS)
+        max = WIRE_MAX_REQUEST_RUNS;
     ssize_t n = read(fd, msgs, sizeof(msgs[0]) * (size_t)max);
     if (n < 0)
         return errno == EAGAIN ? 0 : -errno;
