@@ -263,6 +263,9 @@ _ACCEPTS = {
     Role.DESTINATION: {Challenge, Welcome, GuestInfo, CpuState, Round, RoundEnd, SourceDone, Error},
 }
 _MASK = {Role.SOURCE: lib.WIRE_TO_SOURCE, Role.DESTINATION: lib.WIRE_TO_DESTINATION}
+# The handshake each role receives, in this order, before any other control frame
+# (an Error may come at any time); once it is over, none of it may come again.
+_HANDSHAKE = {Role.DESTINATION: (Challenge, Welcome), Role.SOURCE: (Hello,)}
 
 
 def prove(key: bytes, role: Role, channel: Channel, source_nonce: bytes, dest_nonce: bytes) -> bytes:
@@ -305,6 +308,8 @@ class Connection:
         self._got_preamble = False
         self._eof = False
         self._described = False  # GuestInfo is accepted once: it sets the bound every page index is checked against
+        self._step = 0  # handshake frames received so far (see _HANDSHAKE)
+        self._error: RemoteProtocolError | None = None  # set once the peer broke the protocol: ERROR
         cap = 2 * _LARGEST_TO[role.value]
         self._data = ffi.new("uint8_t[]", cap)
         self.rx = ffi.new("rxbuf_t *", {"data": self._data, "cap": cap})
@@ -413,8 +418,19 @@ class Connection:
         """The next complete event, ``NEED_DATA``, or ``CLOSED`` once the peer closed cleanly.
 
         Raises:
-            RemoteProtocolError: malformed, oversized, unexpected or out-of-range input.
+            RemoteProtocolError: malformed, oversized, unexpected, out-of-order or
+                out-of-range input.  The connection is then in ERROR for good: every
+                later call raises the same error (nothing after a violation is trusted).
         """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
         rx = self.rx
         if not self._got_preamble:
             if rx.end - rx.start < _PREAMBLE.size:
@@ -481,6 +497,13 @@ class Connection:
             raise RemoteProtocolError(f"unknown control kind {fields[0]}")
         if cls not in _ACCEPTS[self.role]:
             raise RemoteProtocolError(f"unexpected {cls.__name__} frame for the {self.role.value}")
+        steps = _HANDSHAKE[self.role]
+        if cls is not Error and self._step < len(steps):
+            if cls is not steps[self._step]:
+                raise RemoteProtocolError(f"{cls.__name__} before the handshake's {steps[self._step].__name__}")
+            self._step += 1
+        elif cls in steps:
+            raise RemoteProtocolError(f"a second {cls.__name__}: the handshake is over")
         event = _DECODERS[cls](fields[1:])
         if isinstance(event, GuestInfo):
             if self._described:

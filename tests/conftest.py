@@ -70,6 +70,20 @@ def no_source_left_behind():
             proc.kill()
 
 
+def past_handshake(conn):  # noqa: ANN001, ANN201 - a protocol Connection, returned
+    """Feeds ``conn`` the handshake its role receives, preamble included, as a real peer sends it:
+    the protocol accepts other control frames only after that."""
+    from migrate import protocol as p
+
+    dest = conn.role is p.Role.DESTINATION
+    peer = p.Connection(p.Role.SOURCE if dest else p.Role.DESTINATION)
+    for event in ([p.Challenge(b"n" * 32), p.Welcome(b"s" * 16, b"p" * 32)] if dest else
+                  [p.Hello(p.Channel.BULK, b"", b"n" * 32, b"p" * 32)]):
+        conn.receive_data(b"".join(bytes(c) for c in peer.send(event)))
+        assert conn.next_event() == event
+    return conn
+
+
 async def destination_against(fake_source) -> tuple[int, str]:  # noqa: ANN001 - async (listener) -> None
     """Runs migrate-dst against ``fake_source(listener)``, a hand-made source on 127.0.0.1 that a test
     writes to break one rule; returns the destination's exit code and stderr."""

@@ -14,6 +14,7 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
+from conftest import past_handshake
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs
@@ -110,8 +111,7 @@ class Dest:
         self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": PAGES})
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.plane.done_fd = self.done
-        self.conn = p.Connection(p.Role.DESTINATION, guest_pages=PAGES)
-        self.conn._got_preamble = True
+        self.conn = past_handshake(p.Connection(p.Role.DESTINATION, guest_pages=PAGES))
 
     def close(self) -> None:
         os.close(self.done)

@@ -14,6 +14,7 @@ from functools import partial
 import pytest
 import trio
 
+from conftest import past_handshake
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, RemoteProtocolError
@@ -34,7 +35,7 @@ class Side:
         self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.plane.done_fd = self.done
-        self.conn = p.Connection(p.Role.DESTINATION, guest_pages=pages)
+        self.conn = past_handshake(p.Connection(p.Role.DESTINATION, guest_pages=pages))
 
     def close(self) -> None:
         os.close(self.done)
@@ -111,7 +112,6 @@ async def test_a_control_frame_hands_the_connection_back_to_python(side: Side) -
     src = p.Connection(p.Role.SOURCE, guest_pages=PAGES)
     src.send(p.Challenge(b"n" * 32))  # the preamble went with the handshake
     with ours, theirs:
-        side.conn._got_preamble = True
         theirs.sendall(b"".join(bytes(c) for c in src.send(p.ZeroRun(0, 2)) + src.send(p.SourceDone(2))))
         with trio.fail_after(5):
             end = await run_native(lib.dst_place_loop, side.plane, 0, 0, link(ours), side.conn.rx, 60_000,
@@ -129,7 +129,6 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
     runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 1000}, {"start": 1000, "count": PAGES - 1000}])
     ours, theirs = pair()
     theirs.setblocking(False)
-    side.conn._got_preamble = True
     try:
         with ours, theirs, trio.fail_after(30):
             async with trio.open_nursery() as nursery:

@@ -8,14 +8,22 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import past_handshake
 from migrate import protocol as p
 from migrate.errors import LocalProtocolError, RemoteProtocolError
 
 PAGE = p.PAGE_SIZE
 
 
-def pair(pages: int = 100) -> tuple[p.Connection, p.Connection]:
-    return p.Connection(p.Role.SOURCE, guest_pages=pages), p.Connection(p.Role.DESTINATION, guest_pages=pages)
+def opened(role: p.Role, guest_pages: int | None = None) -> p.Connection:
+    """A connection past its handshake, that has sent its preamble too: what every frame after it meets."""
+    conn = past_handshake(p.Connection(role, guest_pages=guest_pages))
+    conn.preamble()
+    return conn
+
+
+def pair(pages: int | None = 100) -> tuple[p.Connection, p.Connection]:
+    return opened(p.Role.SOURCE, pages), opened(p.Role.DESTINATION, pages)
 
 
 def wire(conn: p.Connection, event: p.Event) -> bytes:
@@ -50,8 +58,6 @@ def frame(body: object, preamble: bool = True) -> bytes:
 
 
 SOURCE_EVENTS = [
-    p.Challenge(b"n" * 32),
-    p.Welcome(b"s" * 16, b"p" * 32),
     p.GuestInfo(pages=100, vcpus=2, workload=1, seed=2**64 - 1, zero_permille=250, rate=0),
     p.GuestInfo(pages=100, vcpus=2, workload=1, seed=2, zero_permille=250, rate=0, mode=p.Mode.precopy),
     p.Round(3, 1234, final=True),
@@ -65,7 +71,6 @@ SOURCE_EVENTS = [
     p.Error("gone"),
 ]
 DEST_EVENTS = [
-    p.Hello(p.Channel.REPLIES, b"s" * 16, b"n" * 32, b"p" * 32),
     p.PageRequest(((0, 1), (50, 50)), stamp=12345),
     p.Resume(((0, 100),), more=True),
     p.Resume(((3, 4),), started=True),
@@ -114,14 +119,14 @@ def test_zero_copy_receive_buffer() -> None:
 
 
 def test_guest_info_teaches_the_guest_size() -> None:
-    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    src, dst = pair(None)
     deliver(src, dst, p.GuestInfo(10, 1, 0, 1, 0, 0))
     with pytest.raises(RemoteProtocolError, match="outside the guest"):
         deliver(src, dst, p.ZeroRun(9, 2))
 
 
 def test_page_runs_before_the_guest_is_known_are_refused() -> None:
-    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    src, dst = pair(None)
     with pytest.raises(RemoteProtocolError, match="before the guest"):
         deliver(src, dst, p.ZeroRun(0, 1))
 
@@ -158,7 +163,13 @@ def test_page_runs_before_the_guest_is_known_are_refused() -> None:
     (PREAMBLE + HEADER.pack(CONTROL, 3, 0, 0, 0, 0) + b"\xc1\xc1\xc1", "undecodable"),
 ])
 def test_malformed_input_is_a_remote_protocol_error(data: bytes, match: str) -> None:
-    dst = p.Connection(p.Role.DESTINATION, guest_pages=100)
+    # A Challenge is checked on a new connection, every other frame after the handshake.
+    body = data[len(PREAMBLE) + p.FRAME_SIZE:]
+    challenge = data[len(PREAMBLE):len(PREAMBLE) + 4] == struct.pack("<I", CONTROL) and body[1:2] == b"\x01"
+    if data.startswith(PREAMBLE) and not challenge:
+        dst, data = opened(p.Role.DESTINATION, 100), data[len(PREAMBLE):]
+    else:
+        dst = p.Connection(p.Role.DESTINATION, guest_pages=100)
     dst.receive_data(data)
     with pytest.raises(RemoteProtocolError, match=match):
         dst.next_event()
@@ -175,14 +186,14 @@ def test_source_refuses_destination_only_kinds_and_bad_requests() -> None:
         (raw(DISCARD, 1, 0), "never receives"),
         (frame([9, [[0, 1]], False]), "fields"),
     ]:
-        src = p.Connection(p.Role.SOURCE, guest_pages=100)
-        src.receive_data(data)
+        src = opened(p.Role.SOURCE, 100)
+        src.receive_data(data[len(PREAMBLE):])
         with pytest.raises(RemoteProtocolError, match=match):
             src.next_event()
 
 
 def test_a_second_guest_info_is_refused() -> None:
-    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    src, dst = pair(None)
     deliver(src, dst, p.GuestInfo(10, 1, 0, 1, 0, 0))
     with pytest.raises(RemoteProtocolError, match="already described"):
         deliver(src, dst, p.GuestInfo(1000, 1, 0, 1, 0, 0))
@@ -272,8 +283,8 @@ def test_fuzz_the_c_request_check(runs: list[tuple[int, int]], pages: int) -> No
 
 def test_one_resume_frame_names_no_more_than_the_guest() -> None:
     """Runs of the whole guest, many times over, would make the source send the guest again and again."""
-    src = p.Connection(p.Role.SOURCE, guest_pages=100)
-    src.receive_data(frame([9, [[0, 60], [50, 50]], True, False]))
+    src = opened(p.Role.SOURCE, 100)
+    src.receive_data(frame([9, [[0, 60], [50, 50]], True, False], preamble=False))
     with pytest.raises(RemoteProtocolError, match="Resume names 110 pages"):
         src.next_event()
 
@@ -281,10 +292,38 @@ def test_one_resume_frame_names_no_more_than_the_guest() -> None:
 def test_the_source_buffer_is_small_and_takes_the_largest_request() -> None:
     """The source receives requests and control frames, never pages: its buffer is sized for those
     (see test_idle_connections_cost_the_source_little_memory), and full page runs still go out."""
-    src = p.Connection(p.Role.SOURCE, guest_pages=1 << 30)
-    dst = p.Connection(p.Role.DESTINATION, guest_pages=1 << 30)
+    src, dst = pair(1 << 30)
     assert src.rx.cap < 256 * 1024
     request = p.PageRequest(tuple((i << 20, p.MAX_RUN_PAGES) for i in range(p.MAX_REQUEST_RUNS)), stamp=2**63 - 1)
     assert deliver(dst, src, request) == request
     run = p.PageRun(0, p.MAX_RUN_PAGES, b"\0" * p.MAX_RUN_PAGES * PAGE)
     assert deliver(src, dst, run).count == run.count
+
+
+def test_the_handshake_comes_first_in_order_and_once() -> None:
+    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    challenge, welcome = p.Challenge(b"n" * 32), p.Welcome(b"s" * 16, b"p" * 32)
+    hello = p.Hello(p.Channel.REPLIES, b"s" * 16, b"n" * 32, b"p" * 32)
+    assert deliver(src, dst, challenge) == challenge and deliver(src, dst, welcome) == welcome
+    assert deliver(dst, src, hello) == hello
+    with pytest.raises(RemoteProtocolError, match="a second Challenge: the handshake is over"):
+        deliver(src, dst, challenge)
+
+
+@pytest.mark.parametrize("first,match", [
+    (p.Welcome(b"s" * 16, b"p" * 32), "Welcome before the handshake's Challenge"),
+    (p.GuestInfo(10, 1, 0, 1, 0, 0), "GuestInfo before the handshake's Challenge"),
+    (p.SourceDone(1), "SourceDone before the handshake's Challenge"),
+])
+def test_out_of_order_frames_put_the_connection_in_error_for_good(first: p.Event, match: str) -> None:
+    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    with pytest.raises(RemoteProtocolError, match=match):
+        deliver(src, dst, first)
+    dst.receive_data(wire(src, p.Challenge(b"n" * 32)))  # a correct frame after it changes nothing
+    with pytest.raises(RemoteProtocolError, match=match):
+        dst.next_event()
+
+
+def test_an_error_frame_may_come_at_any_time() -> None:
+    src, dst = p.Connection(p.Role.SOURCE), p.Connection(p.Role.DESTINATION)
+    assert deliver(src, dst, p.Error("no")) == p.Error("no")
