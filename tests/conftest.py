@@ -4,6 +4,7 @@ test would hide a broken machine."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,7 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from migrate._native import ffi
 from migrate.errors import MigrateError
+from migrate.guest import Guest, GuestSpec
+from migrate.protocol import Connection, Role
 from migrate.uffd import Userfaultfd
 
 BIN = Path(sys.executable).parent
@@ -82,6 +86,24 @@ def past_handshake(conn):  # noqa: ANN001, ANN201 - a protocol Connection, retur
         conn.receive_data(b"".join(bytes(c) for c in peer.send(event)))
         assert conn.next_event() == event
     return conn
+
+
+class Side:
+    """A destination's plane over a registered, empty guest region, with a done eventfd."""
+
+    def __init__(self, pages: int) -> None:
+        self.uffd = Userfaultfd()
+        self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
+        self.uffd.register(self.guest.base, self.guest.spec.size)
+        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
+        self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.plane.done_fd = self.done
+        self.conn = past_handshake(Connection(Role.DESTINATION, guest_pages=pages))
+
+    def close(self) -> None:
+        os.close(self.done)
+        self.uffd.close()
+        self.guest.close()
 
 
 async def destination_against(fake_source) -> tuple[int, str]:  # noqa: ANN001 - async (listener) -> None

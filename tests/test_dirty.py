@@ -7,14 +7,13 @@ destination's placer replaces and discards runs it is told to.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from conftest import past_handshake
+from conftest import Side
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs
@@ -103,30 +102,14 @@ def test_union_and_intersection_of_scans_are_the_set_operations(a: set[int], b: 
 
 
 # -- the destination's placer: replace and discard, only before switchover ----------------------
-class Dest:
-    def __init__(self) -> None:
-        self.uffd = Userfaultfd()
-        self.guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)
-        self.uffd.register(self.guest.base, self.guest.spec.size)
-        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": PAGES})
-        self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.plane.done_fd = self.done
-        self.conn = past_handshake(p.Connection(p.Role.DESTINATION, guest_pages=PAGES))
-
-    def close(self) -> None:
-        os.close(self.done)
-        self.uffd.close()
-        self.guest.close()
-
-
 @pytest.fixture
 def dest():
-    d = Dest()
+    d = Side(PAGES)
     yield d
     d.close()
 
 
-async def place(dest: Dest, events: list[p.Event], discards: int) -> int:
+async def place(dest: Side, events: list[p.Event], discards: int) -> int:
     """Feeds events, then a SourceDone, through the native placer; returns how it ended."""
     src = p.Connection(p.Role.SOURCE, guest_pages=PAGES)
     src._sent_preamble = True
@@ -142,7 +125,7 @@ async def place(dest: Dest, events: list[p.Event], discards: int) -> int:
         return end
 
 
-async def test_a_replaced_run_takes_the_new_contents_and_a_discarded_one_is_absent(dest: Dest) -> None:
+async def test_a_replaced_run_takes_the_new_contents_and_a_discarded_one_is_absent(dest: Side) -> None:
     old, new = b"\x01" * (4 * PAGE_SIZE), b"\x02" * (4 * PAGE_SIZE)
     assert await place(dest, [p.PageRun(0, 4, old), p.ZeroRun(4, 60)], 1) == lib.LOOP_CONTROL
     assert dest.guest.absent_runs() == [(64, PAGES - 64)]
@@ -168,7 +151,7 @@ async def test_a_replaced_run_takes_the_new_contents_and_a_discarded_one_is_abse
 
 @pytest.mark.parametrize("event", [p.Discard(0, 1), p.PageRun(0, 1, b"x" * PAGE_SIZE, replace=True),
                                    p.ZeroRun(0, 1, replace=True)], ids=["discard", "replace", "replace-zero"])
-async def test_after_switchover_a_discard_or_replacement_is_refused(dest: Dest, event: p.Event) -> None:
+async def test_after_switchover_a_discard_or_replacement_is_refused(dest: Side, event: p.Event) -> None:
     """Once vCPUs run, dropping a page could lose what one wrote: the placer refuses, and touches nothing."""
     await place(dest, [p.ZeroRun(0, 1)], 0)
     with pytest.raises(RemoteProtocolError, match="after switchover"):

@@ -5,7 +5,6 @@ Real sockets (socketpairs) and a real userfaultfd; no processes.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
@@ -14,38 +13,19 @@ from functools import partial
 import pytest
 import trio
 
-from conftest import past_handshake
+from conftest import Side
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, RemoteProtocolError
 from migrate.guest import Guest, GuestSpec, Workload
 from migrate.loops import run_native
-from migrate.uffd import Userfaultfd
 
 PAGES = 4096
 
 
-class Side:
-    """A destination's plane over a registered, empty guest region, with a done eventfd."""
-
-    def __init__(self, pages: int = PAGES) -> None:
-        self.uffd = Userfaultfd()
-        self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
-        self.uffd.register(self.guest.base, self.guest.spec.size)
-        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
-        self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.plane.done_fd = self.done
-        self.conn = past_handshake(p.Connection(p.Role.DESTINATION, guest_pages=pages))
-
-    def close(self) -> None:
-        os.close(self.done)
-        self.uffd.close()
-        self.guest.close()
-
-
 @pytest.fixture
 def side():
-    s = Side()
+    s = Side(PAGES)
     yield s
     s.close()
 
