@@ -40,7 +40,7 @@ import trio
 
 from . import protocol as p
 from ._native import ffi, lib
-from .errors import LINK_ERRORS, PeerError, PeerGone, RemoteProtocolError, UsageError, lost_link
+from .errors import LINK_ERRORS, PeerError, PeerGone, ProtocolViolation, RemoteProtocolError, UsageError, lost_link
 from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
@@ -98,12 +98,12 @@ class Destination:
         self.progress = Progress()
         self.timeline: list[tuple[float, int, int]] = []
         self._session = b""
+        self.info: p.GuestInfo | None = None  # from the first bulk connection: later ones are told it
         self.recoveries: list[dict[str, float]] = []
         self.connect_attempts = 0  # every try of every channel: more than 2 when the source was busy
         self.mode = p.Mode.postcopy
         self.started = False  # the CPU state arrived and the vCPUs run: the switchover is done
         self.rounds_received = 0
-        self._final_seen = False
         self.missing_at_switchover = 0
         self.discarded_at_switchover = 0
 
@@ -164,8 +164,7 @@ class Destination:
 
     async def _open_once(self, channel: p.Channel, session: bytes) -> FrameSocket:
         """One attempt of ``_open``; closes its socket on any failure, cancellation included."""
-        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port),
-                         p.Connection(p.Role.DESTINATION, guest_pages=self.plane.pages or None),
+        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port), p.Connection(p.Role.DESTINATION, self.info),
                          f"source {format_address(self.cfg.host, self.cfg.port)}")
         try:
             if channel is not p.Channel.BULK:
@@ -174,13 +173,10 @@ class Destination:
                 await fs.start_tls(self.cfg.tls, self.cfg.host)
             await fs.send_preamble()
             challenge = await fs.expect(p.Challenge)
-            nonce = p.new_nonce()
-            await fs.send(p.Hello(channel, session, nonce,
-                                  p.prove(self.cfg.key, p.Role.DESTINATION, channel, challenge.nonce, nonce)))
+            hello = p.hello(self.cfg.key, channel, session, challenge)
+            await fs.send(hello)
             welcome = await fs.expect(p.Welcome)
-            if not p.proof_ok(p.prove(self.cfg.key, p.Role.SOURCE, channel, challenge.nonce, nonce), welcome.proof):
-                raise RemoteProtocolError("authentication failed: the source does not know the key",
-                                          hint="give both sides the same --key-file")
+            p.check_welcome(self.cfg.key, challenge, hello, welcome)
         except BaseException:
             fs.close()
             raise
@@ -206,7 +202,7 @@ class Destination:
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
         deadline = trio.current_time() + self.cfg.connect_timeout
         bulk = await self._open(p.Channel.BULK, b"", deadline)
-        info = await bulk.expect(p.GuestInfo)
+        self.info = info = await bulk.expect(p.GuestInfo)
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
         self.mode = info.mode
@@ -226,9 +222,6 @@ class Destination:
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
         try:
             cpu, links = await self._until_switchover(guest, links)
-            if len(cpu.vcpus) != spec.vcpus:
-                raise RemoteProtocolError(f"the source sent the state of {len(cpu.vcpus)} vCPUs for a guest of "
-                                          f"{spec.vcpus}", hint="run the same uffd-migrate version on both sides")
             try:  # signals from the rounds (every page was present then) say nothing about now
                 os.eventfd_read(done_fd)
             except BlockingIOError:
@@ -330,8 +323,11 @@ class Destination:
             placed_before = self.placed_pages
             try:
                 return await self._receive_rounds(links), links
-            except (*LINK_ERRORS, trio.TooSlowError) as exc:  # as in postcopy: see LINK_ERRORS
-                failure = "the link went silent between rounds" if isinstance(exc, trio.TooSlowError) else exc
+            except trio.TooSlowError:
+                failure: object = "the link went silent between rounds"
+            except Exception as exc:  # as in postcopy: only a lost link is recovered from
+                if (failure := lost_link(exc)) is None:
+                    raise
             links, deadline = await self._recover(guest, links, failure, placed_before, deadline,
                                                   "before switchover ")
 
@@ -348,31 +344,24 @@ class Destination:
         return await self._reconnect(guest, deadline), deadline
 
     async def _receive_rounds(self, links: _Links) -> p.CpuState:
+        """Places each round until the CPU state (the protocol's state allows only what may come next)."""
         bulk = links.bulk
         # Before the first round the source may run its guest for as long as it likes: no bound.
         # Between rounds it only scans (milliseconds): silence then means a lost link.
         event = await bulk.receive()
         while True:
             if isinstance(event, p.CpuState):
-                if self.mode is not p.Mode.postcopy and not self._final_seen:
-                    raise RemoteProtocolError(f"CPU state from {bulk.peer} before the final precopy round")
                 return event
-            if not isinstance(event, p.Round) or self.mode is p.Mode.postcopy:
-                raise RemoteProtocolError(f"unexpected {type(event).__name__} from {bulk.peer} before switchover")
+            assert isinstance(event, p.Round)
             self.rounds_received = max(self.rounds_received, event.number)
-            self._final_seen = event.final
             discarded_before = self.plane.bulk.discarded
             self.progress.update(f"round {event.number}: {event.pages} pages"
                                  + (" (switchover)" if event.final else ""))
-            await run_native(lib.dst_place_loop, self.plane, 0, 1, bulk.link, bulk.conn.rx, self._idle_ms,
-                             peer=bulk.peer)  # until the next control frame
-            event = await bulk.receive()
-            if self._final_seen:
+            await self._run_placer(bulk)  # until the next control frame: RoundEnd, or the CpuState after the final
+            if event.final:
                 self.discarded_at_switchover = self.plane.bulk.discarded - discarded_before
+            event = await bulk.receive()
             if isinstance(event, p.RoundEnd):
-                if event.number != self.rounds_received or self._final_seen:
-                    raise RemoteProtocolError(f"{bulk.peer} ended round {event.number} during round "
-                                              f"{self.rounds_received}")
                 await bulk.send(p.RoundAck(event.number))
                 with trio.fail_after(self.cfg.link_timeout):
                     event = await bulk.receive()
@@ -422,6 +411,8 @@ class Destination:
                 links = await self._open_links(await self._open(p.Channel.BULK, self._session, attempt), attempt)
                 break
             except (UsageError, *LINK_ERRORS) as exc:
+                if isinstance(exc, ProtocolViolation):
+                    raise
                 reason = str(exc)
                 # The last attempt starts near the deadline, not a backoff step before it.
                 await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
@@ -476,16 +467,21 @@ class Destination:
             pass  # closed, as expected
         links.close()
 
-    async def _placer(self, bulk: FrameSocket) -> None:
-        """Runs the native placer on the bulk stream until the source says it is complete.
+    async def _run_placer(self, fs: FrameSocket, replies: bool = False) -> int:
+        """Runs the native placer on ``fs`` for the frames its protocol state allows; returns how it ended.
 
         **Cancellation**: stops the placer through its eventfd and waits for it.
         """
-        if await run_native(lib.dst_place_loop, self.plane, 0, 0, bulk.link, bulk.conn.rx, self._idle_ms,
-                            peer=bulk.peer) == CONTROL:
-            event = await bulk.receive()  # raises for an Error from the source
-            if not isinstance(event, p.SourceDone):
-                raise RemoteProtocolError(f"unexpected {type(event).__name__} in the stream from {bulk.peer}")
+        return await run_native(lib.dst_place_loop, self.plane, int(replies), fs.conn.accepts, fs.link, fs.conn.rx,
+                                self._idle_ms, peer=fs.peer)
+
+    async def _placer(self, bulk: FrameSocket) -> None:
+        """Runs the native placer on the bulk stream until the source says it is complete (SourceDone).
+
+        **Cancellation**: stops the placer through its eventfd and waits for it.
+        """
+        if await self._run_placer(bulk) == CONTROL:
+            await bulk.expect(p.SourceDone)  # the only control frame the stream allows; an Error raises
 
     async def _fault_reader(self, requests: FrameSocket) -> None:
         """Runs the native fault reader: every batch of faults becomes one request, at once.
@@ -500,10 +496,8 @@ class Destination:
 
         **Cancellation**: stops it through its eventfd and waits for it.
         """
-        if await run_native(lib.dst_place_loop, self.plane, 1, 0, replies.link, replies.conn.rx,
-                            self._idle_ms, peer=replies.peer) == CONTROL:
-            event = await replies.receive()  # raises for an Error from the source
-            raise RemoteProtocolError(f"unexpected {type(event).__name__} among the replies from {replies.peer}")
+        if await self._run_placer(replies, replies=True) == CONTROL:
+            await replies.receive()  # the replies allow no control frame: an Error, or a protocol error, raises
 
     async def _watchdog(self, guest: Guest) -> None:
         """Names any vCPU stuck in one access (a fault) for longer than the threshold."""

@@ -31,6 +31,17 @@ class RemoteProtocolError(MigrateError):
     """The peer broke the protocol: close that connection, keep serving."""
 
 
+class ProtocolViolation(RemoteProtocolError):
+    """The peer sent well-formed messages in an order, or with values, that the protocol forbids.
+
+    A different version or a bug, never a broken link: unlike other remote
+    errors it is not recovered from, as reconnecting would only meet it again.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, hint="run the same uffd-migrate version on both sides")
+
+
 class PeerError(MigrateError):
     """The peer reported an error of its own, or went away."""
 
@@ -72,16 +83,22 @@ def find(exc: BaseException, types: type | tuple[type, ...]) -> BaseException | 
     return exc if isinstance(exc, types) else None
 
 
-# What a broken link looks like: the peer vanished, timed out, or sent garbage.
+# What a broken link looks like: the peer vanished, timed out, or sent garbage (a cut in the middle
+# of a frame).  A ProtocolViolation is none of these: see is_link_error.
 LINK_ERRORS = (PeerError, RemoteProtocolError)
+
+
+def is_link_error(exc: BaseException) -> bool:
+    return isinstance(exc, LINK_ERRORS) and not isinstance(exc, ProtocolViolation)
 
 
 def lost_link(exc: BaseException) -> BaseException | None:
     """The first link error when ``exc`` holds link errors and nothing else (a lost link: recover);
-    None otherwise (re-raise: a bug or a local failure is never mistaken for a lost link)."""
+    None otherwise (re-raise: a bug, a local failure or a protocol violation is never mistaken for a
+    lost link)."""
     if isinstance(exc, BaseExceptionGroup):
-        lost, other = exc.split(LINK_ERRORS)
+        lost, other = exc.split(is_link_error)
         if lost is None or other is not None:
             return None
         return find(lost, LINK_ERRORS)
-    return exc if isinstance(exc, LINK_ERRORS) else None
+    return exc if is_link_error(exc) else None

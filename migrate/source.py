@@ -57,7 +57,7 @@ from ._native import ffi, lib
 from .dirty import DirtyTracker, Runs
 from .errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link
 from .guest import Guest, GuestSpec
-from .loops import CONTROL, run_native
+from .loops import run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
@@ -228,6 +228,8 @@ class Source:
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
         self.spec = cfg.spec
+        sp = cfg.spec  # what a new session's bulk connection tells the destination, and every connection checks
+        self.info = p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate, cfg.mode)
         self.guest: Guest | None = None
         self.remaining = Remaining([(0, cfg.spec.pages)])
         self.session: _Session | None = None
@@ -366,7 +368,7 @@ class Source:
         """Handshake of one incoming connection; a failure closes only that connection."""
         # The source receives control frames and page requests, never pages: its
         # Connection's receive buffer is sized for those (~128 KiB, not ~2.1 MiB).
-        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, guest_pages=self.spec.pages), f"destination {peer}")
+        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, self.info), f"destination {peer}")
         joined = False
         try:
             tune(sock)
@@ -445,11 +447,10 @@ class Source:
 
     async def _handshake(self, fs: FrameSocket) -> None:
         await self._start_tls(fs, await self._first_bytes(fs.sock))
-        nonce = p.new_nonce()
-        await fs.send(p.Challenge(nonce))
+        challenge = p.Challenge(p.new_nonce())
+        await fs.send(challenge)
         hello = await fs.expect(p.Hello)
-        if not p.proof_ok(p.prove(self.cfg.key, p.Role.DESTINATION, hello.channel, nonce, hello.nonce), hello.proof):
-            raise RemoteProtocolError("authentication failed: the destination does not know the key")
+        p.check_hello(self.cfg.key, challenge, hello)
         s = self.session
         if hello.session == b"" and hello.channel is p.Channel.BULK:
             if s is not None:
@@ -464,11 +465,9 @@ class Source:
             # here, and let the destination retry.
             old.abort()
             raise PeerError(f"the session's previous {hello.channel.value} channel is still closing; retry")
-        await fs.send(p.Welcome(s.id, p.prove(self.cfg.key, p.Role.SOURCE, hello.channel, nonce, hello.nonce)))
+        await fs.send(p.welcome(self.cfg.key, challenge, hello, s.id))
         if hello.session == b"":
-            sp = self.spec
-            await fs.send(p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate,
-                                      self.cfg.mode))
+            await fs.send(self.info)
         if hello.channel is not p.Channel.BULK:
             mark_urgent(fs.sock)
         setattr(s, hello.channel.value, fs)
@@ -628,9 +627,7 @@ class Source:
                 await run_native(lib.src_send_discards, self.spec.pages, bulk.link, discards.array, discards.n,
                                  self._idle_ms, st, peer=bulk.peer)
             await bulk.send(p.RoundEnd(n))
-            ack = await bulk.expect(p.RoundAck)
-            if ack.number != n:
-                raise RemoteProtocolError(f"{bulk.peer} acknowledged round {ack.number} during round {n}")
+            await bulk.expect(p.RoundAck)  # of round n: the protocol's state checks the number
             seconds = trio.current_time() - t0
             sent = st.pages - pages0
             entry: dict[str, object] = {"round": n, "pages": sent, "bytes": st.bytes - bytes0,
@@ -718,7 +715,6 @@ class Source:
             return
         absent = list(resume.runs) if resume is not None else []
         mode, st, fig, final = self.cfg.mode, self.stream_stats, self.figures, self.final
-        t0 = trio.current_time()
         if mode is p.Mode.hybrid:
             # Everything written since the last scan is stale there; what was pending then was discarded
             # by the last round already (and nothing placed since).
@@ -780,19 +776,15 @@ class Source:
     async def _receive_resume(self, bulk: FrameSocket) -> p.Resume:
         """After a reconnection: what the destination's kernel lacks, and whether its vCPUs run."""
         runs: list[tuple[int, int]] = []
-        pages = 0
         with trio.fail_after(self.cfg.link_timeout):
             while True:
+                # The protocol's state bounds the pages of all the frames by the guest's; as a run holds a
+                # page at least, that bounds the run list too, however many frames say "more".
                 resume = await bulk.expect(p.Resume)
                 runs += resume.runs
-                pages += sum(count for _, count in resume.runs)
-                # The destination cannot lack more than the guest; as a run holds a page at
-                # least, this bounds the run list too, however many frames say "more".
-                if pages > self.spec.pages:
-                    raise RemoteProtocolError(f"the destination's Resume names {pages} pages in {len(runs)} runs, "
-                                              f"more than the guest's {self.spec.pages}")
                 if not resume.more:
                     break
+        pages = sum(count for _, count in runs)
         log.info("destination back: it lacks %d pages in %d runs; its vCPUs %s", pages, len(runs),
                  "run" if resume.started else "wait for the switchover")
         return p.Resume(tuple(runs), started=resume.started)
@@ -870,10 +862,9 @@ class Source:
         req = links.requests
         await run_native(lib.src_serve_loop, self.guest.base, self.spec.pages, req.link, req.conn.rx,
                          links.replies.link, self._idle_ms, self.serve_stats, self.notes, peer=req.peer)
-        event = await req.receive()  # the loop returns at a control frame; an Error from the destination raises
-        if not isinstance(event, p.DestDone):
-            raise RemoteProtocolError(f"unexpected {type(event).__name__} among the requests from {req.peer}")
-        return event.counters
+        # The loop returns at a control frame: DestDone is the only one the requests allow (an Error raises).
+        done = await req.expect(p.DestDone)
+        return done.counters
 
 
 @dataclass

@@ -197,7 +197,7 @@ static uint64_t present_pages(const dst_plane_t *d)
     return d->present_base + load(&d->bulk.pages) + load(&d->urgent.pages) - d->placed_base;
 }
 
-int dst_place_loop(dst_plane_t *d, int replies, int discards, link_t *l, rxbuf_t *rx, int idle_ms,
+int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
                    int stop_fd, const char **why)
 {
     place_stats_t *me = replies ? &d->urgent : &d->bulk;
@@ -208,17 +208,13 @@ int dst_place_loop(dst_plane_t *d, int replies, int discards, link_t *l, rxbuf_t
     for (;;) {
         struct wire_frame f;
         uint64_t plen = 0, placed = 0, existed = 0;
-        int rc = next_frame(rx, l, d->pages, WIRE_TO_DESTINATION, stop_fd, idle_ms, o,
+        int rc = next_frame(rx, l, d->pages, accept, stop_fd, idle_ms, o,
                             &f, &plen, why);
         if (rc)
             return rc;
         uint64_t t_recv = mono_ns();
         uint64_t dst = d->base + f.start * PAGE;
         if (f.kind == WIRE_DISCARD || (f.flags & WIRE_REPLACE)) {
-            if (!discards) {
-                *why = "a discard or a replacement after switchover (a vCPU may have written the pages)";
-                return -EBADMSG;
-            }
             rc = region_discard(dst, (uint64_t)f.count * PAGE);
             if (rc < 0) {
                 *why = "MADV_DONTNEED of a discarded run";
@@ -559,7 +555,8 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
         uint64_t plen = 0;
         /* A destination without faults sends nothing for a long time: no
          * idle bound on requests. */
-        int rc = next_frame(rx, rxl, pages, WIRE_TO_SOURCE, stop_fd, -1, NULL, &f, &plen, why);
+        int rc = next_frame(rx, rxl, pages, 1u << WIRE_REQUEST | 1u << WIRE_CONTROL, stop_fd, -1,
+                            NULL, &f, &plen, why);
         if (rc)
             return rc;
         uint64_t t_recv = mono_ns();

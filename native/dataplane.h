@@ -83,11 +83,12 @@ typedef struct {
 /* Destination, bulk placer and reply placer: receive page frames on fd and
  * place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame, the stop
  * eventfd, EOF, or idle_ms of silence while pages are owed (always on the
- * bulk stream; on replies, while requests are unanswered).  With discards
- * (the bulk placer before switchover, while no vCPU runs here), DISCARD
- * frames and REPLACE flags are obeyed; otherwise they are a protocol error:
- * once a vCPU runs, dropping a page could lose what it wrote.  Reads through l. */
-int dst_place_loop(dst_plane_t *d, int replies, int discards, link_t *l, rxbuf_t *rx, int idle_ms,
+ * bulk stream; on replies, while requests are unanswered).  accept is the
+ * mask of frame kinds the connection's protocol state allows (wire_check):
+ * DISCARD frames and REPLACE flags only before switchover, while no vCPU runs
+ * here; after it they are a protocol error, as dropping a page could lose
+ * what a vCPU wrote.  Reads through l. */
+int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
                    int stop_fd, const char **why);
 
 /* Destination, fault reader: read faults from the uffd in batches and send

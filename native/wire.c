@@ -9,10 +9,6 @@ _Static_assert(sizeof(struct wire_frame) == WIRE_FRAME_SIZE, "wire_frame has pad
 _Static_assert(offsetof(struct wire_frame, start) == 8, "wire_frame layout");
 _Static_assert(offsetof(struct wire_frame, held_ns) == 24, "wire_frame layout");
 _Static_assert(sizeof(struct wire_run) == 16, "wire_run has padding");
-_Static_assert(WIRE_TO_SOURCE == (1 << WIRE_REQUEST | 1 << WIRE_CONTROL), "mask");
-_Static_assert(WIRE_TO_DESTINATION ==
-                   (1 << WIRE_PAGES | 1 << WIRE_ZEROS | 1 << WIRE_CONTROL | 1 << WIRE_DISCARD),
-               "mask");
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the wire is little-endian; this build would need byte swaps"
 #endif
@@ -34,11 +30,15 @@ int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t ac
     if (f->kind < WIRE_PAGES || f->kind > WIRE_DISCARD)
         return bad(why, "unknown frame kind");
     if (!(accept & (1u << f->kind)))
-        return bad(why, "a frame of a kind this end never receives");
+        return bad(why, f->kind == WIRE_DISCARD
+                            ? "a discard where none may come (a vCPU may have written the pages)"
+                            : "a frame of a kind that may not come now");
     if (f->flags & ~(uint32_t)WIRE_REPLACE)
         return bad(why, "unknown frame flags");
     if (f->flags && f->kind != WIRE_PAGES && f->kind != WIRE_ZEROS)
         return bad(why, "frame flags on a frame that takes none");
+    if (f->flags && !(accept & (1u << WIRE_DISCARD)))
+        return bad(why, "a replacement where no discard may come (a vCPU may have written the pages)");
     switch (f->kind) {
     case WIRE_CONTROL:
         if (f->count == 0 || f->count > WIRE_MAX_CONTROL)

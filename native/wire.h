@@ -24,6 +24,11 @@
  * Without it a present page is kept (-EEXIST), which is what postcopy wants.
  * The destination accepts DISCARD and REPLACE only before its vCPUs start.
  *
+ * Which kinds may come when is the protocol's state (migrate/protocol/state.py):
+ * whoever reads a connection passes wire_check() the mask of kinds its state
+ * allows, (1 << kind) for each; REPLACE goes with DISCARD (it is a discard,
+ * then a place).
+ *
  * Little-endian; the struct has no padding (asserted in wire.c).
  */
 
@@ -42,9 +47,6 @@ enum wire_kind { WIRE_PAGES = 1, WIRE_ZEROS = 2, WIRE_REQUEST = 3, WIRE_CONTROL 
 /* Frame flags. */
 #define WIRE_REPLACE 1 /* PAGES, ZEROS: discard the run first, then place it */
 
-/* What each end may receive, as masks of (1 << kind). */
-#define WIRE_TO_SOURCE 24      /* REQUEST | CONTROL */
-#define WIRE_TO_DESTINATION 54 /* PAGES | ZEROS | CONTROL | DISCARD */
 
 struct wire_frame {
     uint32_t kind;
@@ -61,7 +63,7 @@ struct wire_run {
     uint64_t count;
 };
 
-/* Checks a received frame header: its kind is one this end accepts (mask),
+/* Checks a received frame header: its kind is one this end accepts now (mask),
  * its pages lie inside a guest of guest_pages pages (0: not described yet),
  * its sizes are within the bounds above.  Returns the payload length, or
  * -EBADMSG with *why saying what is wrong. */

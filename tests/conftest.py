@@ -16,7 +16,8 @@ import trio
 from migrate._native import ffi
 from migrate.errors import MigrateError
 from migrate.guest import Guest, GuestSpec
-from migrate.protocol import Connection, Role
+from migrate import protocol as p
+from migrate.protocol import codec
 from migrate.uffd import Userfaultfd
 
 BIN = Path(sys.executable).parent
@@ -74,31 +75,66 @@ def no_source_left_behind():
             proc.kill()
 
 
-def past_handshake(conn):  # noqa: ANN001, ANN201 - a protocol Connection, returned
-    """Feeds ``conn`` the handshake its role receives, preamble included, as a real peer sends it:
-    the protocol accepts other control frames only after that."""
-    from migrate import protocol as p
+def deliver(sender: p.Connection, receiver: p.Connection, event: p.Event) -> p.Event:
+    """``event`` through both ends: sent by ``sender``, received by ``receiver``; what arrived."""
+    receiver.receive_data(b"".join(bytes(c) for c in sender.send(event)))
+    return receiver.next_event()
 
-    dest = conn.role is p.Role.DESTINATION
-    peer = p.Connection(p.Role.SOURCE if dest else p.Role.DESTINATION)
-    for event in ([p.Challenge(b"n" * 32), p.Welcome(b"s" * 16, b"p" * 32)] if dest else
-                  [p.Hello(p.Channel.BULK, b"", b"n" * 32, b"p" * 32)]):
-        conn.receive_data(b"".join(bytes(c) for c in peer.send(event)))
-        assert conn.next_event() == event
-    return conn
+
+def hostile(event: p.Event, preamble: bool = False) -> bytes:
+    """``event``'s bytes as a peer that ignores the protocol's order sends them (our Connection would refuse)."""
+    return (codec.preamble() if preamble else b"") + b"".join(bytes(c) for c in codec.encode(event))
+
+
+async def send_raw(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Writes ``data`` whole on a plaintext socket, bypassing its FrameSocket: a hostile peer's bytes."""
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view):]
+
+
+def conversation(to: p.State, pages: int = 100) -> tuple[p.Connection, p.Connection]:
+    """A source and a destination Connection that really said what leads to ``to``, for a guest of ``pages``.
+
+    Bulk states start a new session (the destination learns the guest; in hybrid mode for the round
+    states, postcopy otherwise); ``RESUMING``, ``REQUESTING`` and ``REPLYING`` join one (both know it).
+    """
+    S, D = p.Role.SOURCE, p.Role.DESTINATION
+    rounds = to in (p.State.BETWEEN_ROUNDS, p.State.ROUND, p.State.FINAL_ROUND)
+    info = p.GuestInfo(pages, 1, 0, 1, 0, 0, p.Mode.hybrid if rounds else p.Mode.postcopy)
+
+    def handshake(channel: p.Channel, session: bytes) -> list[tuple[p.Role, p.Event]]:
+        return [(S, p.Challenge(b"n" * 32)), (D, p.Hello(channel, session, b"n" * 32, b"p" * 32)),
+                (S, p.Welcome(b"s" * 16, b"p" * 32))]
+
+    joined = {p.State.RESUMING: p.Channel.BULK, p.State.REQUESTING: p.Channel.REQUESTS,
+              p.State.REPLYING: p.Channel.REPLIES}
+    if to in joined:
+        steps = handshake(joined[to], b"s" * 16)
+    else:
+        steps = handshake(p.Channel.BULK, b"") + [(S, info)] * (to is not p.State.DESCRIBING)
+        steps += {p.State.ROUND: [(S, p.Round(1, pages))], p.State.FINAL_ROUND: [(S, p.Round(1, pages, final=True))],
+                  p.State.STREAMING: [(S, p.CpuState(((1, 2, 3),), 0))]}.get(to, [])
+    src, dst = p.Connection(S, info), p.Connection(D, info if to in joined else None)
+    for who, event in steps:
+        sender, receiver = (src, dst) if who is S else (dst, src)
+        assert deliver(sender, receiver, event) == event
+    assert src.state is dst.state is to
+    return src, dst
 
 
 class Side:
-    """A destination's plane over a registered, empty guest region, with a done eventfd."""
+    """A destination's plane over a registered, empty guest region, with a done eventfd, and a bulk
+    connection (``conn``, its source's end ``peer``) in protocol state ``state``."""
 
-    def __init__(self, pages: int) -> None:
+    def __init__(self, pages: int, state: p.State = p.State.STREAMING) -> None:
         self.uffd = Userfaultfd()
         self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
         self.uffd.register(self.guest.base, self.guest.spec.size)
         self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.plane.done_fd = self.done
-        self.conn = past_handshake(Connection(Role.DESTINATION, guest_pages=pages))
+        self.peer, self.conn = conversation(state, pages)
 
     def close(self) -> None:
         os.close(self.done)

@@ -61,7 +61,7 @@ from typing import Callable
 
 import trio
 
-from conftest import BIN, run_destination, start_source
+from conftest import BIN, hostile, run_destination, start_source
 from migrate import protocol as p
 from proxy import CuttingProxy
 
@@ -83,8 +83,7 @@ FLOOD_MAX_S = 20.0  # the flood never outlasts this, whatever the migration does
 FLOOD_CONNECT_S = 3.0  # one flood connection's connect (a full backlog drops SYNs for a while)
 RSS_SLACK_MIB = 64  # the source's peak RSS may exceed its guest by this much under a flood
 # A flood client drips a real Hello, one byte at a time: it stays a plausible handshake in progress.
-DRIP = b"".join(bytes(c) for c in p.Connection(p.Role.DESTINATION).send(
-    p.Hello(p.Channel.BULK, b"", bytes(16), bytes(32))))
+DRIP = hostile(p.Hello(p.Channel.BULK, b"", bytes(32), bytes(32)), preamble=True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from conftest import Side
+from conftest import Side, deliver, hostile
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs
@@ -104,36 +104,45 @@ def test_union_and_intersection_of_scans_are_the_set_operations(a: set[int], b: 
 # -- the destination's placer: replace and discard, only before switchover ----------------------
 @pytest.fixture
 def dest():
-    d = Side(PAGES)
+    """A destination during precopy round 1, when discards and replacements may come."""
+    d = Side(PAGES, p.State.ROUND)
     yield d
     d.close()
 
 
-async def place(dest: Side, events: list[p.Event], discards: int) -> int:
-    """Feeds events, then a SourceDone, through the native placer; returns how it ended."""
-    src = p.Connection(p.Role.SOURCE, guest_pages=PAGES)
-    src._sent_preamble = True
+async def place(dest: Side, data: bytes, end: p.Event) -> int:
+    """Feeds ``data``, then ``end`` (a control frame), through the native placer, which checks them
+    against the destination's protocol state; returns how it ended."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     with ours, theirs:
-        theirs.sendall(b"".join(bytes(c) for e in [*events, p.SourceDone(0)] for c in src.send(e)))
+        theirs.sendall(data + b"".join(bytes(c) for c in dest.peer.send(end)))
         with trio.fail_after(10):
             link = ffi.new("link_t *", {"fd": ours.fileno()})
-            end = await run_native(lib.dst_place_loop, dest.plane, 0, discards, link, dest.conn.rx,
-                                   10_000, peer="source")
-        assert dest.conn.next_event() == p.SourceDone(0)  # the hand-back leaves it for Python
-        return end
+            rc = await run_native(lib.dst_place_loop, dest.plane, 0, dest.conn.accepts, link, dest.conn.rx,
+                                  10_000, peer="source")
+        assert dest.conn.next_event() == end  # the hand-back leaves it for Python
+        return rc
+
+
+async def place_round(dest: Side, n: int, events: list[p.Event]) -> int:
+    """Round ``n`` (round 1 is under way already): its frames, its end, its acknowledgement."""
+    if n > 1:
+        assert deliver(dest.peer, dest.conn, p.Round(n, 0)) == p.Round(n, 0)
+    rc = await place(dest, b"".join(bytes(c) for e in events for c in dest.peer.send(e)), p.RoundEnd(n))
+    deliver(dest.conn, dest.peer, p.RoundAck(n))
+    return rc
 
 
 async def test_a_replaced_run_takes_the_new_contents_and_a_discarded_one_is_absent(dest: Side) -> None:
     old, new = b"\x01" * (4 * PAGE_SIZE), b"\x02" * (4 * PAGE_SIZE)
-    assert await place(dest, [p.PageRun(0, 4, old), p.ZeroRun(4, 60)], 1) == lib.LOOP_CONTROL
+    assert await place_round(dest, 1, [p.PageRun(0, 4, old), p.ZeroRun(4, 60)]) == lib.LOOP_CONTROL
     assert dest.guest.absent_runs() == [(64, PAGES - 64)]
     # Without the flag the present pages stay (-EEXIST); with it the run is replaced.
-    assert await place(dest, [p.PageRun(0, 4, new)], 1) == lib.LOOP_CONTROL
+    assert await place_round(dest, 2, [p.PageRun(0, 4, new)]) == lib.LOOP_CONTROL
     assert dest.plane.bulk.eexist == 4
-    assert await place(dest, [p.PageRun(0, 4, new, replace=True), p.Discard(10, 5), p.ZeroRun(12, 1, replace=True)],
-                       1) == lib.LOOP_CONTROL
+    assert await place_round(dest, 3, [p.PageRun(0, 4, new, replace=True), p.Discard(10, 5),
+                                       p.ZeroRun(12, 1, replace=True)]) == lib.LOOP_CONTROL
     assert dest.guest.absent_runs() == [(10, 2), (13, 2), (64, PAGES - 64)]
     assert dest.plane.bulk.replaced == 5 and dest.plane.bulk.discarded == 5
     assert dest.guest.present_pages() == 64 - 4
@@ -151,9 +160,14 @@ async def test_a_replaced_run_takes_the_new_contents_and_a_discarded_one_is_abse
 
 @pytest.mark.parametrize("event", [p.Discard(0, 1), p.PageRun(0, 1, b"x" * PAGE_SIZE, replace=True),
                                    p.ZeroRun(0, 1, replace=True)], ids=["discard", "replace", "replace-zero"])
-async def test_after_switchover_a_discard_or_replacement_is_refused(dest: Side, event: p.Event) -> None:
-    """Once vCPUs run, dropping a page could lose what one wrote: the placer refuses, and touches nothing."""
-    await place(dest, [p.ZeroRun(0, 1)], 0)
-    with pytest.raises(RemoteProtocolError, match="after switchover"):
-        await place(dest, [event], 0)
-    assert dest.guest.absent_runs() == [(1, PAGES - 1)]
+async def test_after_switchover_a_discard_or_replacement_is_refused(event: p.Event) -> None:
+    """Once vCPUs run, dropping a page could lose what one wrote: the protocol's state refuses it in the
+    placer's own check, and nothing is touched."""
+    dest = Side(PAGES)  # in the postcopy stream
+    try:
+        placed = b"".join(bytes(c) for c in dest.peer.send(p.ZeroRun(0, 1)))
+        with pytest.raises(RemoteProtocolError, match="a vCPU may have written the pages"):
+            await place(dest, placed + hostile(event), p.SourceDone(0))
+        assert dest.guest.absent_runs() == [(1, PAGES - 1)]
+    finally:
+        dest.close()

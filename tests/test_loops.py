@@ -46,7 +46,7 @@ async def test_a_cancelled_loop_stops_promptly_and_is_not_a_peer_error(side: Sid
     with ours, theirs:
         t0 = time.monotonic()
         with trio.move_on_after(0.3):
-            await run_native(lib.dst_place_loop, side.plane, 0, 0, link(ours), side.conn.rx, 60_000, peer="peer")
+            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
         assert time.monotonic() - t0 < 2  # the eventfd woke the thread; no exception escaped
 
 
@@ -55,7 +55,7 @@ async def test_a_peer_closing_is_a_peer_error(side: Side) -> None:
     with ours:
         theirs.close()
         with trio.fail_after(5), pytest.raises(PeerError, match="closed the connection"):
-            await run_native(lib.dst_place_loop, side.plane, 0, 0, link(ours), side.conn.rx, 60_000, peer="peer")
+            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
 
 
 async def test_silence_while_the_stream_owes_pages_is_a_lost_link(side: Side) -> None:
@@ -63,7 +63,7 @@ async def test_silence_while_the_stream_owes_pages_is_a_lost_link(side: Side) ->
     with ours, theirs:
         t0 = time.monotonic()
         with trio.fail_after(5), pytest.raises(PeerError, match="went silent"):
-            await run_native(lib.dst_place_loop, side.plane, 0, 0, link(ours), side.conn.rx, 200, peer="peer")
+            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 200, peer="peer")
         assert time.monotonic() - t0 >= 0.2
 
 
@@ -71,11 +71,11 @@ async def test_silence_with_no_request_outstanding_is_normal(side: Side) -> None
     ours, theirs = pair()
     with ours, theirs:
         with trio.move_on_after(1.0) as scope:  # five idle periods
-            await run_native(lib.dst_place_loop, side.plane, 1, 0, link(ours), side.conn.rx, 200, peer="peer")
+            await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx, 200, peer="peer")
         assert scope.cancelled_caught
         side.plane.faults.pages_requested = 1  # now one page is owed and nothing comes
         with trio.fail_after(5), pytest.raises(PeerError, match="went silent"):
-            await run_native(lib.dst_place_loop, side.plane, 1, 0, link(ours), side.conn.rx, 200, peer="peer")
+            await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx, 200, peer="peer")
 
 
 async def test_a_bad_frame_is_a_protocol_error_and_places_nothing(side: Side) -> None:
@@ -83,18 +83,17 @@ async def test_a_bad_frame_is_a_protocol_error_and_places_nothing(side: Side) ->
     with ours, theirs:
         theirs.sendall(struct.pack("<IIQQII", lib.WIRE_PAGES, 1, PAGES, 0, 0, 0) + b"x" * 4096)
         with trio.fail_after(5), pytest.raises(RemoteProtocolError, match="outside the guest"):
-            await run_native(lib.dst_place_loop, side.plane, 0, 0, link(ours), side.conn.rx, 60_000, peer="peer")
+            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
     assert side.plane.bulk.pages == 0
 
 
 async def test_a_control_frame_hands_the_connection_back_to_python(side: Side) -> None:
     ours, theirs = pair()
-    src = p.Connection(p.Role.SOURCE, guest_pages=PAGES)
-    src.send(p.Challenge(b"n" * 32))  # the preamble went with the handshake
+    src = side.peer  # the source's end of the conversation, in the postcopy stream
     with ours, theirs:
         theirs.sendall(b"".join(bytes(c) for c in src.send(p.ZeroRun(0, 2)) + src.send(p.SourceDone(2))))
         with trio.fail_after(5):
-            end = await run_native(lib.dst_place_loop, side.plane, 0, 0, link(ours), side.conn.rx, 60_000,
+            end = await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000,
                                    peer="peer")
         assert end == lib.LOOP_CONTROL
         assert side.conn.next_event() == p.SourceDone(2)  # read on from where the loop stopped
@@ -112,7 +111,7 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
     try:
         with ours, theirs, trio.fail_after(30):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, 0, link(ours),
+                nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
                                            side.conn.rx, 60_000, peer="source"))
                 await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 2, 0, ffi.NULL,
                                  60_000,
