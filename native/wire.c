@@ -1,4 +1,4 @@
-/* Frame checks shared by the native loops and migrate/protocol.py: see wire.h. */
+/* Frame checks shared by the native loops and migrate/protocol/codec.py: see wire.h. */
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>

@@ -2,7 +2,7 @@
  * The wire layout of every frame, defined once.
  *
  * Read by the C compiler (the native loops) and by cffi's cdef parser, so
- * migrate/protocol.py encodes and decodes this same struct: Python and C
+ * migrate/protocol/codec.py encodes and decodes this same struct: Python and C
  * cannot drift.  Plain declarations only (cffi parses them).
  *
  * A connection starts with the preamble (magic, version) from each side, then
