@@ -377,7 +377,8 @@ def run_rounds(cmds, mib, scenarios, rounds, args, faults, state, tls=None):
 # ---------------------------------------------------------------- plot
 
 def first_round_timelines(results):
-    """{"scenario/mib": [[t_s, bulk_placed, urgent_placed], ...]} of each size's first round, where the metrics have one."""
+    """{"scenario/mib": [[t_s, bulk_placed, urgent_placed], ...]} of each size's first round (where the
+    metrics have one)."""
     series = {}
     for mib, rounds in results.get("rounds", {}).items():
         for s, run in (rounds[0].get("raw", {}) if rounds else {}).items():

@@ -326,7 +326,8 @@ def test_ref_summary_medians_over_the_rounds_a_reference_ran_in() -> None:
 def _computed(quick: bool = False, tls: bool = True) -> dict:
     head = [_bench_round(1.0, 2.0, 40.0, 20.0, downtime=0.5, tls=tls),
             _bench_round(0.9, 1.0, 60.0, 20.0, downtime=1.5, tls=tls)]
-    small = [{"refs": _refs(2.2, 2.0, 20.0, 80.0), "runs": {"idle": bl.summarize(_dst(total_s=0.2, rss_mib=270.0), {}, 256)}}]
+    small_idle = bl.summarize(_dst(total_s=0.2, rss_mib=270.0), {}, 256)
+    small = [{"refs": _refs(2.2, 2.0, 20.0, 80.0), "runs": {"idle": small_idle}}]
     results: dict = {"refs": {}, "tls": {"aes_128_gcm_one_core": {"encrypt_gbps": 3.0}}}
     bl.compute(results, {1024: head, 256: small}, 1024, quick, LOADS, 2)
     return results
@@ -430,7 +431,8 @@ def test_bench_plan_rounds_and_steps() -> None:
     full = refbench.make_plan(False, 5, True, False)
     assert full == [(1024, ("idle", "busy", "qemu", "hotset"), 5), (256, ("idle", "busy", "hotset"), 1),
                     (4096, ("idle", "busy", "hotset"), 1)]
-    assert refbench.make_plan(False, None, False, False)[0][2] == 3 and len(refbench.make_plan(False, 1, False, False)) == 1
+    assert refbench.make_plan(False, None, False, False)[0][2] == 3
+    assert len(refbench.make_plan(False, 1, False, False)) == 1  # --no-scaling: the headline size only
     # A round runs only the references its scenarios are compared with, each before its migrations.
     assert refbench.steps(("idle", "idle_tls")) == [("ref", "placer_unloaded"), ("mig", "idle"), ("mig", "idle_tls"),
                                                     ("ref", "floor_unloaded")]
@@ -456,7 +458,8 @@ def test_bench_source_arguments() -> None:
 # -- scripts/bench-modes (bench/modebench.py runs it) ----------------------------------------------
 
 def _mode_src(migration_s: float = 2.0) -> dict:
-    return {"migration_s": migration_s, "precopy_s": 1.5, "bytes_sent_total": 2**30, "guest_steps_per_s": {"ratio": 0.9},
+    return {"migration_s": migration_s, "precopy_s": 1.5, "bytes_sent_total": 2**30,
+            "guest_steps_per_s": {"ratio": 0.9},
             "rounds": [{"dirty_pages_found": 900}, {"dirty_pages_found": 40}],
             "switchover": {"dirty_pages": 40, "working_set_pages": 300, "stopped_to_cpu_state_ms": 0.2}}
 
