@@ -1,9 +1,11 @@
-"""The arithmetic of ``scripts/bench``: per-run figures, medians, paired ratios, targets.
+"""The arithmetic of the benches: per-run figures, medians, paired ratios, targets, rows, cells.
 
-Pure functions of the metrics the commands write and of the C references'
-JSON, with no I/O and nothing beyond the standard library, so that
-``scripts/bench`` can import it before the project is installed and the tests
-can check it without starting a process.
+``bench/refbench.py`` (``scripts/bench``) and ``bench/modebench.py``
+(``scripts/bench-modes``) run things and print; what they compute from the
+metrics the commands write and from the C references' JSON is here, as pure
+functions with no I/O, so that the tests check it without starting a process.
+It reads the page size from the native module: the benches run under the
+project's venv (``bench/launcher.py``).
 
 The bench interleaves: each round runs a C reference, then the migration it is
 compared with, then the next reference, and so on, so a reference and its
@@ -14,6 +16,7 @@ summarized by their median; every other figure is the median over rounds.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
@@ -383,3 +386,291 @@ def pick(rounds: Sequence[Mapping], path: Callable[[Mapping], float | None]) -> 
         except (KeyError, TypeError):
             out.append(None)
     return out
+
+
+# -- scripts/bench: a run's rows, references and headline figures ---------------------------------
+
+# The references a scenario is compared with, by the load they run under ("unloaded": no spinner;
+# "same": as many busy spinner threads as the guest has vCPUs).
+PLACER_REF: dict[str, str] = {"unloaded": "placer_unloaded", "same": "placer_same"}
+FLOOR_REF: dict[str, str] = {"unloaded": "floor_unloaded", "same": "floor_same"}
+
+
+def scenario_rows(rounds: Sequence[Mapping], mib: int, loads: Mapping[str, str]) -> dict[str, dict]:
+    """Each scenario at one size: medians over rounds and the paired ratios, keyed "scenario/mib".
+
+    ``rounds``: {"refs": {kind: reference JSON}, "runs": {scenario: summary}} each;
+    ``loads``: every scenario's references' load, in the order the rows are listed.
+    """
+    rows = {}
+    for s in [s for s in loads if any(s in r["runs"] for r in rounds)]:
+        load = loads[s]
+        placer, floor = PLACER_REF[load], FLOOR_REF[load]
+        have = [r for r in rounds if s in r["runs"]]
+        row = combine([r["runs"][s] for r in have])
+        row["load"] = load
+        ratios = {
+            "stream_ratio": paired_ratios(
+                pick(have, lambda r: r["runs"][s]["stream_gbps"]),
+                pick(have, lambda r: r["refs"][placer]["placer_gbps"])),
+            "fault_p50_ratio": paired_ratios(
+                pick(have, lambda r: r["runs"][s]["stall_p50_us"]),
+                pick(have, lambda r: r["refs"][floor]["fault_loaded_us"]["p50"])),
+            "fault_p99_ratio": paired_ratios(
+                pick(have, lambda r: r["runs"][s]["stall_p99_us"]),
+                pick(have, lambda r: r["refs"][floor]["fault_loaded_us"]["p99"])),
+        }
+        for k, v in ratios.items():
+            row[k] = median(v)
+            row[f"{k}_by_round"] = v
+        row["unaccounted_p50_us"] = unaccounted_us(row)
+        rows[f"{s}/{mib}"] = row
+    return rows
+
+
+def ref_summary(rounds: Sequence[Mapping]) -> dict[str, dict]:
+    """Medians of each reference over the rounds it ran in."""
+    refs: dict[str, dict] = {}
+    for kind in ("placer_unloaded", "placer_same"):
+        vals = pick(rounds, lambda r: r["refs"][kind]["placer_gbps"])
+        if any(v is not None for v in vals):
+            refs[kind] = {"gbps": median(vals), "by_round": vals}
+    for kind in ("floor_unloaded", "floor_same"):
+        got = [r["refs"][kind] for r in rounds if kind in r["refs"]]
+        if got:
+            refs[kind] = {"link_idle_us": fault_floor(got, "fault_idle_us"),
+                          "with_stream_us": fault_floor(got, "fault_loaded_us"),
+                          "by_round_p50_us": [g["fault_loaded_us"]["p50"] for g in got],
+                          "by_round_p99_us": [g["fault_loaded_us"]["p99"] for g in got]}
+    return refs
+
+
+def floors(refs: Mapping[str, Mapping], spinners: int) -> dict:
+    """The C references at the headline size (``ref_summary`` of its rounds), as results.json's "floors"."""
+    return {
+        "placer_unloaded_gbps": refs.get("placer_unloaded", {}).get("gbps"),
+        "placer_same_load_gbps": refs.get("placer_same", {}).get("gbps"),
+        "fault_unloaded_us": refs.get("floor_unloaded", {}).get("link_idle_us"),
+        "fault_unloaded_with_stream_us": refs.get("floor_unloaded", {}).get("with_stream_us"),
+        "fault_same_load_us": refs.get("floor_same", {}).get("with_stream_us"),
+        "fault_same_load_link_idle_us": refs.get("floor_same", {}).get("link_idle_us"),
+        "spinners": spinners,
+    }
+
+
+def runs_of(rounds: Iterable[Mapping], scenarios: Iterable[str]) -> list[dict]:
+    """Every run of these scenarios in these rounds, round by round."""
+    names = list(scenarios)
+    return [r["runs"][s] for r in rounds for s in names if s in r["runs"]]
+
+
+def worst(runs: Iterable[Mapping], key: str) -> list[float]:
+    """The figure of every run that has it (the list a worst case is the max of)."""
+    return [x[key] for x in runs if x.get(key) is not None]
+
+
+# The issue-9 targets judged on the busy guest's row at the headline size.
+BUSY_TARGETS: tuple[str, ...] = ("fault_p50_ratio", "fault_p99_ratio", "stall_p50_us", "stall_max_us", "stream_ratio")
+
+
+def issue9_targets(rows: Mapping[str, Mapping], head_rounds: Sequence[Mapping], head: int, results: Mapping,
+                   quick: bool, rss_runs: Mapping[str, Sequence[float]]) -> dict[str, dict]:
+    """Issue 9's targets: each figure at the headline size and run by run (``evaluate``).
+
+    ``results`` holds the headline figures already computed (downtime, worst RSS, floors).
+    """
+    busy, idle, qemu = (rows.get(f"{s}/{head}", {}) for s in ("busy", "idle", "qemu"))
+    busy_runs, qemu_runs, idle_runs = (runs_of(head_rounds, [s]) for s in ("busy", "qemu", "idle"))
+    values = {
+        **{k: busy.get(k) for k in BUSY_TARGETS},
+        "idle_stream_gbps": idle.get("stream_gbps"),
+        "qemu_stream_gbps": qemu.get("stream_gbps"), "qemu_stall_total_ms": qemu.get("stall_total_ms"),
+        "downtime_ms": results["downtime_ms"],
+        "rss_over_guest_mib_src": results["rss_over_guest_mib"]["src"],
+        "rss_over_guest_mib_dst": results["rss_over_guest_mib"]["dst"],
+    }
+    per_run = {
+        "fault_p50_ratio": busy.get("fault_p50_ratio_by_round", []),
+        "fault_p99_ratio": busy.get("fault_p99_ratio_by_round", []),
+        "stall_p50_us": [x["stall_p50_us"] for x in busy_runs],
+        "stall_max_us": [x["stall_max_us"] for x in busy_runs],
+        "stream_ratio": busy.get("stream_ratio_by_round", []),
+        "idle_stream_gbps": [x["stream_gbps"] for x in idle_runs],
+        "qemu_stream_gbps": [x["stream_gbps"] for x in qemu_runs],
+        "qemu_stall_total_ms": [x["stall_total_ms"] for x in qemu_runs],
+        "downtime_ms": results["downtime_runs_ms"],
+        "rss_over_guest_mib_src": rss_runs["src"], "rss_over_guest_mib_dst": rss_runs["dst"],
+    }
+    notes = {"downtime_ms": results["downtime_basis"]}
+    if quick:
+        notes.update({k: f"--quick: {head} MiB guests" for k in
+                      (*BUSY_TARGETS, "idle_stream_gbps", "qemu_stream_gbps", "qemu_stall_total_ms")})
+    return evaluate(values, per_run, results["floors"]["placer_unloaded_gbps"], notes)
+
+
+def tls_section(head_rounds: Sequence[Mapping], head: int, quick: bool) -> dict:
+    """TLS against its plaintext twins, round by round, at the headline size (issue 13), with the worst RSS."""
+    notes = {k: f"--quick: {head} MiB guests" for k in ("stream_ratio", "stall_p50_delta_us")} if quick else {}
+    tls = tls_summary(head_rounds, notes)
+    tls["guest_mib"] = head
+    tls_runs = runs_of(head_rounds, TLS_TWINS)
+    tls["rss_over_guest_mib"] = {side: max(worst(tls_runs, f"rss_over_guest_mib_{side}"), default=None)
+                                 for side in ("src", "dst")}
+    return tls
+
+
+def scaling(rows: Mapping[str, Mapping], refs: Mapping[str, Mapping], sizes: Sequence[int]) -> dict | None:
+    """For information: s/GiB of the idle guest at the largest size over the smallest, and the same for
+    the unloaded C placer on this machine; None with a single size."""
+    if len(sizes) < 2:
+        return None
+    lo, hi = min(sizes), max(sizes)
+    ours = ratio(rows.get(f"idle/{hi}", {}).get("total_s_per_gib"),
+                 rows.get(f"idle/{lo}", {}).get("total_s_per_gib"))
+    placer = ratio(refs.get(str(lo), {}).get("placer_unloaded", {}).get("gbps"),
+                   refs.get(str(hi), {}).get("placer_unloaded", {}).get("gbps"))
+    return {
+        "sizes_mib": [lo, hi],
+        "idle_s_per_gib_growth": ours - 1 if ours is not None else None,
+        "placer_s_per_gib_growth": placer - 1 if placer is not None else None,
+        "beyond_placer": ours / placer - 1 if ours is not None and placer else None,
+    }
+
+
+def compute(results: dict, blocks: Mapping[int, Sequence[Mapping]], head: int, quick: bool,
+            loads: Mapping[str, str], vcpus: int) -> None:
+    """Fills ``results`` (results.json) from the rounds of every size: scenario rows, references,
+    the headline figures, issue 9's targets, TLS against plaintext and the scaling.
+
+    Args:
+        blocks: guest MiB -> that size's rounds (as ``scenario_rows`` takes them).
+        head: the headline size; ``quick``: --quick (noted on the targets).
+        loads: scenario -> its references' load, in the order of the rows.
+        vcpus: the guests' vCPUs, as many as the same-load references' spinners.
+    """
+    rows, refs = {}, {}
+    for mib, rounds in blocks.items():
+        rows.update(scenario_rows(rounds, mib, loads))
+        refs[str(mib)] = ref_summary(rounds)
+    results["scenarios"] = rows
+    results["refs"]["by_size"] = refs
+    results["floors"] = floors(refs.get(str(head), {}), vcpus)
+    busy, qemu = rows.get(f"busy/{head}", {}), rows.get(f"qemu/{head}", {})
+    # Issue 9's figures are the plaintext data plane's: the TLS twins have their own section.
+    plain = [s for s in loads if s not in TLS_TWINS]
+    head_rounds = blocks.get(head, [])
+    all_runs = [x for rounds in blocks.values() for x in runs_of(rounds, plain)]
+    downtimes = [x["downtime_ms"] for x in runs_of(head_rounds, plain)]
+    results["downtime_runs_ms"] = downtimes
+    results["downtime_ms"] = median(downtimes)
+    results["downtime_basis"] = f"median of {len(downtimes)} runs, every plaintext scenario at {head} MiB"
+    for k in ("stream_ratio", "fault_p50_ratio", "fault_p99_ratio", "stall_p50_us", "stall_max_us"):
+        results[k] = busy.get(k)
+    results["qemu_load"] = {"stream_gbps": qemu.get("stream_gbps"), "stall_total_ms": qemu.get("stall_total_ms"),
+                            "stall_p50_us": qemu.get("stall_p50_us"), "stall_p99_us": qemu.get("stall_p99_us"),
+                            "guest_mib": head, "runs": qemu.get("runs")}
+    rss_runs = {side: worst(all_runs, f"rss_over_guest_mib_{side}") for side in ("src", "dst")}
+    results["rss_over_guest_mib"] = {side: max(v, default=None) for side, v in rss_runs.items()}
+    results["total_s_per_gib"] = {k: v.get("total_s_per_gib") for k, v in rows.items()}
+    results["targets"] = issue9_targets(rows, head_rounds, head, results, quick, rss_runs)
+    if any(t in r["runs"] for r in head_rounds for t in TLS_TWINS):
+        results["tls"] = {**results.get("tls", {}), **tls_section(head_rounds, head, quick)}
+    sc = scaling(rows, refs, sorted(blocks))
+    if sc is not None:
+        results["scaling"] = sc
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def fmt(v: object, nd: int = 2, missing: str = "-", sci_from: float | None = 1e5) -> str:
+    """A figure as a table cell: ``missing`` for None, yes/NO, floats to ``nd`` places (3 significant
+    digits from ``sci_from`` on, if given), anything else as str()."""
+    if v is None:
+        return missing
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if sci_from is None or abs(v) < sci_from else f"{v:.3g}"
+    return str(v)
+
+
+# -- what the commands and tools print -------------------------------------------------------------
+
+def listening_address(line: str) -> str | None:
+    """The address in migrate-src's ``{"listening": "host:port"}`` stdout line; None for any other line."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        return None
+    return msg.get("listening") if isinstance(msg, dict) else None
+
+
+def openssl_speed_gbps(text: str) -> float | None:
+    """GB/s from ``openssl speed -mr -bytes N`` output (its ``+F:...:bytes_per_s`` line); None without one."""
+    out = None
+    for line in text.splitlines():
+        if line.startswith("+F:"):
+            out = round(float(line.rsplit(":", 1)[1]) / 1e9, 2)
+    return out
+
+
+# -- scripts/bench-modes: postcopy, hybrid and precopy side by side ---------------------------------
+
+# The runs repeated on the hotset guest, medians reported (bench/modebench.py's REPEATED).
+MODE_MEDIANS: tuple[str, ...] = ("faults", "stall_ms", "total_s", "downtime_ms")
+QEMU_MODES = {"postcopy": "total 1.1-1.5 s, downtime 3-5 ms (preempt)",
+              "precopy": "total 3.5-3.8 s, downtime 151-160 ms"}
+
+
+def mode_figures(src: Mapping, dst: Mapping) -> dict:
+    """The figures one migration of the modes bench is judged by, from both sides' metrics."""
+    return {
+        "total_s": src["migration_s"], "precopy_s": src["precopy_s"], "downtime_ms": dst["downtime_ms"],
+        "bytes_sent": src["bytes_sent_total"], "faults": dst["faults"], "stall_ms": dst["vcpu_stall_us"]["total_ms"],
+        "rounds": len(src["rounds"]), "dirty_at_switchover": src["switchover"]["dirty_pages"],
+        "progress": src["guest_steps_per_s"]["ratio"], "working_set_pages": src["switchover"]["working_set_pages"],
+        "verified": dst["verified"], "round_dirty": [r["dirty_pages_found"] for r in src["rounds"]],
+        "source_switch_ms": src["switchover"]["stopped_to_cpu_state_ms"],
+    }
+
+
+def rotated(items: Sequence, i: int) -> list:
+    """``items`` starting at i (modulo its length): repetition i's order, so no item always comes first."""
+    k = i % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def repeated_row(runs: Sequence[Mapping], load: str, variant: str) -> dict:
+    """One (load, variant) of the repeated runs: medians, each run's faults, the working set of the first."""
+    return {"load": load, "variant": variant, "runs": len(runs),
+            **{k: statistics.median(r[k] for r in runs) for k in MODE_MEDIANS},
+            "each": ", ".join(str(r["faults"]) for r in runs), "ws": runs[0]["working_set_pages"]}
+
+
+def mode_targets(modes: Sequence[Mapping], rows: Mapping[tuple[str, str], Mapping]) -> list[tuple[str, str, bool]]:
+    """The modes' targets: (what, the figures measured, met).
+
+    ``modes``: one run per (load, mode) ({"load", "mode", figures}); ``rows``: ``repeated_row`` by
+    (load, variant), with the busy hotset guest's "postcopy, address", "postcopy, working-set" and "hybrid".
+    """
+    def get(load: str, mode: str) -> Mapping:
+        return next(r for r in modes if r["load"] == load and r["mode"] == mode)
+
+    q_post, q_hyb, q_pre = get("qemu", "postcopy"), get("qemu", "hybrid"), get("qemu", "precopy")
+    addr, ws = rows["busy hotset", "postcopy, address"], rows["busy hotset", "postcopy, working-set"]
+    h_hyb = rows["busy hotset", "hybrid"]
+    return [
+        ("qemu: hybrid faults after switchover <= 10% of postcopy's",
+         f"{q_hyb['faults']} vs {q_post['faults']}", q_hyb["faults"] <= 0.1 * q_post["faults"]),
+        ("qemu: hybrid total vCPU stall <= 10% of postcopy's",
+         f"{q_hyb['stall_ms']:.1f} vs {q_post['stall_ms']:.1f} ms", q_hyb["stall_ms"] <= 0.1 * q_post["stall_ms"]),
+        ("qemu: hybrid downtime <= 1 ms", f"{q_hyb['downtime_ms']:.1f} ms (postcopy {q_post['downtime_ms']:.1f})",
+         q_hyb["downtime_ms"] <= 1),
+        ("busy hotset: hybrid total stall no worse than postcopy's",
+         f"{h_hyb['stall_ms']:.1f} vs {addr['stall_ms']:.1f} ms (medians)", h_hyb["stall_ms"] <= addr["stall_ms"]),
+        ("busy hotset postcopy: working-set faults <= 50% of address order's",
+         f"{ws['faults']} vs {addr['faults']} (medians)", ws["faults"] <= 0.5 * addr["faults"]),
+        ("qemu: precopy downtime well under QEMU's 160 ms",
+         f"{q_pre['downtime_ms']:.1f} ms, total {q_pre['total_s']:.2f} s (QEMU precopy: {QEMU_MODES['precopy']})",
+         q_pre["downtime_ms"] < 160 / 4),
+    ]

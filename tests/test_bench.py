@@ -271,3 +271,266 @@ def test_tls_summary_without_tls_runs_measures_nothing() -> None:
     out = bl.tls_summary([_round(2.0, None, 50.0, None)])
     assert out["cipher"] is None and out["runs"] == 0 and out["pairs"] == {}
     assert all(t["met"] is None for t in out["targets"].values())
+
+
+# -- scripts/bench's rows, references and headline figures (bench/refbench.py runs them) ------------
+
+LOADS = {"idle": "unloaded", "idle_tls": "unloaded", "busy": "same", "busy_tls": "same", "qemu": "same"}
+
+
+def _refs(placer_unloaded: float, placer_same: float, floor_p50: float, floor_p99: float) -> dict:
+    floor = {"fault_idle_us": {"p50": 10.0, "p99": 20.0, "max": 90.0},
+             "fault_loaded_us": {"p50": floor_p50, "p99": floor_p99, "max": 500.0}}
+    return {"placer_unloaded": {"placer_gbps": placer_unloaded}, "placer_same": {"placer_gbps": placer_same},
+            "floor_same": floor, "floor_unloaded": floor}
+
+
+def _bench_round(busy_gbps: float, placer_same: float, busy_p50: float, floor_p50: float,
+                 downtime: float = 0.5, tls: bool = True) -> dict:
+    stall = dict(_dst()["vcpu_stall_us"], p50=busy_p50)
+    runs = {"idle": bl.summarize(_dst(stream_gbps=1.5, downtime_ms=downtime), {}, 1024),
+            "busy": bl.summarize(_dst(stream_gbps=busy_gbps, vcpu_stall_us=stall, downtime_ms=downtime), {}, 1024),
+            "qemu": bl.summarize(_dst(stream_gbps=1.1, downtime_ms=downtime), {}, 1024)}
+    if tls:
+        runs["idle_tls"] = bl.summarize(_dst(stream_gbps=1.2, downtime_ms=9.0, tls=AES), {}, 1024)
+        runs["busy_tls"] = bl.summarize(_dst(vcpu_stall_us=stall, downtime_ms=9.0, tls=AES), {}, 1024)
+    return {"refs": _refs(2.0, placer_same, floor_p50, 4 * floor_p50), "runs": runs}
+
+
+def test_scenario_rows_pair_each_run_with_the_reference_of_its_load() -> None:
+    rounds = [_bench_round(1.0, 2.0, 40.0, 20.0), _bench_round(0.9, 1.0, 60.0, 20.0),
+              _bench_round(1.2, 1.5, 50.0, 25.0)]
+    rows = bl.scenario_rows(rounds, 1024, LOADS)
+    assert list(rows) == ["idle/1024", "idle_tls/1024", "busy/1024", "busy_tls/1024", "qemu/1024"]  # loads' order
+    busy = rows["busy/1024"]
+    assert busy["load"] == "same" and busy["runs"] == 3
+    assert busy["stream_ratio_by_round"] == pytest.approx([0.5, 0.9, 0.8])  # over the same-load placer of its round
+    assert busy["stream_ratio"] == pytest.approx(0.8)
+    assert busy["fault_p50_ratio_by_round"] == [2.0, 3.0, 2.0]
+    assert busy["fault_p99_ratio"] == 11.25  # stall p99 900 over floor p99 80, 80, 100: 11.25, 11.25, 9
+    assert rows["idle/1024"]["stream_ratio_by_round"] == [0.75, 0.75, 0.75]  # over the unloaded placer (2.0)
+    assert busy["unaccounted_p50_us"] == pytest.approx(50.0 - 25.0 - 0.1)
+    assert bl.scenario_rows([{"refs": {}, "runs": {}}], 256, LOADS) == {}
+
+
+def test_ref_summary_medians_over_the_rounds_a_reference_ran_in() -> None:
+    rounds = [_bench_round(1.0, 2.0, 40.0, 20.0), _bench_round(1.0, 1.0, 40.0, 30.0), {"refs": {}, "runs": {}}]
+    refs = bl.ref_summary(rounds)
+    assert refs["placer_same"] == {"gbps": 1.5, "by_round": [2.0, 1.0, None]}
+    assert refs["floor_same"]["with_stream_us"]["p50"] == 25.0
+    assert refs["floor_same"]["link_idle_us"]["p50"] == 10.0
+    assert refs["floor_same"]["by_round_p99_us"] == [80.0, 120.0]  # the rounds it ran in only
+    assert bl.ref_summary([{"refs": {}, "runs": {}}]) == {}
+
+
+def _computed(quick: bool = False, tls: bool = True) -> dict:
+    head = [_bench_round(1.0, 2.0, 40.0, 20.0, downtime=0.5, tls=tls),
+            _bench_round(0.9, 1.0, 60.0, 20.0, downtime=1.5, tls=tls)]
+    small_idle = bl.summarize(_dst(total_s=0.2, rss_mib=270.0), {}, 256)
+    small = [{"refs": _refs(2.2, 2.0, 20.0, 80.0), "runs": {"idle": small_idle}}]
+    results: dict = {"refs": {}, "tls": {"aes_128_gcm_one_core": {"encrypt_gbps": 3.0}}}
+    bl.compute(results, {1024: head, 256: small}, 1024, quick, LOADS, 2)
+    return results
+
+
+def test_compute_the_headline_figures_and_targets() -> None:
+    r = _computed()
+    assert set(r["scenarios"]) == {"idle/1024", "idle_tls/1024", "busy/1024", "busy_tls/1024", "qemu/1024",
+                                   "idle/256"}
+    assert r["floors"]["placer_same_load_gbps"] == 1.5 and r["floors"]["spinners"] == 2
+    assert r["floors"]["fault_same_load_us"]["p50"] == 20.0
+    # Downtime: every plaintext run at the headline size, never the TLS twins' (9 ms) nor other sizes'.
+    assert r["downtime_runs_ms"] == [0.5, 0.5, 0.5, 1.5, 1.5, 1.5]
+    assert r["downtime_ms"] == 1.0
+    assert r["downtime_basis"] == "median of 6 runs, every plaintext scenario at 1024 MiB"
+    assert r["stream_ratio"] == r["scenarios"]["busy/1024"]["stream_ratio"] == pytest.approx(0.7)
+    assert r["qemu_load"]["stream_gbps"] == 1.1 and r["qemu_load"]["runs"] == 2
+    assert r["rss_over_guest_mib"] == {"src": None, "dst": 26.0}  # the worst run of every size (256 MiB: 14)
+    t = r["targets"]
+    assert t["stream_ratio"]["met"] is False and t["stream_ratio"]["runs_met"] == [1, 2]
+    assert t["downtime_ms"]["met"] is True and t["downtime_ms"]["note"] == r["downtime_basis"]
+    assert t["idle_stream_gbps"]["met"] is True  # the unloaded placer reached 2.0 GB/s
+    assert "note" not in t["stall_p50_us"]
+
+
+def test_compute_adds_tls_to_what_the_set_up_measured_and_the_scaling() -> None:
+    r = _computed()
+    assert r["tls"]["aes_128_gcm_one_core"] == {"encrypt_gbps": 3.0}  # kept
+    assert r["tls"]["guest_mib"] == 1024 and r["tls"]["stream_ratio"] == pytest.approx(0.8)
+    assert r["tls"]["rss_over_guest_mib"] == {"src": None, "dst": 26.0}
+    sc = r["scaling"]
+    assert sc["sizes_mib"] == [256, 1024]
+    # idle: 1 s per GiB at 1024 MiB against 0.8 at 256 MiB; the placer 2.2 -> 2.0 GB/s.
+    assert sc["idle_s_per_gib_growth"] == pytest.approx(0.25)
+    assert sc["placer_s_per_gib_growth"] == pytest.approx(0.1)
+    assert sc["beyond_placer"] == pytest.approx(1.25 / 1.1 - 1)
+
+
+def test_compute_quick_notes_the_size_and_without_tls_leaves_it_out() -> None:
+    r = _computed(quick=True, tls=False)
+    assert r["targets"]["stall_p50_us"]["note"] == "--quick: 1024 MiB guests"
+    assert "stream_ratio" not in r["tls"]
+    assert bl.scaling({}, {}, [1024]) is None
+
+
+def test_what_the_commands_and_tools_print_is_parsed() -> None:
+    assert bl.listening_address('{"listening": "127.0.0.1:4242"}\n') == "127.0.0.1:4242"
+    assert bl.listening_address("not json") is None
+    assert bl.listening_address('["listening"]') is None
+    assert bl.listening_address('{"progress": 1}') is None
+    speed = "+H:16384\n+F:22:aes-128-gcm:3456789012.34\n"
+    assert bl.openssl_speed_gbps(speed) == 3.46
+    assert bl.openssl_speed_gbps("+H:16384\n") is None
+
+
+# -- the report scripts/bench prints (bench/refreport.py) ------------------------------------------
+
+def test_report_figures_and_tables() -> None:
+    import refreport
+
+    assert refreport.fmt(None) == "-" and refreport.fmt(True) == "yes" and refreport.fmt(False) == "NO"
+    assert refreport.fmt(1.23456) == "1.23" and refreport.fmt(1.25, 1) == "1.2" and refreport.fmt(3) == "3"
+    assert refreport.fmt(123456.0) == "1.23e+05"
+    assert refreport.table([["a", "12345"], ["bb", "1"]], ["x", "y"]) == ["   x      y", "   a  12345", "  bb      1"]
+    assert refreport.table([], ["x"]) == ["  "]
+
+
+def test_report_says_which_targets_were_met() -> None:
+    import refreport
+
+    t = {"value": 0.7, "target": ">= 0.9", "met": False, "what": "busy: stream", "runs_met": [1, 2]}
+    line = refreport.target_line("stream_ratio", t)
+    assert line.split() == ["stream_ratio", "0.70", ">=", "0.9", "NOT", "MET", "1/2", "runs", "busy:", "stream"]
+    assert refreport.target_line("x", dict(t, met=None, note="n"), [0.5, None]).endswith("busy: stream [0.50 -]  (n)")
+
+
+def test_report_has_every_section_of_a_run() -> None:
+    import refreport
+
+    r = _computed()
+    r.update(vcpus=2, tcp_gbps=3.5, warmup={"memory": {"mib": 2048, "touch_gbps": 0.5}, "migration": "busy"},
+             rounds={"1024": [{"errors": {"hotset": "boom"}}]})
+    text = "\n".join(refreport.report(r))
+    for heading in ("warm-up: touched 2048 MiB at 0.50 GB/s (cold: first touch); one untimed migration (busy)",
+                    "loopback TCP: 3.50 GB/s", "C references, medians over rounds (same load = 2 busy",
+                    "uffd-migrate, medians over rounds", "urgent path, hop by hop",
+                    "(no postcopy-latency-dist", "downtime: median 1.00 ms, 0.50-1.50", "QEMU's load (1024 MiB)",
+                    "targets (issue 9):", "TLS against plaintext (1024 MiB", "targets (issue 13, TLS):",
+                    "scaling: idle s/GiB grows 0.25", "hotset at 1024 MiB, round 1 failed: boom"):
+        assert heading in text
+    assert refreport.report({}) == []
+    assert refreport.tls({"error": "no openssl\nmore"}) == ["\nTLS: not measured: no openssl"]
+
+
+# -- scripts/bench's plan and steps (bench/refbench.py) --------------------------------------------
+
+def test_bench_plan_rounds_and_steps() -> None:
+    import refbench
+
+    assert refbench.make_plan(True, None, True, True) == [(256, ("idle", "busy", "qemu", "idle_tls", "busy_tls"), 2)]
+    full = refbench.make_plan(False, 5, True, False)
+    assert full == [(1024, ("idle", "busy", "qemu", "hotset"), 5), (256, ("idle", "busy", "hotset"), 1),
+                    (4096, ("idle", "busy", "hotset"), 1)]
+    assert refbench.make_plan(False, None, False, False)[0][2] == 3
+    assert len(refbench.make_plan(False, 1, False, False)) == 1  # --no-scaling: the headline size only
+    # A round runs only the references its scenarios are compared with, each before its migrations.
+    assert refbench.steps(("idle", "idle_tls")) == [("ref", "placer_unloaded"), ("mig", "idle"), ("mig", "idle_tls"),
+                                                    ("ref", "floor_unloaded")]
+    assert [n for _, n in refbench.steps(("busy", "qemu"))] == ["placer_same", "busy", "floor_same", "qemu"]
+
+
+def test_bench_source_arguments() -> None:
+    import argparse
+
+    import refbench
+
+    args = argparse.Namespace(idle_rate=7, run_before=1.5)
+    tls = {"src": ["--tls-cert", "c"], "dst": ["--tls-cert", "d"]}
+    idle = refbench.source_args("idle_tls", 256, args, tls)
+    assert idle[:8] == ["--guest-mib", "256", "--vcpus", "2", "--workload", "readmostly", "--seed", "1"]
+    assert idle[-6:] == ["--rate", "7", "--zero-fraction", "0", "--tls-cert", "c"]
+    assert refbench.source_args("busy", 256, args, None)[-2:] == ["--run-before", "1.5"]
+    results = {"rounds": {"256": [{"raw": {"busy": {"dst": {"placed_timeline": [[0.1, 5, 1]]}}, "idle": {"dst": {}}}}],
+                          "1024": []}}
+    assert refbench.first_round_timelines(results) == {"busy/256": [[0.1, 5, 1]]}
+
+
+# -- scripts/bench-modes (bench/modebench.py runs it) ----------------------------------------------
+
+def _mode_src(migration_s: float = 2.0) -> dict:
+    return {"migration_s": migration_s, "precopy_s": 1.5, "bytes_sent_total": 2**30,
+            "guest_steps_per_s": {"ratio": 0.9},
+            "rounds": [{"dirty_pages_found": 900}, {"dirty_pages_found": 40}],
+            "switchover": {"dirty_pages": 40, "working_set_pages": 300, "stopped_to_cpu_state_ms": 0.2}}
+
+
+def _mode_dst(faults: int, stall_ms: float, downtime_ms: float = 0.5) -> dict:
+    return {"downtime_ms": downtime_ms, "faults": faults, "vcpu_stall_us": {"total_ms": stall_ms}, "verified": True}
+
+
+def test_mode_figures_from_both_sides() -> None:
+    f = bl.mode_figures(_mode_src(), _mode_dst(12, 3.5))
+    assert f["total_s"] == 2.0 and f["precopy_s"] == 1.5 and f["bytes_sent"] == 2**30
+    assert f["rounds"] == 2 and f["round_dirty"] == [900, 40] and f["dirty_at_switchover"] == 40
+    assert f["faults"] == 12 and f["stall_ms"] == 3.5 and f["verified"] is True
+    assert f["working_set_pages"] == 300 and f["source_switch_ms"] == 0.2 and f["progress"] == 0.9
+
+
+def test_repeated_runs_rotate_and_take_medians() -> None:
+    assert bl.rotated([1, 2, 3], 0) == [1, 2, 3]
+    assert bl.rotated([1, 2, 3], 4) == [2, 3, 1]
+    runs = [dict(bl.mode_figures(_mode_src(s), _mode_dst(f, st))) for f, st, s in
+            ((100, 10.0, 1.0), (300, 30.0, 3.0), (200, 50.0, 2.0))]
+    row = bl.repeated_row(runs, "busy hotset", "hybrid")
+    assert row["runs"] == 3 and row["faults"] == 200 and row["stall_ms"] == 30.0 and row["total_s"] == 2.0
+    assert row["each"] == "100, 300, 200" and row["ws"] == 300
+
+
+def _modes(q_hybrid_faults: int, q_hybrid_stall: float, pre_downtime: float) -> list[dict]:
+    runs = {("qemu", "postcopy"): _mode_dst(1000, 500.0, 0.8), ("qemu", "hybrid"): _mode_dst(q_hybrid_faults,
+                                                                                              q_hybrid_stall, 0.9),
+            ("qemu", "precopy"): _mode_dst(0, 0.0, pre_downtime)}
+    return [dict(bl.mode_figures(_mode_src(), d), load=load, mode=mode) for (load, mode), d in runs.items()]
+
+
+def _mode_rows(addr_faults: float, ws_faults: float, hybrid_stall: float) -> dict:
+    def row(faults: float, stall: float) -> dict:
+        return {"faults": faults, "stall_ms": stall}
+    return {("busy hotset", "postcopy, address"): row(addr_faults, 100.0),
+            ("busy hotset", "postcopy, working-set"): row(ws_faults, 80.0),
+            ("busy hotset", "hybrid"): row(10, hybrid_stall)}
+
+
+def test_mode_targets_met_and_missed_at_their_bounds() -> None:
+    met = bl.mode_targets(_modes(100, 50.0, 39.9), _mode_rows(400, 200, 100.0))
+    assert [m for _, _, m in met] == [True] * 6
+    assert met[0][1] == "100 vs 1000" and met[1][1] == "50.0 vs 500.0 ms"
+    assert met[5][1].startswith("39.9 ms, total 2.00 s (QEMU precopy: total 3.5-3.8 s")
+    missed = bl.mode_targets(_modes(101, 50.1, 40.0), _mode_rows(400, 201, 100.1))
+    assert [m for _, _, m in missed] == [False, False, True, False, False, False]
+
+
+def test_modes_report_is_markdown() -> None:
+    import modebench
+
+    assert modebench.fmt(None) == "\u2013" and modebench.fmt(2.0, 1) == "2.0" and modebench.fmt(False) == "NO"
+    assert modebench.fmt(123456.0) == "123456.00"  # never in 3 significant digits, unlike scripts/bench
+    assert modebench.table([{"a": 1.5}, {}], [("A", "a", 1), ("B", "b", 0)]).splitlines() == [
+        "| A | B |", "|---|---|", "| 1.5 | \u2013 |", "| \u2013 | \u2013 |"]
+    order = []
+    for load, _, variant, _ in modebench.REPEATED:
+        order.append(dict(bl.mode_figures(_mode_src(), _mode_dst(10, 5.0)), load=load, variant=variant))
+    lines = modebench.report({"mib": 64, "git": "abc", "modes": _modes(1, 1.0, 1.0), "order": order}, 1)
+    assert lines[0] == "### 64 MiB, 2 vCPUs, commit abc\n"
+    assert lines[1].splitlines()[2].startswith("| qemu | postcopy | 2.00 | 1.50 | 0.8 | 1024 | 1000 |")
+    assert "\nRepeated 1 times, interleaved; medians:\n" in lines
+    assert lines[-1].startswith("| qemu: precopy downtime well under QEMU's 160 ms | 1.0 ms") and lines[-1].endswith(
+        "| yes |")
+
+
+def test_launcher_runs_the_bench_under_the_python_it_is_given() -> None:
+    import launcher
+
+    assert launcher.interpreter(["--quick"]) == launcher.VENV / "bin" / "python"
+    assert str(launcher.interpreter(["--quick", "--python", "/v/bin/python"])) == "/v/bin/python"
+    assert str(launcher.interpreter(["--python=/w/bin/python"])) == "/w/bin/python"
