@@ -10,7 +10,6 @@
  * shows whether replies queue behind bulk data at the bottleneck.  Prints
  * {"rtt_us": {"p50": ..., "p99": ..., "min": ..., "max": ...}, "count": N}. */
 #include "ref/common.h"
-#include <sched.h>
 
 #define REQ 32
 #define REPLY 4096
@@ -19,14 +18,6 @@ static const char *client_ns, *server_ns, *addr;
 static int port, tos, count, gap_us = 2000, ready;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-
-static void join_netns(const char *path)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || setns(fd, CLONE_NEWNET))
-        die(path);
-    close(fd);
-}
 
 static void mark(int fd)
 {
@@ -40,14 +31,8 @@ static void *server(void *arg)
 {
     (void)arg;
     join_netns(server_ns);
-    struct sockaddr_in a = { .sin_family = AF_INET };
-    socklen_t len = sizeof a;
-    inet_pton(AF_INET, addr, &a.sin_addr);
-    int lfd = socket(AF_INET, SOCK_STREAM, 0);
-    if (lfd < 0 || bind(lfd, (void *)&a, sizeof a) || listen(lfd, 4) || getsockname(lfd, (void *)&a, &len))
-        die("listen");
+    int lfd = tcp_listen_on(addr, &port);
     pthread_mutex_lock(&mu);
-    port = ntohs(a.sin_port);
     ready = 1;
     pthread_cond_signal(&cv);
     pthread_mutex_unlock(&mu);

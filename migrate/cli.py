@@ -91,6 +91,11 @@ def _rate(text: str) -> int:
             f"{text!r} is not a rate: give bytes per second such as 500M or 1G, or bits such as 1Gbit") from None
 
 
+def _add_seconds(parser: argparse.ArgumentParser, flag: str, default: float, help: str) -> None:
+    """Adds an option that takes a time in seconds, S: a finite number (its range is checked after parsing)."""
+    parser.add_argument(flag, type=_number, default=default, metavar="S", help=help)
+
+
 def _require(ok: bool, message: str, hint: str) -> None:
     if not ok:
         raise UsageError(message, hint=hint)
@@ -123,9 +128,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-rekey-bytes", type=_whole, metavar="N",
                      help="force a TLS key update every N bytes sent on each connection (default: OpenSSL's "
                           "own limits); for testing re-keying")
-    parser.add_argument("--link-timeout", type=_number, default=10.0, metavar="S",
-                        help="seconds a connection may stay silent while pages are owed (or refuse to take "
-                             "them) before it counts as lost and recovery starts (default 10)")
+    _add_seconds(parser, "--link-timeout", 10.0,
+                 help="seconds a connection may stay silent while pages are owed (or refuse to take them) "
+                      "before it counts as lost and recovery starts (default 10)")
     parser.add_argument("--metrics", metavar="PATH|-", help="write one JSON object of metrics here (- for stdout)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="format of stderr log lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
@@ -157,8 +162,8 @@ def _src_parser() -> argparse.ArgumentParser:
                     help="fraction of guest memory left all-zero (default 0.25)")
     ap.add_argument("--rate", type=_whole, default=0, metavar="N",
                     help="accesses per second per vCPU; 0 runs flat out (default 0)")
-    ap.add_argument("--run-before", type=_number, default=1.0, metavar="S",
-                    help="seconds the guest runs here before switchover, at the least (default 1)")
+    _add_seconds(ap, "--run-before", 1.0,
+                 help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--mode", choices=[m.name for m in Mode], default="postcopy",
                     help="postcopy: stop here, resume there at once, memory follows on demand; hybrid: precopy "
                          "rounds while the guest runs here, then postcopy for the pages written since the last "
@@ -195,13 +200,12 @@ def _src_parser() -> argparse.ArgumentParser:
                          "every cluster of faults whose strides show a trend, Leap's majority stride, in chunks "
                          "that grow while it holds; address order otherwise) (default jump)")
     ap.add_argument("--ready-file", metavar="PATH", help="file written once listening (for health checks)")
-    ap.add_argument("--handshake-timeout", type=_number, default=10.0, metavar="S",
-                    help="seconds a connecting peer has to authenticate (default 10)")
+    _add_seconds(ap, "--handshake-timeout", 10.0, help="seconds a connecting peer has to authenticate (default 10)")
     ap.add_argument("--max-pending", type=_whole, default=16, metavar="N",
                     help="handshakes in progress at once; a connection beyond is closed at once and the "
                          "destination retries (default 16; lowered to fit the descriptor limit)")
-    ap.add_argument("--reconnect-timeout", type=_number, default=60.0, metavar="S",
-                    help="seconds to wait for a destination that lost its link to come back (default 60)")
+    _add_seconds(ap, "--reconnect-timeout", 60.0,
+                 help="seconds to wait for a destination that lost its link to come back (default 60)")
     _common(ap)
     return ap
 
@@ -213,20 +217,18 @@ def _dst_parser() -> argparse.ArgumentParser:
         epilog="@FILE reads more options from FILE, one per line.")
     ap.add_argument("--connect", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"migrate-src address (default 127.0.0.1:{DEFAULT_PORT})")
-    ap.add_argument("--run-after", type=_number, default=1.0, metavar="S",
-                    help="seconds the guest runs here once all memory arrived (default 1)")
+    _add_seconds(ap, "--run-after", 1.0, help="seconds the guest runs here once all memory arrived (default 1)")
     ap.add_argument("--verify", action="store_true",
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
     ap.add_argument("--prefetch", type=_whole, default=0, metavar="N",
                     help="also request the N pages after each faulting page (default 0)")
-    ap.add_argument("--connect-timeout", type=_number, default=10.0, metavar="S",
-                    help="seconds to keep retrying a connection the source refuses or drops (it is starting, "
-                         "or busy with other handshakes) before giving up (default 10)")
-    ap.add_argument("--reconnect-timeout", type=_number, default=30.0, metavar="S",
-                    help="after a lost link, seconds to keep reconnecting before giving up (default 30); "
-                         "the guest waits meanwhile")
-    ap.add_argument("--watchdog", type=_number, default=2.0, metavar="S",
-                    help="report a vCPU that waits longer than S seconds for one page (default 2)")
+    _add_seconds(ap, "--connect-timeout", 10.0,
+                 help="seconds to keep retrying a connection the source refuses or drops (it is starting, or "
+                      "busy with other handshakes) before giving up (default 10)")
+    _add_seconds(ap, "--reconnect-timeout", 30.0,
+                 help="after a lost link, seconds to keep reconnecting before giving up (default 30); the guest "
+                      "waits meanwhile")
+    _add_seconds(ap, "--watchdog", 2.0, help="report a vCPU that waits longer than S seconds for one page (default 2)")
     _common(ap)
     return ap
 

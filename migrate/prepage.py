@@ -91,6 +91,20 @@ class Jump(Policy):
         self.cursor = start + count
 
 
+def _take_outward(remaining: Remaining, edge: int, limit: int, *, forward: bool) -> tuple[Runs, int]:
+    """Up to ``limit`` pages next to an edge of what was swept, and the edge moved past them.
+
+    Forward, the runs left at or after ``edge``, and the edge moves to just
+    after the last; backward, those left below it, and the edge moves to the
+    first.  With nothing left that way: ``[]`` and the edge as it was.
+    """
+    if forward:
+        runs = remaining.take_after(edge, limit)
+        return runs, (runs[-1][0] + runs[-1][1] if runs else edge)
+    runs = remaining.take_before(edge, limit)
+    return runs, (runs[0][0] if runs else edge)
+
+
 class Bubble(Policy):
     """``bubble``: alternately a window forward and a window backward from the last fault.
 
@@ -116,13 +130,9 @@ class Bubble(Policy):
             return []
         for _ in range(2):
             if self.ahead:
-                runs = remaining.take_after(self.forward, limit)
-                if runs:
-                    self.forward = runs[-1][0] + runs[-1][1]
+                runs, self.forward = _take_outward(remaining, self.forward, limit, forward=True)
             else:
-                runs = remaining.take_before(self.backward, limit)
-                if runs:
-                    self.backward = runs[0][0]
+                runs, self.backward = _take_outward(remaining, self.backward, limit, forward=False)
             self.ahead = not self.ahead
             if runs:
                 self.cursor = runs[-1][0] + runs[-1][1]
@@ -265,13 +275,9 @@ class Adaptive(Policy):
     def _sweep(z: _Zone, remaining: Remaining, pages: int) -> Runs:
         """Up to ``pages`` pages from the zone's front, in its direction."""
         if z.direction() > 0:
-            runs = remaining.take_after(z.hi, pages)
-            if runs:
-                z.hi = runs[-1][0] + runs[-1][1]
+            runs, z.hi = _take_outward(remaining, z.hi, pages, forward=True)
         else:
-            runs = remaining.take_before(z.lo, pages)
-            if runs:
-                z.lo = runs[0][0]
+            runs, z.lo = _take_outward(remaining, z.lo, pages, forward=False)
         return runs
 
     def statistics(self) -> dict[str, object]:

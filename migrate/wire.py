@@ -7,6 +7,7 @@ import ipaddress
 import os
 import select
 import socket as _stdsocket
+from typing import Callable
 
 import trio
 
@@ -111,11 +112,22 @@ class FrameSocket:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    async def _wait(self) -> None:
-        if self._want[0] == select.POLLOUT:
-            await trio.lowlevel.wait_writable(self.sock)
-        else:
-            await trio.lowlevel.wait_readable(self.sock)
+    async def _link_io(self, fn: Callable[..., int], *args: object) -> int:
+        """Calls a link function again after each ``-EAGAIN``, once the socket is ready; the one wait loop.
+
+        ``fn`` is ``link_send``, ``link_recv`` or ``tls_handshake``, called as
+        ``fn(self.link, *args, want, why)``.  ``-EAGAIN`` says in ``want`` which
+        way to wait: TLS may need to write while reading, or read while writing.
+
+        Returns:
+            Its first other result: a byte count, 0, or ``-errno`` with ``why`` set.
+        """
+        while (rc := fn(self.link, *args, self._want, self._why)) == -errno.EAGAIN:
+            if self._want[0] == select.POLLOUT:
+                await trio.lowlevel.wait_writable(self.sock)
+            else:
+                await trio.lowlevel.wait_readable(self.sock)
+        return rc
 
     async def start_tls(self, tls: TlsConfig, peer_host: str | None) -> None:
         """Runs the TLS handshake; a client (``peer_host`` given) checks the server's certificate names it.
@@ -127,8 +139,7 @@ class FrameSocket:
         if lib.tls_attach(self.link, tls.ctx, peer_host.encode() if peer_host else ffi.NULL, self._why) < 0:
             raise RemoteProtocolError(_text(self._why))
         self.link.rekey_bytes = tls.rekey_bytes
-        while (rc := lib.tls_handshake(self.link, self._want, self._why)) == -errno.EAGAIN:
-            await self._wait()
+        rc = await self._link_io(lib.tls_handshake)
         if rc == -errno.EPROTO:
             raise RemoteProtocolError(f"{_text(self._why)} (with {self.peer})",
                                       hint="both sides need --tls-cert/--tls-key/--tls-ca from the same CA; "
@@ -161,10 +172,7 @@ class FrameSocket:
         for chunk in chunks:
             buf, left = ffi.from_buffer(chunk), len(chunk)
             while left:
-                n = lib.link_send(self.link, buf + (len(chunk) - left), left, self._want, self._why)
-                if n == -errno.EAGAIN:
-                    await self._wait()
-                    continue
+                n = await self._link_io(lib.link_send, buf + (len(chunk) - left), left)
                 if n < 0:
                     raise _lost(self.peer, n, self._why)
                 self.bytes_out += n
@@ -180,10 +188,7 @@ class FrameSocket:
         """
         while (event := _vet(self.conn.next_event(), self.peer)) is None:
             buf, space = self.conn.receive_space()
-            n = lib.link_recv(self.link, buf, space, self._want, self._why)
-            if n == -errno.EAGAIN:
-                await self._wait()
-                continue
+            n = await self._link_io(lib.link_recv, buf, space)
             if n < 0:
                 raise _lost(self.peer, n, self._why)
             self.bytes_in += n

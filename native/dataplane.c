@@ -128,6 +128,18 @@ static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t 
     return 0;
 }
 
+/* After a link call (link_recv, link_send, send_iov) that moved nothing (n <
+ * 0): for -EAGAIN, waits as wait_fd does until the link is ready the way the
+ * call asked in want, and returns what wait_fd returns (0: call again); any
+ * other n is an error, returned as it is. */
+static int wait_link(link_t *l, int64_t n, int want, int stop_fd, int idle_ms, const owed_t *o,
+                     int *strikes, const char **why)
+{
+    if (n != -EAGAIN)
+        return (int)n;
+    return wait_fd(l->fd, (short)want, stop_fd, idle_ms, o, strikes, why);
+}
+
 /* -- receiving ------------------------------------------------------------ */
 
 /* Makes need bytes available at rx->data + rx->start. */
@@ -154,9 +166,7 @@ static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_
             *why = "the peer closed the connection in the middle of a frame";
             return -EPIPE;
         }
-        if (n != -EAGAIN)
-            return (int)n;
-        int rc = wait_fd(l->fd, (short)want, stop_fd, idle_ms, o, &strikes, why);
+        int rc = wait_link(l, n, want, stop_fd, idle_ms, o, &strikes, why);
         if (rc)
             return rc;
     }
@@ -279,9 +289,7 @@ static int send_all(link_t *l, const void *buf, size_t len, int stop_fd, int idl
             len -= (size_t)n;
             continue;
         }
-        if (n != -EAGAIN)
-            return (int)n;
-        int rc = wait_fd(l->fd, (short)want, stop_fd, idle_ms, NULL, &strikes, why);
+        int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
         if (rc)
             return rc;
     }
@@ -453,9 +461,7 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
         }
         int64_t n = send_iov(l, q, iov, left, max, &want, why);
         if (n < 0) {
-            if (n != -EAGAIN)
-                return (int)n;
-            int rc = wait_fd(l->fd, (short)want, stop_fd, idle_ms, NULL, &strikes, why);
+            int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
             if (rc)
                 return rc;
             continue;

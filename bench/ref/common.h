@@ -10,6 +10,7 @@
 #include <arpa/inet.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,17 +55,24 @@ static inline uint64_t parse_size(const char *s)
     return v;
 }
 
-/* Listen on 127.0.0.1 with a kernel-chosen port; returns the fd, sets *port. */
-static inline int tcp_listen(int *port)
+/* Listen on IPv4 address addr with a kernel-chosen port; returns the fd, sets *port. */
+static inline int tcp_listen_on(const char *addr, int *port)
 {
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    struct sockaddr_in a = { .sin_family = AF_INET };
     socklen_t len = sizeof a;
+    inet_pton(AF_INET, addr, &a.sin_addr);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0 || bind(fd, (void *)&a, sizeof a) || listen(fd, 4) ||
         getsockname(fd, (void *)&a, &len))
         die("listen");
     *port = ntohs(a.sin_port);
     return fd;
+}
+
+/* Listen on 127.0.0.1 with a kernel-chosen port; returns the fd, sets *port. */
+static inline int tcp_listen(int *port)
+{
+    return tcp_listen_on("127.0.0.1", port);
 }
 
 static inline int tcp_connect(int port, int nodelay)
@@ -77,6 +85,17 @@ static inline int tcp_connect(int port, int nodelay)
     if (nodelay)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &nodelay, sizeof nodelay);
     return fd;
+}
+
+/* This thread (only) moves to the network namespace at path (such as
+ * /run/netns/x): the programs that run through an emulated link (bench/wan.py)
+ * put each end in its own. */
+static inline void join_netns(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || setns(fd, CLONE_NEWNET))
+        die(path);
+    close(fd);
 }
 
 static inline int tcp_accept(int lfd, int nodelay)

@@ -8,22 +8,12 @@
  * the receiver RECV_NETNS, where it listens on ADDR: the bytes cross the
  * link's veths, shaper and delay.  Prints {"tcp_gbps": ...} (1 GB = 1e9 B). */
 #include "common.h"
-#include <sched.h>
 
 #define CHUNK MIB
 
 static uint64_t total;
 static int port;
 static const char *send_ns, *recv_ns, *addr;
-
-/* This thread (only) moves to the network namespace at path. */
-static void join_netns(const char *path)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0 || setns(fd, CLONE_NEWNET))
-        die(path);
-    close(fd);
-}
 
 static void *sender(void *arg)
 {
@@ -51,17 +41,11 @@ static void *sender(void *arg)
     return NULL;
 }
 
+/* The receiver's end of an emulated link: in RECV_NETNS, on ADDR. */
 static int listen_link(void)
 {
     join_netns(recv_ns);
-    struct sockaddr_in a = { .sin_family = AF_INET };
-    socklen_t len = sizeof a;
-    inet_pton(AF_INET, addr, &a.sin_addr);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0 || bind(fd, (void *)&a, sizeof a) || listen(fd, 4) || getsockname(fd, (void *)&a, &len))
-        die("listen");
-    port = ntohs(a.sin_port);
-    return fd;
+    return tcp_listen_on(addr, &port);
 }
 
 int main(int argc, char **argv)
