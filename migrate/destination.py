@@ -197,7 +197,13 @@ class Destination:
             raise
 
     async def run(self) -> dict[str, object]:
-        """Migrates the guest in, lets it run, and returns the metrics."""
+        """Migrates the guest in, lets it run, and returns the metrics.
+
+        **Cancellation**: stops the native loops through their eventfds and
+        waits for them, and asks the vCPUs to stop; a vCPU asleep in a fault
+        stays asleep, as the userfaultfd is never closed while a page may be
+        missing (it would read as zeros).  The process is expected to exit.
+        """
         t_connect = time.monotonic()
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
         deadline = trio.current_time() + self.cfg.connect_timeout

@@ -284,7 +284,13 @@ class Source:
         return self.cfg.mode is not p.Mode.postcopy or self.cfg.stream_order is StreamOrder.working_set
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
-        """Runs the guest, migrates it once, and returns the source's metrics."""
+        """Runs the guest, migrates it once, and returns the source's metrics.
+
+        **Cancellation**: stops every native loop through its eventfd and waits
+        for its thread, so no thread is left sending from guest memory; the
+        vCPUs stay as they are (running, or stopped after the switchover) and
+        the sockets close with the process, which is expected to exit.
+        """
         if self._tracking:
             await trio.to_thread.run_sync(DirtyTracker.check)  # an old kernel says so now, not after --run-before
         self.guest = await trio.to_thread.run_sync(partial(Guest, self.spec, fill=True))
