@@ -58,9 +58,9 @@ def _to_json(value: object) -> object:
 
 def _from_json(hint: Any, value: Any) -> Any:
     """``value`` as the type ``hint`` names: statistics and tuples rebuilt, scalars and dicts as they are."""
-    args = typing.get_args(hint)
     if value is None:
         return None
+    args = typing.get_args(hint)
     if typing.get_origin(hint) is types.UnionType:  # X | None, and the value is not None
         return _from_json(next(a for a in args if a is not type(None)), value)
     if typing.get_origin(hint) is tuple:
@@ -158,14 +158,28 @@ class FirstWindow(Stats):
 
 
 @dataclass(frozen=True)
-class DestinationStats(Stats):
+class SideStats(Stats):
+    """What both sides report alike: the guest, the bytes of each channel, TLS, and the process's peak RSS."""
+
+    mode: str
+    pages_total: int
+    guest_mib: float
+    vcpu_steps: tuple[int, ...]  # each vCPU's steps when it stopped here
+    bytes_bulk: int
+    bytes_urgent: int
+    tls: str  # the negotiated protocol and cipher, or "plaintext"
+    tls_rekeys: int
+    rss_mib: float
+
+
+@dataclass(frozen=True)
+class DestinationStats(SideStats):
     """What migrate-dst reports: pages, bytes, faults, latencies and the proof of one migration.
 
     Pages are 4 KiB pages; placements count every page the loops placed
     (a replaced page each time); ``eexist`` counts races the kernel absorbed.
     """
 
-    mode: str
     precopy_rounds: int
     pages_missing_at_switchover: int
     pages_replaced: int
@@ -173,14 +187,11 @@ class DestinationStats(Stats):
     pages_discarded_at_switchover: int
     placements: int
     bytes_total: int
-    pages_total: int
     pages_placed: int
     verified: bool | None  # None: not checked (no --verify)
     downtime_ms: float
     total_s: float
     connect_to_done_s: float
-    bytes_bulk: int
-    bytes_urgent: int
     bytes_requests: int
     stream_gbps: float
     faults: int
@@ -195,40 +206,29 @@ class DestinationStats(Stats):
     vcpu_stall_us: StallSummary
     fault_service_us: LatencySummary
     hops_us: Hops
-    vcpu_steps: tuple[int, ...]
-    vcpu_steps_at_placed: tuple[int, ...]
-    rss_mib: float
-    guest_mib: float
+    vcpu_steps_at_placed: tuple[int, ...]  # where the vCPUs were as the last page arrived
     workload: str
     vcpus: int
     recoveries: tuple[Recovery, ...]
     connect_attempts: int
-    tls: str  # the negotiated protocol and cipher, or "plaintext"
-    tls_rekeys: int
     placed_timeline: tuple[tuple[float, int, int], ...]  # (seconds since switchover, bulk pages, urgent pages)
 
 
 @dataclass(frozen=True)
-class SourceStats(Stats):
+class SourceStats(SideStats):
     """What migrate-src reports: pages and bytes sent, rounds, switchover, pacing and pre-paging."""
 
-    mode: str
     stream_order: str
     pages_streamed: int
     pages_requested: int
     requests: int
     rejected_peers: int
     dropped_peers: int
-    pages_total: int
     total_s: float
     migration_s: float
     precopy_s: float
-    bytes_bulk: int
-    bytes_urgent: int
     bytes_sent_total: int
     recoveries: int
-    tls: str
-    tls_rekeys: int
     request_held_us: LatencySummary
     notes_dropped: int
     max_bandwidth_bytes_per_s: int
@@ -238,9 +238,6 @@ class SourceStats(Stats):
     pacer_waits: int
     pacer_waited_ms: float
     stream_timeline: tuple[tuple[float, int], ...]  # (seconds since the stop, bytes streamed)
-    rss_mib: float
-    guest_mib: float
-    vcpu_steps: tuple[int, ...]
     rounds: tuple[Round, ...]
     guest_steps_per_s: GuestPace
     switchover: Switchover
