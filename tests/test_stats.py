@@ -29,8 +29,9 @@ def keys(value: object, at: str = "") -> set[str]:
 def test_the_json_is_written_as_before_byte_for_byte(cls: type, name: str) -> None:
     text = (DATA / name).read_text()
     stats = cls.from_json(json.loads(text))
-    assert json.dumps(stats.to_json(), sort_keys=True) + "\n" == text
-    assert cls.from_json(json.loads(text)) == stats
+    written = json.dumps(stats.to_json(), sort_keys=True)
+    assert written + "\n" == text
+    assert cls.from_json(json.loads(written)) == stats  # and back: typed, JSON, the same typed object
 
 
 def test_from_json_rebuilds_the_nested_statistics() -> None:
