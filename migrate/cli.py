@@ -388,8 +388,8 @@ def _run_src(args: argparse.Namespace) -> int:
         cfg.precopy_rounds = args.precopy_rounds
     if args.switchover_ms is not None:
         cfg.switchover_ms = args.switchover_ms
-    metrics = _run_trio(serve, cfg)
-    write_metrics(metrics, args.metrics, sys.stdout)
+    stats = _run_trio(serve, cfg)
+    write_metrics(stats.to_json(), args.metrics, sys.stdout)
     return 0
 
 
@@ -413,10 +413,10 @@ def _run_dst(args: argparse.Namespace) -> int:
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
                             link_timeout=args.link_timeout, connect_timeout=args.connect_timeout,
                             tls=_tls(args, server=False))
-    metrics = _run_trio(Destination(cfg).run)
-    write_metrics(metrics, args.metrics, sys.stdout)
-    print_summary(metrics, sys.stderr)
-    return 0 if metrics["verified"] is not False else 3
+    stats = _run_trio(Destination(cfg).run)
+    write_metrics(stats.to_json(), args.metrics, sys.stdout)
+    print_summary(stats, sys.stderr)
+    return 0 if stats.verified is not False else 3
 
 
 def src_main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress, placed_line
+from .stats import DestinationStats, Hops, Recovery
 from .uffd import PAGE_SIZE, Userfaultfd
 from .wire import FrameSocket, TlsConfig, connect, format_address, mark_urgent
 
@@ -99,7 +100,7 @@ class Destination:
         self.timeline: list[tuple[float, int, int]] = []
         self._session = b""
         self.info: p.GuestInfo | None = None  # from the first bulk connection: later ones are told it
-        self.recoveries: list[dict[str, float]] = []
+        self.recoveries: list[Recovery] = []
         self.connect_attempts = 0  # every try of every channel: more than 2 when the source was busy
         self.mode = p.Mode.postcopy
         self.started = False  # the CPU state arrived and the vCPUs run: the switchover is done
@@ -196,8 +197,8 @@ class Destination:
             bulk.close()
             raise
 
-    async def run(self) -> dict[str, object]:
-        """Migrates the guest in, lets it run, and returns the metrics.
+    async def run(self) -> DestinationStats:
+        """Migrates the guest in, lets it run, and returns its statistics.
 
         **Cancellation**: stops the native loops through their eventfds and
         waits for them, and asks the vCPUs to stop; a vCPU asleep in a fault
@@ -286,34 +287,34 @@ class Destination:
             verified = digest == want_digest and guest.export_state() == want_state
         guest.close()
         bulk_s, urgent_s = d.bulk, d.urgent
-        return {
-            "mode": self.mode.name, "precopy_rounds": self.rounds_received,
-            "pages_missing_at_switchover": self.missing_at_switchover,
-            "pages_replaced": bulk_s.replaced, "pages_discarded": bulk_s.discarded,
-            "pages_discarded_at_switchover": self.discarded_at_switchover,
-            "placements": bulk_s.pages + urgent_s.pages,
-            "bytes_total": bulk_s.bytes + urgent_s.bytes + faults.bytes,
-            "pages_total": spec.pages, "pages_placed": placed, "verified": verified,
-            "downtime_ms": round(downtime_ms, 3), "total_s": round(placement_s, 3),
-            "connect_to_done_s": round(time.monotonic() - t_connect, 3),
-            "bytes_bulk": bulk_s.bytes, "bytes_urgent": urgent_s.bytes, "bytes_requests": faults.bytes,
-            "stream_gbps": round(bulk_s.bytes / max(placement_s, 1e-3) / 1e9, 3),
-            "faults": faults.faults, "requests": faults.requests, "pages_requested": faults.pages_requested,
-            "eexist": eexist, "eexist_bulk": bulk_s.eexist, "eexist_urgent": urgent_s.eexist,
-            "pages_placed_bulk": bulk_s.pages, "pages_placed_urgent": urgent_s.pages,
-            "zero_pages": bulk_s.zero_pages + urgent_s.zero_pages,
-            "vcpu_stall_us": stalls.summary(), "fault_service_us": Histogram.from_c(urgent_s.service).summary(),
-            "hops_us": {"fault_to_request": Histogram.from_c(faults.to_send).summary(),
-                        "network": Histogram.from_c(urgent_s.network).summary(),
-                        "source_held": Histogram.from_c(urgent_s.held).summary(),
-                        "reply_to_placed": Histogram.from_c(urgent_s.place).summary()},
-            "vcpu_steps": steps, "vcpu_steps_at_placed": steps_placed, "rss_mib": rss, "guest_mib": spec.size / 2**20,
-            "workload": spec.workload.name, "vcpus": spec.vcpus, "recoveries": self.recoveries,
-            "connect_attempts": self.connect_attempts,
-            "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
-            "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
-            "placed_timeline": self.timeline,
-        }
+        return DestinationStats(
+            mode=self.mode.name, precopy_rounds=self.rounds_received,
+            pages_missing_at_switchover=self.missing_at_switchover,
+            pages_replaced=bulk_s.replaced, pages_discarded=bulk_s.discarded,
+            pages_discarded_at_switchover=self.discarded_at_switchover,
+            placements=bulk_s.pages + urgent_s.pages,
+            bytes_total=bulk_s.bytes + urgent_s.bytes + faults.bytes,
+            pages_total=spec.pages, pages_placed=placed, verified=verified,
+            downtime_ms=round(downtime_ms, 3), total_s=round(placement_s, 3),
+            connect_to_done_s=round(time.monotonic() - t_connect, 3),
+            bytes_bulk=bulk_s.bytes, bytes_urgent=urgent_s.bytes, bytes_requests=faults.bytes,
+            stream_gbps=round(bulk_s.bytes / max(placement_s, 1e-3) / 1e9, 3),
+            faults=faults.faults, requests=faults.requests, pages_requested=faults.pages_requested,
+            eexist=eexist, eexist_bulk=bulk_s.eexist, eexist_urgent=urgent_s.eexist,
+            pages_placed_bulk=bulk_s.pages, pages_placed_urgent=urgent_s.pages,
+            zero_pages=bulk_s.zero_pages + urgent_s.zero_pages,
+            vcpu_stall_us=stalls.summary(), fault_service_us=Histogram.from_c(urgent_s.service).summary(),
+            hops_us=Hops(fault_to_request=Histogram.from_c(faults.to_send).summary(),
+                         network=Histogram.from_c(urgent_s.network).summary(),
+                         source_held=Histogram.from_c(urgent_s.held).summary(),
+                         reply_to_placed=Histogram.from_c(urgent_s.place).summary()),
+            vcpu_steps=tuple(steps), vcpu_steps_at_placed=tuple(steps_placed), rss_mib=rss,
+            guest_mib=spec.size / 2**20, workload=spec.workload.name, vcpus=spec.vcpus,
+            recoveries=tuple(self.recoveries), connect_attempts=self.connect_attempts,
+            tls=self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
+            tls_rekeys=self.cfg.tls.rekeys if self.cfg.tls else 0,
+            placed_timeline=tuple(self.timeline),
+        )
 
     async def _until_switchover(self, guest: Guest, links: _Links) -> tuple[p.CpuState, _Links]:
         """Before switchover: places the precopy rounds (if any) until the CPU state arrives.
@@ -432,7 +433,7 @@ class Destination:
         if self.started:
             await self._ask_again(guest, links.requests)
         reconnect_s = trio.current_time() - t0
-        self.recoveries.append({"reconnect_s": round(reconnect_s, 3), "pages_missing": missing})
+        self.recoveries.append(Recovery(reconnect_s=round(reconnect_s, 3), pages_missing=missing))
         log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
                  reconnect_s, missing, len(runs))
         return links

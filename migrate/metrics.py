@@ -1,4 +1,4 @@
-"""Latency histograms and the metrics a migration reports.
+"""Latency histograms, summed up for the statistics a migration reports (migrate/stats.py).
 
 The bucket scheme matches the C one in native/guest.c (8 log-linear
 sub-buckets per power of two of nanoseconds, about 12% resolution), so the
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from ._native import lib
+from .stats import LatencySummary, StallSummary
 
 BUCKETS: int = lib.HIST_BUCKETS
 # QEMU 10.1 query-migrate "postcopy-latency-dist": bucket N counts faults
@@ -79,10 +80,10 @@ class Histogram:
                 return round(min(bucket_upper_ns(b), self.max_ns) / 1000, 1)
         return self.max_ns / 1000
 
-    def summary(self) -> dict[str, float]:
-        """count, p50, p99, max (µs) and total_ms: the shape the metrics file uses."""
-        return {"count": self.count, "p50": self.percentile_us(0.5), "p99": self.percentile_us(0.99),
-                "max": round(self.max_ns / 1000, 1), "total_ms": round(self.total_ns / 1e6, 3)}
+    def summary(self) -> LatencySummary:
+        """count, p50, p99, max (µs) and total_ms: what the metrics report."""
+        return LatencySummary(count=self.count, p50=self.percentile_us(0.5), p99=self.percentile_us(0.99),
+                              max=round(self.max_ns / 1000, 1), total_ms=round(self.total_ns / 1e6, 3))
 
 
 @dataclass
@@ -103,15 +104,11 @@ class StallHistogram(Histogram):
         super().add(ns)
         self.qemu_dist[qemu_bucket_of(ns)] += 1
 
-    def summary(self) -> dict[str, object]:
-        """The Histogram summary plus ``qemu_dist``, ``slow_other``, ``slow_other_ms`` and ``hist``.
-
-        ``hist`` lists the non-empty buckets as [upper edge µs, count], enough
-        to draw the stall CDF without keeping every sample.
-        """
-        hist = [[round(bucket_upper_ns(b) / 1000, 3), n] for b, n in enumerate(self.buckets) if n]
-        return {**super().summary(), "qemu_dist": list(self.qemu_dist), "slow_other": self.slow_other,
-                "slow_other_ms": round(self.slow_other_ns / 1e6, 3), "hist": hist}
+    def summary(self) -> StallSummary:
+        """The Histogram summary plus ``qemu_dist``, ``slow_other``, ``slow_other_ms`` and ``hist``."""
+        hist = tuple((round(bucket_upper_ns(b) / 1000, 3), n) for b, n in enumerate(self.buckets) if n)
+        return StallSummary(**vars(super().summary()), qemu_dist=tuple(self.qemu_dist), slow_other=self.slow_other,
+                            slow_other_ms=round(self.slow_other_ns / 1e6, 3), hist=hist)
 
 
 def rss_mib() -> float:

@@ -61,6 +61,7 @@ from .loops import run_native
 from .metrics import Histogram, rss_mib
 from .progress import Progress
 from .ranges import Remaining
+from .stats import FirstWindow, GuestPace, Round, SourceStats, Switchover
 from .uffd import PAGE_SIZE
 from .wire import FrameSocket, TlsConfig, family_of, format_address, mark_urgent, tune
 
@@ -283,8 +284,8 @@ class Source:
         """Whether this migration asks the kernel what the guest writes."""
         return self.cfg.mode is not p.Mode.postcopy or self.cfg.stream_order is StreamOrder.working_set
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
-        """Runs the guest, migrates it once, and returns the source's metrics.
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> SourceStats:
+        """Runs the guest, migrates it once, and returns the source's statistics.
 
         **Cancellation**: stops every native loop through its eventfd and waits
         for its thread, so no thread is left sending from guest memory; the
@@ -487,7 +488,7 @@ class Source:
         assert self.guest is not None
         self.tracker = await trio.to_thread.run_sync(DirtyTracker, self.guest.base, self.spec.pages)
 
-    async def _migrate(self) -> dict[str, object]:
+    async def _migrate(self) -> SourceStats:
         s = self.session
         assert self.guest is not None and s is not None and s.complete()
         fig = self.figures
@@ -537,7 +538,7 @@ class Source:
             self.tracker.close()
         return self._metrics(recoveries)
 
-    def _metrics(self, recoveries: int) -> dict[str, object]:
+    def _metrics(self, recoveries: int) -> SourceStats:
         fig = self.figures
         total_s = time.monotonic() - fig.t_switch
         stream, served = self.stream_stats, self.serve_stats
@@ -549,36 +550,36 @@ class Source:
             # fewer than a hundred such strides is noise.
             if fig.steps_start >= 100 * (64 if self.spec.rate else 1024) * self.spec.vcpus:
                 ratio = round(during / before, 3)
-        metrics: dict[str, object] = {
-            "mode": self.cfg.mode.name, "stream_order": self.cfg.stream_order.value,
-            "pages_streamed": stream.pages, "pages_requested": served.pages, "requests": served.requests,
-            "rejected_peers": self.rejected_peers, "dropped_peers": self.dropped_peers,
-            "pages_total": self.spec.pages, "total_s": round(total_s, 3),
-            "migration_s": round(trio.current_time() - fig.t_start, 3),
-            "precopy_s": round(fig.t_stop - fig.t_start, 3) if during is not None else 0.0,
-            "bytes_bulk": stream.bytes, "bytes_urgent": served.bytes, "bytes_sent_total": stream.bytes + served.bytes,
-            "recoveries": recoveries,
-            "tls": self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
-            "tls_rekeys": self.cfg.tls.rekeys if self.cfg.tls else 0,
-            "request_held_us": Histogram.from_c(served.held).summary(), "notes_dropped": self.notes.dropped,
-            "max_bandwidth_bytes_per_s": self.cfg.max_bandwidth, "prepage": self.cfg.prepage,
-            "prepage_stats": self.policy.statistics(), "window_pages": self.window_pages,
-            "pacer_waits": self.pacer.waits, "pacer_waited_ms": round(self.pacer.waited_ns / 1e6, 3),
-            "stream_timeline": self.stream_timeline,
-            "rss_mib": rss_mib(), "guest_mib": self.spec.size / 2**20, "vcpu_steps": self.guest.steps(),
-            "rounds": fig.rounds,
-            "guest_steps_per_s": {"before": round(before), "during_precopy": None if during is None else round(during),
-                                  "ratio": ratio},
-            "switchover": {"dirty_pages": self.final.pages if self.final else 0,
-                           "pages_discarded": fig.discarded_at_switchover,
-                           "stop_and_copy_pages": fig.stop_and_copy_pages,
-                           "stopped_to_cpu_state_ms": round(fig.switch_ms, 3),
-                           "working_set_pages": fig.working_set_pages},
-            "first_window": fig.first_window,
-        }
+        stats = SourceStats(
+            mode=self.cfg.mode.name, stream_order=self.cfg.stream_order.value,
+            pages_streamed=stream.pages, pages_requested=served.pages, requests=served.requests,
+            rejected_peers=self.rejected_peers, dropped_peers=self.dropped_peers,
+            pages_total=self.spec.pages, total_s=round(total_s, 3),
+            migration_s=round(trio.current_time() - fig.t_start, 3),
+            precopy_s=round(fig.t_stop - fig.t_start, 3) if during is not None else 0.0,
+            bytes_bulk=stream.bytes, bytes_urgent=served.bytes, bytes_sent_total=stream.bytes + served.bytes,
+            recoveries=recoveries,
+            tls=self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
+            tls_rekeys=self.cfg.tls.rekeys if self.cfg.tls else 0,
+            request_held_us=Histogram.from_c(served.held).summary(), notes_dropped=self.notes.dropped,
+            max_bandwidth_bytes_per_s=self.cfg.max_bandwidth, prepage=self.cfg.prepage,
+            prepage_stats=self.policy.statistics(), window_pages=self.window_pages,
+            pacer_waits=self.pacer.waits, pacer_waited_ms=round(self.pacer.waited_ns / 1e6, 3),
+            stream_timeline=tuple(self.stream_timeline),
+            rss_mib=rss_mib(), guest_mib=self.spec.size / 2**20, vcpu_steps=tuple(self.guest.steps()),
+            rounds=tuple(Round(**entry) for entry in fig.rounds),
+            guest_steps_per_s=GuestPace(before=round(before), during_precopy=None if during is None else round(during),
+                                        ratio=ratio),
+            switchover=Switchover(dirty_pages=self.final.pages if self.final else 0,
+                                  pages_discarded=fig.discarded_at_switchover,
+                                  stop_and_copy_pages=fig.stop_and_copy_pages,
+                                  stopped_to_cpu_state_ms=round(fig.switch_ms, 3),
+                                  working_set_pages=fig.working_set_pages),
+            first_window=fig.first_window,
+        )
         log.info("done in %.2f s: %d pages streamed, %d sent on request (%d requests); destination placed %s",
                  total_s, stream.pages, served.pages, served.requests, self.dest_counters.get("pages_placed", "?"))
-        return metrics
+        return stats
 
     async def _rounds(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
         """Precopy rounds while the guest runs here, until they converge or --precopy-rounds is reached.
@@ -824,8 +825,8 @@ class Source:
         else:
             runs = self.policy.next_window(self.remaining, self.window_pages)
         if runs and self.figures.first_window is None:
-            self.figures.first_window = {"pages": sum(n for _, n in runs), "runs": len(runs),
-                                         "start": runs[0][0], "end": runs[-1][0] + runs[-1][1]}
+            self.figures.first_window = FirstWindow(pages=sum(n for _, n in runs), runs=len(runs),
+                                                    start=runs[0][0], end=runs[-1][0] + runs[-1][1])
         return runs
 
     async def _stream(self, bulk: FrameSocket) -> None:
@@ -887,12 +888,12 @@ class _Figures:
     stop_and_copy_pages: int = 0
     discarded_at_switchover: int = 0
     working_set_pages: int | None = None
-    rounds: list[dict[str, object]] = field(default_factory=list)
+    rounds: list[dict[str, object]] = field(default_factory=list)  # each a Round's fields, filled in as scans come
     round_bytes: int = 0
     round_s: float = 0.0
-    first_window: dict[str, int] | None = None  # what the postcopy stream sent first: pages, runs, span
+    first_window: FirstWindow | None = None  # what the postcopy stream sent first
 
 
-async def serve(cfg: SourceConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> dict[str, object]:
-    """Runs one source until its guest has been migrated; returns its metrics."""
+async def serve(cfg: SourceConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> SourceStats:
+    """Runs one source until its guest has been migrated; returns its statistics."""
     return await Source(cfg).run(task_status=task_status)

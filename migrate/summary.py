@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import IO
 
+from .stats import DestinationStats
+
 
 def stalls_vs_faults(stalls: int, faults: int) -> str:
     """Why the vCPUs' stall count and the fault reader's fault count differ, if they do.
@@ -22,30 +24,29 @@ def stalls_vs_faults(stalls: int, faults: int) -> str:
     return f"faults {faults}: the bulk stream woke {stalls - faults} vCPU waits before their fault was read"
 
 
-def print_summary(m: dict, out: IO[str]) -> None:
+def print_summary(m: DestinationStats, out: IO[str]) -> None:
     """A short table of what happened; the last line says whether the guest was proven identical."""
-    stall, service = m["vcpu_stall_us"], m["fault_service_us"]
-    mib = m["bytes_bulk"] / 2**20
-    other = stall.get("slow_other", 0)
+    stall, service = m.vcpu_stall_us, m.fault_service_us
+    mib = m.bytes_bulk / 2**20
     lines = [
         "── migration summary ─────────────────────────────",
-        f"guest            {m['guest_mib']:.0f} MiB, {m['vcpus']} vCPUs, {m['workload']}, {m['mode']}",
-        *([f"precopy          {m['precopy_rounds']} rounds, {m['pages_replaced']} pages replaced, "
-           f"{m['pages_discarded_at_switchover']} discarded at switchover"] if m["mode"] != "postcopy" else []),
-        f"pages placed     {m['pages_placed']}/{m['pages_total']} ({m['zero_pages']} as zero pages)",
-        f"downtime         {m['downtime_ms']:.2f} ms (source vCPUs stopped → running here)",
-        f"memory arrived   in {m['total_s']:.2f} s, {mib:.0f} MiB on the bulk channel ({m['stream_gbps']:.2f} GB/s)",
-        f"faults           {m['faults']} in {m['requests']} requests, {m['bytes_urgent'] / 2**20:.1f} MiB urgent",
-        f"vCPU stalls      {stall['count']} accesses waited for a page, p50 {stall['p50']:.0f} µs, "
-        f"p99 {stall['p99']:.0f} µs, max {stall['max']:.0f} µs, {stall['total_ms']:.1f} ms in all",
-        f"                 ({stalls_vs_faults(stall['count'], m['faults'])})",
-        *([f"not stalls       {other} slow accesses ({stall.get('slow_other_ms', 0):.1f} ms) that never slept "
-           "for a page (copy-on-write, preemption)"] if other else []),
-        f"fault service    p50 {service['p50']:.0f} µs, p99 {service['p99']:.0f} µs, max {service['max']:.0f} µs",
-        f"races absorbed   {m['eexist']} pages already present when placed (no userland page state)",
-        *([f"encryption       {m['tls']}"] if m.get("tls", "plaintext") != "plaintext" else []),
-        *(f"recovery         link lost and back in {r['reconnect_s'] * 1000:.0f} ms, "
-          f"{r['pages_missing']} pages still absent were streamed again" for r in m["recoveries"]),
-        f"verified: {'yes' if m['verified'] else 'NO' if m['verified'] is False else 'not checked (use --verify)'}",
+        f"guest            {m.guest_mib:.0f} MiB, {m.vcpus} vCPUs, {m.workload}, {m.mode}",
+        *([f"precopy          {m.precopy_rounds} rounds, {m.pages_replaced} pages replaced, "
+           f"{m.pages_discarded_at_switchover} discarded at switchover"] if m.mode != "postcopy" else []),
+        f"pages placed     {m.pages_placed}/{m.pages_total} ({m.zero_pages} as zero pages)",
+        f"downtime         {m.downtime_ms:.2f} ms (source vCPUs stopped → running here)",
+        f"memory arrived   in {m.total_s:.2f} s, {mib:.0f} MiB on the bulk channel ({m.stream_gbps:.2f} GB/s)",
+        f"faults           {m.faults} in {m.requests} requests, {m.bytes_urgent / 2**20:.1f} MiB urgent",
+        f"vCPU stalls      {stall.count} accesses waited for a page, p50 {stall.p50:.0f} µs, "
+        f"p99 {stall.p99:.0f} µs, max {stall.max:.0f} µs, {stall.total_ms:.1f} ms in all",
+        f"                 ({stalls_vs_faults(stall.count, m.faults)})",
+        *([f"not stalls       {stall.slow_other} slow accesses ({stall.slow_other_ms:.1f} ms) that never slept "
+           "for a page (copy-on-write, preemption)"] if stall.slow_other else []),
+        f"fault service    p50 {service.p50:.0f} µs, p99 {service.p99:.0f} µs, max {service.max:.0f} µs",
+        f"races absorbed   {m.eexist} pages already present when placed (no userland page state)",
+        *([f"encryption       {m.tls}"] if m.tls != "plaintext" else []),
+        *(f"recovery         link lost and back in {r.reconnect_s * 1000:.0f} ms, "
+          f"{r.pages_missing} pages still absent were streamed again" for r in m.recoveries),
+        f"verified: {'yes' if m.verified else 'NO' if m.verified is False else 'not checked (use --verify)'}",
     ]
     print("\n".join(lines), file=out, flush=True)

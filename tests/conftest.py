@@ -18,6 +18,7 @@ from migrate.errors import MigrateError
 from migrate.guest import Guest, GuestSpec
 from migrate import protocol as p
 from migrate.protocol import codec
+from migrate.stats import DestinationStats, SourceStats
 from migrate.uffd import Userfaultfd
 
 BIN = Path(sys.executable).parent
@@ -55,8 +56,8 @@ class Run:
 
     src_rc: int
     dst_rc: int
-    src_metrics: dict
-    dst_metrics: dict
+    src_metrics: SourceStats | None  # None: no metrics file
+    dst_metrics: DestinationStats | None
     src_err: str
     dst_err: str
 
@@ -205,5 +206,6 @@ async def migrate(tmp: Path, src_args: list[str], dst_args: tuple[str, ...] | li
                 with trio.CancelScope(shield=True):
                     await src.wait()
     src_json = tmp / "src.json"
-    src_metrics = json.loads(src_json.read_text()) if src_json.exists() else {}
-    return Run(src_rc, dst_rc, src_metrics, dst_metrics, (tmp / "src.err").read_text(), dst_err)
+    src_metrics = SourceStats.from_json(json.loads(src_json.read_text())) if src_json.exists() else None
+    return Run(src_rc, dst_rc, src_metrics, DestinationStats.from_json(dst_metrics) if dst_metrics else None,
+               (tmp / "src.err").read_text(), dst_err)

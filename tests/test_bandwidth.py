@@ -48,10 +48,10 @@ async def test_a_capped_stream_takes_as_long_as_the_cap_says(tmp_path: Path) -> 
                            ["--verify", "--run-after", "0.1"], timeout=25)
     assert result.dst_rc == 0 and result.src_rc == 0, result.dst_err + result.src_err
     m, s = result.dst_metrics, result.src_metrics
-    assert m["verified"] is True
-    REPORT.append(f"64 MiB capped at 50 MB/s: streamed in {m['total_s']:.2f} s, {s['pacer_waits']} pauses")
-    assert 1.0 <= m["total_s"] <= 2.5, m["total_s"]
-    assert s["max_bandwidth_bytes_per_s"] == 50_000_000 and s["pacer_waits"] > 0
+    assert m.verified is True
+    REPORT.append(f"64 MiB capped at 50 MB/s: streamed in {m.total_s:.2f} s, {s.pacer_waits} pauses")
+    assert 1.0 <= m.total_s <= 2.5, m.total_s
+    assert s.max_bandwidth_bytes_per_s == 50_000_000 and s.pacer_waits > 0
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
@@ -75,6 +75,6 @@ async def test_the_cap_holds_precopy_rounds_too(tmp_path: Path) -> None:
                                       "--mode", "hybrid"], ["--verify", "--run-after", "0.1"], timeout=25)
     assert result.dst_rc == 0 and result.src_rc == 0, result.dst_err + result.src_err
     s = result.src_metrics
-    assert result.dst_metrics["verified"] is True
-    first = s["rounds"][0]
-    assert first["pages"] == 16384 and 1.0 <= first["seconds"] <= 2.5, first
+    assert result.dst_metrics.verified is True
+    first = s.rounds[0]
+    assert first.pages == 16384 and 1.0 <= first.seconds <= 2.5, first

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from migrate.stats import DestinationStats
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "scripts" / "docker-demo"
 # The script bounds the compose run itself (DEMO_TIMEOUT); this is for a hang
@@ -60,5 +62,5 @@ def test_docker_demo_migrates_and_verifies(tls: str) -> None:
     assert "verified: yes" in proc.stdout, (
         f"the destination did not print 'verified: yes':\n{_tail(proc.stdout)}"
     )
-    metrics = json.loads((ROOT / "dist" / "docker-demo" / "metrics.json").read_text())
-    assert metrics["tls"].startswith("TLSv1.3") == (tls == "1"), metrics["tls"]
+    metrics = DestinationStats.from_json(json.loads((ROOT / "dist" / "docker-demo" / "metrics.json").read_text()))
+    assert metrics.tls.startswith("TLSv1.3") == (tls == "1"), metrics.tls

@@ -103,7 +103,7 @@ def test_a_fault_served_late_is_one_stall_in_both_histograms() -> None:
     assert sum(s.qemu_dist) == s.count and sum(s.qemu_dist[9:]) == s.count
     assert s.percentile_us(0.5) >= 1000
     summary = s.summary()
-    assert len(summary["qemu_dist"]) == 24 and summary["slow_other"] >= 0
-    assert sum(n for _, n in summary["hist"]) == s.count
+    assert len(summary.qemu_dist) == 24 and summary.slow_other >= 0
+    assert sum(n for _, n in summary.hist) == s.count
     uffd.close()
     g.close()

@@ -24,12 +24,12 @@ def test_percentiles() -> None:
     for us in [10] * 98 + [1000, 5000]:
         h.add(us * 1000)
     s = h.summary()
-    assert s["count"] == 100
-    assert 10 <= s["p50"] <= 11.3
-    assert 1000 <= s["p99"] <= 1130
-    assert s["max"] == 5000
-    assert s["total_ms"] == 6.98
-    assert Histogram().summary()["p50"] == 0.0
+    assert s.count == 100
+    assert 10 <= s.p50 <= 11.3
+    assert 1000 <= s.p99 <= 1130
+    assert s.max == 5000
+    assert s.total_ms == 6.98
+    assert Histogram().summary().p50 == 0.0
 
 
 def test_qemu_layout_doubles_from_one_microsecond() -> None:
@@ -45,8 +45,8 @@ def test_stall_histogram_summary_carries_both_layouts() -> None:
     for us in (1, 30, 30, 700, 5000):
         h.add(us * 1000)
     s = h.summary()
-    assert s["count"] == 5 and sum(s["qemu_dist"]) == 5
-    assert s["qemu_dist"][0] == 1 and s["qemu_dist"][4] == 2 and s["qemu_dist"][9] == 1 and s["qemu_dist"][12] == 1
-    assert s["slow_other"] == 3 and s["slow_other_ms"] == 0.012
-    assert sum(n for _, n in s["hist"]) == 5 and all(a[0] < b[0] for a, b in zip(s["hist"], s["hist"][1:]))
+    assert s.count == 5 and sum(s.qemu_dist) == 5
+    assert s.qemu_dist[0] == 1 and s.qemu_dist[4] == 2 and s.qemu_dist[9] == 1 and s.qemu_dist[12] == 1
+    assert s.slow_other == 3 and s.slow_other_ms == 0.012
+    assert sum(n for _, n in s.hist) == 5 and all(a[0] < b[0] for a, b in zip(s.hist, s.hist[1:]))
 

@@ -14,22 +14,23 @@ import trio
 
 from conftest import BIN, REPORT, destination_against, migrate, run_destination, start_source
 from migrate import protocol as p
+from migrate.stats import DestinationStats
 
 FAST = ["--run-before", "0.3"]
 DST = ["--verify", "--run-after", "0.2"]
 
 
-def assert_migrated(run) -> dict:
+def assert_migrated(run) -> DestinationStats:
     assert run.dst_rc == 0, run.dst_err
     assert run.src_rc == 0, run.src_err
     m = run.dst_metrics
-    assert m["verified"] is True
-    assert m["pages_placed"] == m["pages_total"]
+    assert m.verified is True
+    assert m.pages_placed == m.pages_total
     assert "verified: yes" in run.dst_err
     assert "Traceback" not in run.dst_err + run.src_err
-    REPORT.append(f"migration {m['guest_mib']:7.2f} MiB {m['workload']:10} {m['vcpus']} vCPUs: downtime "
-                  f"{m['downtime_ms']:.1f} ms, {m['total_s']:.2f} s, {m['faults']} faults, {m['eexist']} -EEXIST, "
-                  f"stalls p50 {m['vcpu_stall_us']['p50']:.0f} µs, verified")
+    REPORT.append(f"migration {m.guest_mib:7.2f} MiB {m.workload:10} {m.vcpus} vCPUs: downtime "
+                  f"{m.downtime_ms:.1f} ms, {m.total_s:.2f} s, {m.faults} faults, {m.eexist} -EEXIST, "
+                  f"stalls p50 {m.vcpu_stall_us.p50:.0f} µs, verified")
     return m
 
 
@@ -46,28 +47,28 @@ def assert_migrated(run) -> dict:
 ], ids=["uniform", "hotset", "sequential", "readmostly", "one-page", "odd-pages", "1-vcpu", "4-vcpus", "idle"])
 async def test_migration_verifies(tmp_path: Path, args: list[str]) -> None:
     m = assert_migrated(await migrate(tmp_path, [*args, *FAST], DST))
-    assert m["downtime_ms"] >= 0
+    assert m.downtime_ms >= 0
 
 
 async def test_zero_heavy_guest_travels_as_zero_runs(tmp_path: Path) -> None:
     run = await migrate(tmp_path, ["--guest-mib", "64", "--zero-fraction", "0.9", "--rate", "1000", *FAST], DST)
     m = assert_migrated(run)
-    assert m["zero_pages"] > 0.8 * m["pages_total"]
-    assert m["bytes_bulk"] < 0.3 * m["pages_total"] * 4096
+    assert m.zero_pages > 0.8 * m.pages_total
+    assert m.bytes_bulk < 0.3 * m.pages_total * 4096
 
 
 async def test_one_gib_guest(tmp_path: Path) -> None:
     m = assert_migrated(await migrate(tmp_path, ["--guest-mib", "1024", "--workload", "hotset", *FAST], DST))
-    assert m["pages_total"] == 262144
+    assert m.pages_total == 262144
 
 
 async def test_faults_happen_while_the_stream_runs(tmp_path: Path) -> None:
     """A busy guest touches missing pages at once: faults are served, and the vCPUs saw them as stalls."""
     m = assert_migrated(await migrate(tmp_path, ["--guest-mib", "256", "--workload", "uniform", *FAST], DST))
-    assert m["faults"] > 0 and m["requests"] > 0
-    assert m["vcpu_stall_us"]["count"] > 0
-    assert m["fault_service_us"]["count"] > 0
-    assert m["bytes_urgent"] > 0
+    assert m.faults > 0 and m.requests > 0
+    assert m.vcpu_stall_us.count > 0
+    assert m.fault_service_us.count > 0
+    assert m.bytes_urgent > 0
 
 
 # -- user mistakes: one line, a hint, non-zero, no traceback -------------------
@@ -117,9 +118,11 @@ async def test_a_destination_started_first_waits_for_the_source(tmp_path: Path) 
             src, _ = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0"],
                                         listen=f"127.0.0.1:{port}")
         assert await src.wait() == 0
-    rc, err, m = result
-    assert rc == 0 and m["verified"] is True, err
-    assert m["connect_attempts"] > 2 and "refused; trying again" in err
+    rc, err, raw = result
+    assert rc == 0, err
+    m = DestinationStats.from_json(raw)
+    assert m.verified is True
+    assert m.connect_attempts > 2 and "refused; trying again" in err
 
 
 def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
@@ -195,8 +198,8 @@ async def test_stdout_is_machine_readable(tmp_path: Path) -> None:
                                        "--run-after", "0", "--metrics", "-", "--log-format", "json"],
                                       capture_stdout=True, capture_stderr=True)
         assert await src.wait() == 0
-    metrics = json.loads(proc.stdout.decode())
-    assert metrics["pages_placed"] == metrics["pages_total"] == 2048
+    metrics = DestinationStats.from_json(json.loads(proc.stdout.decode()))
+    assert metrics.pages_placed == metrics.pages_total == 2048
     err = proc.stderr.decode().splitlines()
     logs = [json.loads(line) for line in err if line.startswith("{")]
     assert logs and all({"t", "level", "msg"} <= set(entry) for entry in logs)

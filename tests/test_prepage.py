@@ -110,9 +110,9 @@ async def test_policies_fault_less_than_address_order_on_a_sequential_guest(tmp_
                                        "--max-bandwidth", "20M", "--prepage", name, "--run-before", "0.3"],
                             ["--verify", "--run-after", "0.1"], timeout=25)
         assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
-        assert run.dst_metrics["verified"] is True
-        assert run.src_metrics["prepage"] == name
-        faults[name] = run.dst_metrics["faults"]
+        assert run.dst_metrics.verified is True
+        assert run.src_metrics.prepage == name
+        faults[name] = run.dst_metrics.faults
     REPORT.append(f"sequential guest, faults per --prepage policy: {faults}")
     for name in ("jump", "bubble", "adaptive"):
         assert faults[name] * 3 < faults["none"], faults

@@ -15,6 +15,7 @@ import trio
 from conftest import BIN, REPORT, destination_against, hostile, migrate, run_destination, send_raw, start_source
 from migrate import protocol as p
 from migrate.errors import PeerError
+from migrate.stats import DestinationStats, SourceStats
 from migrate.wire import FrameSocket
 from proxy import CuttingProxy
 
@@ -30,21 +31,22 @@ async def test_links_cut_twice_the_migration_recovers_and_verifies(tmp_path: Pat
             proxy = CuttingProxy(port, [int(0.3 * GUEST_BYTES), int(0.7 * GUEST_BYTES)],
                                  lambda _: proxy.cut())
             proxy_port = await nursery.start(proxy.serve)
-            rc, err, m = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2"])
+            rc, err, raw = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2"])
             src_rc = await src.wait()
             nursery.cancel_scope.cancel()
     assert rc == 0, err
+    m = DestinationStats.from_json(raw)
     assert src_rc == 0, (tmp_path / "src.err").read_text()
     assert proxy.cuts == 2
-    assert m["verified"] is True and m["pages_placed"] == m["pages_total"]
-    assert len(m["recoveries"]) == 2, err
-    assert json.loads((tmp_path / "src.json").read_text())["recoveries"] == 2
+    assert m.verified is True and m.pages_placed == m.pages_total
+    assert len(m.recoveries) == 2, err
+    assert SourceStats.from_json(json.loads((tmp_path / "src.json").read_text())).recoveries == 2
     assert "Traceback" not in err
-    for r in m["recoveries"]:
-        assert 0 < r["pages_missing"] < m["pages_total"]
+    for r in m.recoveries:
+        assert 0 < r.pages_missing < m.pages_total
     REPORT.append("recovery: links cut at 30% and 70%: " + ", ".join(
-        f"reconnected in {r['reconnect_s'] * 1000:.0f} ms, {r['pages_missing']} pages re-requested"
-        for r in m["recoveries"]) + f"; verified in {m['total_s']:.2f} s")
+        f"reconnected in {r.reconnect_s * 1000:.0f} ms, {r.pages_missing} pages re-requested"
+        for r in m.recoveries) + f"; verified in {m.total_s:.2f} s")
 
 
 async def test_silent_partition_is_detected_and_recovered(tmp_path: Path) -> None:
@@ -55,16 +57,17 @@ async def test_silent_partition_is_detected_and_recovered(tmp_path: Path) -> Non
             src, port = await start_source(tmp_path, BUSY_GUEST)
             proxy = CuttingProxy(port, [int(0.5 * GUEST_BYTES)], lambda _: proxy.freeze())
             proxy_port = await nursery.start(proxy.serve)
-            rc, err, m = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2",
-                                                                       "--link-timeout", "2"])
+            rc, err, raw = await run_destination(tmp_path, proxy_port, ["--verify", "--run-after", "0.2",
+                                                                         "--link-timeout", "2"])
             src_rc = await src.wait()
             nursery.cancel_scope.cancel()
     assert rc == 0, err
     assert src_rc == 0, (tmp_path / "src.err").read_text()
-    assert m["verified"] is True and len(m["recoveries"]) == 1
+    m = DestinationStats.from_json(raw)
+    assert m.verified is True and len(m.recoveries) == 1
     assert "still closing" in (tmp_path / "src.err").read_text()  # the stale channels were ended
-    REPORT.append(f"partition: silent links detected and recovered in {m['recoveries'][0]['reconnect_s']:.2f} s, "
-                  f"{m['recoveries'][0]['pages_missing']} pages re-requested, verified")
+    REPORT.append(f"partition: silent links detected and recovered in {m.recoveries[0].reconnect_s:.2f} s, "
+                  f"{m.recoveries[0].pages_missing} pages re-requested, verified")
 
 
 async def test_source_killed_midway_destination_gives_up_clearly(tmp_path: Path) -> None:
@@ -147,18 +150,18 @@ async def test_hostile_clients_and_wrong_key_are_rejected_then_a_real_destinatio
             rc_wrong, err_wrong, _ = await run_destination(tmp_path, port, ["--key-file", str(wrong)])
             with trio.fail_after(10):
                 await dripper_dropped.wait()
-            rc, err, m = await run_destination(tmp_path, port, ["--key-file", str(key), "--verify",
-                                                                "--run-after", "0.2"])
+            rc, err, raw = await run_destination(tmp_path, port, ["--key-file", str(key), "--verify",
+                                                                  "--run-after", "0.2"])
             src_rc = await src.wait()
     src_err = (tmp_path / "src.err").read_text()
     assert closed == 24
     assert rc_wrong == 1 and "authentication failed" in err_wrong and "Traceback" not in err_wrong
     assert rc == 0, err
-    assert m["verified"] is True
+    assert DestinationStats.from_json(raw).verified is True
     assert src_rc == 0, src_err
     assert "handshake timed out" in src_err and "bad magic" in src_err and "control frame length outside" in src_err
     assert "Traceback" not in src_err
-    rejected = json.loads((tmp_path / "src.json").read_text())["rejected_peers"]
+    rejected = SourceStats.from_json(json.loads((tmp_path / "src.json").read_text())).rejected_peers
     assert rejected >= 26
     REPORT.append(f"hostile: {rejected} connections rejected (garbage, oversize lengths, bad magic, slow drip, "
                   "wrong key), then the keyed destination migrated and verified")
@@ -171,7 +174,7 @@ async def test_clean_migrations_record_no_spurious_recovery(tmp_path: Path) -> N
         run = await migrate(tmp_path, ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0"],
                             ["--run-after", "0"], timeout=60)
         assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
-        assert run.dst_metrics["recoveries"] == [] and run.src_metrics["recoveries"] == 0, run.dst_err + run.src_err
+        assert run.dst_metrics.recoveries == () and run.src_metrics.recoveries == 0, run.dst_err + run.src_err
         assert "lost" not in run.dst_err + run.src_err
     REPORT.append(f"clean runs: {runs} migrations of 16 MiB, 0 spurious recoveries")
 
@@ -222,17 +225,18 @@ async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tm
     finally:
         for s in flood:
             s.close()
-    rc, err, m = result
+    rc, err, raw = result
     src_err = (tmp_path / "src.err").read_text()
     assert rc == 0, err
     assert src_rc == 0, src_err
-    assert m["verified"] is True
+    m = DestinationStats.from_json(raw)
+    assert m.verified is True
     assert "Traceback" not in err + src_err
-    src_m = json.loads((tmp_path / "src.json").read_text())
-    assert src_m["dropped_peers"] >= 2 * (100 - 16)
-    assert m["connect_attempts"] > 2  # turned away at first, then let in
-    REPORT.append(f"flood: 200 idle connections against 64 descriptors: {src_m['dropped_peers']} closed at once, "
-                  f"{src_m['rejected_peers']} timed out; the destination got in after {m['connect_attempts'] - 2} "
+    src_m = SourceStats.from_json(json.loads((tmp_path / "src.json").read_text()))
+    assert src_m.dropped_peers >= 2 * (100 - 16)
+    assert m.connect_attempts > 2  # turned away at first, then let in
+    REPORT.append(f"flood: 200 idle connections against 64 descriptors: {src_m.dropped_peers} closed at once, "
+                  f"{src_m.rejected_peers} timed out; the destination got in after {m.connect_attempts - 2} "
                   "retries and verified")
 
 
@@ -256,14 +260,14 @@ async def test_accept_errors_back_off_and_the_migration_goes_on(tmp_path: Path) 
         src_rc = await src.wait()
         for s in flood:
             s.close()
-    rc, err, m = result
+    rc, err, raw = result
     src_err = (tmp_path / "src.err").read_text()
     assert rc == 0, err
     assert src_rc == 0, src_err
-    assert m["verified"] is True
+    assert DestinationStats.from_json(raw).verified is True
     assert "cannot accept connections (Too many open files)" in src_err and "Traceback" not in src_err
     # Once descriptors were back, the queued connections were accepted and timed out as usual.
-    assert json.loads((tmp_path / "src.json").read_text())["rejected_peers"] >= 5
+    assert SourceStats.from_json(json.loads((tmp_path / "src.json").read_text())).rejected_peers >= 5
 
 
 def vm_rss_kib(pid: int) -> int:
@@ -399,9 +403,10 @@ async def test_a_destination_that_dies_half_way_through_joining_does_not_hold_th
         bulk, _ = await open_channel(port, p.Channel.BULK)
         bulk.close()  # and nothing more: a destination that died
         await wait_for_line(tmp_path / "src.err", "dropped a session")
-        rc, err, m = await run_destination(tmp_path, port, ["--verify", "--run-after", "0"])
+        rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0"])
         assert await src.wait() == 0
-    assert rc == 0 and m["verified"] is True, err
+    assert rc == 0, err
+    assert DestinationStats.from_json(raw).verified is True
 
 
 async def test_a_silent_connection_frees_its_handshake_slot_within_a_second(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import trio
 import trustme
 
 from conftest import BIN, REPORT, migrate, run_destination, start_source
+from migrate.stats import DestinationStats
 from proxy import CuttingProxy
 
 GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
@@ -61,10 +62,10 @@ async def test_tls_migration_verifies_and_reports_the_cipher(tmp_path: Path, pki
     run = await migrate(tmp_path, [*GUEST, *pki.args("src")], [*DST, *pki.args("dst")])
     assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
     m = run.dst_metrics
-    assert m["verified"] is True and m["faults"] > 0
-    assert m["tls"].startswith("TLSv1.3") and run.src_metrics["tls"].startswith("TLSv1.3")
-    REPORT.append(f"tls: {m['tls']}, 16 MiB verified, {m['faults']} faults, stall p50 "
-                  f"{m['vcpu_stall_us']['p50']:.0f} µs")
+    assert m.verified is True and m.faults > 0
+    assert m.tls.startswith("TLSv1.3") and run.src_metrics.tls.startswith("TLSv1.3")
+    REPORT.append(f"tls: {m.tls}, 16 MiB verified, {m.faults} faults, stall p50 "
+                  f"{m.vcpu_stall_us.p50:.0f} µs")
 
 
 async def test_keys_update_every_mib_and_the_migration_still_verifies(tmp_path: Path, pki: Pki) -> None:
@@ -73,11 +74,11 @@ async def test_keys_update_every_mib_and_the_migration_still_verifies(tmp_path: 
                                    "--run-before", "0.2", *pki.args("src"), *rekey],
                         [*DST, *pki.args("dst"), *rekey])
     assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
-    assert run.dst_metrics["verified"] is True
-    assert run.src_metrics["tls_rekeys"] >= 60  # 64 MiB of stream alone
-    assert run.dst_metrics["tls_rekeys"] >= 0
-    REPORT.append(f"tls: a key update every MiB, {run.src_metrics['tls_rekeys']} by the source, "
-                  f"{run.dst_metrics['tls_rekeys']} by the destination; verified")
+    assert run.dst_metrics.verified is True
+    assert run.src_metrics.tls_rekeys >= 60  # 64 MiB of stream alone
+    assert run.dst_metrics.tls_rekeys >= 0
+    REPORT.append(f"tls: a key update every MiB, {run.src_metrics.tls_rekeys} by the source, "
+                  f"{run.dst_metrics.tls_rekeys} by the destination; verified")
 
 
 async def reject(tmp_path: Path, src_args: list[str], dst_args: list[str]) -> tuple[int, str, str]:
@@ -148,11 +149,12 @@ async def test_a_tls_migration_recovers_from_a_cut_link(tmp_path: Path, pki: Pki
                                                       "uniform", "--run-before", "0.2", *pki.args("src")])
             proxy = CuttingProxy(port, [guest_bytes // 2], lambda _: proxy.cut())
             proxy_port = await nursery.start(proxy.serve)
-            rc, err, m = await run_destination(tmp_path, proxy_port, [*DST, *pki.args("dst")])
+            rc, err, raw = await run_destination(tmp_path, proxy_port, [*DST, *pki.args("dst")])
             src_rc = await src.wait()
             nursery.cancel_scope.cancel()
     assert rc == 0 and src_rc == 0, err + (tmp_path / "src.err").read_text()
-    assert m["verified"] is True and len(m["recoveries"]) == 1 and m["tls"].startswith("TLSv1.3")
+    m = DestinationStats.from_json(raw)
+    assert m.verified is True and len(m.recoveries) == 1 and m.tls.startswith("TLSv1.3")
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
@@ -162,5 +164,5 @@ async def test_tls_in_the_precopy_modes(tmp_path: Path, pki: Pki, mode: str) -> 
                                    "0.2", "--mode", mode, *pki.args("src")], [*DST, *pki.args("dst")])
     assert run.dst_rc == 0 and run.src_rc == 0, run.dst_err + run.src_err
     m = run.dst_metrics
-    assert m["verified"] is True and m["mode"] == mode and m["tls"].startswith("TLSv1.3")
-    assert len(run.src_metrics["rounds"]) >= 2
+    assert m.verified is True and m.mode == mode and m.tls.startswith("TLSv1.3")
+    assert len(run.src_metrics.rounds) >= 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPORT
+from migrate.stats import DestinationStats
 
 wan = pytest.importorskip("wan")  # bench/ is on the test path (pyproject.toml)
 
@@ -42,14 +43,14 @@ def test_a_migration_over_a_shaped_delayed_link_verifies(tmp_path: Path) -> None
             [*guest_args("hotset", 32, 25000), "--run-before", "0.3", "--prepage", "adaptive",
              "--max-bandwidth", "100M"], ["--verify", "--run-after", "0.1"], timeout=25)
         names = {link.src_ns, link.dst_ns, link.wire_ns}
-    d = run["dst"]
-    assert d["verified"] is True and d["pages_placed"] == d["pages_total"]
+    d = DestinationStats.from_json(run["dst"])
+    assert d.verified is True and d.pages_placed == d.pages_total
     # Every request and its reply crossed the forwarder: at least the round trip it adds.
-    assert d["faults"] > 0 and d["hops_us"]["network"]["p50"] >= 4000 * 0.95
+    assert d.faults > 0 and d.hops_us.network.p50 >= 4000 * 0.95
     fwd = link.forwarder
     assert fwd["a_to_b"]["frames"] > 0 and fwd["b_to_a"]["frames"] > 0
     assert fwd["a_to_b"]["drops_other"] == fwd["b_to_a"]["drops_other"] == 0
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(name in left for name in names), left
-    REPORT.append(f"over an emulated 1 Gbit/s, 4 ms link: {d['faults']} faults, request->reply p50 "
-                  f"{d['hops_us']['network']['p50']:.0f} us, verified")
+    REPORT.append(f"over an emulated 1 Gbit/s, 4 ms link: {d.faults} faults, request->reply p50 "
+                  f"{d.hops_us.network.p50:.0f} us, verified")
