@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import REPORT, migrate
+from helpers import REPORT, migrate
 from migrate.cli import parse_rate
 from migrate.wire import URGENT_PRIORITY, URGENT_TOS, mark_urgent
 from test_cli import run

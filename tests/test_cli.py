@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import BIN
+from helpers import BIN
 
 
 def run(prog: str, *args: str) -> subprocess.CompletedProcess:

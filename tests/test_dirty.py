@@ -13,7 +13,7 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from conftest import Side, deliver, hostile
+from helpers import Side, deliver, hostile
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs

@@ -12,25 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, destination_against, migrate, run_destination, start_source
+from helpers import BIN, DST, assert_migrated, destination_against, migrate, run_destination, start_source
 from migrate import protocol as p
 
 FAST = ["--run-before", "0.3"]
-DST = ["--verify", "--run-after", "0.2"]
-
-
-def assert_migrated(run) -> dict:
-    assert run.dst_rc == 0, run.dst_err
-    assert run.src_rc == 0, run.src_err
-    m = run.dst_metrics
-    assert m["verified"] is True
-    assert m["pages_placed"] == m["pages_total"]
-    assert "verified: yes" in run.dst_err
-    assert "Traceback" not in run.dst_err + run.src_err
-    REPORT.append(f"migration {m['guest_mib']:7.2f} MiB {m['workload']:10} {m['vcpus']} vCPUs: downtime "
-                  f"{m['downtime_ms']:.1f} ms, {m['total_s']:.2f} s, {m['faults']} faults, {m['eexist']} -EEXIST, "
-                  f"stalls p50 {m['vcpu_stall_us']['p50']:.0f} µs, verified")
-    return m
 
 
 @pytest.mark.parametrize("args", [

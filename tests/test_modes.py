@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import REPORT, migrate, run_destination, start_source
+from helpers import DST, REPORT, assert_migrated, migrate, run_destination, start_source
 from proxy import CuttingProxy
-from test_migration import DST, assert_migrated
 
 MODES = ["postcopy", "hybrid", "precopy"]
 WORKLOADS = ["uniform", "hotset", "sequential", "readmostly"]
@@ -107,7 +106,7 @@ async def test_working_set_order_streams_the_hot_pages_of_every_vcpu_first(tmp_p
 def test_precopy_options_need_a_precopy_mode() -> None:
     import subprocess
 
-    from conftest import BIN
+    from helpers import BIN
     proc = subprocess.run([str(BIN / "migrate-src"), "--precopy-rounds", "3"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 1 and "--mode hybrid" in proc.stderr and "Traceback" not in proc.stderr

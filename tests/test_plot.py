@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import migrate
+from helpers import migrate
 
 from migrate.plot import stall_cdf, timelines
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, destination_against, hostile, migrate, run_destination, send_raw, start_source
+from helpers import BIN, REPORT, destination_against, hostile, migrate, run_destination, send_raw, start_source
 from migrate import protocol as p
 from migrate.errors import PeerError
 from migrate.wire import FrameSocket

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trustme
 
-from conftest import BIN, REPORT, migrate, run_destination, start_source
+from helpers import BIN, REPORT, migrate, run_destination, start_source
 from proxy import CuttingProxy
 
 GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
