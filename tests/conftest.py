@@ -3,8 +3,10 @@ failure, never a skip: a skipped core test would hide a broken machine."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import pytest
 
@@ -46,3 +48,37 @@ def no_source_left_behind():
         proc = _STARTED.pop()
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs migrate-src or migrate-dst in this process, for their options, usage errors and help:
+    ``cli("migrate-src", "--vcpus", "0")`` returns a CompletedProcess with the exit code (argparse's
+    SystemExit included), stdout and stderr. Options that pass every check fail the test instead of
+    migrating: nothing listens or connects."""
+    from migrate import cli as commands, destination, progress, source
+
+    def migrating(*_: object, **__: object) -> NoReturn:
+        raise AssertionError("the options were accepted: the command went on to migrate")
+
+    monkeypatch.setattr(source, "serve", migrating)
+    monkeypatch.setattr(destination, "Destination", migrating)
+    monkeypatch.setenv("COLUMNS", "80")  # --help wraps as it does for a child whose output is a pipe
+    mains = {"migrate-src": commands.src_main, "migrate-dst": commands.dst_main}
+
+    def run(prog: str, *args: str) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            code = mains[prog](list(args))
+        except SystemExit as exc:  # argparse: 2 for a usage error, 0 after --help
+            code = exc.code
+        finally:  # the command set up logging to this test's stderr, and maybe --no-progress
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            progress.configure(None)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([prog, *args], code, out.out, out.err)
+
+    return run

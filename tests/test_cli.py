@@ -1,16 +1,11 @@
-"""Usage errors in the user's terms: the option's name and what it must be, one line, a hint, no traceback."""
+"""Usage errors in the user's terms: the option's name and what it must be, one line, a hint, no traceback.
+
+The commands run in this process (the ``cli`` fixture): checking options needs no child process.
+"""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-from helpers import BIN
-
-
-def run(prog: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / prog), *args], capture_output=True, text=True, timeout=30)
-
 
 @pytest.mark.parametrize("prog,args,message", [
     ("migrate-src", ["--guest-mib", "0"], "--guest-mib must be at least 1"),
@@ -49,8 +44,8 @@ def run(prog: str, *args: str) -> subprocess.CompletedProcess:
     ("migrate-dst", ["--watchdog", "inf"], "argument --watchdog: 'inf' is not a finite number"),
     ("migrate-dst", ["--bogus"], "unrecognized arguments: --bogus"),
 ])
-def test_nonsense_numbers_are_named_in_the_options_terms(prog: str, args: list[str], message: str) -> None:
-    proc = run(prog, *args)
+def test_nonsense_numbers_are_named_in_the_options_terms(cli, prog: str, args: list[str], message: str) -> None:
+    proc = cli(prog, *args)
     lines = proc.stderr.splitlines()
     assert proc.returncode in (1, 2), proc.stderr
     assert len(lines) == 2, proc.stderr
@@ -59,6 +54,6 @@ def test_nonsense_numbers_are_named_in_the_options_terms(prog: str, args: list[s
     assert proc.stdout == ""
 
 
-def test_no_progress_is_an_option_of_both_commands() -> None:
+def test_no_progress_is_an_option_of_both_commands(cli) -> None:
     for prog in ("migrate-src", "migrate-dst"):
-        assert "--no-progress" in run(prog, "--help").stdout
+        assert "--no-progress" in cli(prog, "--help").stdout

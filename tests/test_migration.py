@@ -112,14 +112,14 @@ def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
     assert_one_line_error(proc, "userfaultfd", "seccomp")
 
 
-def test_listening_on_a_public_address_needs_a_key() -> None:
-    proc = run_cli([str(BIN / "migrate-src"), "--listen", "0.0.0.0:0", "--guest-mib", "1"])
+def test_listening_on_a_public_address_needs_a_key(cli) -> None:
+    proc = cli("migrate-src", "--listen", "0.0.0.0:0", "--guest-mib", "1")
     assert_one_line_error(proc, "without TLS or a key", "--key-file")
 
 
-def test_bad_options_are_usage_errors() -> None:
+def test_bad_options_are_usage_errors(cli) -> None:
     for args in (["--vcpus", "0"], ["--workload", "nope"], ["--listen", "x:y"]):
-        proc = run_cli([str(BIN / "migrate-src"), *args])
+        proc = cli("migrate-src", *args)
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
 
 
@@ -166,9 +166,9 @@ async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:
     assert f"protocol version {p.VERSION + 1}" in err and "same uffd-migrate version" in err
 
 
-def test_help_explains_every_option() -> None:
+def test_help_explains_every_option(cli) -> None:
     for prog in ("migrate-src", "migrate-dst"):
-        out = run_cli([str(BIN / prog), "--help"]).stdout
+        out = cli(prog, "--help").stdout
         assert "usage:" in out and "--metrics" in out
 
 

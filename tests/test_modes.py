@@ -103,12 +103,8 @@ async def test_working_set_order_streams_the_hot_pages_of_every_vcpu_first(tmp_p
     assert first["working-set"]["end"] > hot1.start and first["working-set"]["pages"] < hot1.start, first
 
 
-def test_precopy_options_need_a_precopy_mode() -> None:
-    import subprocess
-
-    from helpers import BIN
-    proc = subprocess.run([str(BIN / "migrate-src"), "--precopy-rounds", "3"], capture_output=True, text=True,
-                          timeout=30)
+def test_precopy_options_need_a_precopy_mode(cli) -> None:
+    proc = cli("migrate-src", "--precopy-rounds", "3")
     assert proc.returncode == 1 and "--mode hybrid" in proc.stderr and "Traceback" not in proc.stderr
 
 
