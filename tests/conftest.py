@@ -62,8 +62,11 @@ def cli(capsys: pytest.CaptureFixture[str],
     def migrating(*_: object, **__: object) -> NoReturn:
         raise AssertionError("the options were accepted: the command went on to migrate")
 
-    monkeypatch.setattr(source, "serve", migrating)
-    monkeypatch.setattr(destination, "Destination", migrating)
+    # migrate.cli imports these when a command runs; stubbed where they are defined, and in
+    # migrate.cli too should it ever import them up front.
+    stubs = ((source, "serve"), (destination, "Destination"), (commands, "serve"), (commands, "Destination"))
+    for module, name in stubs:
+        monkeypatch.setattr(module, name, migrating, raising=False)
     monkeypatch.setenv("COLUMNS", "80")  # --help wraps as it does for a child whose output is a pipe
     mains = {"migrate-src": commands.src_main, "migrate-dst": commands.dst_main}
 
