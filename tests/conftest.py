@@ -1,30 +1,20 @@
-"""Shared fixtures.  No userfaultfd means failure, never a skip: a skipped core
-test would hide a broken machine."""
+"""pytest's fixtures and hooks; what the tests share is in helpers.py.  No userfaultfd means
+failure, never a skip: a skipped core test would hide a broken machine."""
 
 from __future__ import annotations
 
-import json
-import os
+import logging
 import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import pytest
-import trio
 
-from migrate._native import ffi
+from helpers import _STARTED, REPORT
 from migrate.errors import MigrateError
-from migrate.guest import Guest, GuestSpec
-from migrate import protocol as p
-from migrate.protocol import codec
-from migrate.stats import DestinationStats, SourceStats
 from migrate.uffd import Userfaultfd
 
-BIN = Path(sys.executable).parent
-HELPERS = Path(__file__).parent / "helpers"
-# Lines tests want shown at the end of the run (e.g. how many races the kernel absorbed).
-REPORT: list[str] = []
+NO_UFFD_C = Path(__file__).parent / "no_uffd.c"
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook
@@ -46,29 +36,13 @@ def userfaultfd_available() -> None:
 def no_uffd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wrapper that runs a command with userfaultfd forbidden by seccomp, as in a container."""
     out = tmp_path_factory.mktemp("helpers") / "no_uffd"
-    subprocess.run(["cc", "-O2", "-o", str(out), str(HELPERS / "no_uffd.c")], check=True)
+    subprocess.run(["cc", "-O2", "-o", str(out), str(NO_UFFD_C)], check=True)
     return out
-
-
-@dataclass
-class Run:
-    """What one migration left behind."""
-
-    src_rc: int
-    dst_rc: int
-    src_metrics: SourceStats | None  # None: no metrics file
-    dst_metrics: DestinationStats | None
-    src_err: str
-    dst_err: str
-
-
-# Sources started by the test running now: a test that fails half-way must not leave one
-# burning CPU under the tests after it.
-_STARTED: list[trio.Process] = []
 
 
 @pytest.fixture(autouse=True)
 def no_source_left_behind():
+    """Kills the sources start_source started in this test and left running (see helpers._STARTED)."""
     yield
     while _STARTED:
         proc = _STARTED.pop()
@@ -76,136 +50,38 @@ def no_source_left_behind():
             proc.kill()
 
 
-def deliver(sender: p.Connection, receiver: p.Connection, event: p.Event) -> p.Event:
-    """``event`` through both ends: sent by ``sender``, received by ``receiver``; what arrived."""
-    receiver.receive_data(b"".join(bytes(c) for c in sender.send(event)))
-    return receiver.next_event()
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs migrate-src or migrate-dst in this process, for their options, usage errors and help:
+    ``cli("migrate-src", "--vcpus", "0")`` returns a CompletedProcess with the exit code (argparse's
+    SystemExit included), stdout and stderr. Options that pass every check fail the test instead of
+    migrating: nothing listens or connects."""
+    from migrate import cli as commands, destination, progress, source
 
+    def migrating(*_: object, **__: object) -> NoReturn:
+        raise AssertionError("the options were accepted: the command went on to migrate")
 
-def hostile(event: p.Event, preamble: bool = False) -> bytes:
-    """``event``'s bytes as a peer that ignores the protocol's order sends them (our Connection would refuse)."""
-    return (codec.preamble() if preamble else b"") + b"".join(bytes(c) for c in codec.encode(event))
+    # migrate.cli imports these when a command runs; stubbed where they are defined, and in
+    # migrate.cli too should it ever import them up front.
+    stubs = ((source, "serve"), (destination, "Destination"), (commands, "serve"), (commands, "Destination"))
+    for module, name in stubs:
+        monkeypatch.setattr(module, name, migrating, raising=False)
+    monkeypatch.setenv("COLUMNS", "80")  # --help wraps as it does for a child whose output is a pipe
+    mains = {"migrate-src": commands.src_main, "migrate-dst": commands.dst_main}
 
-
-async def send_raw(sock: trio.socket.SocketType, data: bytes) -> None:
-    """Writes ``data`` whole on a plaintext socket, bypassing its FrameSocket: a hostile peer's bytes."""
-    view = memoryview(data)
-    while view:
-        view = view[await sock.send(view):]
-
-
-def conversation(to: p.State, pages: int = 100) -> tuple[p.Connection, p.Connection]:
-    """A source and a destination Connection that really said what leads to ``to``, for a guest of ``pages``.
-
-    Bulk states start a new session (the destination learns the guest; in hybrid mode for the round
-    states, postcopy otherwise); ``RESUMING``, ``REQUESTING`` and ``REPLYING`` join one (both know it).
-    """
-    S, D = p.Role.SOURCE, p.Role.DESTINATION
-    rounds = to in (p.State.BETWEEN_ROUNDS, p.State.ROUND, p.State.FINAL_ROUND)
-    info = p.GuestInfo(pages, 1, 0, 1, 0, 0, p.Mode.hybrid if rounds else p.Mode.postcopy)
-
-    def handshake(channel: p.Channel, session: bytes) -> list[tuple[p.Role, p.Event]]:
-        return [(S, p.Challenge(b"n" * 32)), (D, p.Hello(channel, session, b"n" * 32, b"p" * 32)),
-                (S, p.Welcome(b"s" * 16, b"p" * 32))]
-
-    joined = {p.State.RESUMING: p.Channel.BULK, p.State.REQUESTING: p.Channel.REQUESTS,
-              p.State.REPLYING: p.Channel.REPLIES}
-    if to in joined:
-        steps = handshake(joined[to], b"s" * 16)
-    else:
-        steps = handshake(p.Channel.BULK, b"") + [(S, info)] * (to is not p.State.DESCRIBING)
-        steps += {p.State.ROUND: [(S, p.Round(1, pages))], p.State.FINAL_ROUND: [(S, p.Round(1, pages, final=True))],
-                  p.State.STREAMING: [(S, p.CpuState(((1, 2, 3),), 0))]}.get(to, [])
-    src, dst = p.Connection(S, info), p.Connection(D, info if to in joined else None)
-    for who, event in steps:
-        sender, receiver = (src, dst) if who is S else (dst, src)
-        assert deliver(sender, receiver, event) == event
-    assert src.state is dst.state is to
-    return src, dst
-
-
-class Side:
-    """A destination's plane over a registered, empty guest region, with a done eventfd, and a bulk
-    connection (``conn``, its source's end ``peer``) in protocol state ``state``."""
-
-    def __init__(self, pages: int, state: p.State = p.State.STREAMING) -> None:
-        self.uffd = Userfaultfd()
-        self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
-        self.uffd.register(self.guest.base, self.guest.spec.size)
-        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
-        self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.plane.done_fd = self.done
-        self.peer, self.conn = conversation(state, pages)
-
-    def close(self) -> None:
-        os.close(self.done)
-        self.uffd.close()
-        self.guest.close()
-
-
-async def destination_against(fake_source) -> tuple[int, str]:  # noqa: ANN001 - async (listener) -> None
-    """Runs migrate-dst against ``fake_source(listener)``, a hand-made source on 127.0.0.1 that a test
-    writes to break one rule; returns the destination's exit code and stderr."""
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    try:
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(fake_source, listener)
-                proc = await trio.run_process(
-                    [str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{listener.getsockname()[1]}"],
-                    capture_stderr=True, check=False)
-                nursery.cancel_scope.cancel()
-    finally:
-        listener.close()
-    return proc.returncode, proc.stderr.decode()
-
-
-async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = None,
-                       listen: str = "127.0.0.1:0") -> tuple[trio.Process, int]:
-    """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port.
-
-    ``wrapper`` goes before the command, e.g. ``["prlimit", "--nofile=64:64"]``.
-    """
-    ready = tmp / "ready"
-    for f in (ready, tmp / "src.json"):
-        f.unlink(missing_ok=True)
-    with open(tmp / "src.err", "w") as err:  # the child keeps its own copy
-        proc = await trio.lowlevel.open_process(
-            [*(wrapper or []), str(BIN / "migrate-src"), "--listen", listen, "--ready-file", str(ready),
-             "--metrics", str(tmp / "src.json"), *args],
-            stdout=subprocess.DEVNULL, stderr=err)
-    _STARTED.append(proc)
-    while not (ready.exists() and ready.read_text().strip()):
-        assert proc.poll() is None, (tmp / "src.err").read_text()
-        await trio.sleep(0.05)
-    return proc, int(ready.read_text().split(":")[1])
-
-
-async def run_destination(tmp: Path, port: int, args: list[str]) -> tuple[int, str, dict]:
-    """Runs migrate-dst against 127.0.0.1:port to its end: (exit code, stderr, metrics)."""
-    metrics = tmp / "dst.json"
-    metrics.unlink(missing_ok=True)
-    proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}",
-                                   "--metrics", str(metrics), *args], check=False, capture_stderr=True)
-    return proc.returncode, proc.stderr.decode(), json.loads(metrics.read_text()) if metrics.exists() else {}
-
-
-async def migrate(tmp: Path, src_args: list[str], dst_args: tuple[str, ...] | list[str] = (),
-                  timeout: float = 180) -> Run:
-    """Runs migrate-src and migrate-dst as real processes on 127.0.0.1 and collects what they report."""
-    with trio.fail_after(timeout):
-        src, port = await start_source(tmp, src_args)
+    def run(prog: str, *args: str) -> subprocess.CompletedProcess:
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
         try:
-            dst_rc, dst_err, dst_metrics = await run_destination(tmp, port, list(dst_args))
-            src_rc = await src.wait()
-        finally:
-            if src.returncode is None:
-                src.kill()
-                with trio.CancelScope(shield=True):
-                    await src.wait()
-    src_json = tmp / "src.json"
-    src_metrics = SourceStats.from_json(json.loads(src_json.read_text())) if src_json.exists() else None
-    return Run(src_rc, dst_rc, src_metrics, DestinationStats.from_json(dst_metrics) if dst_metrics else None,
-               (tmp / "src.err").read_text(), dst_err)
+            code = mains[prog](list(args))
+        except SystemExit as exc:  # argparse: 2 for a usage error, 0 after --help
+            code = exc.code
+        finally:  # the command set up logging to this test's stderr, and maybe --no-progress
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            progress.configure(None)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([prog, *args], code, out.out, out.err)
+
+    return run

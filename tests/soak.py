@@ -61,7 +61,7 @@ from typing import Callable
 
 import trio
 
-from conftest import BIN, hostile, run_destination, start_source
+from helpers import BIN, hostile, run_destination, start_source
 from migrate import protocol as p
 from proxy import CuttingProxy
 
@@ -204,7 +204,7 @@ def _children() -> dict[int, str]:
 
 
 async def _spawn_destination(tmp: Path, port: int, args: list[str]) -> trio.Process:
-    """migrate-dst as a process the soak can kill (conftest's run_destination runs one to its end)."""
+    """migrate-dst as a process the soak can kill (helpers.run_destination runs one to its end)."""
     with open(tmp / "dst.err", "w") as err:  # the child keeps its own copy
         return await trio.lowlevel.open_process(
             [str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}", "--metrics", str(tmp / "dst.json"), *args],
@@ -248,7 +248,7 @@ async def flood(port: int, stats: FloodStats) -> None:
 
 
 async def _run_to_end(tmp: Path, port: int, args: list[str], result: _Proc, scope: trio.CancelScope) -> None:
-    """conftest's run_destination inside ``scope``: cancelling it stops the destination (SIGTERM)."""
+    """helpers.run_destination inside ``scope``: cancelling it stops the destination (SIGTERM)."""
     with scope:
         result.rc, result.err, result.metrics = await run_destination(tmp, port, args)
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import REPORT, migrate
+from helpers import REPORT, migrate
 from migrate.cli import parse_rate
 from migrate.wire import URGENT_PRIORITY, URGENT_TOS, mark_urgent
-from test_cli import run
 
 
 @pytest.mark.parametrize("text,rate", [
@@ -33,12 +32,12 @@ def test_nonsense_rates_are_refused(text: str) -> None:
         parse_rate(text)
 
 
-def test_a_bad_rate_is_one_line_and_a_hint() -> None:
-    proc = run("migrate-src", "--max-bandwidth", "fast")
+def test_a_bad_rate_is_one_line_and_a_hint(cli) -> None:
+    proc = cli("migrate-src", "--max-bandwidth", "fast")
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 2, proc.stderr
     assert "--max-bandwidth: 'fast' is not a rate" in lines[0] and lines[1].startswith("migrate-src: hint: ")
-    assert "bytes per second" in run("migrate-src", "--help").stdout
+    assert "bytes per second" in cli("migrate-src", "--help").stdout
 
 
 async def test_a_capped_stream_takes_as_long_as_the_cap_says(tmp_path: Path) -> None:

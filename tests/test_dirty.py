@@ -8,12 +8,14 @@ destination's placer replaces and discards runs it is told to.
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from conftest import Side, deliver, hostile
+from helpers import Side, deliver, hostile
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs
@@ -30,10 +32,20 @@ def write(guest: Guest, first: int, count: int, seed: int = 7) -> None:
     lib.guest_fill(guest.base, first, count, seed, 0)
 
 
-def test_a_scan_returns_exactly_what_was_written_and_protects_it_again() -> None:
-    guest = Guest(GuestSpec(pages=PAGES, vcpus=1, zero_permille=500), fill=True)
+@contextmanager
+def tracked(spec: GuestSpec, fill: bool) -> Iterator[tuple[Guest, DirtyTracker]]:
+    """A guest of PAGES pages and a DirtyTracker over it; both closed at the end."""
+    guest = Guest(spec, fill=fill)
     tracker = DirtyTracker(guest.base, PAGES)
     try:
+        yield guest, tracker
+    finally:
+        tracker.close()
+        guest.close()
+
+
+def test_a_scan_returns_exactly_what_was_written_and_protects_it_again() -> None:
+    with tracked(GuestSpec(pages=PAGES, vcpus=1, zero_permille=500), fill=True) as (guest, tracker):
         assert tracker.take().pages == 0
         write(guest, 5, 2)
         write(guest, 100, 11)
@@ -43,27 +55,17 @@ def test_a_scan_returns_exactly_what_was_written_and_protects_it_again() -> None
         assert tracker.take().pages == 0  # protected again
         write(guest, 6, 1)
         assert tracker.take().as_list() == [(6, 1)]
-    finally:
-        tracker.close()
-        guest.close()
 
 
 def test_pages_never_touched_are_tracked_too() -> None:
     """WP_UNPOPULATED: a zero page the guest never touched is seen at its first write."""
-    guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # nothing populated at all
-    tracker = DirtyTracker(guest.base, PAGES)
-    try:
+    with tracked(GuestSpec(pages=PAGES, vcpus=1), fill=False) as (guest, tracker):  # nothing populated at all
         write(guest, 300, 4)
         assert tracker.take().as_list() == [(300, 4)]
-    finally:
-        tracker.close()
-        guest.close()
 
 
 def test_the_previous_result_survives_one_more_scan() -> None:
-    guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=True)
-    tracker = DirtyTracker(guest.base, PAGES)
-    try:
+    with tracked(GuestSpec(pages=PAGES, vcpus=1), fill=True) as (guest, tracker):
         write(guest, 10, 3)
         a = tracker.take()
         write(guest, 11, 5)
@@ -71,9 +73,6 @@ def test_the_previous_result_survives_one_more_scan() -> None:
         assert a.as_list() == [(10, 3)] and b.as_list() == [(11, 5)]
         assert tracker.union(a, b).as_list() == [(10, 6)]
         assert tracker.intersection(a, b).as_list() == [(11, 2)]
-    finally:
-        tracker.close()
-        guest.close()
 
 
 def _runs(pages: set[int]) -> list[tuple[int, int]]:

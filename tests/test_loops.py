@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import trio
 
-from conftest import Side
+from helpers import Side
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, RemoteProtocolError

@@ -12,26 +12,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, destination_against, migrate, run_destination, start_source
+from helpers import BIN, DST, assert_migrated, destination_against, migrate, run_destination, start_source
 from migrate import protocol as p
 from migrate.stats import DestinationStats
 
 FAST = ["--run-before", "0.3"]
-DST = ["--verify", "--run-after", "0.2"]
-
-
-def assert_migrated(run) -> DestinationStats:
-    assert run.dst_rc == 0, run.dst_err
-    assert run.src_rc == 0, run.src_err
-    m = run.dst_metrics
-    assert m.verified is True
-    assert m.pages_placed == m.pages_total
-    assert "verified: yes" in run.dst_err
-    assert "Traceback" not in run.dst_err + run.src_err
-    REPORT.append(f"migration {m.guest_mib:7.2f} MiB {m.workload:10} {m.vcpus} vCPUs: downtime "
-                  f"{m.downtime_ms:.1f} ms, {m.total_s:.2f} s, {m.faults} faults, {m.eexist} -EEXIST, "
-                  f"stalls p50 {m.vcpu_stall_us.p50:.0f} µs, verified")
-    return m
 
 
 @pytest.mark.parametrize("args", [
@@ -130,14 +115,14 @@ def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
     assert_one_line_error(proc, "userfaultfd", "seccomp")
 
 
-def test_listening_on_a_public_address_needs_a_key() -> None:
-    proc = run_cli([str(BIN / "migrate-src"), "--listen", "0.0.0.0:0", "--guest-mib", "1"])
+def test_listening_on_a_public_address_needs_a_key(cli) -> None:
+    proc = cli("migrate-src", "--listen", "0.0.0.0:0", "--guest-mib", "1")
     assert_one_line_error(proc, "without TLS or a key", "--key-file")
 
 
-def test_bad_options_are_usage_errors() -> None:
+def test_bad_options_are_usage_errors(cli) -> None:
     for args in (["--vcpus", "0"], ["--workload", "nope"], ["--listen", "x:y"]):
-        proc = run_cli([str(BIN / "migrate-src"), *args])
+        proc = cli("migrate-src", *args)
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and "error" in proc.stderr
 
 
@@ -184,9 +169,9 @@ async def test_peer_with_another_protocol_version(tmp_path: Path) -> None:
     assert f"protocol version {p.VERSION + 1}" in err and "same uffd-migrate version" in err
 
 
-def test_help_explains_every_option() -> None:
+def test_help_explains_every_option(cli) -> None:
     for prog in ("migrate-src", "migrate-dst"):
-        out = run_cli([str(BIN / prog), "--help"]).stdout
+        out = cli(prog, "--help").stdout
         assert "usage:" in out and "--metrics" in out
 
 

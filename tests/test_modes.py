@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import REPORT, migrate, run_destination, start_source
+from helpers import DST, REPORT, assert_migrated, migrate, run_destination, start_source
 from migrate.stats import DestinationStats, FirstWindow, SourceStats
 from proxy import CuttingProxy
-from test_migration import DST, assert_migrated
 
 MODES = ["postcopy", "hybrid", "precopy"]
 WORKLOADS = ["uniform", "hotset", "sequential", "readmostly"]
@@ -104,12 +103,8 @@ async def test_working_set_order_streams_the_hot_pages_of_every_vcpu_first(tmp_p
     assert first["working-set"].end > hot1.start and first["working-set"].pages < hot1.start, first
 
 
-def test_precopy_options_need_a_precopy_mode() -> None:
-    import subprocess
-
-    from conftest import BIN
-    proc = subprocess.run([str(BIN / "migrate-src"), "--precopy-rounds", "3"], capture_output=True, text=True,
-                          timeout=30)
+def test_precopy_options_need_a_precopy_mode(cli) -> None:
+    proc = cli("migrate-src", "--precopy-rounds", "3")
     assert proc.returncode == 1 and "--mode hybrid" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import migrate
+import pytest
+from helpers import migrate
 
-from migrate.plot import stall_cdf, timelines
+from migrate.plot import main, stall_cdf, timelines
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -57,12 +58,14 @@ async def test_plot_draws_a_real_migration_in_both_timeline_shapes(tmp_path: Pat
     assert (tmp_path / "split.png").read_bytes().startswith(PNG)
 
 
-def test_plot_mistakes_are_one_line_and_a_hint(tmp_path: Path) -> None:
-    proc = plot(str(tmp_path / "missing.json"), str(tmp_path / "out.png"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines()[0].startswith("migrate.plot: error: cannot read")
-    assert proc.stderr.splitlines()[1].startswith("migrate.plot: hint: ")
+def test_plot_mistakes_are_one_line_and_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (main with an argv list): each mistake is found before matplotlib is needed."""
+    assert main([str(tmp_path / "missing.json"), str(tmp_path / "out.png")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("migrate.plot: error: cannot read")
+    assert lines[1].startswith("migrate.plot: hint: ")
     (tmp_path / "bad.json").write_text("{nope")
-    proc = plot(str(tmp_path / "bad.json"), str(tmp_path / "out.png"))
-    assert proc.returncode == 1 and "is not JSON" in proc.stderr and "hint:" in proc.stderr
-    assert plot().returncode == 2
+    assert main([str(tmp_path / "bad.json"), str(tmp_path / "out.png")]) == 1
+    err = capsys.readouterr().err
+    assert "is not JSON" in err and "hint:" in err
+    assert main([]) == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPORT, migrate
+from helpers import REPORT, migrate
 from migrate import prepage
 from migrate.ranges import Remaining
 

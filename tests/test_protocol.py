@@ -8,7 +8,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import conversation, deliver, hostile
+from helpers import conversation, deliver, hostile
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.protocol import codec

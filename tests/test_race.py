@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPORT
+from helpers import REPORT
 
 from migrate._native import ffi
 from migrate.guest import Guest, GuestSpec, Workload, replay

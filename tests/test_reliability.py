@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import BIN, REPORT, destination_against, hostile, migrate, run_destination, send_raw, start_source
+from helpers import REPORT, destination_against, hostile, migrate, run_destination, send_raw, start_source
 from migrate import protocol as p
 from migrate.errors import PeerError
 from migrate.stats import DestinationStats, SourceStats
@@ -85,11 +85,9 @@ async def test_source_killed_midway_destination_gives_up_clearly(tmp_path: Path)
 
             proxy = CuttingProxy(port, [int(0.5 * GUEST_BYTES)], kill)
             proxy_port = await nursery.start(proxy.serve)
-            t0 = time.monotonic()
             rc, err, _ = await run_destination(tmp_path, proxy_port, ["--reconnect-timeout", str(timeout),
                                                                        "--watchdog", "1"])
             done = time.monotonic()
-            elapsed = done - t0
             await src.wait()
             nursery.cancel_scope.cancel()
     assert rc == 1
@@ -208,6 +206,18 @@ async def destination_joined(nursery: trio.Nursery, tmp_path: Path, port: int) -
     return result
 
 
+def assert_joined_and_verified(result: list, src_rc: int, tmp_path: Path) -> tuple[str, str, DestinationStats]:
+    """Asserts that the destination destination_joined started and the source both exited 0 and that
+    the guest verified; returns the destination's stderr, the source's stderr and its metrics."""
+    rc, err, raw = result
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0, err
+    assert src_rc == 0, src_err
+    m = DestinationStats.from_json(raw)
+    assert m.verified is True
+    return err, src_err, m
+
+
 async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tmp_path: Path) -> None:
     """100 idle connections against a source limited to 64 descriptors, before the destination
     arrives and again once it is in: handshakes beyond --max-pending are closed at once, the
@@ -225,12 +235,7 @@ async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tm
     finally:
         for s in flood:
             s.close()
-    rc, err, raw = result
-    src_err = (tmp_path / "src.err").read_text()
-    assert rc == 0, err
-    assert src_rc == 0, src_err
-    m = DestinationStats.from_json(raw)
-    assert m.verified is True
+    err, src_err, m = assert_joined_and_verified(result, src_rc, tmp_path)
     assert "Traceback" not in err + src_err
     src_m = SourceStats.from_json(json.loads((tmp_path / "src.json").read_text()))
     assert src_m.dropped_peers >= 2 * (100 - 16)
@@ -260,11 +265,7 @@ async def test_accept_errors_back_off_and_the_migration_goes_on(tmp_path: Path) 
         src_rc = await src.wait()
         for s in flood:
             s.close()
-    rc, err, raw = result
-    src_err = (tmp_path / "src.err").read_text()
-    assert rc == 0, err
-    assert src_rc == 0, src_err
-    assert DestinationStats.from_json(raw).verified is True
+    _, src_err, _ = assert_joined_and_verified(result, src_rc, tmp_path)
     assert "cannot accept connections (Too many open files)" in src_err and "Traceback" not in src_err
     # Once descriptors were back, the queued connections were accepted and timed out as usual.
     assert SourceStats.from_json(json.loads((tmp_path / "src.json").read_text())).rejected_peers >= 5

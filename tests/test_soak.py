@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 import soak
-from conftest import REPORT
+from helpers import REPORT
 
 MINUTES = 1.5
 

@@ -6,14 +6,13 @@ Certificates are made at test time (trustme); real processes, real sockets on 12
 from __future__ import annotations
 
 import datetime
-import subprocess
 from pathlib import Path
 
 import pytest
 import trio
 import trustme
 
-from conftest import BIN, REPORT, migrate, run_destination, start_source
+from helpers import REPORT, migrate, run_destination, start_source
 from migrate.stats import DestinationStats
 from proxy import CuttingProxy
 
@@ -132,10 +131,10 @@ async def test_a_certificate_for_another_host_is_refused(tmp_path: Path, pki: Pk
     one_line(err, "certificate verify failed")
 
 
-def test_tls_without_its_files_is_a_usage_error() -> None:
+def test_tls_without_its_files_is_a_usage_error(cli) -> None:
     for prog, extra in (("migrate-src", ["--listen", "127.0.0.1:0"]), ("migrate-dst", ["--connect", "127.0.0.1:9"])):
         for args in (["--tls"], ["--tls-cert", "x.pem"]):
-            proc = subprocess.run([str(BIN / prog), *extra, *args], capture_output=True, text=True, timeout=30)
+            proc = cli(prog, *extra, *args)
             assert proc.returncode in (1, 2), proc.stderr
             one_line(proc.stderr, "TLS needs", "hint:")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPORT
+from helpers import BIN, REPORT
 from migrate.stats import DestinationStats
 
 wan = pytest.importorskip("wan")  # bench/ is on the test path (pyproject.toml)
