@@ -11,16 +11,6 @@ from typing import Union
 
 from .._native import lib
 
-PAGE_SIZE: int = lib.WIRE_PAGE_SIZE
-# A page run carries at most this many pages: one UFFDIO_COPY places it whole.
-MAX_RUN_PAGES: int = lib.WIRE_MAX_RUN_PAGES
-# A page request names at most this many runs: one batch of faults read from the uffd.
-MAX_REQUEST_RUNS: int = lib.WIRE_MAX_REQUEST_RUNS
-# A Resume lists what the destination's kernel still lacks, possibly scattered:
-# split into frames of this many runs, which fit a control frame's body.
-MAX_RESUME_RUNS = 1024
-NONCE_LEN = 32
-
 
 class Role(enum.Enum):
     SOURCE = "source"
@@ -48,6 +38,17 @@ class Channel(enum.Enum):
     BULK = "bulk"
     REQUESTS = "requests"
     REPLIES = "replies"
+
+
+PAGE_SIZE: int = lib.WIRE_PAGE_SIZE
+# A page run carries at most this many pages: one UFFDIO_COPY places it whole.
+MAX_RUN_PAGES: int = lib.WIRE_MAX_RUN_PAGES
+# A page request names at most this many runs: one batch of faults read from the uffd.
+MAX_REQUEST_RUNS: int = lib.WIRE_MAX_REQUEST_RUNS
+# A Resume lists what the destination's kernel still lacks, possibly scattered:
+# split into frames of this many runs, which fit a control frame's body.
+MAX_RESUME_RUNS = 1024
+NONCE_LEN = 32
 
 
 @dataclass(frozen=True)
