@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import migrate
+from helpers import migrate
 from migrate.stats import DestinationStats, LatencySummary, Recovery, Round, SourceStats, StallSummary
 
 # Metrics files as migrate-dst and migrate-src wrote them before the statistics had types
