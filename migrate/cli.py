@@ -17,12 +17,14 @@ from typing import Callable, NoReturn
 import trio
 
 from . import progress
+from .destination import Destination, DestinationConfig
 from .errors import MigrateError, UsageError, find
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
-from .protocol import Mode
-from .source import NOT_CONVERGING, WORKING_SET_S, SourceConfig, StreamOrder
+from .protocol import MAX_RUN_PAGES, Mode
+from .source import NOT_CONVERGING, WORKING_SET_S, SourceConfig, StreamOrder, serve
+from .summary import print_summary
 from .uffd import PAGE_SIZE
 from .wire import TlsConfig, is_loopback, parse_address
 
@@ -139,7 +141,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "terminal); log lines still appear")
 
 
-def _src_parser() -> argparse.ArgumentParser:
+def src_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="migrate-src",
         description="Run a demo guest and hand it over to migrate-dst by live migration (postcopy, hybrid or "
@@ -210,7 +212,7 @@ def _src_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _dst_parser() -> argparse.ArgumentParser:
+def dst_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="migrate-dst",
         description="Receive a running guest from migrate-src: it resumes here at once, its memory follows.",
@@ -361,9 +363,12 @@ def _tls(args: argparse.Namespace, server: bool) -> TlsConfig | None:
     return TlsConfig(server, args.tls_cert, args.tls_key, args.tls_ca, rekey_bytes=args.tls_rekey_bytes or 0)
 
 
-def _run_src(args: argparse.Namespace) -> int:
-    from .source import serve
+def source_config(args: argparse.Namespace) -> SourceConfig:
+    """What migrate-src runs with, from its parsed arguments, every option checked.
 
+    Raises:
+        UsageError: an option is out of range or does not fit the others; the hint says what would.
+    """
     mode = Mode[args.mode]
     if mode is Mode.postcopy and (args.precopy_rounds is not None or args.switchover_ms is not None):
         raise UsageError("--precopy-rounds and --switchover-ms apply to precopy rounds",
@@ -388,20 +393,19 @@ def _run_src(args: argparse.Namespace) -> int:
         cfg.precopy_rounds = args.precopy_rounds
     if args.switchover_ms is not None:
         cfg.switchover_ms = args.switchover_ms
-    stats = _run_trio(serve, cfg)
-    write_metrics(stats.to_json(), args.metrics, sys.stdout)
-    return 0
+    return cfg
 
 
-def _run_dst(args: argparse.Namespace) -> int:
-    from . import protocol as p
-    from .destination import DestinationConfig, Destination
-    from .summary import print_summary
+def destination_config(args: argparse.Namespace) -> DestinationConfig:
+    """What migrate-dst runs with, from its parsed arguments, every option checked.
 
+    Raises:
+        UsageError: an option is out of range; the hint says what would do.
+    """
     host, port = parse_address(args.connect, DEFAULT_PORT)
     _require(args.run_after >= 0, "--run-after cannot be negative",
              "seconds the guest runs here once all memory arrived; 0 stops it at once")
-    _require(0 <= args.prefetch < p.MAX_RUN_PAGES, f"--prefetch must be between 0 and {p.MAX_RUN_PAGES - 1}",
+    _require(0 <= args.prefetch < MAX_RUN_PAGES, f"--prefetch must be between 0 and {MAX_RUN_PAGES - 1}",
              "pages requested after each faulting page; 0 turns prefetching off")
     _require(args.connect_timeout > 0, "--connect-timeout must be more than 0",
              "seconds to keep retrying a refused or dropped connection, e.g. 10")
@@ -413,15 +417,25 @@ def _run_dst(args: argparse.Namespace) -> int:
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
                             link_timeout=args.link_timeout, connect_timeout=args.connect_timeout,
                             tls=_tls(args, server=False))
-    stats = _run_trio(Destination(cfg).run)
+    return cfg
+
+
+def _run_src(args: argparse.Namespace) -> int:
+    stats = _run_trio(serve, source_config(args))
+    write_metrics(stats.to_json(), args.metrics, sys.stdout)
+    return 0
+
+
+def _run_dst(args: argparse.Namespace) -> int:
+    stats = _run_trio(Destination(destination_config(args)).run)
     write_metrics(stats.to_json(), args.metrics, sys.stdout)
     print_summary(stats, sys.stderr)
     return 0 if stats.verified is not False else 3
 
 
 def src_main(argv: list[str] | None = None) -> int:
-    return _main("migrate-src", _src_parser(), _run_src, argv)
+    return _main("migrate-src", src_parser(), _run_src, argv)
 
 
 def dst_main(argv: list[str] | None = None) -> int:
-    return _main("migrate-dst", _dst_parser(), _run_dst, argv)
+    return _main("migrate-dst", dst_parser(), _run_dst, argv)

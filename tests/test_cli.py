@@ -9,6 +9,8 @@ import shlex
 
 import pytest
 
+from migrate import cli as commands
+
 # One case a line: a command line, " -> ", and what the first line of its stderr must say.
 USAGE_ERRORS = """
 migrate-src --guest-mib 0                 -> --guest-mib must be at least 1
@@ -64,3 +66,40 @@ def test_nonsense_numbers_are_named_in_the_options_terms(cli, command: str, mess
 def test_no_progress_is_an_option_of_both_commands(cli) -> None:
     for prog in ("migrate-src", "migrate-dst"):
         assert "--no-progress" in cli(prog, "--help").stdout
+
+
+# One case a line: a command's options, " -> ", the field of its config they set and the value
+# (a Python expression), so that an option the command ignored would fail here.
+OPTIONS = """
+migrate-src --listen 127.0.0.2:9000         -> (host, port) == ("127.0.0.2", 9000)
+migrate-src --guest-pages 64 --vcpus 3      -> (spec.pages, spec.vcpus) == (64, 3)
+migrate-src --workload hotset --seed 5      -> (spec.workload.name, spec.seed) == ("hotset", 5)
+migrate-src --zero-fraction 0.25 --rate 10  -> (spec.zero_permille, spec.rate) == (250, 10)
+migrate-src --run-before 2.5                -> run_before == 2.5
+migrate-src --handshake-timeout 7           -> handshake_timeout == 7
+migrate-src --reconnect-timeout 9           -> reconnect_timeout == 9
+migrate-src --link-timeout 4                -> link_timeout == 4
+migrate-src --max-pending 5                 -> max_pending == 5
+migrate-src --mode hybrid --precopy-rounds 3 --switchover-ms 12 -> (mode.name, precopy_rounds, switchover_ms) == ("hybrid", 3, 12)
+migrate-src --stream-order working-set      -> stream_order.value == "working-set"
+migrate-src --max-bandwidth 1Gbit           -> max_bandwidth == 125_000_000
+migrate-src --prepage bubble                -> prepage == "bubble"
+migrate-dst --connect 127.0.0.3:9100        -> (host, port) == ("127.0.0.3", 9100)
+migrate-dst --run-after 0.5 --verify        -> (run_after, verify) == (0.5, True)
+migrate-dst --prefetch 4                    -> prefetch == 4
+migrate-dst --reconnect-timeout 5           -> reconnect_timeout == 5
+migrate-dst --watchdog 3                    -> watchdog == 3
+migrate-dst --link-timeout 6                -> link_timeout == 6
+migrate-dst --connect-timeout 8             -> connect_timeout == 8
+"""
+OPTION_CASES = [[field.strip() for field in line.split(" -> ")] for line in OPTIONS.strip().splitlines()]
+
+
+@pytest.mark.parametrize("command,check", OPTION_CASES, ids=[command for command, _ in OPTION_CASES])
+def test_every_option_reaches_the_config_the_command_runs_with(command: str, check: str) -> None:
+    prog, *args = shlex.split(command)
+    if prog == "migrate-src":
+        cfg = commands.source_config(commands.src_parser().parse_args(args))
+    else:
+        cfg = commands.destination_config(commands.dst_parser().parse_args(args))
+    assert eval(check, {}, vars(cfg)), vars(cfg)
