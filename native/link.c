@@ -127,9 +127,11 @@ void *tls_context(int server, const char *cert, const char *key, const char *ca,
      * re-gather the same bytes elsewhere. */
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_TICKET);
-    /* Read ahead: one read() takes many records, not two per 16 KiB record.
-     * Every reader tries SSL_read before it polls, so bytes buffered here are
-     * never left waiting for a readable socket. */
+    /* Read ahead: one read() per 16 KiB record instead of two (its header,
+     * then its body).  A larger read buffer would take many records a read()
+     * but measured no faster: see docs/performance.md, TLS.  Every reader
+     * tries SSL_read before it polls, so bytes buffered here are never left
+     * waiting for a readable socket. */
     SSL_CTX_set_read_ahead(ctx, 1);
     /* No session tickets: nobody reads the server-to-client direction of the
      * requests connection, so nothing should be sent there. */
