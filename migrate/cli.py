@@ -18,7 +18,7 @@ import trio
 
 from . import progress
 from .destination import Destination, DestinationConfig
-from .errors import MigrateError, UsageError, find
+from .errors import MigrateError, UsageError, find, leaves
 from .guest import GuestSpec, Workload
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
@@ -230,6 +230,10 @@ def dst_parser() -> argparse.ArgumentParser:
     _add_seconds(ap, "--reconnect-timeout", 30.0,
                  help="after a lost link, seconds to keep reconnecting before giving up (default 30); the guest "
                       "waits meanwhile")
+    _add_seconds(ap, "--switchover-timeout", 300.0,
+                 help="give up if the source has not begun the migration (its first precopy round, or the "
+                      "switchover) within S seconds of connecting (default 300); it must exceed the source's "
+                      "--run-before")
     _add_seconds(ap, "--watchdog", 2.0, help="report a vCPU that waits longer than S seconds for one page (default 2)")
     _common(ap)
     return ap
@@ -266,14 +270,20 @@ def _read_key(args: argparse.Namespace) -> bytes:
 
 
 def _run_trio(fn: Callable[..., object], *args: object) -> object:
-    """trio.run, with a MigrateError raised inside a nursery unwrapped from its exception group."""
+    """trio.run, with what a nursery raised unwrapped from its exception group: a KeyboardInterrupt,
+    or our errors as one (the first, naming the others); anything else (a bug) as it is, whole."""
     try:
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:
-        wanted = find(group, (MigrateError, KeyboardInterrupt))
-        if wanted is None:
+        ours, other = group.split((MigrateError, KeyboardInterrupt))
+        if ours is None or other is not None:
             raise
-        raise wanted from None
+        if find(ours, KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None
+        first, *more = leaves(ours)
+        if more:  # one line still, naming every failure
+            first.args = (f"{first} (also: {'; '.join(str(e) for e in more)})",)
+        raise first from None
 
 
 def _print_error(prog: str, exc: MigrateError) -> None:
@@ -409,6 +419,8 @@ def destination_config(args: argparse.Namespace) -> DestinationConfig:
              "pages requested after each faulting page; 0 turns prefetching off")
     _require(args.connect_timeout > 0, "--connect-timeout must be more than 0",
              "seconds to keep retrying a refused or dropped connection, e.g. 10")
+    _require(args.switchover_timeout > 0, "--switchover-timeout must be more than 0",
+             "seconds the source may run its guest before migrating it, e.g. 300")
     _check_common(args)
     _require(args.watchdog > 0, "--watchdog must be more than 0",
              "seconds a vCPU may wait for one page before it is reported, e.g. 2")
@@ -416,7 +428,7 @@ def destination_config(args: argparse.Namespace) -> DestinationConfig:
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
                             link_timeout=args.link_timeout, connect_timeout=args.connect_timeout,
-                            tls=_tls(args, server=False))
+                            switchover_timeout=args.switchover_timeout, tls=_tls(args, server=False))
     return cfg
 
 

@@ -32,6 +32,7 @@ source that list (and whether the vCPUs already run here).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import trio
 
 from . import protocol as p
 from ._native import ffi, lib
-from .errors import LINK_ERRORS, PeerError, PeerGone, ProtocolViolation, RemoteProtocolError, UsageError, lost_link
+from .errors import LINK_ERRORS, MigrateError, PeerError, PeerGone, ProtocolViolation, RemoteProtocolError, UsageError, lost_link
 from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
@@ -73,6 +74,7 @@ class DestinationConfig:
     link_timeout: float = 10.0  # silence while pages are owed before a link counts as lost
     connect_timeout: float = 10.0  # how long connecting may keep being refused or dropped
     tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
+    switchover_timeout: float = 300.0  # how long the source may run its guest before migrating it
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Destination:
         self.rounds_received = 0
         self.missing_at_switchover = 0
         self.discarded_at_switchover = 0
+        self._switchover_deadline = math.inf  # trio's clock: the source must begin migrating by then
 
     @property
     def placed_pages(self) -> int:
@@ -165,7 +168,7 @@ class Destination:
 
     async def _open_once(self, channel: p.Channel, session: bytes) -> FrameSocket:
         """One attempt of ``_open``; closes its socket on any failure, cancellation included."""
-        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port), p.Connection(p.Role.DESTINATION, self.info),
+        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port, self.cfg.link_timeout), p.Connection(p.Role.DESTINATION, self.info),
                          f"source {format_address(self.cfg.host, self.cfg.port)}")
         try:
             if channel is not p.Channel.BULK:
@@ -209,7 +212,12 @@ class Destination:
         uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
         deadline = trio.current_time() + self.cfg.connect_timeout
         bulk = await self._open(p.Channel.BULK, b"", deadline)
-        self.info = info = await bulk.expect(p.GuestInfo)
+        self._switchover_deadline = trio.current_time() + self.cfg.switchover_timeout
+        try:
+            self.info = info = await bulk.expect(p.GuestInfo, within=self.cfg.link_timeout)  # follows the Welcome
+        except BaseException:
+            bulk.close()
+            raise
         spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
                          zero_permille=info.zero_permille, rate=info.rate)
         self.mode = info.mode
@@ -353,9 +361,15 @@ class Destination:
     async def _receive_rounds(self, links: _Links) -> p.CpuState:
         """Places each round until the CPU state (the protocol's state allows only what may come next)."""
         bulk = links.bulk
-        # Before the first round the source may run its guest for as long as it likes: no bound.
-        # Between rounds it only scans (milliseconds): silence then means a lost link.
-        event = await bulk.receive()
+        # Before the first round the source runs its guest for --run-before: bounded by
+        # --switchover-timeout (a vanished host is noticed sooner: see wire.tune).  Between rounds
+        # it only scans (milliseconds): silence then means a lost link.
+        with trio.move_on_at(self._switchover_deadline) as wait:
+            event = await bulk.receive()
+        if wait.cancelled_caught:
+            raise MigrateError(f"the source did not begin the migration within {self.cfg.switchover_timeout:g} s "
+                               "of the connection", hint="raise --switchover-timeout above the source's "
+                                                         "--run-before")
         while True:
             if isinstance(event, p.CpuState):
                 return event
@@ -393,12 +407,12 @@ class Destination:
                     await trio.lowlevel.wait_readable(done_fd)
                     nursery.cancel_scope.cancel()
                 return links
-            except BaseException as exc:
-                if self.placed_pages == self.plane.pages:
-                    return links  # every page is here: whatever a loop was doing no longer matters
-                failure = lost_link(exc) if isinstance(exc, Exception) else None
+            except Exception as exc:
+                failure = lost_link(exc)
                 if failure is None:
-                    raise
+                    raise  # a bug, a local failure or a protocol violation: never taken for a lost link
+                if self.placed_pages == self.plane.pages:
+                    return links  # a link broke as the last page arrived: nothing is missing
             links, deadline = await self._recover(guest, links, failure, placed_before, deadline, "")
 
     async def _reconnect(self, guest: Guest, deadline: float) -> _Links:
@@ -446,7 +460,7 @@ class Destination:
         """
         d = self.plane
         # Requests of the lost links will never be answered: owe only what is asked from now on.
-        d.urgent.owed_base = d.faults.pages_requested - d.urgent.answered
+        d.urgent.owed_base = max(0, d.faults.pages_requested - d.urgent.answered)
         pages = sorted({page for _, _, page in guest.stuck(0)})
         if not pages:
             return

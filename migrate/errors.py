@@ -83,6 +83,13 @@ def find(exc: BaseException, types: type | tuple[type, ...]) -> BaseException | 
     return exc if isinstance(exc, types) else None
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` (nested exception groups flattened), in order; ``[exc]`` for a plain one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
 # What a broken link looks like: the peer vanished, timed out, or sent garbage (a cut in the middle
 # of a frame).  A ProtocolViolation is none of these: see is_link_error.
 LINK_ERRORS = (PeerError, RemoteProtocolError)

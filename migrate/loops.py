@@ -16,7 +16,10 @@ from typing import Callable
 import trio
 
 from ._native import ffi, lib
-from .errors import MigrateError, PeerError, RemoteProtocolError, UffdError
+from .errors import MigrateError, PeerError, ProtocolViolation, RemoteProtocolError, UffdError
+
+# What a loop's *why starts with when an operation on the guest's memory failed.
+GUEST_MEMORY_OPERATIONS = ("UFFDIO", "reading the userfaultfd", "MADV_DONTNEED")
 
 STOPPED: int = lib.LOOP_STOPPED
 CONTROL: int = lib.LOOP_CONTROL
@@ -27,9 +30,11 @@ def loop_error(rc: int, why: str, peer: str) -> MigrateError:
     if rc == lib.LOOP_EOF:
         return PeerError(f"{peer} closed the connection")
     err = -rc
+    if err == errno.ENOMSG:  # well formed, out of order: reconnecting would meet it again
+        return ProtocolViolation(f"{peer} sent a frame out of order: {why}")
     if err == errno.EBADMSG:
         return RemoteProtocolError(f"{peer} sent a bad frame: {why}")
-    if why.startswith(("UFFDIO", "reading the userfaultfd")):
+    if why.startswith(GUEST_MEMORY_OPERATIONS):  # this side's own failure, never the link's
         return UffdError(why, err)
     if err == errno.ETIMEDOUT:
         return PeerError(f"{peer} went silent: no data while pages were owed")

@@ -38,6 +38,7 @@ arrive is stale, not absent); a switchover the destination did not confirm
 from __future__ import annotations
 
 import enum
+import fcntl
 import hmac
 import json
 import logging
@@ -45,6 +46,8 @@ import math
 import os
 import resource
 import secrets
+import struct
+import termios
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,7 +58,7 @@ from . import prepage
 from . import protocol as p
 from ._native import ffi, lib
 from .dirty import DirtyTracker, Runs
-from .errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link
+from .errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link, printable
 from .guest import Guest, GuestSpec
 from .loops import run_native
 from .metrics import Histogram, rss_mib
@@ -103,6 +106,10 @@ RESERVED_FDS = 16
 # A destination sends its first bytes as soon as it connects: a connection
 # silent for this long is closed, whatever --handshake-timeout allows.
 FIRST_BYTES_S = 1.0
+# How often the end of the stream checks what the destination's kernel has acknowledged.
+DRAIN_POLL_S = 0.05
+# A refused peer is told why (an Error frame) within this long, or not at all.
+REFUSE_S = 1.0
 # A warning that a flood could repeat thousands of times is logged at most this often.
 WARN_INTERVAL = 2.0
 
@@ -271,6 +278,7 @@ class Source:
         self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
         self.first_cursor = 0
         self.cpu_state: p.CpuState | None = None
+        self._switch_confirmed = False  # the destination said its vCPUs run (Resume.started)
         self._ws_before: Runs | None = None  # postcopy, working-set order: written in the stretch before the last
         self.figures = _Figures()
 
@@ -307,7 +315,7 @@ class Source:
                  self.spec.vcpus, self.spec.workload.name, format_address(self.cfg.host, port))
         task_status.started(port)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._accept_loop, listener, nursery)
+            nursery.start_soon(self._accept_loop, listener)
             await self._wait_for_destination()
             if self.cfg.mode is p.Mode.postcopy and self._tracking:
                 # Track writes over the last two stretches of WORKING_SET_S before switchover only.
@@ -343,67 +351,81 @@ class Source:
                 f.write(f"{address}\n")
         return sock
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: trio.socket.SocketType) -> None:
         """Accepts connections until cancelled: no peer and no shortage of resources ends it.
 
-        A failed accept (out of descriptors or memory) is logged and retried
-        after a pause; the connection waits in the kernel's backlog meanwhile.
-        At most ``max_pending`` handshakes run at once, each holding a
-        descriptor and a small buffer for up to ``--handshake-timeout``; a
-        connection beyond that is closed at once (``dropped_peers``), and a
-        destination tries again.
+        Handshakes run in a nursery of their own, and each catches whatever
+        its peer provokes: nothing a stranger does reaches the migration's
+        nursery.  A failed accept (out of descriptors or memory) is logged and
+        retried after a pause; the connection waits in the kernel's backlog
+        meanwhile.  At most ``max_pending`` handshakes run at once, each
+        holding a descriptor and a small buffer for up to
+        ``--handshake-timeout``; a connection beyond that is closed at once
+        (``dropped_peers``), and a destination tries again.
         """
-        while True:
-            try:
-                sock, addr = await listener.accept()
-            except OSError as exc:
-                self._accept_warning.warn("cannot accept connections (%s); retrying every %g s",
-                                          exc.strerror or exc, ACCEPT_BACKOFF)
-                await trio.sleep(ACCEPT_BACKOFF)
-                continue
-            peer = format_address(*addr[:2])
-            if self._pending >= self._max_pending:
-                sock.close()
-                self.dropped_peers += 1
-                self._drop_warning.warn("dropped a connection from %s: %d handshakes already pending (--max-pending)",
-                                        peer, self._pending)
-                continue
-            self._pending += 1
-            nursery.start_soon(self._greet, sock, peer)
+        async with trio.open_nursery() as handshakes:
+            while True:
+                try:
+                    sock, addr = await listener.accept()
+                except OSError as exc:
+                    self._accept_warning.warn("cannot accept connections (%s); retrying every %g s",
+                                              exc.strerror or exc, ACCEPT_BACKOFF)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                peer = format_address(*addr[:2])
+                if self._pending >= self._max_pending:
+                    sock.close()
+                    self.dropped_peers += 1
+                    self._drop_warning.warn("dropped a connection from %s: %d handshakes already pending "
+                                            "(--max-pending)", peer, self._pending)
+                    continue
+                self._pending += 1
+                handshakes.start_soon(self._greet, sock, peer)
 
     async def _greet(self, sock: trio.socket.SocketType, peer: str) -> None:
-        """Handshake of one incoming connection; a failure closes only that connection."""
+        """Handshake of one incoming connection; a failure, of any kind, closes only that connection."""
         # The source receives control frames and page requests, never pages: its
         # Connection's receive buffer is sized for those (~128 KiB, not ~2.1 MiB).
         fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, self.info), f"destination {peer}")
         joined = False
         try:
-            tune(sock)
+            tune(sock, self.cfg.link_timeout)
             with trio.fail_after(self.cfg.handshake_timeout):
                 await self._handshake(fs)
             joined = True
         except _Silent as exc:
             self.rejected_peers += 1
             self._silent_warning.warn("closed %s: %s", peer, exc)
-        except (MigrateError, trio.TooSlowError) as exc:
+        except Exception as exc:  # whatever a stranger provokes (a reset, garbage, a bug it finds) is its own
             self.rejected_peers += 1
-            reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            if isinstance(exc, trio.TooSlowError):
+                reason = "handshake timed out"
+            elif isinstance(exc, (MigrateError, OSError)):
+                reason = str(exc) if isinstance(exc, MigrateError) else f"{exc.strerror or exc}"
+            else:  # never expected: named, so that it can be reported, but it ends this connection only
+                reason = f"unexpected {type(exc).__name__}: {exc}"
             hint = getattr(exc, "hint", None)
-            log.warning("rejected %s: %s%s", peer, reason, f" (hint: {hint})" if hint else "")
-            with trio.move_on_after(1):
-                try:
-                    await fs.send(p.Error(reason[:200]))
-                    # Closing with unread input would reset the connection, and a reset can
-                    # destroy our answer before the peer reads it: let the peer close first.
-                    fs.sock.shutdown(trio.socket.SHUT_WR)
-                    while await fs.sock.recv(65536):
-                        pass
-                except (MigrateError, OSError):
-                    pass
+            log.warning("rejected %s: %s%s", peer, printable(reason), f" (hint: {hint})" if hint else "")
+            if fs.writable:
+                await self._refuse(fs, reason)
         finally:
             self._pending -= 1
             if not joined:  # a connection of the session is closed by the migration, anything else here
                 fs.close()
+
+    @staticmethod
+    async def _refuse(fs: FrameSocket, reason: str) -> None:
+        """Tells a refused peer why, in an Error frame, within REFUSE_S; a peer that is gone is not told."""
+        with trio.move_on_after(REFUSE_S):
+            try:
+                await fs.send(p.Error(reason[:200]))
+                # Closing with unread input would reset the connection, and a reset can
+                # destroy our answer before the peer reads it: let the peer close first.
+                fs.sock.shutdown(trio.socket.SHUT_WR)
+                while await fs.sock.recv(65536):
+                    pass
+            except (MigrateError, OSError):
+                pass
 
     async def _wait_for_destination(self) -> None:
         """Waits until one destination has all its connections up.
@@ -433,7 +455,13 @@ class Source:
         try:
             with trio.move_on_after(min(FIRST_BYTES_S, self.cfg.handshake_timeout)):
                 await trio.lowlevel.wait_readable(sock)
-                return await sock.recv(want, trio.socket.MSG_PEEK)
+                try:
+                    first = await sock.recv(want, trio.socket.MSG_PEEK)
+                except OSError as exc:  # reset before a word: a port scan, a health check
+                    raise _Silent(f"connection reset before its first byte ({exc.strerror or exc})") from None
+                if not first:
+                    raise _Silent("closed before its first byte")
+                return first
             raise _Silent(f"no preamble within {min(FIRST_BYTES_S, self.cfg.handshake_timeout):g} s")
         finally:
             sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVLOWAT, 1)
@@ -512,8 +540,6 @@ class Source:
                     nursery.cancel_scope.cancel()
                 failure = None
             except Exception as exc:
-                if isinstance(exc, trio.TooSlowError):
-                    exc = PeerError(f"the destination sent no Resume within {self.cfg.link_timeout:g} s")
                 failure = lost_link(exc)
                 if failure is None:
                     raise
@@ -529,8 +555,15 @@ class Source:
             with trio.move_on_after(self.cfg.reconnect_timeout):
                 await self._paired.wait()
             if not self._paired.is_set():
-                where = ("its guest is incomplete and this one is stopped" if self.phase is Phase.SWITCHED
-                         else "the guest never left this host (it was still running here)")
+                if self.phase is Phase.ROUNDS:
+                    where = "the guest never left this host (it was still running here)"
+                elif self._switch_confirmed or self.serve_stats.requests:
+                    where = "the guest runs there with incomplete memory, and is stopped here"
+                else:
+                    # Never resumed here on our own: the CPU state may have arrived and the guest may
+                    # run there; two running copies would diverge.
+                    where = ("the switchover was sent but never confirmed: the guest may run there; it stays "
+                             "stopped here, as two running copies would diverge")
                 raise PeerError(f"the destination did not come back within {self.cfg.reconnect_timeout:g} s; {where}",
                                 hint="restart the migration from scratch")
         self.progress.finish()
@@ -634,7 +667,9 @@ class Source:
                 await run_native(lib.src_send_discards, self.spec.pages, bulk.link, discards.array, discards.n,
                                  self._idle_ms, st, peer=bulk.peer)
             await bulk.send(p.RoundEnd(n))
-            await bulk.expect(p.RoundAck)  # of round n: the protocol's state checks the number
+            # Of round n (the protocol's state checks the number): the destination has all the round's
+            # frames once it acknowledges, so silence for a link's timeout means a lost link.
+            await bulk.expect(p.RoundAck, within=self.cfg.link_timeout)
             seconds = trio.current_time() - t0
             sent = st.pages - pages0
             entry: dict[str, object] = {"round": n, "pages": sent, "bytes": st.bytes - bytes0,
@@ -783,14 +818,14 @@ class Source:
     async def _receive_resume(self, bulk: FrameSocket) -> p.Resume:
         """After a reconnection: what the destination's kernel lacks, and whether its vCPUs run."""
         runs: list[tuple[int, int]] = []
-        with trio.fail_after(self.cfg.link_timeout):
-            while True:
-                # The protocol's state bounds the pages of all the frames by the guest's; as a run holds a
-                # page at least, that bounds the run list too, however many frames say "more".
-                resume = await bulk.expect(p.Resume)
-                runs += resume.runs
-                if not resume.more:
-                    break
+        while True:
+            # The protocol's state bounds the pages of all the frames by the guest's; as a run holds a
+            # page at least, that bounds the run list too, however many frames say "more".
+            resume = await bulk.expect(p.Resume, within=self.cfg.link_timeout)
+            runs += resume.runs
+            if not resume.more:
+                break
+        self._switch_confirmed |= resume.started
         pages = sum(count for _, count in runs)
         log.info("destination back: it lacks %d pages in %d runs; its vCPUs %s", pages, len(runs),
                  "run" if resume.started else "wait for the switchover")
@@ -852,9 +887,12 @@ class Source:
                                  f"{mbps:.0f} MB/s, {self.serve_stats.requests} requests")
         await bulk.send(p.SourceDone(st.pages - sent_before))
         log.info("stream complete: %d pages in %.2f s", st.pages - sent_before, time.monotonic() - t0)
-        # Everything is on its way: DestDone must follow within a link's silence.
+        # Everything is on its way, but a slow link may still carry megabytes of it: silence is
+        # counted from when the destination's kernel acknowledged the last byte, not from now.
+        await _drained(bulk, self.cfg.link_timeout)
         await trio.sleep(self.cfg.link_timeout)
-        raise PeerError(f"{bulk.peer} did not confirm within {self.cfg.link_timeout:g} s of the stream's end")
+        raise PeerError(f"{bulk.peer} did not confirm within {self.cfg.link_timeout:g} s of receiving the whole "
+                        "stream")
 
     async def _serve_requests(self, links: _Links) -> dict[str, float]:
         """Runs the native request server (requests in on one connection, replies out on another)
@@ -872,6 +910,24 @@ class Source:
         # The loop returns at a control frame: DestDone is the only one the requests allow (an Error raises).
         done = await req.expect(p.DestDone)
         return done.counters
+
+
+async def _drained(fs: FrameSocket, link_timeout: float) -> None:
+    """Returns once the peer's kernel has acknowledged every byte sent on ``fs``; PeerError if it takes
+    none for ``link_timeout``."""
+    queued, deadline = _unacknowledged(fs), trio.current_time() + link_timeout
+    while queued:
+        await trio.sleep(DRAIN_POLL_S)
+        now, before, queued = trio.current_time(), queued, _unacknowledged(fs)
+        if queued < before:
+            deadline = now + link_timeout
+        elif now >= deadline:
+            raise PeerError(f"{fs.peer} took none of the stream's last {queued} bytes for {link_timeout:g} s")
+
+
+def _unacknowledged(fs: FrameSocket) -> int:
+    """Bytes sent on ``fs`` that the peer's kernel has not acknowledged yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(fs.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import select
 import socket as _stdsocket
@@ -17,8 +18,15 @@ from .protocol import CLOSED, NEED_DATA, Connection, Error, Event
 
 
 
-def tune(sock: trio.socket.SocketType) -> None:
-    """TCP_NODELAY, so that a page request or a small reply leaves at once.
+def tune(sock: trio.socket.SocketType, link_timeout: float) -> None:
+    """TCP_NODELAY, so that a page request or a small reply leaves at once; and a peer host that
+    vanishes (power loss, a dropped route: no FIN, no RST) is noticed within about ``link_timeout``.
+
+    Keepalive probes prove the peer's host alive while the connection is idle
+    (the wait before a switchover can be long and silent): ``TCP_KEEPCNT``
+    unanswered probes end it.  ``TCP_USER_TIMEOUT`` bounds how long sent data
+    may stay unacknowledged, and overrides the keepalive's count; both make a
+    blocked read or write fail with ``ETIMEDOUT``, a lost link.
 
     Socket buffer sizes are deliberately left alone: setting SO_SNDBUF or
     SO_RCVBUF switches off the kernel's autotuning for that socket, and the
@@ -28,6 +36,17 @@ def tune(sock: trio.socket.SocketType) -> None:
     ones small.
     """
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+    idle = max(1, math.ceil(link_timeout / 2))
+    interval = max(1, math.ceil(link_timeout / (2 * KEEPALIVE_PROBES)))
+    sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_KEEPALIVE, 1)
+    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_USER_TIMEOUT, max(1000, round(link_timeout * 1000)))
+
+
+# Unanswered keepalive probes that end a connection (see tune).
+KEEPALIVE_PROBES = 3
 
 
 # The urgent connections (requests, replies) are marked DSCP EF (Expedited
@@ -166,17 +185,33 @@ class FrameSocket:
         """
         await self._write(self.conn.send(event))
 
+    @property
+    def writable(self) -> bool:
+        """Whether a frame may still be written: TLS, if any, is established, and no frame was cut."""
+        return not self.link.cut and (self.link.ssl == ffi.NULL or self._tls is not None)
+
     async def _write(self, chunks: list[bytes | memoryview]) -> None:
+        if self.link.cut:
+            # Part of an earlier frame is on the link (a native loop or a send was stopped in its
+            # middle): what follows would be read as the rest of it.
+            raise PeerGone(f"cannot write to {self.peer}: a frame sent on this connection was cut off")
         if len(chunks) > 1 and sum(len(c) for c in chunks) <= 65536:
             chunks = [b"".join(chunks)]  # a control frame leaves in one piece, one system call
-        for chunk in chunks:
-            buf, left = ffi.from_buffer(chunk), len(chunk)
-            while left:
-                n = await self._link_io(lib.link_send, buf + (len(chunk) - left), left)
-                if n < 0:
-                    raise _lost(self.peer, n, self._why)
-                self.bytes_out += n
-                left -= n
+        started = False
+        try:
+            for chunk in chunks:
+                buf, left = ffi.from_buffer(chunk), len(chunk)
+                while left:
+                    n = await self._link_io(lib.link_send, buf + (len(chunk) - left), left)
+                    if n <= 0:  # link_send never returns 0; were it to, looping on it would spin
+                        raise _lost(self.peer, n or -errno.EPIPE, self._why)
+                    started = True
+                    self.bytes_out += n
+                    left -= n
+        except BaseException:
+            if started or self.link.ssl != ffi.NULL:  # TLS: a write that must be retried is pending
+                self.link.cut = 1
+            raise
         await trio.lowlevel.checkpoint()
 
     async def receive(self) -> Event:
@@ -196,12 +231,19 @@ class FrameSocket:
         await trio.lowlevel.checkpoint()
         return event
 
-    async def expect(self, kind: type) -> Event:
-        """Receives one event that must be of ``kind``."""
-        event = await self.receive()
-        if not isinstance(event, kind):
-            raise RemoteProtocolError(f"expected {kind.__name__} from {self.peer}, got {type(event).__name__}")
-        return event
+    async def expect(self, kind: type, within: float = math.inf) -> Event:
+        """Receives one event that must be of ``kind``, within ``within`` seconds.
+
+        Raises:
+            PeerError: nothing came in time (a lost link), or as ``receive``.
+            RemoteProtocolError: something else came.
+        """
+        with trio.move_on_after(within):
+            event = await self.receive()
+            if not isinstance(event, kind):
+                raise RemoteProtocolError(f"expected {kind.__name__} from {self.peer}, got {type(event).__name__}")
+            return event
+        raise PeerError(f"{self.peer} sent no {kind.__name__} within {within:g} s")
 
     def abort(self) -> None:
         """Ends the connection both ways at once, waking every task or thread blocked on it."""
@@ -255,7 +297,7 @@ def family_of(host: str) -> int:
     return _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
 
 
-async def connect(host: str, port: int) -> trio.socket.SocketType:
+async def connect(host: str, port: int, link_timeout: float) -> trio.socket.SocketType:
     """Connects a tuned TCP socket.
 
     Raises:
@@ -273,5 +315,5 @@ async def connect(host: str, port: int) -> trio.socket.SocketType:
         raise PeerGone(f"cannot connect to {format_address(host, port)}: {reason}",
                        hint=f"is migrate-src running and listening on {format_address(host, port)}?") from None
     sock = stream.socket
-    tune(sock)
+    tune(sock, link_timeout)
     return sock

@@ -5,7 +5,8 @@
  * Read by the C compiler and by cffi's cdef parser: plain declarations only.
  * A loop owns its socket direction(s) and the counters it writes; it never
  * calls into Python.  It returns one of enum loop_end, or -errno with *why
- * naming the operation (or, for -EBADMSG, what the peer got wrong).
+ * naming the operation (or, for -EBADMSG and -ENOMSG, what the peer got wrong:
+ * a malformed frame, or one out of order; see wire_check).
  */
 
 enum loop_end {

@@ -17,6 +17,7 @@ typedef struct {
     uint64_t rekey_bytes;     /* TLS sender: a key update every this many bytes (0: OpenSSL's own) */
     uint64_t since_rekey;     /* bytes sent since the last key update */
     uint64_t rekeys;          /* key updates sent */
+    int cut;                  /* a send stopped part-way through a frame: nobody may write here again */
 } link_t;
 
 /* Receives up to len bytes: returns how many (> 0), 0 when the peer closed,

@@ -19,6 +19,14 @@ static int bad(const char **why, const char *reason)
     return -EBADMSG;
 }
 
+/* A frame of a kind the connection's state does not allow now: well formed,
+ * but out of order (a protocol violation, never a broken link). */
+static int out_of_order(const char **why, const char *reason)
+{
+    *why = reason;
+    return -ENOMSG;
+}
+
 static int inside(uint64_t start, uint64_t count, uint64_t guest_pages)
 {
     return count <= guest_pages && start <= guest_pages - count;
@@ -30,15 +38,15 @@ int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t ac
     if (f->kind < WIRE_PAGES || f->kind > WIRE_DISCARD)
         return bad(why, "unknown frame kind");
     if (!(accept & (1u << f->kind)))
-        return bad(why, f->kind == WIRE_DISCARD
-                            ? "a discard where none may come (a vCPU may have written the pages)"
-                            : "a frame of a kind that may not come now");
+        return out_of_order(why, f->kind == WIRE_DISCARD
+                                     ? "a discard where none may come (a vCPU may have written the pages)"
+                                     : "a frame of a kind that may not come now");
     if (f->flags & ~(uint32_t)WIRE_REPLACE)
         return bad(why, "unknown frame flags");
     if (f->flags && f->kind != WIRE_PAGES && f->kind != WIRE_ZEROS)
         return bad(why, "frame flags on a frame that takes none");
     if (f->flags && !(accept & (1u << WIRE_DISCARD)))
-        return bad(why, "a replacement where no discard may come (a vCPU may have written the pages)");
+        return out_of_order(why, "a replacement where no discard may come (a vCPU may have written the pages)");
     switch (f->kind) {
     case WIRE_CONTROL:
         if (f->count == 0 || f->count > WIRE_MAX_CONTROL)

@@ -65,8 +65,10 @@ struct wire_run {
 
 /* Checks a received frame header: its kind is one this end accepts now (mask),
  * its pages lie inside a guest of guest_pages pages (0: not described yet),
- * its sizes are within the bounds above.  Returns the payload length, or
- * -EBADMSG with *why saying what is wrong. */
+ * its sizes are within the bounds above.  Returns the payload length,
+ * -ENOMSG for a kind (or a REPLACE flag) the mask refuses: well formed but out
+ * of order, a protocol violation; or -EBADMSG for a malformed frame (garbage,
+ * or a cut: a lost link).  *why says what is wrong. */
 int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t accept,
                    const char **why);
 

@@ -169,7 +169,21 @@ async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = N
     while not (ready.exists() and ready.read_text().strip()):
         assert proc.poll() is None, (tmp / "src.err").read_text()
         await trio.sleep(0.05)
-    return proc, int(ready.read_text().split(":")[1])
+    return proc, int(ready.read_text().strip().rpartition(":")[2])  # HOST:PORT, [::1]:PORT too
+
+
+def _cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread, from /proc (fields 14 and 15, after the command's parentheses)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def thread_cpu_seconds(pid: int, tid: int, over: float) -> float:
+    """The CPU time thread ``tid`` of process ``pid`` uses over the next ``over`` seconds: a waiting
+    thread that spins shows up here (the trio thread is ``tid == pid``)."""
+    before = _cpu_seconds(pid, tid)
+    await trio.sleep(over)
+    return _cpu_seconds(pid, tid) - before
 
 
 async def run_destination(tmp: Path, port: int, args: list[str]) -> tuple[int, str, dict]:

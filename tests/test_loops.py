@@ -16,7 +16,7 @@ import trio
 from helpers import Side
 from migrate import protocol as p
 from migrate._native import ffi, lib
-from migrate.errors import PeerError, RemoteProtocolError
+from migrate.errors import PeerError, ProtocolViolation, RemoteProtocolError, lost_link
 from migrate.guest import Guest, GuestSpec, Workload
 from migrate.loops import run_native
 
@@ -85,6 +85,24 @@ async def test_a_bad_frame_is_a_protocol_error_and_places_nothing(side: Side) ->
         with trio.fail_after(5), pytest.raises(RemoteProtocolError, match="outside the guest"):
             await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
     assert side.plane.bulk.pages == 0
+
+
+@pytest.mark.parametrize("kind,flags", [(lib.WIRE_DISCARD, 0), (lib.WIRE_PAGES, lib.WIRE_REPLACE),
+                                        (lib.WIRE_REQUEST, 0)])
+async def test_a_frame_out_of_order_is_a_protocol_violation_never_a_lost_link(side: Side, kind: int,
+                                                                              flags: int) -> None:
+    """A discard or a replacement after switchover, or a request on the stream, is well formed but out of
+    order: reconnecting would meet it again, so it ends the migration (docs/security.md) and places nothing."""
+    ours, theirs = pair()
+    with ours, theirs:
+        payload = b"x" * 4096 if kind == lib.WIRE_PAGES else struct.pack("<QQ", 0, 1) if kind == lib.WIRE_REQUEST \
+            else b""
+        theirs.sendall(struct.pack("<IIQQII", kind, 1, 0, 0, 0, flags) + payload)
+        with trio.fail_after(5), pytest.raises(ProtocolViolation, match="out of order") as caught:
+            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000,
+                             peer="peer")
+        assert lost_link(caught.value) is None
+    assert side.plane.bulk.pages == side.plane.bulk.discarded == 0
 
 
 async def test_a_control_frame_hands_the_connection_back_to_python(side: Side) -> None:

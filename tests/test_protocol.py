@@ -12,7 +12,7 @@ from helpers import conversation, deliver, hostile
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.protocol import codec
-from migrate.errors import LocalProtocolError, RemoteProtocolError
+from migrate.errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError
 
 PAGE = p.PAGE_SIZE
 
@@ -291,11 +291,12 @@ def test_a_rejoined_bulk_connection_goes_where_the_resume_says(resume: tuple[p.R
 ])
 def test_a_frame_out_of_order_is_refused_on_receipt_and_on_sending(to: p.State, sender: p.Role, event: p.Event,
                                                                    match: str) -> None:
-    """Each side checks the same table: a peer's violation is its error, our own is a bug of ours."""
+    """Each side checks the same table: a peer's violation is its error (a violation, data frames too:
+    never a lost link to recover from), our own is a bug of ours."""
     src, dst = conversation(to)
     ours, theirs = (src, dst) if sender is S else (dst, src)
     theirs.receive_data(hostile(event))
-    with pytest.raises(RemoteProtocolError, match=match):
+    with pytest.raises(ProtocolViolation, match=match):
         theirs.next_event()
     with pytest.raises(LocalProtocolError, match=match):
         ours.send(event)

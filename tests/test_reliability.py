@@ -165,6 +165,27 @@ async def test_hostile_clients_and_wrong_key_are_rejected_then_a_real_destinatio
                   "wrong key), then the keyed destination migrated and verified")
 
 
+async def test_port_scans_resetting_before_a_word_leave_the_source_serving(tmp_path: Path) -> None:
+    """nmap -sT and health checkers connect, then reset (SO_LINGER 0) or close before a word: each ends
+    that connection only (a reset once ended the source with a traceback and refused the destination)."""
+    with trio.fail_after(120):
+        src, port = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0.2"])
+        for i in range(20):
+            with trio.socket.socket() as s:
+                await s.connect(("127.0.0.1", port))
+                if i % 2:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    s.shutdown(socket.SHUT_WR)
+            await trio.sleep(0.01)
+        rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0.1"])
+        src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0, err
+    assert DestinationStats.from_json(raw).verified is True
+    assert src_rc == 0 and "Traceback" not in src_err, src_err
+
+
 async def test_clean_migrations_record_no_spurious_recovery(tmp_path: Path) -> None:
     """A loop stopped by our own cancel reports "stopped", never "peer closed" (once 4 in 40 runs)."""
     runs = 40

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trustme
 
-from helpers import REPORT, migrate, run_destination, start_source
+from helpers import REPORT, migrate, run_destination, start_source, thread_cpu_seconds
 from migrate.stats import DestinationStats
 from proxy import CuttingProxy
 
@@ -99,6 +99,28 @@ async def test_a_source_certificate_from_another_ca_is_refused(tmp_path: Path, p
     assert rc == 1
     one_line(err, "certificate verify failed", "hint:")
     assert "rejected" in src_err and "Traceback" not in src_err
+
+
+async def test_a_refused_destination_retrying_leaves_the_source_serving_without_spinning(tmp_path: Path,
+                                                                                        pki: Pki) -> None:
+    """A destination refused for its certificate, trying again: the source tells it nothing more on a
+    failed TLS session (a send there once returned 0 and its trio thread spun for ever) and serves the
+    legitimate destination that comes next."""
+    (tmp_path / "other").mkdir()
+    stranger = Pki(tmp_path / "other")
+    with trio.fail_after(120):
+        src, port = await start_source(tmp_path, [*GUEST, *pki.args("src")])
+        for _ in range(3):
+            rc, err, _ = await run_destination(tmp_path, port, ["--connect-timeout", "1", *stranger.args("dst")])
+            assert rc == 1 and "Traceback" not in err, err
+        busy = await thread_cpu_seconds(src.pid, src.pid, over=1.0)
+        rc, err, raw = await run_destination(tmp_path, port, [*DST, *pki.args("dst")])
+        src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert busy < 0.3, f"the source's trio thread used {busy:.2f} s of CPU in 1 s while idle"
+    assert rc == 0, err
+    assert DestinationStats.from_json(raw).verified is True
+    assert src_rc == 0 and "Traceback" not in src_err, src_err
 
 
 async def test_an_expired_destination_certificate_is_refused(tmp_path: Path, pki: Pki) -> None:

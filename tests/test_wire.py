@@ -33,17 +33,23 @@ def test_ipv6_loopback_is_loopback_and_gets_an_ipv6_socket() -> None:
 
 async def test_connections_leave_buffer_sizes_to_kernel_autotuning() -> None:
     """Fixed SO_RCVBUF/SO_SNDBUF switch autotuning off (and are clamped by net.core.*mem_max):
-    our connections keep the kernel's own sizes, and TCP_NODELAY."""
+    our connections keep the kernel's own sizes, and TCP_NODELAY; keepalive and TCP_USER_TIMEOUT
+    notice a vanished peer host within about --link-timeout (here 6 s)."""
     with trio.socket.socket() as listener:
         await listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as plain:
-            ours = await connect("127.0.0.1", port)
+            ours = await connect("127.0.0.1", port, 6.0)
             with ours:
                 for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                     assert ours.getsockopt(socket.SOL_SOCKET, opt) == plain.getsockopt(socket.SOL_SOCKET, opt)
                 assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                idle, interval, probes = (ours.getsockopt(socket.IPPROTO_TCP, o) for o in (
+                    socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT))
+                assert idle + interval * probes <= 6
+                assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 6000
             for _ in range(2):
                 conn, _ = await listener.accept()
                 conn.close()

@@ -8,9 +8,10 @@ read from the wire is bounded before anything is allocated.
 from __future__ import annotations
 
 import enum
+import errno
 
 from .._native import ffi, lib
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError
 from . import codec
 from .codec import FRAME_SIZE, PREAMBLE
 from .events import DATA_EVENTS, MAX_RUN_PAGES, PAGE_SIZE, Event, GuestInfo, Role
@@ -138,7 +139,7 @@ class Connection:
         return rx.end, min(want, rx.cap - rx.end)
 
     def _check(self, at: int) -> int:
-        """``wire_check`` of the header at ``at``: the payload's length, or -EBADMSG."""
+        """``wire_check`` of the header at ``at``: the payload's length, -ENOMSG or -EBADMSG."""
         return lib.wire_check(ffi.cast("struct wire_frame *", self._data + at), self.conversation.guest_pages,
                               self.accepts, self._why)
 
@@ -184,7 +185,8 @@ class Connection:
             return self._need_data()
         plen = self._check(rx.start)
         if plen < 0:
-            raise RemoteProtocolError(ffi.string(self._why[0]).decode())
+            why = ffi.string(self._why[0]).decode()
+            raise ProtocolViolation(why) if plen == -errno.ENOMSG else RemoteProtocolError(why)
         if rx.end - rx.start < FRAME_SIZE + plen:
             return self._need_data()
         f = ffi.new("struct wire_frame *")
