@@ -44,6 +44,7 @@ migrate-dst --run-after -1                -> --run-after cannot be negative
 migrate-dst --prefetch -2                 -> --prefetch must be between 0 and 255
 migrate-dst --prefetch x                  -> argument --prefetch: 'x' is not a whole number
 migrate-dst --reconnect-timeout 0         -> --reconnect-timeout must be more than 0
+migrate-dst --switchover-timeout 0        -> --switchover-timeout must be more than 0
 migrate-dst --watchdog 0                  -> --watchdog must be more than 0
 migrate-dst --watchdog inf                -> argument --watchdog: 'inf' is not a finite number
 migrate-dst --bogus                       -> unrecognized arguments: --bogus
@@ -91,6 +92,7 @@ migrate-dst --reconnect-timeout 5           -> reconnect_timeout == 5
 migrate-dst --watchdog 3                    -> watchdog == 3
 migrate-dst --link-timeout 6                -> link_timeout == 6
 migrate-dst --connect-timeout 8             -> connect_timeout == 8
+migrate-dst --switchover-timeout 90         -> switchover_timeout == 90
 """
 OPTION_CASES = [[field.strip() for field in line.split(" -> ")] for line in OPTIONS.strip().splitlines()]
 

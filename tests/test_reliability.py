@@ -186,6 +186,22 @@ async def test_port_scans_resetting_before_a_word_leave_the_source_serving(tmp_p
     assert src_rc == 0 and "Traceback" not in src_err, src_err
 
 
+async def test_a_source_that_never_begins_is_left_after_the_switchover_timeout(tmp_path: Path) -> None:
+    """--switchover-timeout bounds the one wait that no link timeout covers: a live source running its
+    guest (--run-before 60) without ever migrating it."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "4", "--run-before", "60"])
+        t0 = trio.current_time()
+        rc, err, _ = await run_destination(tmp_path, port, ["--switchover-timeout", "1.5"])
+        waited = trio.current_time() - t0
+        src.kill()
+        await src.wait()
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert rc == 1 and len(errors) == 1 and "did not begin the migration within 1.5 s" in errors[0], err
+    assert "--switchover-timeout" in err and "Traceback" not in err
+    assert 1.5 <= waited < 5
+
+
 async def test_clean_migrations_record_no_spurious_recovery(tmp_path: Path) -> None:
     """A loop stopped by our own cancel reports "stopped", never "peer closed" (once 4 in 40 runs)."""
     runs = 40
