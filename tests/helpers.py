@@ -24,6 +24,7 @@ from migrate import protocol as p
 from migrate.protocol import codec
 from migrate.stats import DestinationStats, SourceStats
 from migrate.uffd import Userfaultfd
+from migrate.wire import format_address
 
 BIN = Path(sys.executable).parent
 # Lines tests want shown at the end of the run (e.g. how many races the kernel absorbed).
@@ -186,11 +187,11 @@ async def thread_cpu_seconds(pid: int, tid: int, over: float) -> float:
     return _cpu_seconds(pid, tid) - before
 
 
-async def run_destination(tmp: Path, port: int, args: list[str]) -> tuple[int, str, dict]:
-    """Runs migrate-dst against 127.0.0.1:port to its end: (exit code, stderr, metrics)."""
+async def run_destination(tmp: Path, port: int, args: list[str], host: str = "127.0.0.1") -> tuple[int, str, dict]:
+    """Runs migrate-dst against host:port to its end: (exit code, stderr, metrics)."""
     metrics = tmp / "dst.json"
     metrics.unlink(missing_ok=True)
-    proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}",
+    proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", format_address(host, port),
                                    "--metrics", str(metrics), *args], check=False, capture_stderr=True)
     return proc.returncode, proc.stderr.decode(), json.loads(metrics.read_text()) if metrics.exists() else {}
 

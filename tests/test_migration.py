@@ -140,6 +140,16 @@ async def test_run_before_keeps_the_guest_running_on_the_source(tmp_path: Path) 
     assert switched - joined >= 1.5, switched - joined
 
 
+async def test_a_migration_over_ipv6_loopback_verifies(tmp_path: Path) -> None:
+    """[::1]:PORT on both sides: the address is read back whole, not split at its first colon."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "4", *FAST], listen="[::1]:0")
+        rc, err, raw = await run_destination(tmp_path, port, DST, host="::1")
+        assert await src.wait() == 0
+    assert rc == 0, err
+    assert DestinationStats.from_json(raw).verified is True
+
+
 async def test_source_announces_its_address_as_json(tmp_path: Path) -> None:
     proc = await trio.lowlevel.open_process([str(BIN / "migrate-src"), "--listen", "127.0.0.1:0", "--guest-pages", "1",
                                              "--vcpus", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

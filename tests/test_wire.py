@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+from types import SimpleNamespace
 
 import pytest
 import trio
 
-from migrate.errors import printable
+from migrate.errors import PeerError, printable
+from migrate.source import _drained
 from migrate.wire import connect, family_of, format_address, is_loopback, parse_address
 
 
@@ -58,3 +60,39 @@ async def test_connections_leave_buffer_sizes_to_kernel_autotuning() -> None:
 def test_a_peers_text_is_escaped() -> None:
     assert printable("ok: done") == "ok: done"
     assert printable("a\x1b[31mb\x07\u202ec\nd") == r"a\x1b[31mb\x07\u202ec\nd"
+
+
+def _stuffed_connection() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+    """A connected pair on 127.0.0.1 whose first end has sent all the kernel would take, unread."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    ours.setblocking(False)
+    try:
+        while True:
+            ours.send(b"x" * 65536)
+    except BlockingIOError:
+        return trio.socket.from_stdlib_socket(ours), trio.socket.from_stdlib_socket(theirs)
+
+
+async def test_the_end_of_the_stream_waits_while_the_destination_takes_it_and_no_longer() -> None:
+    """After SourceDone the source counts silence from the destination's last acknowledgement: a slow
+    link still carrying the stream's tail is no lost link; a peer that takes nothing for the link's
+    timeout is."""
+    ours, theirs = _stuffed_connection()
+    with ours, theirs:
+        fs = SimpleNamespace(sock=ours, peer="destination x")
+        t0 = trio.current_time()
+        with trio.fail_after(5), pytest.raises(PeerError, match="took none of the stream's last"):
+            await _drained(fs, 0.5)
+        assert trio.current_time() - t0 >= 0.5
+
+        async def slow_reader() -> None:
+            while await theirs.recv(65536):
+                await trio.sleep(0.05)  # about 1.3 MB/s: each pause well under the timeout
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_reader)
+            with trio.fail_after(30):
+                await _drained(fs, 0.5)  # returns once every byte was acknowledged, however long that took
+            nursery.cancel_scope.cancel()
