@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+import trustme
 
 from migrate._native import ffi
 from migrate.guest import Guest, GuestSpec
@@ -171,6 +172,29 @@ async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = N
         assert proc.poll() is None, (tmp / "src.err").read_text()
         await trio.sleep(0.05)
     return proc, int(ready.read_text().strip().rpartition(":")[2])  # HOST:PORT, [::1]:PORT too
+
+
+class Pki:
+    """A CA, a certificate for the source (127.0.0.1) and one for the destination, as PEM files in ``tmp``;
+    ``args(name)`` gives a command's TLS options."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp
+        self.ca = trustme.CA()
+        self.ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+        self.issue("src", "127.0.0.1", "localhost")
+        self.issue("dst", "migrate-dst")
+
+    def issue(self, name: str, *identities: str, **kw: object) -> None:
+        cert = self.ca.issue_cert(*identities, **kw)
+        cert.private_key_pem.write_to_path(str(self.dir / f"{name}.key"))
+        cert.cert_chain_pems[0].write_to_path(str(self.dir / f"{name}.pem"))
+        for extra in cert.cert_chain_pems[1:]:
+            extra.write_to_path(str(self.dir / f"{name}.pem"), append=True)
+
+    def args(self, name: str, ca: Path | None = None) -> list[str]:
+        return ["--tls-cert", str(self.dir / f"{name}.pem"), "--tls-key", str(self.dir / f"{name}.key"),
+                "--tls-ca", str(ca or self.dir / "ca.pem")]
 
 
 def _cpu_seconds(pid: int, tid: int) -> float:

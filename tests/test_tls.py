@@ -10,36 +10,13 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
-from helpers import REPORT, migrate, run_destination, start_source, thread_cpu_seconds
+from helpers import REPORT, Pki, migrate, run_destination, start_source, thread_cpu_seconds
 from migrate.stats import DestinationStats
 from proxy import CuttingProxy
 
 GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
 DST = ["--verify", "--run-after", "0.1"]
-
-
-class Pki:
-    """A CA, a certificate for the source (127.0.0.1) and one for the destination, as PEM files."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp
-        self.ca = trustme.CA()
-        self.ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-        self.issue("src", "127.0.0.1", "localhost")
-        self.issue("dst", "migrate-dst")
-
-    def issue(self, name: str, *identities: str, **kw: object) -> None:
-        cert = self.ca.issue_cert(*identities, **kw)
-        cert.private_key_pem.write_to_path(str(self.dir / f"{name}.key"))
-        cert.cert_chain_pems[0].write_to_path(str(self.dir / f"{name}.pem"))
-        for extra in cert.cert_chain_pems[1:]:
-            extra.write_to_path(str(self.dir / f"{name}.pem"), append=True)
-
-    def args(self, name: str, ca: Path | None = None) -> list[str]:
-        return ["--tls-cert", str(self.dir / f"{name}.pem"), "--tls-key", str(self.dir / f"{name}.key"),
-                "--tls-ca", str(ca or self.dir / "ca.pem")]
 
 
 @pytest.fixture
