@@ -131,10 +131,16 @@ static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t 
 /* After a link call (link_recv, link_send, send_iov) that moved nothing (n <
  * 0): for -EAGAIN, waits as wait_fd does until the link is ready the way the
  * call asked in want, and returns what wait_fd returns (0: call again); any
- * other n is an error, returned as it is. */
+ * other n is an error, returned as it is.  A send that moved nothing and
+ * said nothing (n == 0, which link.h rules out) is an error too: taking it
+ * for "call again" would spin. */
 static int wait_link(link_t *l, int64_t n, int want, int stop_fd, int idle_ms, const owed_t *o,
                      int *strikes, const char **why)
 {
+    if (n == 0) {
+        *why = "a send moved nothing";
+        return -EPIPE;
+    }
     if (n != -EAGAIN)
         return (int)n;
     return wait_fd(l->fd, (short)want, stop_fd, idle_ms, o, strikes, why);
@@ -460,7 +466,7 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             max = pace->quantum;
         }
         int64_t n = send_iov(l, q, iov, left, max, &want, why);
-        if (n < 0) {
+        if (n <= 0) {
             int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
             if (rc)
                 return rc;

@@ -82,6 +82,10 @@ int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **wh
 
 int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const char **why)
 {
+    if (len == 0) { /* send() would answer 0: a caller's bug, never "call again" */
+        *why = "a send of nothing";
+        return -EINVAL;
+    }
     if (!l->ssl) {
         ssize_t n = send(l->fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (n >= 0)
@@ -106,8 +110,18 @@ int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const cha
     size_t sent = 0;
     errno = 0;
     int ret = SSL_write_ex((SSL *)l->ssl, buf, len < RECORD ? len : RECORD, &sent);
-    if (ret <= 0)
-        return tls_fail(l, ret, want, why, "TLS send");
+    if (ret <= 0) {
+        int64_t rc = tls_fail(l, ret, want, why, "TLS send");
+        /* tls_fail's 0 is a receiver's EOF: once OpenSSL has read the
+         * peer's end (close_notify, or an abrupt close), a failed write
+         * reports the same.  A send never returns 0: every caller would
+         * take it for "call again" and spin. */
+        if (rc == 0) {
+            *why = "TLS send: the peer closed the connection";
+            return -EPIPE;
+        }
+        return rc;
+    }
     l->since_rekey += sent;
     return (int64_t)sent;
 }

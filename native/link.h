@@ -23,8 +23,10 @@ typedef struct {
  * -EAGAIN with *want set, or -errno (-EPROTO for TLS) with *why set. */
 int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **why);
 
-/* Sends up to len bytes: returns how many (> 0), -EAGAIN with *want set, or
- * -errno with *why set.  TLS: at most one record (16 KiB) per call. */
+/* Sends up to len bytes (len > 0): returns how many (> 0), -EAGAIN with *want
+ * set, or -errno with *why set; never 0.  The peer closing shows as -EPIPE
+ * (with TLS, once its end was read: "the peer closed the connection").  TLS:
+ * at most one record (16 KiB) per call. */
 int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const char **why);
 
 /* A TLS 1.3 context with this end's certificate and key, verifying the peer

@@ -1,19 +1,31 @@
-"""Mutual TLS 1.3 on every connection: migrations verify, keys update, and every rejection is one line.
+"""Mutual TLS 1.3 on every connection: migrations verify, keys update, and every rejection is one line;
+the native link never answers a send with 0 bytes.
 
-Certificates are made at test time (trustme); real processes, real sockets on 127.0.0.1.
+Certificates are made at test time (trustme); real processes, real sockets on 127.0.0.1, or one
+process with a socketpair whose peer is Python's ssl module (TlsPair).
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import trio
 import trustme
 
-from helpers import REPORT, migrate, run_destination, start_source
+from helpers import REPORT, Side, TlsPair, migrate, run_destination, start_source
+from migrate._native import ffi, lib
+from migrate.errors import PeerError
+from migrate.guest import Guest, GuestSpec
+from migrate.loops import run_native
 from migrate.stats import DestinationStats
+from migrate.uffd import PAGE_SIZE
 from proxy import CuttingProxy
 
 GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
@@ -165,3 +177,74 @@ async def test_tls_in_the_precopy_modes(tmp_path: Path, pki: Pki, mode: str) -> 
     m = run.dst_metrics
     assert m.verified is True and m.mode == mode and m.tls.startswith("TLSv1.3")
     assert len(run.src_metrics.rounds) >= 2
+
+
+# -- the native link over TLS: one process, a socketpair, Python's ssl module as the peer --------
+@pytest.fixture(params=["close_notify", "abrupt"])
+def closed_tls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsPair]:
+    """A TLS link whose peer has gone (with a close_notify first, or without) and whose end our link
+    has read: OpenSSL then answers a write with 0 bytes and no error."""
+    t = TlsPair(tmp_path)
+    try:
+        if request.param == "close_notify":
+            t.close_notify()
+        t.theirs.close()
+        buf = ffi.new("char[]", 64)
+        assert lib.link_recv(t.link, buf, 64, t.want, t.why) == 0  # the peer's end, a clean EOF
+        yield t
+    finally:
+        t.close()
+
+
+def test_a_send_after_the_tls_peer_closed_is_an_error_never_zero(closed_tls: TlsPair) -> None:
+    """link.h: a send returns bytes sent, -EAGAIN or -errno, never 0, which every caller would take
+    for "call again at once" and spin on."""
+    buf = ffi.new("char[]", 4096)
+    for _ in range(2):
+        assert lib.link_send(closed_tls.link, buf, 4096, closed_tls.want, closed_tls.why) == -errno.EPIPE
+        assert closed_tls.text() == "TLS send: the peer closed the connection"
+
+
+@contextmanager
+def rescued(sock_fd: int) -> Iterator[None]:
+    """Should a loop spin on sends that move nothing (the defect the tests below catch), /dev/null
+    replaces its socket after 5 s: its writes then succeed, the loop ends, and the test fails rather
+    than hangs."""
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    timer = threading.Timer(5, os.dup2, (devnull, sock_fd))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.close(devnull)
+
+
+async def test_the_streamer_ends_with_an_error_when_the_tls_peer_has_closed(closed_tls: TlsPair) -> None:
+    """src_send_runs (flush) returns the link's error instead of calling again at once."""
+    guest = Guest(GuestSpec(pages=64, vcpus=1), fill=True)
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 64}])
+    try:
+        with rescued(closed_tls.ours.fileno()), trio.fail_after(10), \
+                pytest.raises(PeerError, match="TLS send: the peer closed the connection"):
+            await run_native(lib.src_send_runs, guest.base, 64, closed_tls.link, runs, 1, 0, ffi.NULL, 60_000,
+                             ffi.new("send_stats_t *"), peer="destination")
+    finally:
+        guest.close()
+
+
+async def test_the_fault_reader_ends_with_an_error_when_the_tls_peer_has_closed(closed_tls: TlsPair) -> None:
+    """dst_fault_loop (send_all) returns the link's error instead of calling again at once."""
+    side = Side(16)
+    try:
+        async with trio.open_nursery() as nursery:
+            # A vCPU's access to page 0: a fault, so a request to send.
+            nursery.start_soon(trio.to_thread.run_sync, lib.guest_digest, side.guest.base, 1)
+            try:
+                with rescued(closed_tls.ours.fileno()), trio.fail_after(10), \
+                        pytest.raises(PeerError, match="TLS send: the peer closed the connection"):
+                    await run_native(lib.dst_fault_loop, side.plane, closed_tls.link, 60_000, 1, peer="source")
+            finally:
+                side.uffd.zeropage(side.guest.base, PAGE_SIZE)  # lets the access finish
+    finally:
+        side.close()
