@@ -7,9 +7,12 @@ process with a socketpair whose peer is Python's ssl module (TlsPair).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import errno
 import os
+import socket
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -248,3 +251,75 @@ async def test_the_fault_reader_ends_with_an_error_when_the_tls_peer_has_closed(
                 side.uffd.zeropage(side.guest.base, PAGE_SIZE)  # lets the access finish
     finally:
         side.close()
+
+
+def test_a_stale_openssl_error_does_not_turn_a_wait_into_a_failure(tmp_path: Path) -> None:
+    """OpenSSL's error queue is per thread and shared with every other user of the library there
+    (Python's ssl module too); SSL_get_error reads it first, so a call that merely would block reads as
+    a protocol error unless the queue was emptied before the call."""
+    crypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+
+    def stale_error() -> None:
+        crypto.ERR_new()
+        crypto.ERR_set_error(20, 1, None)  # ERR_LIB_SSL, any reason: what an earlier failure leaves
+
+    t = TlsPair(tmp_path)
+    try:
+        buf = ffi.new("char[]", 16384)
+        stale_error()
+        assert lib.link_recv(t.link, buf, 64, t.want, t.why) == -errno.EAGAIN  # nothing sent yet
+        for _ in range(1000):  # nobody reads: the socket fills up
+            stale_error()
+            n = lib.link_send(t.link, buf, 16384, t.want, t.why)
+            if n < 0:
+                break
+        assert n == -errno.EAGAIN, t.text()
+    finally:
+        t.close()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fresh = ffi.new("link_t *", {"fd": ours.fileno()})
+    try:
+        assert lib.tls_attach(fresh, t.config.ctx, b"127.0.0.1", t.why) == 0
+        for _ in range(2):  # the hello (then waits), and waiting again
+            stale_error()
+            assert lib.tls_handshake(fresh, t.want, t.why) == -errno.EAGAIN, t.text()
+    finally:
+        lib.tls_detach(fresh)
+        ours.close()
+        theirs.close()
+
+
+def test_each_link_keeps_its_own_error_text(tmp_path: Path) -> None:
+    """A loop's error text is read by the trio thread after the worker returned, and that worker may
+    have run another loop since: the text lives in the link, not in the thread."""
+    t = TlsPair(tmp_path)
+
+    def another_link_fails() -> None:
+        """A handshake in this thread that a plaintext peer answers: an error with a text of its own."""
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        other, why = ffi.new("link_t *", {"fd": ours.fileno()}), ffi.new("char **")
+        try:
+            theirs.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            assert lib.tls_attach(other, t.config.ctx, b"127.0.0.1", why) == 0
+            assert lib.tls_handshake(other, t.want, why) == -errno.EPROTO
+            assert ffi.string(why[0]).decode().startswith("TLS handshake: ")
+        finally:
+            lib.tls_detach(other)
+            ours.close()
+            theirs.close()
+
+    try:
+        described = lib.tls_description(t.link)
+        another_link_fails()
+        assert ffi.string(described).decode().startswith("TLSv1.3 ")
+        t.theirs.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a record that does not decrypt
+        buf = ffi.new("char[]", 64)
+        assert lib.link_recv(t.link, buf, 64, t.want, t.why) == -errno.EPROTO
+        text = t.text()
+        assert text.startswith("TLS receive: ")
+        another_link_fails()
+        assert t.text() == text
+    finally:
+        t.close()
