@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 import pytest
 import trio
 
-from helpers import Side
+from helpers import Side, conversation
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, RemoteProtocolError
@@ -121,5 +124,99 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
         assert side.plane.bulk.pages == PAGES and stats.pages == PAGES
         assert 0 < side.plane.bulk.zero_pages == stats.zero_pages < PAGES
         assert await trio.to_thread.run_sync(side.guest.digest) == await trio.to_thread.run_sync(src_guest.digest)
+    finally:
+        src_guest.close()
+
+
+@contextmanager
+def flowing(sock: socket.socket, chunk: bytes | None, for_s: float = 3.0) -> Iterator[None]:
+    """A peer whose data never pauses: a thread keeps ``sock`` full of ``chunk`` over and over (whole
+    frames, in order), or with ``chunk=None`` reads everything that arrives, for ``for_s`` seconds at
+    most (so that a loop that never notices its stop still ends, and its test fails rather than hangs)."""
+    done = threading.Event()
+
+    def run() -> None:
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + for_s
+        view, off, buf = memoryview(chunk or b""), 0, bytearray(1 << 20)
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                if chunk is None:
+                    if not sock.recv_into(buf):
+                        return
+                else:
+                    off = (off + sock.send(view[off:])) % len(view)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the other end is gone
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+async def stopped_within(fn: object, *args: object, after: float = 0.5, peer: str) -> float:
+    """Runs a native loop, stops it ``after`` seconds, and returns how long it took to notice."""
+    t0 = time.monotonic()
+    with trio.move_on_after(after):
+        await run_native(fn, *args, peer=peer)
+    return time.monotonic() - t0 - after
+
+
+async def test_the_placer_notices_its_stop_while_frames_keep_coming(side: Side) -> None:
+    """A source that keeps the socket readable (here: valid zero runs over pages already present, each
+    a 256-page walk of -EEXIST) never makes the placer wait, where it used to look at its stop."""
+    frame = b"".join(bytes(c) for c in side.peer.send(p.ZeroRun(0, lib.WIRE_MAX_RUN_PAGES)))
+    ours, theirs = pair()
+    with ours, theirs, flowing(theirs, frame * 2048):
+        late = await stopped_within(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx,
+                                    60_000, peer="source")
+    assert side.plane.bulk.eexist > side.plane.bulk.pages  # it was walking present pages all along
+    assert late < 0.5
+
+
+async def test_the_request_server_notices_its_stop_while_requests_keep_coming() -> None:
+    """A destination that keeps asking (and reads every reply at once) never makes the request server
+    wait, where it used to look at its stop."""
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # all zero: replies are small frames
+    src, dst = conversation(p.State.REQUESTING, PAGES)
+    # The largest request, 64 runs of 256 pages: the server scans 64 MiB for each.
+    runs = tuple(((i * lib.WIRE_MAX_RUN_PAGES) % PAGES, lib.WIRE_MAX_RUN_PAGES) for i in range(p.MAX_REQUEST_RUNS))
+    request = b"".join(bytes(c) for c in dst.send(p.PageRequest(runs, 1)))
+    stats, notes = ffi.new("send_stats_t *"), ffi.new("note_ring_t *")
+    (req, req_peer), (rep, rep_peer) = pair(), pair()
+    try:
+        with req, req_peer, rep, rep_peer, flowing(req_peer, request * 64), flowing(rep_peer, None):
+            late = await stopped_within(lib.src_serve_loop, guest.base, PAGES, link(req), src.rx, link(rep), 60_000,
+                                        stats, notes, peer="destination")
+        assert stats.requests > 10
+        assert late < 0.5
+    finally:
+        guest.close()
+
+
+async def test_a_long_zero_run_travels_as_frames_of_at_most_256_pages(side: Side) -> None:
+    """A zero run is bounded like a page run, so that one frame's work for the placer is bounded too."""
+    src_guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # all zero
+    stats = ffi.new("send_stats_t *")
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
+    ours, theirs = pair()
+    theirs.setblocking(False)
+    try:
+        with ours, theirs, trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
+                                           side.conn.rx, 60_000, peer="source"))
+                await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 1, 0, ffi.NULL, 60_000,
+                                 stats, peer="destination")
+                await trio.lowlevel.wait_readable(side.done)
+                nursery.cancel_scope.cancel()
+        assert stats.frames == PAGES // lib.WIRE_MAX_RUN_PAGES == side.plane.bulk.frames
+        assert side.plane.bulk.pages == side.plane.bulk.zero_pages == PAGES
     finally:
         src_guest.close()
