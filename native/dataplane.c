@@ -284,7 +284,15 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
             me->zero_pages += placed / PAGE;
         add(&me->pages, placed / PAGE);
         if (replies) {
-            add(&me->answered, f.count);
+            /* What the source sends is its choice: answers count up to what
+             * was asked since the last lost link, no more.  Else answers
+             * nobody asked for would make owed() false (silencing the
+             * replies' timeout), and answered could pass pages_requested,
+             * which owed_base is computed from at a reconnection. */
+            uint64_t asked = load(&d->faults.pages_requested);
+            asked = asked > me->owed_base ? asked - me->owed_base : 0;
+            uint64_t answered = load(&me->answered) + f.count;
+            __atomic_store_n(&me->answered, answered < asked ? answered : asked, __ATOMIC_SEQ_CST);
             uint64_t t_placed = mono_ns();
             /* The first frame of each reply times the request's hops; a
              * stamp from the future (a lying peer) is ignored. */

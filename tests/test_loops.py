@@ -220,3 +220,26 @@ async def test_a_long_zero_run_travels_as_frames_of_at_most_256_pages(side: Side
         assert side.plane.bulk.pages == side.plane.bulk.zero_pages == PAGES
     finally:
         src_guest.close()
+
+
+async def test_replies_for_pages_never_asked_are_not_counted_as_answers() -> None:
+    """The source chooses what it sends: answers beyond what was asked must neither silence the
+    replies' timeout (pages stay owed) nor leave more answered than asked, which would make the next
+    session's owed_base (pages_requested - answered) negative."""
+    side = Side(PAGES, p.State.REPLYING)
+    try:
+        side.plane.faults.pages_requested = 10
+        side.plane.urgent.owed_base = 4  # asked on a link since lost
+        unasked = [p.ZeroRun(i * 256, 256, echo=1) for i in range(3)]
+        ours, theirs = pair()
+        with ours, theirs:
+            theirs.sendall(b"".join(bytes(c) for e in unasked for c in side.peer.send(e)))
+            theirs.close()
+            with trio.fail_after(5), pytest.raises(PeerError, match="closed the connection"):
+                await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx,
+                                 60_000, peer="source")
+        u = side.plane.urgent
+        assert u.pages == 3 * 256  # placed all the same: the kernel had none of them
+        assert u.answered <= side.plane.faults.pages_requested - u.owed_base
+    finally:
+        side.close()
