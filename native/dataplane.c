@@ -313,22 +313,31 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
 }
 
 /* Sends len bytes from buf whole: one small frame (a request), so it ends
- * or waits (and sees a stop) within a frame. */
+ * or waits (and sees a stop) within a frame.  Returning before the end after
+ * some of it left, or with TLS after a write that must be retried (OpenSSL
+ * holds part of a record that only the same write may finish), leaves the
+ * link cut (link.h). */
 static int send_all(link_t *l, const void *buf, size_t len, int stop_fd, int idle_ms,
                     const char **why)
 {
-    int strikes = 0;
+    int strikes = 0, pending = 0;
+    size_t whole = len;
     while (len) {
         int want = POLLOUT;
         int64_t n = link_send(l, buf, len, &want, why);
         if (n > 0) {
             buf = (const char *)buf + n;
             len -= (size_t)n;
+            pending = 0;
             continue;
         }
+        pending = l->ssl && n == -EAGAIN;
         int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
-        if (rc)
+        if (rc) {
+            if (len < whole || pending)
+                l->cut = 1;
             return rc;
+        }
     }
     return 0;
 }
@@ -486,7 +495,8 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             q->hdr[i].held_ns = held > UINT32_MAX ? UINT32_MAX : (uint32_t)held;
     }
     struct iovec *iov = q->iov;
-    int left = q->iovs, strikes = 0;
+    int left = q->iovs, strikes = 0, pending = 0, rc = 0;
+    uint64_t sent = 0;
     /* The stop is looked at before the first byte, then once a largest
      * frame's worth has left: a peer that reads as fast as we write never
      * makes us wait (where wait_link looks). */
@@ -495,23 +505,26 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
         int want = POLLOUT;
         size_t max = SIZE_MAX;
         if (unchecked >= FRAME_MAX) {
-            if (stop_requested(stop_fd))
-                return LOOP_STOPPED;
+            if (stop_requested(stop_fd)) {
+                rc = LOOP_STOPPED;
+                break;
+            }
             unchecked = 0;
         }
         if (pace && pace->rate) {
-            int rc = pace_wait(pace, stop_fd, why);
-            if (rc)
-                return rc;
+            if ((rc = pace_wait(pace, stop_fd, why)))
+                break;
             max = pace->quantum;
         }
         int64_t n = send_iov(l, q, iov, left, max, &want, why);
         if (n <= 0) {
-            int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
-            if (rc)
-                return rc;
+            pending = l->ssl && n == -EAGAIN; /* OpenSSL holds part of a record */
+            if ((rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why)))
+                break;
             continue;
         }
+        pending = 0;
+        sent += (uint64_t)n;
         st->bytes += (uint64_t)n;
         unchecked += (uint64_t)n;
         if (pace && pace->rate)
@@ -525,6 +538,13 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             iov->iov_base = (char *)iov->iov_base + n;
             iov->iov_len -= (size_t)n;
         }
+    }
+    if (rc) {
+        /* Part of the queue left, or a TLS write must be retried: what
+         * follows on this link would read as the rest of a frame. */
+        if (sent || pending)
+            l->cut = 1;
+        return rc;
     }
     st->frames += (uint64_t)q->frames;
     q->frames = q->iovs = 0;

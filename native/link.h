@@ -17,6 +17,12 @@ typedef struct {
     uint64_t rekey_bytes;     /* TLS sender: a key update every this many bytes (0: OpenSSL's own) */
     uint64_t since_rekey;     /* bytes sent since the last key update */
     uint64_t rekeys;          /* key updates sent */
+    /* Set when a send stopped part-way through a frame (a stop or an error
+     * after some bytes of it left, or with TLS after a write that must be
+     * retried): nobody may write on this link again, as the peer would read
+     * what follows as the rest of that frame.  Set by the native loops'
+     * senders (send_all, flush in dataplane.c); never cleared. */
+    int cut;
     /* The text a failed call's *why points to when it is more than a
      * constant (OpenSSL's reason), and tls_description's: kept in the link,
      * not the thread, as the trio thread reads it after the worker that

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import trio
 
-from helpers import Side, conversation
+from helpers import Side, TlsPair, conversation
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, RemoteProtocolError
@@ -242,4 +242,78 @@ async def test_replies_for_pages_never_asked_are_not_counted_as_answers() -> Non
         assert u.pages == 3 * 256  # placed all the same: the kernel had none of them
         assert u.answered <= side.plane.faults.pages_requested - u.owed_base
     finally:
+        side.close()
+
+
+# -- a send stopped part-way: the link is cut, nobody may write on it again ---------------------
+async def test_a_send_stopped_part_way_through_a_frame_leaves_the_link_cut() -> None:
+    """The streamer stopped while the destination reads nothing: part of a frame is on the link, and
+    whatever Python wrote next (DestDone, an Error) would be read as the rest of it."""
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1, zero_permille=0), fill=True)  # 16 MiB: more than a socket holds
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
+    stats = ffi.new("send_stats_t *")
+    ours, theirs = pair()
+    try:
+        with ours, theirs:
+            l = link(ours)
+            with trio.move_on_after(0.3):
+                await run_native(lib.src_send_runs, guest.base, PAGES, l, runs, 1, 0, ffi.NULL, 60_000, stats,
+                                 peer="destination")
+            assert 0 < stats.bytes < PAGES * 4096
+            assert l.cut == 1
+    finally:
+        guest.close()
+
+
+async def test_a_send_that_finished_leaves_the_link_whole() -> None:
+    guest = Guest(GuestSpec(pages=16, vcpus=1), fill=True)
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 16}])
+    ours, theirs = pair()
+    try:
+        with ours, theirs, trio.fail_after(5):
+            l = link(ours)
+            await run_native(lib.src_send_runs, guest.base, 16, l, runs, 1, 0, ffi.NULL, 60_000,
+                             ffi.new("send_stats_t *"), peer="destination")
+            assert l.cut == 0
+    finally:
+        guest.close()
+
+
+def fill(sock: socket.socket) -> None:
+    """Writes to a non-blocking socket nobody reads until it takes not one more byte."""
+    for size in (1 << 16, 1 << 10, 1):
+        try:
+            while True:
+                sock.send(b"\0" * size)
+        except BlockingIOError:
+            pass
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_a_request_stopped_before_its_first_byte_cuts_only_a_tls_link(tls: bool, tmp_path) -> None:
+    """The fault reader stopped while its request waits for a full socket: in plaintext nothing of the
+    frame left (the link is whole); with TLS, OpenSSL holds the record, which only the same write may
+    finish (the link is cut)."""
+    side = Side(16)
+    t = TlsPair(tmp_path) if tls else None
+    ours, theirs = (t.ours, t.theirs) if t else pair()
+    l = t.link if t else link(ours)
+    try:
+        fill(ours)
+        async with trio.open_nursery() as nursery:
+            # A vCPU's access to page 0: a fault, so a request to send.
+            nursery.start_soon(trio.to_thread.run_sync, lib.guest_digest, side.guest.base, 1)
+            try:
+                with trio.move_on_after(0.3):
+                    await run_native(lib.dst_fault_loop, side.plane, l, 60_000, 1, peer="source")
+            finally:
+                side.uffd.zeropage(side.guest.base, 4096)  # lets the access finish
+        assert side.plane.faults.pages_requested == 1  # the request was built, and stopped in send_all
+        assert l.cut == int(tls)
+    finally:
+        if t:
+            t.close()
+        else:
+            ours.close()
+            theirs.close()
         side.close()
