@@ -64,7 +64,8 @@ class DirtyTracker:
             self._uffd.close()
             raise
         # Two result arrays, used in turn, and one for a union or an intersection; (pages + 1) // 2
-        # runs always suffice.
+        # runs always suffice, so a take never fills its array and takes every written page in one
+        # call (dirty_take leaves what does not fit marked written, for a call that would come back).
         cap = (pages + 1) // 2 + 1
         self._arrays = [ffi.new("struct wire_run[]", cap), ffi.new("struct wire_run[]", cap)]
         self._combined = ffi.new("struct wire_run[]", cap)

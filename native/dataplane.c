@@ -23,8 +23,10 @@
  * won woke every waiter.  Completion is a sum of counters from a base the
  * kernel gave at switchover (see dst_plane_t).
  *
- * Every loop poll()s its descriptors and a stop eventfd of its own; a stop is
- * LOOP_STOPPED, never mistaken for the peer going away.  Errors are returned
+ * Every loop poll()s its descriptors and a stop eventfd of its own, and looks
+ * at that eventfd once a frame too, as a peer that keeps data flowing never
+ * lets it wait; a stop is LOOP_STOPPED, never mistaken for the peer going
+ * away.  A frame's work is bounded (wire.h: at most 256 pages a run).  Errors are returned
  * as -errno with *why naming the operation, never printed.
  */
 #define _GNU_SOURCE
@@ -46,6 +48,10 @@
 #include "dirty.h"
 
 #define PAGE WIRE_PAGE_SIZE
+/* A placer looks at its stop every this many frames (see dst_place_loop). */
+#define STOP_EVERY_FRAMES 16
+/* The largest frame on the wire: a header and 256 pages. */
+#define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
 /* Frames gathered into one sendmsg(): each is a header and at most one
  * payload iovec. */
 #define TXQ_FRAMES 64
@@ -128,13 +134,28 @@ static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t 
     return 0;
 }
 
+/* Whether the stop eventfd fired, without waiting: a loop asks once a frame,
+ * as a peer that keeps data flowing never lets it wait (where wait_fd looks
+ * too).  One poll() of one descriptor: about a microsecond. */
+static int stop_requested(int stop_fd)
+{
+    struct pollfd pfd = { stop_fd, POLLIN, 0 };
+    return poll(&pfd, 1, 0) > 0;
+}
+
 /* After a link call (link_recv, link_send, send_iov) that moved nothing (n <
  * 0): for -EAGAIN, waits as wait_fd does until the link is ready the way the
  * call asked in want, and returns what wait_fd returns (0: call again); any
- * other n is an error, returned as it is. */
+ * other n is an error, returned as it is.  A send that moved nothing and
+ * said nothing (n == 0, which link.h rules out) is an error too: taking it
+ * for "call again" would spin. */
 static int wait_link(link_t *l, int64_t n, int want, int stop_fd, int idle_ms, const owed_t *o,
                      int *strikes, const char **why)
 {
+    if (n == 0) {
+        *why = "a send moved nothing";
+        return -EPIPE;
+    }
     if (n != -EAGAIN)
         return (int)n;
     return wait_fd(l->fd, (short)want, stop_fd, idle_ms, o, strikes, why);
@@ -142,7 +163,9 @@ static int wait_link(link_t *l, int64_t n, int want, int stop_fd, int idle_ms, c
 
 /* -- receiving ------------------------------------------------------------ */
 
-/* Makes need bytes available at rx->data + rx->start. */
+/* Makes need bytes available at rx->data + rx->start.  need is at most a
+ * frame, so this loop ends or waits (and sees a stop) within one frame; the
+ * loops that call it look at their stop once a frame besides. */
 static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_ms,
                    const owed_t *o, const char **why)
 {
@@ -218,6 +241,11 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
     for (;;) {
         struct wire_frame f;
         uint64_t plen = 0, placed = 0, existed = 0;
+        /* Every few frames, not each: a one-page frame is placed in about
+         * 1.5 us, and a poll() each time cost 20% of the rate (measured);
+         * 16 frames of at most 256 pages are a few ms at worst. */
+        if (me->frames % STOP_EVERY_FRAMES == 0 && stop_requested(stop_fd))
+            return LOOP_STOPPED;
         int rc = next_frame(rx, l, d->pages, accept, stop_fd, idle_ms, o,
                             &f, &plen, why);
         if (rc)
@@ -256,7 +284,15 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
             me->zero_pages += placed / PAGE;
         add(&me->pages, placed / PAGE);
         if (replies) {
-            add(&me->answered, f.count);
+            /* What the source sends is its choice: answers count up to what
+             * was asked since the last lost link, no more.  Else answers
+             * nobody asked for would make owed() false (silencing the
+             * replies' timeout), and answered could pass pages_requested,
+             * which owed_base is computed from at a reconnection. */
+            uint64_t asked = load(&d->faults.pages_requested);
+            asked = asked > me->owed_base ? asked - me->owed_base : 0;
+            uint64_t answered = load(&me->answered) + f.count;
+            __atomic_store_n(&me->answered, answered < asked ? answered : asked, __ATOMIC_SEQ_CST);
             uint64_t t_placed = mono_ns();
             /* The first frame of each reply times the request's hops; a
              * stamp from the future (a lying peer) is ignored. */
@@ -276,22 +312,32 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
     }
 }
 
-/* Sends len bytes from buf whole. */
+/* Sends len bytes from buf whole: one small frame (a request), so it ends
+ * or waits (and sees a stop) within a frame.  Returning before the end after
+ * some of it left, or with TLS after a write that must be retried (OpenSSL
+ * holds part of a record that only the same write may finish), leaves the
+ * link cut (link.h). */
 static int send_all(link_t *l, const void *buf, size_t len, int stop_fd, int idle_ms,
                     const char **why)
 {
-    int strikes = 0;
+    int strikes = 0, pending = 0;
+    size_t whole = len;
     while (len) {
         int want = POLLOUT;
         int64_t n = link_send(l, buf, len, &want, why);
         if (n > 0) {
             buf = (const char *)buf + n;
             len -= (size_t)n;
+            pending = 0;
             continue;
         }
+        pending = l->ssl && n == -EAGAIN;
         int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
-        if (rc)
+        if (rc) {
+            if (len < whole || pending)
+                l->cut = 1;
             return rc;
+        }
     }
     return 0;
 }
@@ -449,24 +495,38 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             q->hdr[i].held_ns = held > UINT32_MAX ? UINT32_MAX : (uint32_t)held;
     }
     struct iovec *iov = q->iov;
-    int left = q->iovs, strikes = 0;
+    int left = q->iovs, strikes = 0, pending = 0, rc = 0;
+    uint64_t sent = 0;
+    /* The stop is looked at before the first byte, then once a largest
+     * frame's worth has left: a peer that reads as fast as we write never
+     * makes us wait (where wait_link looks). */
+    uint64_t unchecked = FRAME_MAX;
     while (left) {
         int want = POLLOUT;
         size_t max = SIZE_MAX;
+        if (unchecked >= FRAME_MAX) {
+            if (stop_requested(stop_fd)) {
+                rc = LOOP_STOPPED;
+                break;
+            }
+            unchecked = 0;
+        }
         if (pace && pace->rate) {
-            int rc = pace_wait(pace, stop_fd, why);
-            if (rc)
-                return rc;
+            if ((rc = pace_wait(pace, stop_fd, why)))
+                break;
             max = pace->quantum;
         }
         int64_t n = send_iov(l, q, iov, left, max, &want, why);
-        if (n < 0) {
-            int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
-            if (rc)
-                return rc;
+        if (n <= 0) {
+            pending = l->ssl && n == -EAGAIN; /* OpenSSL holds part of a record */
+            if ((rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why)))
+                break;
             continue;
         }
+        pending = 0;
+        sent += (uint64_t)n;
         st->bytes += (uint64_t)n;
+        unchecked += (uint64_t)n;
         if (pace && pace->rate)
             pace->tokens -= (double)n;
         while (left && (size_t)n >= iov->iov_len) {
@@ -478,6 +538,13 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             iov->iov_base = (char *)iov->iov_base + n;
             iov->iov_len -= (size_t)n;
         }
+    }
+    if (rc) {
+        /* Part of the queue left, or a TLS write must be retried: what
+         * follows on this link would read as the rest of a frame. */
+        if (sent || pending)
+            l->cut = 1;
+        return rc;
     }
     st->frames += (uint64_t)q->frames;
     q->frames = q->iovs = 0;
@@ -492,8 +559,9 @@ static int page_is_zero(const uint64_t *w)
     return 1;
 }
 
-/* Queues pages [start, start+count) as page frames and zero frames, sending
- * whenever the queue is full. */
+/* Queues pages [start, start+count) as page frames and zero frames of at
+ * most WIRE_MAX_RUN_PAGES pages each (wire_check's bound), sending whenever
+ * the queue is full. */
 static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_t start,
                       uint64_t count, uint32_t flags, uint64_t stamp, uint64_t t_recv, int stop_fd,
                       int idle_ms, send_stats_t *st, const char **why)
@@ -503,7 +571,7 @@ static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_
         const char *mem = (const char *)(uintptr_t)(base + p * PAGE);
         int zero = page_is_zero((const uint64_t *)mem);
         uint64_t q_end = p + 1;
-        while (q_end < end && (zero || q_end - p < WIRE_MAX_RUN_PAGES) &&
+        while (q_end < end && q_end - p < WIRE_MAX_RUN_PAGES &&
                page_is_zero((const uint64_t *)(uintptr_t)(base + q_end * PAGE)) == zero)
             q_end++;
         uint64_t n = q_end - p;
@@ -559,6 +627,8 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
     for (;;) {
         struct wire_frame f;
         uint64_t plen = 0;
+        if (stop_requested(stop_fd))
+            return LOOP_STOPPED;
         /* A destination without faults sends nothing for a long time: no
          * idle bound on requests. */
         int rc = next_frame(rx, rxl, pages, 1u << WIRE_REQUEST | 1u << WIRE_CONTROL, stop_fd, -1,

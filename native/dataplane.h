@@ -44,7 +44,9 @@ typedef struct {
     uint64_t eexist;     /* pages already present: races the kernel absorbed */
     uint64_t frames;
     uint64_t bytes;      /* bytes received, frames and payload */
-    uint64_t answered;   /* replies only: requested pages answered, placed or not */
+    uint64_t answered;   /* replies only: requested pages answered, placed or not; never
+                          * more than pages_requested - owed_base (a reply for pages
+                          * never asked counts for nothing) */
     uint64_t owed_base;  /* replies only: pages asked of earlier, lost links (set between sessions) */
     uint64_t replaced;   /* bulk only: pages of WIRE_REPLACE frames (discarded, then placed) */
     uint64_t discarded;  /* bulk only: pages of WIRE_DISCARD frames */

@@ -1,6 +1,7 @@
 /* Dirty tracking (source) and discards (destination) through the kernel's page tables: see dirty.h. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -29,18 +30,26 @@ int dirty_track(int uffd, uint64_t addr, uint64_t len)
 }
 
 /* One walk of [addr, addr+len) for pages matching the masks; calls back
- * with each region found (addresses), resuming where a full vec stopped. */
+ * with each region found (addresses), resuming where a full vec stopped.
+ * room, when not NULL, is how many more regions the caller can keep (its
+ * callback counts it down): no call asks the kernel for more, and the walk
+ * ends when it is 0.  With PM_SCAN_WP_MATCHING the kernel protects again
+ * exactly the regions it returns and leaves the rest marked, so a region
+ * the caller could not keep would be a write lost for good. */
 typedef int (*region_fn)(void *ctx, uint64_t start, uint64_t end);
 
 static int scan(int pagemap_fd, uint64_t addr, uint64_t len, uint64_t flags, uint64_t mask,
-                uint64_t anyof, region_fn fn, void *ctx)
+                uint64_t anyof, region_fn fn, void *ctx, const uint64_t *room)
 {
     struct page_region vec[SCAN_VEC];
     uint64_t cur = addr, end = addr + len;
     while (cur < end) {
+        uint64_t vec_len = room && *room < SCAN_VEC ? *room : SCAN_VEC;
+        if (vec_len == 0)
+            return 0; /* the caller is full: the rest stays marked for its next walk */
         struct pm_scan_arg a = {
             .size = sizeof a, .flags = flags, .start = cur, .end = end,
-            .vec = (uint64_t)(uintptr_t)vec, .vec_len = SCAN_VEC,
+            .vec = (uint64_t)(uintptr_t)vec, .vec_len = vec_len,
             .category_mask = mask, .category_anyof_mask = anyof, .return_mask = mask | anyof,
         };
         long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &a);
@@ -61,21 +70,22 @@ static int scan(int pagemap_fd, uint64_t addr, uint64_t len, uint64_t flags, uin
 typedef struct {
     uint64_t base;
     struct wire_run *runs;
-    uint64_t n, max, pages;
+    uint64_t n, room, pages;
 } take_t;
 
 static int take_region(void *ctx, uint64_t start, uint64_t end)
 {
     take_t *t = ctx;
     uint64_t first = (start - t->base) / PAGE, count = (end - start) / PAGE;
-    t->pages += count;
     if (t->n && t->runs[t->n - 1].start + t->runs[t->n - 1].count == first) {
         t->runs[t->n - 1].count += count;
-        return 0;
+    } else {
+        if (t->room == 0)
+            return -EIO; /* never: scan asks for no more regions than room */
+        t->runs[t->n++] = (struct wire_run){ first, count };
+        t->room--;
     }
-    if (t->n == t->max)
-        return -ENOSPC;
-    t->runs[t->n++] = (struct wire_run){ first, count };
+    t->pages += count;
     return 0;
 }
 
@@ -86,7 +96,7 @@ int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, struct wire_r
     /* CHECK_WPASYNC: a range not registered for async write-protection is
      * an error, never silently reported clean. */
     int rc = scan(pagemap_fd, addr, npages * PAGE, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                  PAGE_IS_WRITTEN, 0, take_region, &t);
+                  PAGE_IS_WRITTEN, 0, take_region, &t, &t.room);
     *pages = t.pages;
     return rc < 0 ? rc : (int64_t)t.n;
 }
@@ -101,7 +111,7 @@ int region_present_pages(int pagemap_fd, uint64_t addr, uint64_t len, uint64_t *
 {
     *present = 0;
     return scan(pagemap_fd, addr, len, 0, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, count_region,
-                present);
+                present, NULL);
 }
 
 int region_discard(uint64_t addr, uint64_t len)

@@ -29,9 +29,11 @@ int dirty_track(int uffd, uint64_t addr, uint64_t len);
 /* Source: the runs of the npages-page region at addr written since the last
  * call (or since dirty_track), which are write-protected again.  Stores at
  * most max_runs runs (adjacent ones merged) and their total in *pages.
- * Returns the number of runs, -ENOSPC when max_runs was too small (the pages
- * not walked stay marked written for the next call; (npages + 1) / 2 runs
- * always suffice), or -errno. */
+ * Returns the number of runs, or -errno.  No write is ever lost: a page is
+ * protected again only if it is in runs; when the array fills up (the call
+ * returns max_runs) the walk stops there, and every page written and not
+ * taken stays marked written for the next call, which the caller must make.
+ * (npages + 1) / 2 runs always suffice to take everything in one call. */
 int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, struct wire_run *runs,
                    uint64_t max_runs, uint64_t *pages);
 

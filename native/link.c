@@ -17,27 +17,32 @@
  * resends exactly the same bytes. */
 #define RECORD 16384
 
-static __thread char reason[256];
+/* OpenSSL's error queue is per thread and shared by every user of the
+ * library in that thread (Python's ssl module too), and SSL_get_error()
+ * reads it first: a stale entry would turn a would-block into a failure.
+ * So every SSL call below starts with ERR_clear_error(), as OpenSSL asks. */
 
-/* What OpenSSL says went wrong, or the verification result when that is the cause. */
-static const char *ssl_reason(SSL *ssl, const char *what)
+/* What OpenSSL says went wrong, or the verification result when that is the
+ * cause, written into buf (a link's reason, or tls_context's own). */
+static const char *ssl_reason(char *buf, size_t size, SSL *ssl, const char *what)
 {
     unsigned long e = ERR_peek_last_error();
     long verify = ssl ? SSL_get_verify_result(ssl) : X509_V_OK;
     if (verify != X509_V_OK)
-        snprintf(reason, sizeof reason, "%s: certificate verify failed: %s", what,
+        snprintf(buf, size, "%s: certificate verify failed: %s", what,
                  X509_verify_cert_error_string(verify));
     else if (e)
-        snprintf(reason, sizeof reason, "%s: %s", what, ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "error");
+        snprintf(buf, size, "%s: %s", what, ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "error");
     else
-        snprintf(reason, sizeof reason, "%s failed", what);
+        snprintf(buf, size, "%s failed", what);
     ERR_clear_error();
-    return reason;
+    return buf;
 }
 
-/* Maps a failed SSL call to our conventions. */
+/* Maps a failed SSL call to our conventions; formatted text goes to l->reason. */
 static int64_t tls_fail(link_t *l, int ret, int *want, const char **why, const char *what)
 {
+    int sys_errno = errno; /* the socket call's, before anything else can change it */
     int err = SSL_get_error((SSL *)l->ssl, ret);
     switch (err) {
     case SSL_ERROR_WANT_READ:
@@ -49,14 +54,14 @@ static int64_t tls_fail(link_t *l, int ret, int *want, const char **why, const c
     case SSL_ERROR_ZERO_RETURN:
         return 0; /* close_notify: a clean end */
     case SSL_ERROR_SYSCALL:
-        if (errno) {
+        ERR_clear_error();
+        if (sys_errno) {
             *why = what;
-            ERR_clear_error();
-            return -errno;
+            return -sys_errno;
         }
         return 0; /* an abrupt close: framing tells a truncated frame from a clean end */
     default:
-        *why = ssl_reason((SSL *)l->ssl, what);
+        *why = ssl_reason(l->reason, sizeof l->reason, (SSL *)l->ssl, what);
         return -EPROTO;
     }
 }
@@ -75,6 +80,7 @@ int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **wh
         return -errno;
     }
     size_t got = 0;
+    ERR_clear_error();
     errno = 0;
     int ret = SSL_read_ex((SSL *)l->ssl, buf, len, &got);
     return ret > 0 ? (int64_t)got : tls_fail(l, ret, want, why, "TLS receive");
@@ -82,6 +88,10 @@ int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **wh
 
 int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const char **why)
 {
+    if (len == 0) { /* send() would answer 0: a caller's bug, never "call again" */
+        *why = "a send of nothing";
+        return -EINVAL;
+    }
     if (!l->ssl) {
         ssize_t n = send(l->fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (n >= 0)
@@ -96,27 +106,46 @@ int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const cha
     if (l->rekey_bytes && l->since_rekey >= l->rekey_bytes) {
         /* NOT_REQUESTED: the peer's reader updates its keys without writing
          * back, so no thread ever has to read and write one session at once. */
+        ERR_clear_error();
         if (!SSL_key_update((SSL *)l->ssl, SSL_KEY_UPDATE_NOT_REQUESTED)) {
-            *why = ssl_reason((SSL *)l->ssl, "TLS key update");
+            *why = ssl_reason(l->reason, sizeof l->reason, (SSL *)l->ssl, "TLS key update");
             return -EPROTO;
         }
         l->since_rekey = 0;
         l->rekeys++;
     }
     size_t sent = 0;
+    ERR_clear_error();
     errno = 0;
     int ret = SSL_write_ex((SSL *)l->ssl, buf, len < RECORD ? len : RECORD, &sent);
-    if (ret <= 0)
-        return tls_fail(l, ret, want, why, "TLS send");
+    if (ret <= 0) {
+        int64_t rc = tls_fail(l, ret, want, why, "TLS send");
+        /* tls_fail's 0 is a receiver's EOF: once OpenSSL has read the
+         * peer's end (close_notify, or an abrupt close), a failed write
+         * reports the same.  A send never returns 0: every caller would
+         * take it for "call again" and spin. */
+        if (rc == 0) {
+            *why = "TLS send: the peer closed the connection";
+            return -EPIPE;
+        }
+        return rc;
+    }
     l->since_rekey += sent;
     return (int64_t)sent;
 }
 
+/* tls_context has no link to hold its text: a buffer of the calling thread,
+ * which is fine as long as that thread reads *why before it makes another
+ * call here.  Its one caller, TlsConfig in migrate/wire.py, calls it from the
+ * trio thread and reads the text at once. */
+static __thread char context_reason[256];
+
 void *tls_context(int server, const char *cert, const char *key, const char *ca, const char **why)
 {
+    ERR_clear_error();
     SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
     if (!ctx) {
-        *why = ssl_reason(NULL, "creating a TLS context");
+        *why = ssl_reason(context_reason, sizeof context_reason, NULL, "creating a TLS context");
         return NULL;
     }
     SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
@@ -138,13 +167,13 @@ void *tls_context(int server, const char *cert, const char *key, const char *ca,
     SSL_CTX_set_num_tickets(ctx, 0);
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
     if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
-        *why = ssl_reason(NULL, "reading the TLS certificate");
+        *why = ssl_reason(context_reason, sizeof context_reason, NULL, "reading the TLS certificate");
     } else if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-        *why = ssl_reason(NULL, "reading the TLS key");
+        *why = ssl_reason(context_reason, sizeof context_reason, NULL, "reading the TLS key");
     } else if (SSL_CTX_check_private_key(ctx) != 1) {
-        *why = ssl_reason(NULL, "the TLS key does not match the certificate");
+        *why = ssl_reason(context_reason, sizeof context_reason, NULL, "the TLS key does not match the certificate");
     } else if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1) {
-        *why = ssl_reason(NULL, "reading the TLS CA file");
+        *why = ssl_reason(context_reason, sizeof context_reason, NULL, "reading the TLS CA file");
     } else {
         return ctx;
     }
@@ -159,9 +188,10 @@ void tls_context_free(void *ctx)
 
 int tls_attach(link_t *l, void *ctx, const char *peer_host, const char **why)
 {
+    ERR_clear_error();
     SSL *ssl = SSL_new((SSL_CTX *)ctx);
     if (!ssl || SSL_set_fd(ssl, l->fd) != 1) {
-        *why = ssl_reason(NULL, "starting TLS");
+        *why = ssl_reason(l->reason, sizeof l->reason, NULL, "starting TLS");
         SSL_free(ssl);
         return -EPROTO;
     }
@@ -171,7 +201,7 @@ int tls_attach(link_t *l, void *ctx, const char *peer_host, const char **why)
         /* An IP address must be in the certificate's IP SANs, a name in its DNS SANs. */
         if (X509_VERIFY_PARAM_set1_ip_asc(param, peer_host) != 1 &&
             (SSL_set1_host(ssl, peer_host) != 1 || SSL_set_tlsext_host_name(ssl, peer_host) != 1)) {
-            *why = ssl_reason(NULL, "setting the TLS peer name");
+            *why = ssl_reason(l->reason, sizeof l->reason, NULL, "setting the TLS peer name");
             SSL_free(ssl);
             return -EPROTO;
         }
@@ -184,6 +214,7 @@ int tls_attach(link_t *l, void *ctx, const char *peer_host, const char **why)
 
 int tls_handshake(link_t *l, int *want, const char **why)
 {
+    ERR_clear_error();
     errno = 0;
     int ret = SSL_do_handshake((SSL *)l->ssl);
     if (ret == 1)
@@ -200,9 +231,9 @@ const char *tls_description(link_t *l)
 {
     if (!l->ssl)
         return "plaintext";
-    snprintf(reason, sizeof reason, "%s %s", SSL_get_version((SSL *)l->ssl),
+    snprintf(l->reason, sizeof l->reason, "%s %s", SSL_get_version((SSL *)l->ssl),
              SSL_get_cipher_name((SSL *)l->ssl));
-    return reason;
+    return l->reason;
 }
 
 void tls_detach(link_t *l)

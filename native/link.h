@@ -17,20 +17,34 @@ typedef struct {
     uint64_t rekey_bytes;     /* TLS sender: a key update every this many bytes (0: OpenSSL's own) */
     uint64_t since_rekey;     /* bytes sent since the last key update */
     uint64_t rekeys;          /* key updates sent */
-    int cut;                  /* a send stopped part-way through a frame: nobody may write here again */
+    /* Set when a send stopped part-way through a frame (a stop or an error
+     * after some bytes of it left, or with TLS after a write that must be
+     * retried): nobody may write on this link again, as the peer would read
+     * what follows as the rest of that frame.  Set by the native loops'
+     * senders (send_all, flush in dataplane.c); never cleared. */
+    int cut;
+    /* The text a failed call's *why points to when it is more than a
+     * constant (OpenSSL's reason), and tls_description's: kept in the link,
+     * not the thread, as the trio thread reads it after the worker that
+     * wrote it has returned (and maybe run another loop since).  Valid until
+     * the next call on this link. */
+    char reason[256];
 } link_t;
 
 /* Receives up to len bytes: returns how many (> 0), 0 when the peer closed,
  * -EAGAIN with *want set, or -errno (-EPROTO for TLS) with *why set. */
 int64_t link_recv(link_t *l, void *buf, uint64_t len, int *want, const char **why);
 
-/* Sends up to len bytes: returns how many (> 0), -EAGAIN with *want set, or
- * -errno with *why set.  TLS: at most one record (16 KiB) per call. */
+/* Sends up to len bytes (len > 0): returns how many (> 0), -EAGAIN with *want
+ * set, or -errno with *why set; never 0.  The peer closing shows as -EPIPE
+ * (with TLS, once its end was read: "the peer closed the connection").  TLS:
+ * at most one record (16 KiB) per call. */
 int64_t link_send(link_t *l, const void *buf, uint64_t len, int *want, const char **why);
 
 /* A TLS 1.3 context with this end's certificate and key, verifying the peer
  * against the CA file (mutual: a server demands a client certificate).
- * Returns NULL with *why set. */
+ * Returns NULL with *why set, in a buffer of the calling thread: read it
+ * before that thread calls tls_context again. */
 void *tls_context(int server, const char *cert, const char *key, const char *ca, const char **why);
 void tls_context_free(void *ctx);
 
@@ -41,7 +55,8 @@ int tls_attach(link_t *l, void *ctx, const char *peer_host, const char **why);
 /* One step of the handshake: 0 when done, -EAGAIN with *want, or -EPROTO with *why. */
 int tls_handshake(link_t *l, int *want, const char **why);
 
-/* The negotiated protocol and cipher, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384". */
+/* The negotiated protocol and cipher, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384",
+ * in l->reason. */
 const char *tls_description(link_t *l);
 
 /* Frees the TLS session (the socket is closed by its owner). */

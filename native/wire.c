@@ -61,11 +61,14 @@ int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t ac
         return bad(why, "pages before the guest was described");
     if (f->count == 0 || !inside(f->start, f->count, guest_pages))
         return bad(why, "pages outside the guest");
-    if (f->kind == WIRE_ZEROS || f->kind == WIRE_DISCARD)
-        return 0;
+    if (f->kind == WIRE_DISCARD)
+        return 0; /* one madvise() whatever its length */
+    /* A zero run is bounded like a page run: on pages already present the
+     * placer moves one page per ioctl (-EEXIST), and one frame must not hold
+     * it for as long as the peer likes. */
     if (f->count > WIRE_MAX_RUN_PAGES)
-        return bad(why, "page frame longer than 256 pages");
-    return (int64_t)f->count * WIRE_PAGE_SIZE;
+        return bad(why, "page or zero run longer than 256 pages");
+    return f->kind == WIRE_ZEROS ? 0 : (int64_t)f->count * WIRE_PAGE_SIZE;
 }
 
 int wire_check_runs(const struct wire_run *runs, uint32_t n, uint64_t guest_pages,

@@ -9,7 +9,8 @@
  * carries frames: a struct wire_frame, then its payload:
  *
  *   WIRE_PAGES    count pages from page start: count * WIRE_PAGE_SIZE bytes
- *   WIRE_ZEROS    count all-zero pages from page start: no payload
+ *   WIRE_ZEROS    count all-zero pages from page start (at most 256, as
+ *                 PAGES): no payload
  *   WIRE_REQUEST  count struct wire_run: the pages a vCPU waits for
  *   WIRE_CONTROL  count bytes of msgpack [kind, fields...]: handshake, CPU
  *                 state, Round, RoundEnd, RoundAck, Resume, SourceDone,
@@ -34,7 +35,9 @@
 
 #define WIRE_PAGE_SIZE 4096
 /* A page frame carries at most 1 MiB: one UFFDIO_COPY places it whole, and a
- * receive buffer of two frames stays small. */
+ * receive buffer of two frames stays small.  A zero run is bounded alike, so
+ * that one frame's work for the placer is bounded (over present pages it
+ * moves a page per ioctl); a discard is not (one madvise). */
 #define WIRE_MAX_RUN_PAGES 256
 /* A request names at most this many runs: one uffd read batch. */
 #define WIRE_MAX_REQUEST_RUNS 64

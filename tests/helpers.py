@@ -1,7 +1,8 @@
 """What the tests share: real migrate-src and migrate-dst processes on 127.0.0.1 (start_source,
 run_destination, migrate, destination_against), a destination plane over an empty guest (Side),
-protocol Connections that really talked (conversation, deliver), a hostile peer's bytes (hostile,
-send_raw), and the figures printed at the end of the run (REPORT).
+a TLS link whose peer a test drives by hand (TlsPair), protocol Connections that really talked
+(conversation, deliver), a hostile peer's bytes (hostile, send_raw), and the figures printed at the
+end of the run (REPORT).
 
 A plain module, imported by the test files and by tests/soak.py; conftest.py holds only pytest's
 fixtures and hooks.
@@ -9,8 +10,11 @@ fixtures and hooks.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,13 +23,13 @@ from pathlib import Path
 import trio
 import trustme
 
-from migrate._native import ffi
+from migrate._native import ffi, lib
 from migrate.guest import Guest, GuestSpec
 from migrate import protocol as p
 from migrate.protocol import codec
 from migrate.stats import DestinationStats, SourceStats
 from migrate.uffd import Userfaultfd
-from migrate.wire import format_address
+from migrate.wire import TlsConfig, format_address
 
 BIN = Path(sys.executable).parent
 # Lines tests want shown at the end of the run (e.g. how many races the kernel absorbed).
@@ -132,6 +136,73 @@ class Side:
         os.close(self.done)
         self.uffd.close()
         self.guest.close()
+
+
+class TlsPair:
+    """A TLS 1.3 connection over a socketpair: our end is a native ``link`` (a client, as a destination
+    is) on ``ours``; the peer is Python's ssl module in memory on ``theirs``, so that a test can make it
+    do what our own code never does (send close_notify, fall silent mid-record).  Certificates are made
+    at test time (trustme) in ``tmp``."""
+
+    def __init__(self, tmp: Path) -> None:
+        pki = Pki(tmp)  # ours is the destination's certificate, the peer's the source's (127.0.0.1)
+        self.config = TlsConfig(False, *(str(tmp / f) for f in ("dst.pem", "dst.key", "ca.pem")))
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)
+        self.theirs.setblocking(False)
+        self.link = ffi.new("link_t *", {"fd": self.ours.fileno()})
+        self.want, self.why = ffi.new("int *"), ffi.new("char **")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tmp / "src.pem", tmp / "src.key")
+        pki.ca.configure_trust(ctx)
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual, as ours demands
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.peer = ctx.wrap_bio(self._in, self._out, server_side=True)
+        assert lib.tls_attach(self.link, self.config.ctx, b"127.0.0.1", self.why) == 0
+        ours_done = theirs_done = False
+        for _ in range(100):  # a handful of round trips
+            if not ours_done:
+                rc = lib.tls_handshake(self.link, self.want, self.why)
+                assert rc in (0, -errno.EAGAIN), self.text()
+                ours_done = rc == 0
+            if not theirs_done:
+                try:
+                    self.peer.do_handshake()
+                    theirs_done = True
+                except ssl.SSLWantReadError:
+                    pass
+            self.pump()
+            if ours_done and theirs_done:
+                break
+        assert ours_done and theirs_done
+
+    def text(self) -> str:
+        """What ``why`` says after a failed call on our link."""
+        return ffi.string(self.why[0]).decode() if self.why[0] else ""
+
+    def pump(self) -> None:
+        """Moves what the peer wrote to its socket, and what arrived on its socket to the peer."""
+        if data := self._out.read():
+            self.theirs.sendall(data)
+        try:
+            while data := self.theirs.recv(1 << 16):
+                self._in.write(data)
+        except BlockingIOError:
+            pass
+
+    def close_notify(self) -> None:
+        """The peer ends its side cleanly with a close_notify alert (it would then wait for ours)."""
+        try:
+            self.peer.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.pump()
+
+    def close(self) -> None:
+        if self.link.ssl != ffi.NULL:
+            lib.tls_detach(self.link)
+        self.ours.close()
+        self.theirs.close()
 
 
 async def destination_against(fake_source) -> tuple[int, str]:  # noqa: ANN001 - async (listener) -> None

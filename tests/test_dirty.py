@@ -7,6 +7,7 @@ destination's placer replaces and discards runs it is told to.
 
 from __future__ import annotations
 
+import os
 import socket
 from contextlib import contextmanager
 from typing import Iterator
@@ -73,6 +74,37 @@ def test_the_previous_result_survives_one_more_scan() -> None:
         assert a.as_list() == [(10, 3)] and b.as_list() == [(11, 5)]
         assert tracker.union(a, b).as_list() == [(10, 6)]
         assert tracker.intersection(a, b).as_list() == [(11, 2)]
+
+
+@pytest.mark.parametrize("max_runs", [7, 600], ids=["tiny", "more-than-one-scan"])
+def test_a_run_array_too_small_loses_no_write(max_runs: int) -> None:
+    """One PAGEMAP_SCAN call protects again every region it returns: one that does not fit the caller's
+    array must never be returned, or its writes are lost for good.  A full array means "call again";
+    the pages not taken stay marked written, and the calls together take exactly what was written."""
+    pages = 4096
+    guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=True)
+    tracker = DirtyTracker(guest.base, pages)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        written = set(range(0, pages, 3)) | set(range(1000, 1100)) | {pages - 1}  # about 1300 runs
+        for start, count in _runs(written):
+            write(guest, start, count)
+        runs, total = ffi.new("struct wire_run[]", max_runs), ffi.new("uint64_t *")
+        taken: set[int] = set()
+        for _ in range(pages):
+            n = lib.dirty_take(pagemap, guest.base, pages, runs, max_runs, total)
+            assert n >= 0, os.strerror(-n)
+            got = {page for i in range(n) for page in range(runs[i].start, runs[i].start + runs[i].count)}
+            assert len(got) == total[0] and not got & taken  # counts only what it took, and takes it once
+            taken |= got
+            if n < max_runs:
+                break
+        assert taken == written
+        assert tracker.take().pages == 0  # and every page taken is protected again
+    finally:
+        os.close(pagemap)
+        tracker.close()
+        guest.close()
 
 
 def _runs(pages: set[int]) -> list[tuple[int, int]]:

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 import pytest
 import trio
 
-from helpers import Side
+from helpers import Side, TlsPair, conversation
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, ProtocolViolation, RemoteProtocolError, lost_link
@@ -141,3 +144,194 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
         assert await trio.to_thread.run_sync(side.guest.digest) == await trio.to_thread.run_sync(src_guest.digest)
     finally:
         src_guest.close()
+
+
+@contextmanager
+def flowing(sock: socket.socket, chunk: bytes | None, for_s: float = 3.0) -> Iterator[None]:
+    """A peer whose data never pauses: a thread keeps ``sock`` full of ``chunk`` over and over (whole
+    frames, in order), or with ``chunk=None`` reads everything that arrives, for ``for_s`` seconds at
+    most (so that a loop that never notices its stop still ends, and its test fails rather than hangs)."""
+    done = threading.Event()
+
+    def run() -> None:
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + for_s
+        view, off, buf = memoryview(chunk or b""), 0, bytearray(1 << 20)
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                if chunk is None:
+                    if not sock.recv_into(buf):
+                        return
+                else:
+                    off = (off + sock.send(view[off:])) % len(view)
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # the other end is gone
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+async def stopped_within(fn: object, *args: object, after: float = 0.5, peer: str) -> float:
+    """Runs a native loop, stops it ``after`` seconds, and returns how long it took to notice."""
+    t0 = time.monotonic()
+    with trio.move_on_after(after):
+        await run_native(fn, *args, peer=peer)
+    return time.monotonic() - t0 - after
+
+
+async def test_the_placer_notices_its_stop_while_frames_keep_coming(side: Side) -> None:
+    """A source that keeps the socket readable (here: valid zero runs over pages already present, each
+    a 256-page walk of -EEXIST) never makes the placer wait, where it used to look at its stop."""
+    frame = b"".join(bytes(c) for c in side.peer.send(p.ZeroRun(0, lib.WIRE_MAX_RUN_PAGES)))
+    ours, theirs = pair()
+    with ours, theirs, flowing(theirs, frame * 2048):
+        late = await stopped_within(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx,
+                                    60_000, peer="source")
+    assert side.plane.bulk.eexist > side.plane.bulk.pages  # it was walking present pages all along
+    assert late < 0.5
+
+
+async def test_the_request_server_notices_its_stop_while_requests_keep_coming() -> None:
+    """A destination that keeps asking (and reads every reply at once) never makes the request server
+    wait, where it used to look at its stop."""
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # all zero: replies are small frames
+    src, dst = conversation(p.State.REQUESTING, PAGES)
+    # The largest request, 64 runs of 256 pages: the server scans 64 MiB for each.
+    runs = tuple(((i * lib.WIRE_MAX_RUN_PAGES) % PAGES, lib.WIRE_MAX_RUN_PAGES) for i in range(p.MAX_REQUEST_RUNS))
+    request = b"".join(bytes(c) for c in dst.send(p.PageRequest(runs, 1)))
+    stats, notes = ffi.new("send_stats_t *"), ffi.new("note_ring_t *")
+    (req, req_peer), (rep, rep_peer) = pair(), pair()
+    try:
+        with req, req_peer, rep, rep_peer, flowing(req_peer, request * 64), flowing(rep_peer, None):
+            late = await stopped_within(lib.src_serve_loop, guest.base, PAGES, link(req), src.rx, link(rep), 60_000,
+                                        stats, notes, peer="destination")
+        assert stats.requests > 10
+        assert late < 0.5
+    finally:
+        guest.close()
+
+
+async def test_a_long_zero_run_travels_as_frames_of_at_most_256_pages(side: Side) -> None:
+    """A zero run is bounded like a page run, so that one frame's work for the placer is bounded too."""
+    src_guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # all zero
+    stats = ffi.new("send_stats_t *")
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
+    ours, theirs = pair()
+    theirs.setblocking(False)
+    try:
+        with ours, theirs, trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
+                                           side.conn.rx, 60_000, peer="source"))
+                await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 1, 0, ffi.NULL, 60_000,
+                                 stats, peer="destination")
+                await trio.lowlevel.wait_readable(side.done)
+                nursery.cancel_scope.cancel()
+        assert stats.frames == PAGES // lib.WIRE_MAX_RUN_PAGES == side.plane.bulk.frames
+        assert side.plane.bulk.pages == side.plane.bulk.zero_pages == PAGES
+    finally:
+        src_guest.close()
+
+
+async def test_replies_for_pages_never_asked_are_not_counted_as_answers() -> None:
+    """The source chooses what it sends: answers beyond what was asked must neither silence the
+    replies' timeout (pages stay owed) nor leave more answered than asked, which would make the next
+    session's owed_base (pages_requested - answered) negative."""
+    side = Side(PAGES, p.State.REPLYING)
+    try:
+        side.plane.faults.pages_requested = 10
+        side.plane.urgent.owed_base = 4  # asked on a link since lost
+        unasked = [p.ZeroRun(i * 256, 256, echo=1) for i in range(3)]
+        ours, theirs = pair()
+        with ours, theirs:
+            theirs.sendall(b"".join(bytes(c) for e in unasked for c in side.peer.send(e)))
+            theirs.close()
+            with trio.fail_after(5), pytest.raises(PeerError, match="closed the connection"):
+                await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx,
+                                 60_000, peer="source")
+        u = side.plane.urgent
+        assert u.pages == 3 * 256  # placed all the same: the kernel had none of them
+        assert u.answered <= side.plane.faults.pages_requested - u.owed_base
+    finally:
+        side.close()
+
+
+# -- a send stopped part-way: the link is cut, nobody may write on it again ---------------------
+async def test_a_send_stopped_part_way_through_a_frame_leaves_the_link_cut() -> None:
+    """The streamer stopped while the destination reads nothing: part of a frame is on the link, and
+    whatever Python wrote next (DestDone, an Error) would be read as the rest of it."""
+    guest = Guest(GuestSpec(pages=PAGES, vcpus=1, zero_permille=0), fill=True)  # 16 MiB: more than a socket holds
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
+    stats = ffi.new("send_stats_t *")
+    ours, theirs = pair()
+    try:
+        with ours, theirs:
+            l = link(ours)
+            with trio.move_on_after(0.3):
+                await run_native(lib.src_send_runs, guest.base, PAGES, l, runs, 1, 0, ffi.NULL, 60_000, stats,
+                                 peer="destination")
+            assert 0 < stats.bytes < PAGES * 4096
+            assert l.cut == 1
+    finally:
+        guest.close()
+
+
+async def test_a_send_that_finished_leaves_the_link_whole() -> None:
+    guest = Guest(GuestSpec(pages=16, vcpus=1), fill=True)
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 16}])
+    ours, theirs = pair()
+    try:
+        with ours, theirs, trio.fail_after(5):
+            l = link(ours)
+            await run_native(lib.src_send_runs, guest.base, 16, l, runs, 1, 0, ffi.NULL, 60_000,
+                             ffi.new("send_stats_t *"), peer="destination")
+            assert l.cut == 0
+    finally:
+        guest.close()
+
+
+def fill(sock: socket.socket) -> None:
+    """Writes to a non-blocking socket nobody reads until it takes not one more byte."""
+    for size in (1 << 16, 1 << 10, 1):
+        try:
+            while True:
+                sock.send(b"\0" * size)
+        except BlockingIOError:
+            pass
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_a_request_stopped_before_its_first_byte_cuts_only_a_tls_link(tls: bool, tmp_path) -> None:
+    """The fault reader stopped while its request waits for a full socket: in plaintext nothing of the
+    frame left (the link is whole); with TLS, OpenSSL holds the record, which only the same write may
+    finish (the link is cut)."""
+    side = Side(16)
+    t = TlsPair(tmp_path) if tls else None
+    ours, theirs = (t.ours, t.theirs) if t else pair()
+    l = t.link if t else link(ours)
+    try:
+        fill(ours)
+        async with trio.open_nursery() as nursery:
+            # A vCPU's access to page 0: a fault, so a request to send.
+            nursery.start_soon(trio.to_thread.run_sync, lib.guest_digest, side.guest.base, 1)
+            try:
+                with trio.move_on_after(0.3):
+                    await run_native(lib.dst_fault_loop, side.plane, l, 60_000, 1, peer="source")
+            finally:
+                side.uffd.zeropage(side.guest.base, 4096)  # lets the access finish
+        assert side.plane.faults.pages_requested == 1  # the request was built, and stopped in send_all
+        assert l.cut == int(tls)
+    finally:
+        if t:
+            t.close()
+        else:
+            ours.close()
+            theirs.close()
+        side.close()

@@ -374,11 +374,24 @@ def test_fuzz_the_c_frame_check(kind: int, count: int, start: int, flags: int, p
     assert flags == 0 or (flags == REPLACE and kind in (PAGES, ZEROS) and accept & (1 << DISCARD))
     if kind in (PAGES, ZEROS, DISCARD):
         assert 1 <= count and start + count <= pages
-        assert plen == (count * PAGE if kind == PAGES else 0) and (kind != PAGES or count <= p.MAX_RUN_PAGES)
+        assert plen == (count * PAGE if kind == PAGES else 0) and (kind == DISCARD or count <= p.MAX_RUN_PAGES)
     elif kind == REQUEST:
         assert 1 <= count <= p.MAX_REQUEST_RUNS and plen == 16 * count
     else:
         assert 1 <= count <= 65536 and plen == count
+
+
+@pytest.mark.parametrize("kind", [PAGES, ZEROS])
+def test_a_run_of_more_than_256_pages_is_refused(kind: int) -> None:
+    """A zero run is bounded like a page run: the placer walks a present page per ioctl, so an unbounded
+    count would hold it for as long as the peer likes.  A discard stays one madvise, unbounded."""
+    why = ffi.new("char **")
+    for count, ok in ((p.MAX_RUN_PAGES, True), (p.MAX_RUN_PAGES + 1, False)):
+        f = ffi.new("struct wire_frame *", {"kind": kind, "count": count})
+        assert (lib.wire_check(f, 1000, 1 << kind, why) >= 0) == ok
+    assert ffi.string(why[0]) == b"page or zero run longer than 256 pages"
+    f = ffi.new("struct wire_frame *", {"kind": DISCARD, "count": 1000})
+    assert lib.wire_check(f, 1000, 1 << DISCARD, why) == 0
 
 
 @settings(max_examples=500, deadline=None)

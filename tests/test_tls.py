@@ -1,18 +1,33 @@
-"""Mutual TLS 1.3 on every connection: migrations verify, keys update, and every rejection is one line.
+"""Mutual TLS 1.3 on every connection: migrations verify, keys update, and every rejection is one line;
+the native link never answers a send with 0 bytes.
 
-Certificates are made at test time (trustme); real processes, real sockets on 127.0.0.1.
+Certificates are made at test time (trustme); real processes, real sockets on 127.0.0.1, or one
+process with a socketpair whose peer is Python's ssl module (TlsPair).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
+import errno
+import os
+import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import trio
 
-from helpers import REPORT, Pki, migrate, run_destination, start_source, thread_cpu_seconds
+from helpers import REPORT, Pki, Side, TlsPair, migrate, run_destination, start_source, thread_cpu_seconds
+from migrate._native import ffi, lib
+from migrate.errors import PeerError
+from migrate.guest import Guest, GuestSpec
+from migrate.loops import run_native
 from migrate.stats import DestinationStats
+from migrate.uffd import PAGE_SIZE
 from proxy import CuttingProxy
 
 GUEST = ["--guest-mib", "16", "--workload", "uniform", "--run-before", "0.2"]
@@ -164,3 +179,146 @@ async def test_tls_in_the_precopy_modes(tmp_path: Path, pki: Pki, mode: str) -> 
     m = run.dst_metrics
     assert m.verified is True and m.mode == mode and m.tls.startswith("TLSv1.3")
     assert len(run.src_metrics.rounds) >= 2
+
+
+# -- the native link over TLS: one process, a socketpair, Python's ssl module as the peer --------
+@pytest.fixture(params=["close_notify", "abrupt"])
+def closed_tls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsPair]:
+    """A TLS link whose peer has gone (with a close_notify first, or without) and whose end our link
+    has read: OpenSSL then answers a write with 0 bytes and no error."""
+    t = TlsPair(tmp_path)
+    try:
+        if request.param == "close_notify":
+            t.close_notify()
+        t.theirs.close()
+        buf = ffi.new("char[]", 64)
+        assert lib.link_recv(t.link, buf, 64, t.want, t.why) == 0  # the peer's end, a clean EOF
+        yield t
+    finally:
+        t.close()
+
+
+def test_a_send_after_the_tls_peer_closed_is_an_error_never_zero(closed_tls: TlsPair) -> None:
+    """link.h: a send returns bytes sent, -EAGAIN or -errno, never 0, which every caller would take
+    for "call again at once" and spin on."""
+    buf = ffi.new("char[]", 4096)
+    for _ in range(2):
+        assert lib.link_send(closed_tls.link, buf, 4096, closed_tls.want, closed_tls.why) == -errno.EPIPE
+        assert closed_tls.text() == "TLS send: the peer closed the connection"
+
+
+@contextmanager
+def rescued(sock_fd: int) -> Iterator[None]:
+    """Should a loop spin on sends that move nothing (the defect the tests below catch), /dev/null
+    replaces its socket after 5 s: its writes then succeed, the loop ends, and the test fails rather
+    than hangs."""
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    timer = threading.Timer(5, os.dup2, (devnull, sock_fd))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.close(devnull)
+
+
+async def test_the_streamer_ends_with_an_error_when_the_tls_peer_has_closed(closed_tls: TlsPair) -> None:
+    """src_send_runs (flush) returns the link's error instead of calling again at once."""
+    guest = Guest(GuestSpec(pages=64, vcpus=1), fill=True)
+    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 64}])
+    try:
+        with rescued(closed_tls.ours.fileno()), trio.fail_after(10), \
+                pytest.raises(PeerError, match="TLS send: the peer closed the connection"):
+            await run_native(lib.src_send_runs, guest.base, 64, closed_tls.link, runs, 1, 0, ffi.NULL, 60_000,
+                             ffi.new("send_stats_t *"), peer="destination")
+    finally:
+        guest.close()
+
+
+async def test_the_fault_reader_ends_with_an_error_when_the_tls_peer_has_closed(closed_tls: TlsPair) -> None:
+    """dst_fault_loop (send_all) returns the link's error instead of calling again at once."""
+    side = Side(16)
+    try:
+        async with trio.open_nursery() as nursery:
+            # A vCPU's access to page 0: a fault, so a request to send.
+            nursery.start_soon(trio.to_thread.run_sync, lib.guest_digest, side.guest.base, 1)
+            try:
+                with rescued(closed_tls.ours.fileno()), trio.fail_after(10), \
+                        pytest.raises(PeerError, match="TLS send: the peer closed the connection"):
+                    await run_native(lib.dst_fault_loop, side.plane, closed_tls.link, 60_000, 1, peer="source")
+            finally:
+                side.uffd.zeropage(side.guest.base, PAGE_SIZE)  # lets the access finish
+    finally:
+        side.close()
+
+
+def test_a_stale_openssl_error_does_not_turn_a_wait_into_a_failure(tmp_path: Path) -> None:
+    """OpenSSL's error queue is per thread and shared with every other user of the library there
+    (Python's ssl module too); SSL_get_error reads it first, so a call that merely would block reads as
+    a protocol error unless the queue was emptied before the call."""
+    crypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+
+    def stale_error() -> None:
+        crypto.ERR_new()
+        crypto.ERR_set_error(20, 1, None)  # ERR_LIB_SSL, any reason: what an earlier failure leaves
+
+    t = TlsPair(tmp_path)
+    try:
+        buf = ffi.new("char[]", 16384)
+        stale_error()
+        assert lib.link_recv(t.link, buf, 64, t.want, t.why) == -errno.EAGAIN  # nothing sent yet
+        for _ in range(1000):  # nobody reads: the socket fills up
+            stale_error()
+            n = lib.link_send(t.link, buf, 16384, t.want, t.why)
+            if n < 0:
+                break
+        assert n == -errno.EAGAIN, t.text()
+    finally:
+        t.close()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fresh = ffi.new("link_t *", {"fd": ours.fileno()})
+    try:
+        assert lib.tls_attach(fresh, t.config.ctx, b"127.0.0.1", t.why) == 0
+        for _ in range(2):  # the hello (then waits), and waiting again
+            stale_error()
+            assert lib.tls_handshake(fresh, t.want, t.why) == -errno.EAGAIN, t.text()
+    finally:
+        lib.tls_detach(fresh)
+        ours.close()
+        theirs.close()
+
+
+def test_each_link_keeps_its_own_error_text(tmp_path: Path) -> None:
+    """A loop's error text is read by the trio thread after the worker returned, and that worker may
+    have run another loop since: the text lives in the link, not in the thread."""
+    t = TlsPair(tmp_path)
+
+    def another_link_fails() -> None:
+        """A handshake in this thread that a plaintext peer answers: an error with a text of its own."""
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        other, why = ffi.new("link_t *", {"fd": ours.fileno()}), ffi.new("char **")
+        try:
+            theirs.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            assert lib.tls_attach(other, t.config.ctx, b"127.0.0.1", why) == 0
+            assert lib.tls_handshake(other, t.want, why) == -errno.EPROTO
+            assert ffi.string(why[0]).decode().startswith("TLS handshake: ")
+        finally:
+            lib.tls_detach(other)
+            ours.close()
+            theirs.close()
+
+    try:
+        described = lib.tls_description(t.link)
+        another_link_fails()
+        assert ffi.string(described).decode().startswith("TLSv1.3 ")
+        t.theirs.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a record that does not decrypt
+        buf = ffi.new("char[]", 64)
+        assert lib.link_recv(t.link, buf, 64, t.want, t.why) == -errno.EPROTO
+        text = t.text()
+        assert text.startswith("TLS receive: ")
+        another_link_fails()
+        assert t.text() == text
+    finally:
+        t.close()
