@@ -22,6 +22,15 @@ deck so that each fault comes up as often as the others:
   second of the destination's handshake, held through the switchover and the
   stream (at most 20 s): the migration must verify with no recovery, and the
   source's peak RSS stay within the guest's size plus 64 MiB.
+- ``strangers``: from a random moment within half a second of the
+  destination's handshake, strangers connect to the source: port scans that
+  reset at once (``SO_LINGER`` 0) or close before a word, garbage, and a real
+  migrate-dst that must be refused, with one line: a certificate from another
+  CA against a TLS source, or TLS against a plaintext one.  The migration must
+  verify with no recovery.
+
+Every third run, whatever its fault, runs over mutual TLS
+(certificates made once per soak with trustme).
 
 Every run but ``none`` connects the destination through the test proxy
 (``CuttingProxy``), whose byte count triggers the fault.  "A random point" is
@@ -52,6 +61,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -61,11 +71,13 @@ from typing import Callable
 
 import trio
 
-from helpers import BIN, hostile, run_destination, start_source
+from helpers import BIN, Pki, hostile, run_destination, start_source
 from migrate import protocol as p
 from proxy import CuttingProxy
 
-FAULTS = ("none", "cut", "partition", "kill-source", "kill-destination", "flood")
+FAULTS = ("none", "cut", "partition", "kill-source", "kill-destination", "flood", "strangers")
+# Faults that break no link: the migration must verify with no recovery.
+NO_LINK_FAULT = ("none", "flood", "strangers")
 WORKLOADS = ("uniform", "hotset", "sequential", "readmostly")
 # Kinds of problem, in the order the summary lists them.
 PROBLEMS = ("pages lost", "guests on zeros", "spurious recoveries", "tracebacks", "left behind",
@@ -81,6 +93,9 @@ FLOOD_IDLE, FLOOD_DRIP = 100, 20  # connections held open / sending a byte every
 FLOOD_DRIP_EVERY = 0.5
 FLOOD_MAX_S = 20.0  # the flood never outlasts this, whatever the migration does
 FLOOD_CONNECT_S = 3.0  # one flood connection's connect (a full backlog drops SYNs for a while)
+TLS_EVERY = 3  # every third run is over TLS, whatever its fault
+STRANGER_RESETS, STRANGER_GARBAGE = 20, 5  # port scans (half reset, half close), garbage senders
+STRANGER_REFUSED_S = 10.0  # the refused destination (--connect-timeout 2) ends within this
 RSS_SLACK_MIB = 64  # the source's peak RSS may exceed its guest by this much under a flood
 # A flood client drips a real Hello, one byte at a time: it stays a plausible handshake in progress.
 DRIP = hostile(p.Hello(p.Channel.BULK, b"", bytes(32), bytes(32)), preamble=True)
@@ -100,44 +115,47 @@ class Plan:
     run_before: float
     run_after: float
     at: float  # fraction of the guest's non-zero bytes through the proxy when the fault strikes
-    flood_delay: float  # seconds from the destination's handshake to the flood
+    delay: float  # seconds from the destination's handshake to the flood or the strangers
+    tls: bool  # mutual TLS on every connection
 
     @classmethod
     def draw(cls, index: int, fault: str, rng: random.Random) -> Plan:
         # --run-before counts from the source's start, and the destination connects about a second
         # later: a flooded source runs its guest long enough that the flood, which starts within half
         # a second of the destination's handshake, is in place for the switchover and the stream.
-        run_before = round(rng.uniform(2, 3) if fault == "flood" else rng.uniform(0, 1), 2)
+        run_before = round(rng.uniform(2, 3) if fault in ("flood", "strangers") else rng.uniform(0, 1), 2)
         return cls(index, fault, guest_mib=rng.randint(8, 128), workload=rng.choice(WORKLOADS),
                    vcpus=rng.randint(1, 3), zero_fraction=rng.choice([0.0, round(rng.uniform(0, 0.6), 2)]),
                    seed=rng.randrange(1, 2**31), run_before=run_before, run_after=round(rng.uniform(0, 0.3), 2),
                    at=round(rng.uniform(0.05, 0.85), 2),
-                   flood_delay=round(rng.uniform(0, 0.5), 2) if fault == "flood" else 0.0)
+                   delay=round(rng.uniform(0, 0.5), 2) if fault in ("flood", "strangers") else 0.0,
+                   tls=index % TLS_EVERY == 0)
 
     @property
     def mark_bytes(self) -> int:
         """Bytes from the source through the proxy at which the fault strikes."""
-        if self.fault == "flood":
-            return 1  # the destination's first bytes; then flood_delay
+        if self.fault in ("flood", "strangers"):
+            return 1  # the destination's first bytes; then delay
         return max(1, int(self.at * self.guest_mib * 2**20 * (1 - self.zero_fraction)))
 
-    def source_args(self) -> list[str]:
+    def source_args(self, pki: Pki) -> list[str]:
         reconnect = KILL_TIMEOUT_S if self.fault == "kill-destination" else RECONNECT_S
-        return ["--guest-mib", str(self.guest_mib), "--workload", self.workload, "--vcpus", str(self.vcpus),
+        return [*(pki.args("src") if self.tls else []), "--guest-mib", str(self.guest_mib), "--workload", self.workload, "--vcpus", str(self.vcpus),
                 "--zero-fraction", str(self.zero_fraction), "--seed", str(self.seed),
                 "--run-before", str(self.run_before), "--reconnect-timeout", f"{reconnect:g}"]
 
-    def destination_args(self) -> list[str]:
+    def destination_args(self, pki: Pki) -> list[str]:
         reconnect = KILL_TIMEOUT_S if self.fault == "kill-source" else RECONNECT_S
-        args = ["--verify", "--run-after", str(self.run_after), "--reconnect-timeout", f"{reconnect:g}"]
+        args = [*(pki.args("dst") if self.tls else []), "--verify", "--run-after", str(self.run_after), "--reconnect-timeout", f"{reconnect:g}"]
         if self.fault == "partition":
             args += ["--link-timeout", f"{PARTITION_LINK_TIMEOUT_S:g}"]
         return args
 
     def describe(self) -> str:
-        when = {"none": "", "flood": f" {self.flood_delay:g} s in"}.get(self.fault, f" at {self.at:.0%}")
-        return (f"#{self.index:<3} {self.fault + when:<24} {self.guest_mib:3} MiB {self.workload:10} "
-                f"{self.vcpus} vCPU zero {self.zero_fraction:.2f}")
+        when = {"none": "", "flood": f" {self.delay:g} s in", "strangers": f" {self.delay:g} s in"}.get(
+            self.fault, f" at {self.at:.0%}")
+        return (f"#{self.index:<3} {self.fault + when:<24} {'tls' if self.tls else '   '} {self.guest_mib:3} MiB "
+                f"{self.workload:10} {self.vcpus} vCPU zero {self.zero_fraction:.2f}")
 
 
 @dataclass
@@ -247,21 +265,57 @@ async def flood(port: int, stats: FloodStats) -> None:
                 nursery.start_soon(hold, DRIP if i < FLOOD_DRIP else b"")
 
 
+@dataclass
+class StrangerStats:
+    connected: int = 0  # port scans and garbage senders that reached the source
+    refused: _Proc | None = None  # the migrate-dst that must be refused
+
+
+async def strangers(port: int, stats: StrangerStats, plan: Plan, pki: Pki, stranger_pki: Pki, tmp: Path) -> None:
+    """Port scans (reset or closed before a word), garbage, and a migrate-dst the source must refuse."""
+    async def scan(i: int) -> None:
+        with trio.socket.socket() as s:
+            try:
+                with trio.move_on_after(FLOOD_CONNECT_S):
+                    await s.connect(("127.0.0.1", port))
+                    stats.connected += 1
+                    if i < STRANGER_RESETS // 2:
+                        s.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    elif i >= STRANGER_RESETS:
+                        await s.send(os.urandom(200))
+            except OSError:
+                pass
+
+    async with trio.open_nursery() as nursery:
+        for i in range(STRANGER_RESETS + STRANGER_GARBAGE):
+            nursery.start_soon(scan, i)
+            await trio.sleep(0.02)
+        # A certificate from another CA against a TLS source; TLS against a plaintext one.
+        refused_args = stranger_pki.args("dst") if plan.tls else pki.args("dst")
+        stats.refused = _Proc("migrate-dst (refused)")
+        (tmp / "refused").mkdir()
+        await _run_to_end(tmp / "refused", port, ["--connect-timeout", "2", *refused_args], stats.refused,
+                          trio.CancelScope(deadline=trio.current_time() + STRANGER_REFUSED_S))
+
+
 async def _run_to_end(tmp: Path, port: int, args: list[str], result: _Proc, scope: trio.CancelScope) -> None:
     """helpers.run_destination inside ``scope``: cancelling it stops the destination (SIGTERM)."""
     with scope:
         result.rc, result.err, result.metrics = await run_destination(tmp, port, args)
 
 
-async def _drive(plan: Plan, tmp: Path, out: Outcome, procs: list[tuple[str, trio.Process]]) -> None:
+async def _drive(plan: Plan, tmp: Path, out: Outcome, procs: list[tuple[str, trio.Process]],
+                 pkis: tuple[Pki, Pki]) -> None:
     """Runs the migration with its fault and judges every process it started."""
-    src, port = await start_source(tmp, plan.source_args())
+    pki, stranger_pki = pkis
+    src, port = await start_source(tmp, plan.source_args(pki))
     procs.append(("migrate-src", src))
     dst = _Proc("migrate-dst")
     dst_scope = trio.CancelScope()
     first: trio.Process | None = None  # kill-destination: the destination that gets killed
     struck_at: float | None = None
     stats = FloodStats()
+    met = StrangerStats()
 
     async with trio.open_nursery() as nursery:
         def strike(_: int) -> None:
@@ -279,16 +333,21 @@ async def _drive(plan: Plan, tmp: Path, out: Outcome, procs: list[tuple[str, tri
                 first.send_signal(signal.SIGKILL)
             elif plan.fault == "flood":
                 async def later() -> None:
-                    await trio.sleep(plan.flood_delay)
+                    await trio.sleep(plan.delay)
                     await flood(port, stats)
                 nursery.start_soon(later)
+            elif plan.fault == "strangers":
+                async def meet() -> None:
+                    await trio.sleep(plan.delay)
+                    await strangers(port, met, plan, pki, stranger_pki, tmp)
+                nursery.start_soon(meet)
 
         proxy = CuttingProxy(port, [] if plan.fault == "none" else [plan.mark_bytes], strike)
         proxy_port = await nursery.start(proxy.serve)
         via = port if plan.fault == "none" else proxy_port
 
         if plan.fault == "kill-destination":
-            first = await _spawn_destination(tmp, via, plan.destination_args())
+            first = await _spawn_destination(tmp, via, plan.destination_args(pki))
             procs.append(("migrate-dst", first))
             await first.wait()
             dst.rc, dst.err, dst.metrics = first.returncode, (tmp / "dst.err").read_text(), _read_json(tmp / "dst.json")
@@ -296,11 +355,11 @@ async def _drive(plan: Plan, tmp: Path, out: Outcome, procs: list[tuple[str, tri
                 again = tmp / "restarted"
                 again.mkdir()
                 restarted = _Proc("migrate-dst (restarted)")
-                await _run_to_end(again, port, plan.destination_args(), restarted, trio.CancelScope(
+                await _run_to_end(again, port, plan.destination_args(pki), restarted, trio.CancelScope(
                     deadline=trio.current_time() + KILL_TIMEOUT_S + 2 * MARGIN_S))
                 _judge_refused(restarted, out)
         else:
-            await _run_to_end(tmp, via, plan.destination_args(), dst, dst_scope)
+            await _run_to_end(tmp, via, plan.destination_args(pki), dst, dst_scope)
         ended_at = trio.current_time()
         # The source ends by itself: at once after success; after its --reconnect-timeout otherwise.
         if plan.fault == "kill-destination" and struck_at is not None:
@@ -309,28 +368,44 @@ async def _drive(plan: Plan, tmp: Path, out: Outcome, procs: list[tuple[str, tri
             src_deadline = ended_at + RECONNECT_S + LINK_TIMEOUT_S + MARGIN_S
         with trio.move_on_at(src_deadline):
             await src.wait()
+        if plan.fault == "strangers" and out.injected:
+            with trio.move_on_after(STRANGER_REFUSED_S + MARGIN_S):
+                while met.refused is None or met.refused.rc is None:  # the refused destination ends too
+                    await trio.sleep(0.05)
         nursery.cancel_scope.cancel()  # the proxy, and a flood still going
 
     if plan.fault == "flood":
         out.injected = stats.connected > 0  # a flood that found no source was no flood
         out.notes.append(f"flood: {stats.connected} connected, {stats.failed} failed to connect, "
                          f"{stats.dropped} drips ended by the source")
+    if plan.fault == "strangers":
+        out.injected = met.connected > 0
+        refused = _error_lines(met.refused.err, "migrate-dst")[:1] if met.refused else []
+        out.notes.append(f"strangers: {met.connected} connected; " + (refused[0] if refused else "none refused"))
+        if met.refused is not None:
+            # Refused for its certificate or its protocol; or, when the migration ended first, no source.
+            _judge_refused(met.refused, out, "certificate verify failed" if plan.tls else "wrong version number",
+                           "cannot connect")
     source = _Proc("migrate-src", src.returncode, (tmp / "src.err").read_text(), _read_json(tmp / "src.json"))
     _judge(plan, out, dst, source, struck_at, ended_at)
 
 
-def _judge_refused(restarted: _Proc, out: Outcome) -> None:
-    """A second destination while a migration is in progress: refused, with one line."""
+def _judge_refused(restarted: _Proc, out: Outcome, why: str = "a migration is already in progress",
+                   or_else: str | None = None) -> None:
+    """A destination the source must refuse (a second one while a migration is in progress, or a
+    stranger's): refused, with one line saying ``why`` (or ``or_else``, noted)."""
     if "Traceback" in restarted.err:
         out.problem("tracebacks", f"{restarted.name}: {restarted.err.strip().splitlines()[-1]}")
     lines = _error_lines(restarted.err, "migrate-dst")
     if restarted.rc is None:
         out.problem("left behind", f"{restarted.name} still running {KILL_TIMEOUT_S + 2 * MARGIN_S:g} s "
                                    "after it started; stopped")
-    elif restarted.rc == 0 or len(lines) != 1 or "a migration is already in progress" not in lines[0]:
+    elif or_else and restarted.rc == 1 and len(lines) == 1 and or_else in lines[0]:
+        out.notes.append(f"{restarted.name}: {lines[0]}")
+    elif restarted.rc == 0 or len(lines) != 1 or why not in lines[0]:
         out.problem("unclear failures", f"{restarted.name} exited {restarted.rc} with "
                                         f"{lines or restarted.err.strip().splitlines()[-1:]}, not one line "
-                                        "saying a migration is already in progress")
+                                        f"saying {why}")
 
 
 def _judge(plan: Plan, out: Outcome, dst: _Proc, src: _Proc, struck_at: float | None, ended_at: float) -> None:
@@ -361,7 +436,7 @@ def _judge(plan: Plan, out: Outcome, dst: _Proc, src: _Proc, struck_at: float | 
         elif len(lines) != 1:
             out.problem("unclear failures", f"migrate-dst exited {dst.rc} with {len(lines)} error lines: "
                                             f"{dst.err.strip().splitlines()[-1:]}")
-        elif fault in ("none", "flood"):
+        elif fault in NO_LINK_FAULT:
             out.problem("other", f"failed with no link fault: {lines[0]}")
         else:
             out.clean_failure = True
@@ -373,7 +448,7 @@ def _judge(plan: Plan, out: Outcome, dst: _Proc, src: _Proc, struck_at: float | 
                 out.notes.append(f"{ended_at - struck_at:.1f} s after the kill")
 
     # Recoveries where no link broke.
-    if fault in ("none", "flood"):
+    if fault in NO_LINK_FAULT:
         if m.get("recoveries") or src.metrics.get("recoveries"):
             out.problem("spurious recoveries", f"destination {m.get('recoveries')}, "
                                                f"source {src.metrics.get('recoveries')}")
@@ -423,13 +498,13 @@ async def _reap(procs: list[tuple[str, trio.Process]], out: Outcome, baseline: s
                 pass
 
 
-async def run_one(plan: Plan, tmp: Path, baseline: set[int]) -> Outcome:
+async def run_one(plan: Plan, tmp: Path, baseline: set[int], pkis: tuple[Pki, Pki]) -> Outcome:
     """One migration with its fault, bounded by RUN_BUDGET_S; every process reaped at the end."""
     out = Outcome(plan)
     procs: list[tuple[str, trio.Process]] = []
     try:
         with trio.fail_after(RUN_BUDGET_S):
-            await _drive(plan, tmp, out, procs)
+            await _drive(plan, tmp, out, procs, pkis)
     except trio.TooSlowError:
         out.problem("other", f"the run did not finish within {RUN_BUDGET_S:g} s")
     except AssertionError as exc:  # start_source: the source died before listening
@@ -461,6 +536,9 @@ async def soak(minutes: float, seed: int, workdir: Path,
     """
     rng = random.Random(seed)
     baseline = set(_children())
+    for name in ("pki", "stranger-pki"):
+        (workdir / name).mkdir()
+    pkis = (Pki(workdir / "pki"), Pki(workdir / "stranger-pki"))  # the migration's CA, and another
     deadline = trio.current_time() + minutes * 60
     outcomes: list[Outcome] = []
     deck: list[str] = []
@@ -470,7 +548,7 @@ async def soak(minutes: float, seed: int, workdir: Path,
         plan = Plan.draw(len(outcomes) + 1, deck.pop(), rng)
         tmp = workdir / f"run-{plan.index:03d}-{plan.fault}"
         tmp.mkdir(parents=True)
-        out = await run_one(plan, tmp, baseline)
+        out = await run_one(plan, tmp, baseline, pkis)
         say(out.line())
         if not out.problems:
             shutil.rmtree(tmp)

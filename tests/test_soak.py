@@ -25,5 +25,7 @@ async def test_short_soak_finds_no_problem(tmp_path: Path) -> None:
     summary = soak.table(outcomes)
     REPORT.append(f"soak: {len(outcomes)} runs in {MINUTES:g} minutes (seed {seed}):\n{summary}")
     assert {o.plan.fault for o in outcomes} == set(soak.FAULTS)
+    assert {o.plan.fault for o in outcomes if o.injected} == set(soak.FAULTS) - {"none"}  # dealt and struck
+    assert any(o.plan.tls for o in outcomes)
     problems = [o.line() for o in outcomes if o.problems]
     assert not problems, "\n".join([f"seed {seed}, files in {tmp_path}", *problems, summary])
