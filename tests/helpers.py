@@ -282,11 +282,13 @@ async def thread_cpu_seconds(pid: int, tid: int, over: float) -> float:
     return _cpu_seconds(pid, tid) - before
 
 
-async def run_destination(tmp: Path, port: int, args: list[str], host: str = "127.0.0.1") -> tuple[int, str, dict]:
-    """Runs migrate-dst against host:port to its end: (exit code, stderr, metrics)."""
+async def run_destination(tmp: Path, port: int, args: list[str], host: str = "127.0.0.1",
+                          wrapper: list[str] | None = None) -> tuple[int, str, dict]:
+    """Runs migrate-dst against host:port to its end: (exit code, stderr, metrics); ``wrapper`` as
+    ``start_source`` takes it."""
     metrics = tmp / "dst.json"
     metrics.unlink(missing_ok=True)
-    proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", format_address(host, port),
+    proc = await trio.run_process([*(wrapper or []), str(BIN / "migrate-dst"), "--connect", format_address(host, port),
                                    "--metrics", str(metrics), *args], check=False, capture_stderr=True)
     return proc.returncode, proc.stderr.decode(), json.loads(metrics.read_text()) if metrics.exists() else {}
 

@@ -115,6 +115,30 @@ def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
     assert_one_line_error(proc, "userfaultfd", "seccomp")
 
 
+async def test_postcopy_needs_no_kernel_newer_than_userfaultfd(tmp_path: Path, no_uffd: Path) -> None:
+    """A destination whose kernel has no PAGEMAP_SCAN (Linux < 6.7, Debian 12's 6.1): the present pages at
+    switchover are read from /proc/self/pagemap instead, and the migration verifies (it once ended there)."""
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "16", *FAST])
+        rc, err, raw = await run_destination(tmp_path, port, DST, wrapper=[str(no_uffd), "--old-kernel"])
+        assert await src.wait() == 0
+    assert rc == 0, err
+    assert DestinationStats.from_json(raw).verified is True
+
+
+@pytest.mark.parametrize("args", [["--mode", "hybrid"], ["--mode", "precopy"], ["--stream-order", "working-set"]])
+def test_write_tracking_on_an_old_kernel_is_refused_at_once_naming_the_version(no_uffd: Path,
+                                                                               args: list[str]) -> None:
+    proc = run_cli([str(no_uffd), "--old-kernel", str(BIN / "migrate-src"), "--guest-mib", "4", *args])
+    assert_one_line_error(proc, "PAGEMAP_SCAN", "Linux >= 6.7")
+
+
+def test_the_check_says_what_an_old_kernel_offers(no_uffd: Path) -> None:
+    proc = run_cli([str(no_uffd), "--old-kernel", str(BIN / "python"), "-m", "migrate.check"])
+    assert proc.returncode == 0 and "write tracking for hybrid and precopy: no" in proc.stderr, proc.stderr
+    assert "postcopy only" in proc.stderr
+
+
 def test_listening_on_a_public_address_needs_a_key(cli) -> None:
     proc = cli("migrate-src", "--listen", "0.0.0.0:0", "--guest-mib", "1")
     assert_one_line_error(proc, "without TLS or a key", "--key-file")
