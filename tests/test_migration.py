@@ -32,7 +32,7 @@ FAST = ["--run-before", "0.3"]
 ], ids=["uniform", "hotset", "sequential", "readmostly", "one-page", "odd-pages", "1-vcpu", "4-vcpus", "idle"])
 async def test_migration_verifies(tmp_path: Path, args: list[str]) -> None:
     m = assert_migrated(await migrate(tmp_path, [*args, *FAST], DST))
-    assert m.downtime_ms >= 0
+    assert 0 < m.downtime_ms < 500  # on one host: the vCPUs' stop to their restart here
 
 
 async def test_zero_heavy_guest_travels_as_zero_runs(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ async def test_a_destination_started_first_waits_for_the_source(tmp_path: Path) 
     assert rc == 0, err
     m = DestinationStats.from_json(raw)
     assert m.verified is True
-    assert m.connect_attempts > 2 and "refused; trying again" in err
+    assert m.connect_attempts > 3 and "refused; trying again" in err  # a clean run opens 3 connections
 
 
 def test_userfaultfd_forbidden_on_destination(no_uffd: Path) -> None:
@@ -214,7 +214,7 @@ async def test_stdout_is_machine_readable(tmp_path: Path) -> None:
     with trio.fail_after(120):
         src, port = await start_source(tmp_path, ["--guest-mib", "8", "--run-before", "0"])
         proc = await trio.run_process([str(BIN / "migrate-dst"), "--connect", f"127.0.0.1:{port}",
-                                       "--run-after", "0", "--metrics", "-", "--log-format", "json"],
+                                       "--run-after", "0", "--verify", "--metrics", "-", "--log-format", "json"],
                                       capture_stdout=True, capture_stderr=True)
         assert await src.wait() == 0
     metrics = DestinationStats.from_json(json.loads(proc.stdout.decode()))
@@ -222,4 +222,4 @@ async def test_stdout_is_machine_readable(tmp_path: Path) -> None:
     err = proc.stderr.decode().splitlines()
     logs = [json.loads(line) for line in err if line.startswith("{")]
     assert logs and all({"t", "level", "msg"} <= set(entry) for entry in logs)
-    assert any(line.startswith("verified:") for line in err)
+    assert "verified: yes" in err

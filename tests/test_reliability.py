@@ -276,7 +276,7 @@ async def test_idle_flood_beyond_the_descriptor_limit_cannot_stop_a_migration(tm
     assert "Traceback" not in err + src_err
     src_m = SourceStats.from_json(json.loads((tmp_path / "src.json").read_text()))
     assert src_m.dropped_peers >= 2 * (100 - 16)
-    assert m.connect_attempts > 2  # turned away at first, then let in
+    assert m.connect_attempts > 3  # turned away at first, then let in (a clean run opens 3 connections)
     REPORT.append(f"flood: 200 idle connections against 64 descriptors: {src_m.dropped_peers} closed at once, "
                   f"{src_m.rejected_peers} timed out; the destination got in after {m.connect_attempts - 2} "
                   "retries and verified")
