@@ -168,8 +168,9 @@ class Destination:
 
     async def _open_once(self, channel: p.Channel, session: bytes) -> FrameSocket:
         """One attempt of ``_open``; closes its socket on any failure, cancellation included."""
-        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port, self.cfg.link_timeout), p.Connection(p.Role.DESTINATION, self.info),
-                         f"source {format_address(self.cfg.host, self.cfg.port)}")
+        fs = FrameSocket(await connect(self.cfg.host, self.cfg.port, self.cfg.link_timeout),
+                         p.Connection(p.Role.DESTINATION, self.info), f"source {format_address(self.cfg.host, self.cfg.port)}",
+                         frame_timeout=self.cfg.link_timeout)
         try:
             if channel is not p.Channel.BULK:
                 mark_urgent(fs.sock)

@@ -37,7 +37,9 @@ def loop_error(rc: int, why: str, peer: str) -> MigrateError:
     if why.startswith(GUEST_MEMORY_OPERATIONS):  # this side's own failure, never the link's
         return UffdError(why, err)
     if err == errno.ETIMEDOUT:
-        return PeerError(f"{peer} went silent: no data while pages were owed")
+        if why == "the link stayed silent":
+            return PeerError(f"{peer} went silent: no data while pages were owed")
+        return PeerError(f"lost the connection to {peer}: {why}")
     return PeerError(f"lost the connection to {peer}: {why}: {os.strerror(err)}")
 
 

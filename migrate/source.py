@@ -386,7 +386,8 @@ class Source:
         """Handshake of one incoming connection; a failure, of any kind, closes only that connection."""
         # The source receives control frames and page requests, never pages: its
         # Connection's receive buffer is sized for those (~128 KiB, not ~2.1 MiB).
-        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, self.info), f"destination {peer}")
+        fs = FrameSocket(sock, p.Connection(p.Role.SOURCE, self.info), f"destination {peer}",
+                         frame_timeout=self.cfg.link_timeout)
         joined = False
         try:
             tune(sock, self.cfg.link_timeout)

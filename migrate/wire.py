@@ -118,12 +118,16 @@ class FrameSocket:
         sock: a connected trio socket.
         conn: the sans-io protocol state for this connection.
         peer: a name for log lines and errors.
+        frame_timeout: a frame begun must end within this many seconds: a peer
+            that drips bytes is never silent (``--link-timeout``).
     """
 
-    def __init__(self, sock: trio.socket.SocketType, conn: Connection, peer: str) -> None:
+    def __init__(self, sock: trio.socket.SocketType, conn: Connection, peer: str,
+                 frame_timeout: float = math.inf) -> None:
         self.sock = sock
         self.conn = conn
         self.peer = peer
+        self.frame_timeout = frame_timeout
         self.link = ffi.new("link_t *", {"fd": sock.fileno()})
         self._tls: TlsConfig | None = None
         self._want = ffi.new("int *")
@@ -221,9 +225,16 @@ class FrameSocket:
             PeerError: the peer closed the connection or sent an Error.
             RemoteProtocolError: the peer sent malformed input.
         """
+        begun = math.inf  # when part of a frame was here: the rest must follow within frame_timeout
         while (event := _vet(self.conn.next_event(), self.peer)) is None:
+            if begun == math.inf and self.conn.rx.end > self.conn.rx.start:
+                begun = trio.current_time()
             buf, space = self.conn.receive_space()
-            n = await self._link_io(lib.link_recv, buf, space)
+            with trio.move_on_at(begun + self.frame_timeout) as drip:
+                n = await self._link_io(lib.link_recv, buf, space)
+            if drip.cancelled_caught:
+                raise PeerGone(f"{self.peer} began a frame but did not end it within {self.frame_timeout:g} s "
+                               "(a drip)")
             if n < 0:
                 raise _lost(self.peer, n, self._why)
             self.bytes_in += n

@@ -170,7 +170,17 @@ static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_
                    const owed_t *o, const char **why)
 {
     int strikes = 0;
+    uint64_t begun = 0; /* when part of what is needed was here: the rest must follow within idle_ms */
     while (rx->end - rx->start < need) {
+        /* Silence is counted by wait_fd; a peer that drips a byte at a time is
+         * never silent, so a frame begun must also end within idle_ms (a
+         * largest frame, 1 MiB, takes 8 s at 1 Mbit/s). */
+        if (rx->end > rx->start && !begun)
+            begun = mono_ns();
+        if (begun && idle_ms >= 0 && mono_ns() - begun > (uint64_t)idle_ms * 1000000) {
+            *why = "a frame began but did not end within the link timeout (a drip)";
+            return -ETIMEDOUT;
+        }
         if (rx->cap - rx->start < need) {
             memmove(rx->data, rx->data + rx->start, rx->end - rx->start);
             rx->end -= rx->start;

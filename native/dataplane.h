@@ -86,7 +86,8 @@ typedef struct {
 /* Destination, bulk placer and reply placer: receive page frames on fd and
  * place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame, the stop
  * eventfd, EOF, or idle_ms of silence while pages are owed (always on the
- * bulk stream; on replies, while requests are unanswered).  accept is the
+ * bulk stream; on replies, while requests are unanswered), or a frame begun
+ * and not whole within idle_ms (a peer dripping bytes is never silent).  accept is the
  * mask of frame kinds the connection's protocol state allows (wire_check):
  * DISCARD frames and REPLACE flags only before switchover, while no vCPU runs
  * here; after it they are a protocol error, as dropping a page could lose

@@ -335,3 +335,26 @@ async def test_a_request_stopped_before_its_first_byte_cuts_only_a_tls_link(tls:
             ours.close()
             theirs.close()
         side.close()
+
+
+async def test_a_frame_dripped_a_byte_at_a_time_is_a_lost_link_within_the_link_timeout(side: Side) -> None:
+    """A peer that sends a byte every 50 ms is never silent: the frame it began must still end within the
+    link's timeout (it once held the placer for as long as the drip went on)."""
+    ours, theirs = pair()
+    frame = struct.pack("<IIQQII", lib.WIRE_ZEROS, 1, 0, 0, 0, 0)
+
+    async def drip() -> None:
+        for byte in frame:
+            theirs.send(bytes([byte]))
+            await trio.sleep(0.05)
+
+    with ours, theirs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drip)
+            t0 = time.monotonic()
+            with trio.fail_after(5), pytest.raises(PeerError, match="did not end within the link timeout"):
+                await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx,
+                                 300, peer="peer")
+            assert time.monotonic() - t0 < 1.2  # the timeout, a poll period, a margin; the drip takes 1.6 s
+            nursery.cancel_scope.cancel()
+    assert side.plane.bulk.pages == 0

@@ -8,9 +8,12 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from migrate.errors import PeerError, printable
+from helpers import hostile
+from migrate import protocol as p
+from migrate.errors import PeerError, PeerGone, printable
+from migrate.protocol import codec
 from migrate.source import _drained
-from migrate.wire import connect, family_of, format_address, is_loopback, parse_address
+from migrate.wire import FrameSocket, connect, family_of, format_address, is_loopback, parse_address
 
 
 @pytest.mark.parametrize("host,port,text", [
@@ -95,4 +98,27 @@ async def test_the_end_of_the_stream_waits_while_the_destination_takes_it_and_no
             nursery.start_soon(slow_reader)
             with trio.fail_after(30):
                 await _drained(fs, 0.5)  # returns once every byte was acknowledged, however long that took
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_control_frame_dripped_a_byte_at_a_time_ends_within_the_frame_timeout() -> None:
+    """The same bound in Python, for the handshake and control frames (the wait before a switchover
+    has no silence bound of its own: a drip there once held the destination for ever)."""
+    a, b = socket.socketpair()
+    ours = trio.socket.from_stdlib_socket(a)
+    fs = FrameSocket(ours, p.Connection(p.Role.DESTINATION), "source x", frame_timeout=0.3)
+    wire = codec.preamble() + hostile(p.Challenge(b"n" * 32))
+
+    async def drip() -> None:
+        for byte in wire:
+            b.send(bytes([byte]))
+            await trio.sleep(0.05)
+
+    with ours, b:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drip)
+            t0 = trio.current_time()
+            with trio.fail_after(5), pytest.raises(PeerGone, match="did not end it within 0.3 s"):
+                await fs.receive()
+            assert trio.current_time() - t0 < 1
             nursery.cancel_scope.cancel()
