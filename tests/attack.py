@@ -412,7 +412,7 @@ def prune(case: Case) -> str | None:
                 and not (role == "dst" and state is State.START) and not case.stranger:
             return (f"{prog(role)} reads nothing more on {ch.value} from here on (TABLE gives the "
                     f"{peer_role(role).value} no move in {at.name}, where it would read)")
-        if case.stranger and state is State.START and a.name in ("forbidden-control", "forbidden-data"):
+        if role == "src" and state is State.START and a.name in ("forbidden-control", "forbidden-data"):
             return "the source reads no frame before it has sent its Challenge: the same as at CHALLENGED"
         if case.stranger and state is State.START and case.transport == "tls" and a.name == "max-length":
             return "before the TLS handshake every byte is TLS: covered by garbage"
@@ -923,7 +923,6 @@ class Peer:
         self.case, self.env, self.ns = case, env, ns
         self.key = env.key if ns is not None else b""  # a plaintext source listens off loopback only with a key
         self.fired_at: float | None = None
-        self.paired_at_attack = False
         self.on_fire: Callable[[], None] = lambda: None
         self.reached: list[str] = []
         self.nursery: trio.Nursery | None = None
@@ -957,7 +956,6 @@ class Peer:
         if link.state is not state:
             raise RuntimeError(f"tapped {state.name} with the connection in {link.state.name}")
         self.fired_at = trio.current_time()
-        self.paired_at_attack = self.paired
         self.on_fire()
         try:
             await self.strike(link)
@@ -1450,8 +1448,8 @@ class FakeDestination(Peer):
         while True:
             try:
                 return await self._open_once(channel, session)
-            except _Abandoned as exc:
-                await wait_closed_by_peer(exc.link.fs.sock, HANDSHAKE_S + 1.5)
+            except _Abandoned as exc:  # as migrate-dst gives up an attempt after --link-timeout
+                await wait_closed_by_peer(exc.link.fs.sock, LINK_S)
             except _Refused as exc:
                 if initial:
                     raise _Stop(f"the source refused {channel.value}: {exc}") from None
@@ -1474,8 +1472,6 @@ class FakeDestination(Peer):
                 await self.tap(channel, State.CHALLENGED, link)
                 hello = p.hello(self.key, channel, session, challenge)
                 await link.send(hello)
-                if channel is REPLIES:
-                    self.paired = True  # the source pairs the session as this Hello arrives
                 await self.tap(channel, link.state, link)
                 welcome = await link.expect(p.Welcome)
                 try:
@@ -1700,6 +1696,11 @@ def read_in_session(case: Case) -> bool:
                                  State.REQUESTS_HELLO, State.REPLIES_HELLO, State.DESCRIBING)
 
 
+def joined(src_err: str) -> bool:
+    """Whether a destination ever had all its connections up at this source (by the source's own log)."""
+    return "replies channel up" in src_err
+
+
 def complete_before(case: Case) -> bool:
     """Whether migrate-dst has every page before it reads what the attack sent: after SourceDone, and in
     precopy from the CPU state on, it reads bulk only to see the source close it, skipping what comes."""
@@ -1708,7 +1709,9 @@ def complete_before(case: Case) -> bool:
 
 
 def error_line(err: str, name: str) -> str:
-    return next((line for line in err.splitlines() if line.startswith(f"{name}: error:")), last_line(err))
+    """Its ``error:`` line, else its traceback's exception, else its last line."""
+    return next((line for line in err.splitlines() if line.startswith(f"{name}: error:")),
+                traceback_of(err) or last_line(err))
 
 
 def lost_after(err: str, mark: int, role: str, expected: int) -> str | None:
@@ -1765,13 +1768,14 @@ def judge(case: Case, h: Honest, fake: Peer, mark: int, legit: Legit | None = No
             reasons.append(legit.failure)
     a = case.spec
     if fired is not None and not h.killed:
-        if case.role == "src" and isinstance(fake, FakeDestination) and not fake.paired and h.rc not in (0, None):
+        if case.role == "src" and not joined(err) and h.rc not in (0, None):
             reasons.append(f"migrate-src ended though no destination ever joined: {error_line(err, name)}")
         if a.kind == "violation" and (case.role == "dst" or read_in_session(case)):
             if (lost := lost_after(err, mark, case.role, int(getattr(fake, "cut_done", False)))) is not None:
                 reasons.append(f"a protocol violation treated as a lost link: {lost.split(': ', 1)[-1]}")
             elif outcome == VERIFIED and not complete_before(case):
-                reasons.append("a protocol violation went unnoticed: the migration completed")
+                reasons.append("a protocol violation did not end the migration: it completed (the violation was "
+                               "retried as a lost link, or ignored)")
             elif outcome == ONE_LINE and seconds is not None and seconds > PROMPT_S:
                 reasons.append(f"a protocol violation ended {name} only {seconds:.1f} s after it (at once: "
                                f"within {PROMPT_S:g} s)")
@@ -1920,8 +1924,8 @@ async def run_src_case(case: Case, env: Env) -> Result:
             async with trio.open_nursery() as n:
                 n.start_soon(fake.run)
                 n.start_soon(src.sample)
-                await _until_end(src, fake, t0, lambda: fake.ended.is_set() and not fake.paired)
-                if src.running and fake.ended.is_set() and not fake.paired:
+                await _until_end(src, fake, t0, lambda: fake.ended.is_set() and not joined(src.err()))
+                if src.running and fake.ended.is_set() and not joined(src.err()):
                     # It never joined: once the source has dropped its half-open session, the next gets in.
                     await trio.sleep(HANDSHAKE_S + 1.5)
                     if ns is not None:
@@ -2302,18 +2306,24 @@ def _generalize(reason: str) -> str:
     return re.sub(r"\d+(\.\d+)?", "N", reason)
 
 
+def not_run(skipped: list[tuple[Case, str]]) -> str:
+    """What is not run and why, one line per role, state and reason."""
+    out = [f"not run ({len(skipped)} combinations of state x channel x attack x transport x mode):"]
+    by: dict[tuple[str, State, str], set[str]] = defaultdict(set)
+    for case, why in skipped:
+        by[(case.role, case.state, why)].add(case.attack)
+    for (role, state, why), attacks in sorted(by.items(), key=lambda kv: (kv[0][0] != "src",
+                                                                          list(State).index(kv[0][1]), kv[0][2])):
+        names = "every attack" if len(attacks) == len(ATTACKS) else ", ".join(a for a in ATTACKS if a in attacks)
+        out.append(f"  {role} {state.name:15} {names}: {why}")
+    return "\n".join(out)
+
+
 def table(results: list[Result], skipped: list[tuple[Case, str]], elapsed: float) -> str:
     head = f"{'role':4}{'state':15}{'channel':9}{'attack':46}{'tls':6}{'mode':9}{'time':7}  outcome"
     out = [head, "-" * len(head)] + [r.line() for r in results]
     if skipped:
-        out += ["", f"not run ({len(skipped)} combinations of state x channel x attack x transport x mode):"]
-        by: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for case, why in skipped:
-            by[(f"{case.role} {case.state.name}", why)].add(case.attack)
-        for (where, why), attacks in sorted(by.items(), key=lambda kv: (kv[0][0].split()[0],
-                                                                         list(State).index(State[kv[0][0].split()[1]]))):
-            names = "every attack" if len(attacks) == len(ATTACKS) else ", ".join(a for a in ATTACKS if a in attacks)
-            out.append(f"  {where:20} {names}: {why}")
+        out += ["", not_run(skipped)]
     counts = Counter(r.outcome for r in results)
     out += ["", f"{len(results)} cases in {elapsed / 60:.1f} min: " + ", ".join(
         f"{counts.get(k, 0)} {k}" for k in (VERIFIED, ONE_LINE, FAILED))]
@@ -2361,6 +2371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for c in cases:
             print(c.name)
+        print(not_run(skipped))
         print(f"{len(cases)} cases, {len(skipped)} combinations not run")
         return 0
     if os.geteuid() != 0 and any(c.attack == "vanish" for c in cases):
