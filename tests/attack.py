@@ -65,6 +65,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -76,6 +77,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -736,7 +738,6 @@ def traceback_of(err: str) -> str | None:
     """The exception line of the last traceback in ``err``, if there is one."""
     if "Traceback" not in err:
         return None
-    import re
     found = re.findall(r"^[\s|+]*([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Group)\b.*)$",
                        err[err.index("Traceback"):], re.MULTILINE)
     return found[-1].strip() if found else last_line(err)
@@ -2267,7 +2268,6 @@ async def run_unit(unit: list[Case], env: Env) -> list[Result]:
         return [Result(c, FAILED, None, [f"the case did not finish within {limit:g} s (the suite's own limit)"])
                 for c in unit]
     except Exception as exc:  # noqa: BLE001 - a suite bug: reported per case, the run goes on
-        import traceback
         (env.root / "suite-errors.txt").open("a").write("".join(traceback.format_exception(exc)) + "\n")
         return [Result(c, FAILED, None, [f"attack suite error: {type(exc).__name__}: {exc}"]) for c in unit]
 
@@ -2302,7 +2302,6 @@ async def run_all(cases: list[Case], env: Env, jobs: int, say: Callable[[str], o
 
 def _generalize(reason: str) -> str:
     """A reason with its numbers blanked, so that the same failure in many cases groups."""
-    import re
     return re.sub(r"\d+(\.\d+)?", "N", reason)
 
 
