@@ -84,9 +84,8 @@ from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 import trio
-import trustme
 
-from helpers import BIN
+from helpers import BIN, Pki, cpu_seconds
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import MigrateError, PeerError, PeerGone
@@ -109,9 +108,10 @@ HANDSHAKE_S = 2.0  # migrate-src --handshake-timeout
 LINK_S = 2.0  # --link-timeout, both sides
 RECONNECT_S = 3.0  # --reconnect-timeout, both sides
 CONNECT_S = 3.0  # migrate-dst --connect-timeout
+SWITCHOVER_S = 6.0  # migrate-dst --switchover-timeout: a live source silent before the switchover
 SRC_OPTS = ["--handshake-timeout", f"{HANDSHAKE_S:g}", "--link-timeout", f"{LINK_S:g}",
             "--reconnect-timeout", f"{RECONNECT_S:g}", "--no-progress"]
-DST_OPTS = ["--connect-timeout", f"{CONNECT_S:g}", "--link-timeout", f"{LINK_S:g}",
+DST_OPTS = ["--connect-timeout", f"{CONNECT_S:g}", "--switchover-timeout", f"{SWITCHOVER_S:g}", "--link-timeout", f"{LINK_S:g}",
             "--reconnect-timeout", f"{RECONNECT_S:g}", "--no-progress"]
 MARGIN_S = 4.0  # slack on every bound: the machine has 2 cores, shared
 PROMPT_S = 4.0  # a protocol violation ends the honest side within this of the attack: no timeout governs it
@@ -521,32 +521,6 @@ def sort_key(case: Case) -> tuple:
 
 
 # == the machinery: certificates, namespaces, honest processes, CPU time ===============================
-class Pki:
-    """Our CA's certificates for both sides (naming 127.0.0.1 and the veth addresses), and another CA's."""
-
-    def __init__(self, where: Path) -> None:
-        self.dir = where
-        where.mkdir(parents=True, exist_ok=True)
-        for ca_name in ("ca", "other"):
-            ca = trustme.CA()
-            ca.cert_pem.write_to_path(str(where / f"{ca_name}.pem"))
-            for side, ids in (("src", ("127.0.0.1", "localhost", HOST_A, HOST_B)), ("dst", ("migrate-dst",))):
-                cert = ca.issue_cert(*ids)
-                name = side if ca_name == "ca" else f"{side}-other"
-                cert.private_key_pem.write_to_path(str(where / f"{name}.key"))
-                cert.cert_chain_pems[0].write_to_path(str(where / f"{name}.pem"))
-
-    def files(self, name: str, ca: str = "ca") -> tuple[str, str, str]:
-        return str(self.dir / f"{name}.pem"), str(self.dir / f"{name}.key"), str(self.dir / f"{ca}.pem")
-
-    def args(self, name: str, ca: str = "ca") -> list[str]:
-        cert, key, ca_file = self.files(name, ca)
-        return ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca_file]
-
-    def config(self, server: bool, name: str, ca: str = "ca") -> TlsConfig:
-        return TlsConfig(server, *self.files(name, ca))
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 
@@ -626,23 +600,6 @@ class Netns:
 
 async def _ip(*args: str, check: bool = True) -> None:
     await trio.run_process(["ip", *args], check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of every thread of ``pid`` (None once it is gone)."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Honest:
@@ -1103,7 +1060,7 @@ class FakeSource(Peer):
         elif a == "tls-vs-plaintext":
             self.tls = env.pki.config(True, "src")
         elif a == "tls-wrong-ca":
-            self.tls = env.pki.config(True, "src-other", "other")
+            self.tls = env.other.config(True, "src")
         else:
             self.tls = env.pki.config(True, "src") if tls else None
         self.listener: trio.socket.SocketType | None = None
@@ -1438,7 +1395,7 @@ class FakeDestination(Peer):
             await sock.connect((self.host, self.port))
         except OSError as exc:
             raise _LinkLost(f"connect: {exc}") from None
-        tune(sock)
+        tune(sock, LINK_S)
         return sock
 
     async def _open(self, channel: Channel, session: bytes, initial: bool) -> Link:
@@ -1683,9 +1640,12 @@ class Result:
 def bound(case: Case) -> tuple[float, str]:
     """How long after its attack the honest process may take to end, from the options that govern it."""
     if case.role == "dst":
+        # A live source silent before the switchover is left at --switchover-timeout, counted from the
+        # first connection: within the bound below, which covers a lost link's recovery.
+        assert SWITCHOVER_S <= CONNECT_S + 2 * LINK_S + RECONNECT_S
         return (CONNECT_S + 2 * LINK_S + RECONNECT_S + MARGIN_S,
                 f"--connect-timeout {CONNECT_S:g} + 2 x --link-timeout {LINK_S:g} + --reconnect-timeout "
-                f"{RECONNECT_S:g} + {MARGIN_S:g} s")
+                f"{RECONNECT_S:g} + {MARGIN_S:g} s (--switchover-timeout {SWITCHOVER_S:g} within it)")
     return (HANDSHAKE_S + 2 * LINK_S + RECONNECT_S + MARGIN_S,
             f"--handshake-timeout {HANDSHAKE_S:g} + 2 x --link-timeout {LINK_S:g} + --reconnect-timeout "
             f"{RECONNECT_S:g} + {MARGIN_S:g} s")
@@ -1832,7 +1792,8 @@ async def run_legit(env: Env, tmp: Path, host: str, port: int, transport: str, n
 @dataclass
 class Env:
     root: Path
-    pki: Pki
+    pki: Pki  # the migration's CA: its source certificate also names the veth addresses
+    other: Pki  # another CA's, for the stranger it must refuse
     key_file: Path
     key: bytes
     serial: int = 0
@@ -1850,11 +1811,11 @@ class Env:
 
     @classmethod
     def make(cls, root: Path) -> Env:
-        pki = Pki(root / "pki")
+        pki, other = Pki(root / "pki", (HOST_A, HOST_B)), Pki(root / "other")
         key = secrets.token_hex(16).encode()
         key_file = root / "key"
         key_file.write_bytes(key + b"\n")
-        return cls(root, pki, key_file, key)
+        return cls(root, pki, other, key_file, key)
 
 
 def _netns(case: Case, env: Env) -> contextlib.AbstractAsyncContextManager:
@@ -2096,7 +2057,7 @@ async def stranger(ctx: Stranger, case: Case) -> str:
 async def _stranger_process(ctx: Stranger, attack: str) -> str:
     """A real migrate-dst as the stranger: its certificate from another CA (it retries), or the wrong
     transport.  It must be turned away with one line of its own, within its --connect-timeout."""
-    tls = {"tls-wrong-ca": ctx.env.pki.args("dst-other", "ca"), "plaintext-vs-tls": [],
+    tls = {"tls-wrong-ca": ctx.env.other.args("dst", ca=ctx.env.pki.dir / "ca.pem"), "plaintext-vs-tls": [],
            "tls-vs-plaintext": ctx.env.pki.args("dst")}[attack]
     argv = [str(BIN / "migrate-dst"), "--connect", f"{ctx.host}:{ctx.port}", *DST_OPTS, *tls,
             *(["--key-file", str(ctx.env.key_file)] if ctx.ns is not None else [])]

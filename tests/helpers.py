@@ -146,7 +146,7 @@ class TlsPair:
 
     def __init__(self, tmp: Path) -> None:
         pki = Pki(tmp)  # ours is the destination's certificate, the peer's the source's (127.0.0.1)
-        self.config = TlsConfig(False, *(str(tmp / f) for f in ("dst.pem", "dst.key", "ca.pem")))
+        self.config = pki.config(False, "dst")
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         self.theirs.setblocking(False)
@@ -246,14 +246,16 @@ async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = N
 
 
 class Pki:
-    """A CA, a certificate for the source (127.0.0.1) and one for the destination, as PEM files in ``tmp``;
-    ``args(name)`` gives a command's TLS options."""
+    """A CA, a certificate for the source (127.0.0.1, localhost and ``more`` names) and one for the
+    destination, as PEM files in ``tmp``; ``args(name)`` gives a command's TLS options, ``config`` our
+    own end's."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, more: tuple[str, ...] = ()) -> None:
         self.dir = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.ca = trustme.CA()
         self.ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-        self.issue("src", "127.0.0.1", "localhost")
+        self.issue("src", "127.0.0.1", "localhost", *more)
         self.issue("dst", "migrate-dst")
 
     def issue(self, name: str, *identities: str, **kw: object) -> None:
@@ -263,23 +265,47 @@ class Pki:
         for extra in cert.cert_chain_pems[1:]:
             extra.write_to_path(str(self.dir / f"{name}.pem"), append=True)
 
+    def files(self, name: str, ca: Path | None = None) -> tuple[str, str, str]:
+        """``name``'s certificate and key, and the CA it trusts (this one's unless ``ca``)."""
+        return str(self.dir / f"{name}.pem"), str(self.dir / f"{name}.key"), str(ca or self.dir / "ca.pem")
+
     def args(self, name: str, ca: Path | None = None) -> list[str]:
-        return ["--tls-cert", str(self.dir / f"{name}.pem"), "--tls-key", str(self.dir / f"{name}.key"),
-                "--tls-ca", str(ca or self.dir / "ca.pem")]
+        cert, key, ca_file = self.files(name, ca)
+        return ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca_file]
+
+    def config(self, server: bool, name: str) -> TlsConfig:
+        """A TLS context of ours with ``name``'s certificate (a fake peer's end)."""
+        return TlsConfig(server, *self.files(name))
 
 
-def _cpu_seconds(pid: int, tid: int) -> float:
-    """utime + stime of one thread, from /proc (fields 14 and 15, after the command's parentheses)."""
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, tid: int | None = None) -> float | None:
+    """utime + stime of thread ``tid`` of ``pid``, or of all its threads (None once it is gone): fields 14
+    and 15 of /proc/PID/task/TID/stat, after the command's parentheses."""
+    total = 0
+    try:
+        tids = [str(tid)] if tid is not None else os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for t in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+        except OSError:
+            if tid is not None:
+                return None
+            continue  # a thread that ended meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def thread_cpu_seconds(pid: int, tid: int, over: float) -> float:
     """The CPU time thread ``tid`` of process ``pid`` uses over the next ``over`` seconds: a waiting
     thread that spins shows up here (the trio thread is ``tid == pid``)."""
-    before = _cpu_seconds(pid, tid)
+    before = cpu_seconds(pid, tid)
     await trio.sleep(over)
-    return _cpu_seconds(pid, tid) - before
+    after = cpu_seconds(pid, tid)
+    assert before is not None and after is not None, f"process {pid} ended"
+    return after - before
 
 
 async def run_destination(tmp: Path, port: int, args: list[str], host: str = "127.0.0.1",
