@@ -82,6 +82,13 @@ def hostile(event: p.Event, preamble: bool = False) -> bytes:
     return (codec.preamble() if preamble else b"") + b"".join(bytes(c) for c in codec.encode(event))
 
 
+async def drip(sock: socket.socket, data: bytes, every: float) -> None:
+    """Sends ``data`` a byte at a time, one every ``every`` seconds: a peer that is never silent."""
+    for byte in data:
+        sock.send(bytes([byte]))
+        await trio.sleep(every)
+
+
 async def send_raw(sock: trio.socket.SocketType, data: bytes) -> None:
     """Writes ``data`` whole on a plaintext socket, bypassing its FrameSocket: a hostile peer's bytes."""
     view = memoryview(data)

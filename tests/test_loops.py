@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import trio
 
-from helpers import Side, TlsPair, conversation
+from helpers import Side, drip, TlsPair, conversation
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, ProtocolViolation, RemoteProtocolError, lost_link
@@ -121,24 +121,30 @@ async def test_a_control_frame_hands_the_connection_back_to_python(side: Side) -
     assert side.plane.bulk.pages == side.plane.bulk.zero_pages == 2
 
 
+async def stream_through(side: Side, src_guest: Guest, runs: list[tuple[int, int]]) -> object:
+    """The source's sender and the destination's placer, back to back, until every page is placed;
+    returns the sender's statistics."""
+    stats = ffi.new("send_stats_t *")
+    array = ffi.new("struct wire_run[]", [{"start": a, "count": n} for a, n in runs])
+    ours, theirs = pair()
+    theirs.setblocking(False)
+    with ours, theirs, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
+                                       side.conn.rx, 60_000, peer="source"))
+            await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), array, len(runs), 0, ffi.NULL,
+                             60_000, stats, peer="destination")
+            await trio.lowlevel.wait_readable(side.done)
+            nursery.cancel_scope.cancel()
+    return stats
+
+
 async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
     """The source's sender and the destination's placer, back to back: every page placed once, same digest."""
     spec = GuestSpec(pages=PAGES, vcpus=1, workload=Workload.uniform, zero_permille=300)
     src_guest = Guest(spec, fill=True)
-    stats = ffi.new("send_stats_t *")
-    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 1000}, {"start": 1000, "count": PAGES - 1000}])
-    ours, theirs = pair()
-    theirs.setblocking(False)
     try:
-        with ours, theirs, trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
-                                           side.conn.rx, 60_000, peer="source"))
-                await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 2, 0, ffi.NULL,
-                                 60_000,
-                                 stats, peer="destination")
-                await trio.lowlevel.wait_readable(side.done)
-                nursery.cancel_scope.cancel()
+        stats = await stream_through(side, src_guest, [(0, 1000), (1000, PAGES - 1000)])
         assert side.plane.bulk.pages == PAGES and stats.pages == PAGES
         assert 0 < side.plane.bulk.zero_pages == stats.zero_pages < PAGES
         assert await trio.to_thread.run_sync(side.guest.digest) == await trio.to_thread.run_sync(src_guest.digest)
@@ -221,19 +227,8 @@ async def test_the_request_server_notices_its_stop_while_requests_keep_coming() 
 async def test_a_long_zero_run_travels_as_frames_of_at_most_256_pages(side: Side) -> None:
     """A zero run is bounded like a page run, so that one frame's work for the placer is bounded too."""
     src_guest = Guest(GuestSpec(pages=PAGES, vcpus=1), fill=False)  # all zero
-    stats = ffi.new("send_stats_t *")
-    runs = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
-    ours, theirs = pair()
-    theirs.setblocking(False)
     try:
-        with ours, theirs, trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
-                                           side.conn.rx, 60_000, peer="source"))
-                await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), runs, 1, 0, ffi.NULL, 60_000,
-                                 stats, peer="destination")
-                await trio.lowlevel.wait_readable(side.done)
-                nursery.cancel_scope.cancel()
+        stats = await stream_through(side, src_guest, [(0, PAGES)])
         assert stats.frames == PAGES // lib.WIRE_MAX_RUN_PAGES == side.plane.bulk.frames
         assert side.plane.bulk.pages == side.plane.bulk.zero_pages == PAGES
     finally:
@@ -341,16 +336,9 @@ async def test_a_frame_dripped_a_byte_at_a_time_is_a_lost_link_within_the_link_t
     """A peer that sends a byte every 50 ms is never silent: the frame it began must still end within the
     link's timeout (it once held the placer for as long as the drip went on)."""
     ours, theirs = pair()
-    frame = struct.pack("<IIQQII", lib.WIRE_ZEROS, 1, 0, 0, 0, 0)
-
-    async def drip() -> None:
-        for byte in frame:
-            theirs.send(bytes([byte]))
-            await trio.sleep(0.05)
-
     with ours, theirs:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(drip)
+            nursery.start_soon(drip, theirs, struct.pack("<IIQQII", lib.WIRE_ZEROS, 1, 0, 0, 0, 0), 0.05)
             t0 = time.monotonic()
             with trio.fail_after(5), pytest.raises(PeerError, match="did not end within the link timeout"):
                 await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx,

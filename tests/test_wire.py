@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from helpers import hostile
+from helpers import drip, hostile
 from migrate import protocol as p
 from migrate.errors import PeerError, PeerGone, printable
 from migrate.protocol import codec
@@ -107,16 +107,9 @@ async def test_a_control_frame_dripped_a_byte_at_a_time_ends_within_the_frame_ti
     a, b = socket.socketpair()
     ours = trio.socket.from_stdlib_socket(a)
     fs = FrameSocket(ours, p.Connection(p.Role.DESTINATION), "source x", frame_timeout=0.3)
-    wire = codec.preamble() + hostile(p.Challenge(b"n" * 32))
-
-    async def drip() -> None:
-        for byte in wire:
-            b.send(bytes([byte]))
-            await trio.sleep(0.05)
-
     with ours, b:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(drip)
+            nursery.start_soon(drip, b, codec.preamble() + hostile(p.Challenge(b"n" * 32)), 0.05)
             t0 = trio.current_time()
             with trio.fail_after(5), pytest.raises(PeerGone, match="did not end it within 0.3 s"):
                 await fs.receive()
