@@ -41,7 +41,8 @@ import trio
 
 from . import protocol as p
 from ._native import ffi, lib
-from .errors import LINK_ERRORS, MigrateError, PeerError, PeerGone, ProtocolViolation, RemoteProtocolError, UsageError, lost_link
+from .errors import (LINK_ERRORS, MigrateError, PeerError, PeerGone, ProtocolViolation, RemoteProtocolError, UsageError,
+                     lost_link)
 from .guest import Guest, GuestSpec, Workload, replay
 from .loops import CONTROL, run_native
 from .metrics import Histogram, rss_mib
@@ -168,9 +169,9 @@ class Destination:
 
     async def _open_once(self, channel: p.Channel, session: bytes) -> FrameSocket:
         """One attempt of ``_open``; closes its socket on any failure, cancellation included."""
+        where = format_address(self.cfg.host, self.cfg.port)
         fs = FrameSocket(await connect(self.cfg.host, self.cfg.port, self.cfg.link_timeout),
-                         p.Connection(p.Role.DESTINATION, self.info), f"source {format_address(self.cfg.host, self.cfg.port)}",
-                         frame_timeout=self.cfg.link_timeout)
+                         p.Connection(p.Role.DESTINATION, self.info), f"source {where}", frame_timeout=self.cfg.link_timeout)
         try:
             if channel is not p.Channel.BULK:
                 mark_urgent(fs.sock)

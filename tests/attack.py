@@ -111,7 +111,8 @@ CONNECT_S = 3.0  # migrate-dst --connect-timeout
 SWITCHOVER_S = 6.0  # migrate-dst --switchover-timeout: a live source silent before the switchover
 SRC_OPTS = ["--handshake-timeout", f"{HANDSHAKE_S:g}", "--link-timeout", f"{LINK_S:g}",
             "--reconnect-timeout", f"{RECONNECT_S:g}", "--no-progress"]
-DST_OPTS = ["--connect-timeout", f"{CONNECT_S:g}", "--switchover-timeout", f"{SWITCHOVER_S:g}", "--link-timeout", f"{LINK_S:g}",
+DST_OPTS = ["--connect-timeout", f"{CONNECT_S:g}", "--switchover-timeout", f"{SWITCHOVER_S:g}",
+            "--link-timeout", f"{LINK_S:g}",
             "--reconnect-timeout", f"{RECONNECT_S:g}", "--no-progress"]
 MARGIN_S = 4.0  # slack on every bound: the machine has 2 cores, shared
 PROMPT_S = 4.0  # a protocol violation ends the honest side within this of the attack: no timeout governs it

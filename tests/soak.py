@@ -140,13 +140,14 @@ class Plan:
 
     def source_args(self, pki: Pki) -> list[str]:
         reconnect = KILL_TIMEOUT_S if self.fault == "kill-destination" else RECONNECT_S
-        return [*(pki.args("src") if self.tls else []), "--guest-mib", str(self.guest_mib), "--workload", self.workload, "--vcpus", str(self.vcpus),
-                "--zero-fraction", str(self.zero_fraction), "--seed", str(self.seed),
+        return [*(pki.args("src") if self.tls else []), "--guest-mib", str(self.guest_mib),
+                "--workload", self.workload, "--vcpus", str(self.vcpus), "--zero-fraction", str(self.zero_fraction), "--seed", str(self.seed),
                 "--run-before", str(self.run_before), "--reconnect-timeout", f"{reconnect:g}"]
 
     def destination_args(self, pki: Pki) -> list[str]:
         reconnect = KILL_TIMEOUT_S if self.fault == "kill-source" else RECONNECT_S
-        args = [*(pki.args("dst") if self.tls else []), "--verify", "--run-after", str(self.run_after), "--reconnect-timeout", f"{reconnect:g}"]
+        args = [*(pki.args("dst") if self.tls else []), "--verify", "--run-after", str(self.run_after),
+                "--reconnect-timeout", f"{reconnect:g}"]
         if self.fault == "partition":
             args += ["--link-timeout", f"{PARTITION_LINK_TIMEOUT_S:g}"]
         return args
