@@ -487,6 +487,10 @@ WITNESSES = [
     "dst/AWAITING_CPU/bulk/vanish/plain/postcopy",  # no bound before the switchover
     "dst/START/bulk/tls-wrong-ca/tls/postcopy",
     "dst/STREAMING/bulk/zeros-flood/plain/postcopy",
+    "dst/ROUND/bulk/drip/plain/hybrid",  # a drip is never silent: the destination waited for ever
+    "dst/AWAITING_CPU/bulk/silent/plain/postcopy",  # a live source that never begins: --switchover-timeout
+    "src/ROUND_ENDED/bulk/silent/plain/hybrid",  # no bound on the RoundAck
+    "src/START/bulk/half-close/tls/postcopy",  # the TLS spin, without a certificate at all
 ]
 QUICK_ROTATION = ["reset", "silent", "garbage", "forbidden-control", "forbidden-data", "drip", "half-close",
                   "max-length", "storm", "open-twice", "unasked", "zeros-flood"]
