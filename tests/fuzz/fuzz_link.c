@@ -35,13 +35,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#include <openssl/ec.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/ssl.h>
-#include <openssl/x509v3.h>
 
 #include "link.h"
+#include "selfsigned.h"
 
 #define CHECK(cond)                                                                        \
     do {                                                                                   \
@@ -71,46 +67,6 @@ static size_t pick(unsigned cls, size_t len)
         return len;
     size_t n = 1 + next_random() % m;
     return n < len ? n : len;
-}
-
-/* -- a certificate, made once --------------------------------------------- */
-
-static void make_pki(char *cert_path, char *key_path)
-{
-    EVP_PKEY *key = EVP_EC_gen("P-256");
-    X509 *x = X509_new();
-    CHECK(key && x);
-    X509_set_version(x, 2);
-    ASN1_INTEGER_set(X509_get_serialNumber(x), 1);
-    X509_gmtime_adj(X509_getm_notBefore(x), -3600);
-    X509_gmtime_adj(X509_getm_notAfter(x), 3600L * 24 * 365);
-    X509_NAME *name = X509_get_subject_name(x);
-    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)"fuzz", -1, -1, 0);
-    X509_set_issuer_name(x, name);
-    X509_set_pubkey(x, key);
-    X509V3_CTX ctx;
-    X509V3_set_ctx_nodb(&ctx);
-    X509V3_set_ctx(&ctx, x, x, NULL, NULL, 0);
-    const char *exts[][2] = { { "basicConstraints", "critical,CA:TRUE" },
-                              { "keyUsage", "critical,digitalSignature,keyCertSign" },
-                              { "subjectAltName", "IP:127.0.0.1" },
-                              { "subjectKeyIdentifier", "hash" } };
-    for (size_t i = 0; i < sizeof exts / sizeof exts[0]; i++) {
-        X509_EXTENSION *e = X509V3_EXT_conf(NULL, &ctx, exts[i][0], exts[i][1]);
-        CHECK(e && X509_add_ext(x, e, -1));
-        X509_EXTENSION_free(e);
-    }
-    CHECK(X509_sign(x, key, EVP_sha256()) > 0);
-    int fd = mkstemp(cert_path);
-    FILE *f = fdopen(fd, "w");
-    CHECK(f && PEM_write_X509(f, x));
-    fclose(f);
-    fd = mkstemp(key_path);
-    f = fdopen(fd, "w");
-    CHECK(f && PEM_write_PrivateKey(f, key, NULL, NULL, 0, NULL, NULL));
-    fclose(f);
-    X509_free(x);
-    EVP_PKEY_free(key);
 }
 
 /* -- the pair -------------------------------------------------------------- */
@@ -194,7 +150,7 @@ static void open_pair(pair_t *p, int tls)
 static void setup(void)
 {
     char cert[] = "/tmp/fuzz-link-cert-XXXXXX", key[] = "/tmp/fuzz-link-key-XXXXXX";
-    make_pki(cert, key);
+    make_self_signed(cert, key);
     const char *why = NULL;
     server_ctx = tls_context(1, cert, key, cert, &why);
     CHECK(server_ctx);

@@ -19,6 +19,8 @@
  *                stalls() and stuck(), migrate/source.py's progress), with
  *                __atomic loads; then the stops, the joins and the checks
  *
+ * Every other migration runs over TLS (a self-signed certificate made at
+ * start; keys updated every 256 KiB), as with --tls-cert.
  * Built by scripts/sanitize with -fsanitize=thread together with the sources of native/;
  * a report is a failure (TSAN_OPTIONS=halt_on_error=1).  Without TSan it is an
  * ordinary test of the same contract (a page lost, a loop ending otherwise
@@ -45,6 +47,7 @@
 #include "link.h"
 #include "dataplane.h"
 #include "dirty.h"
+#include "selfsigned.h"
 
 #define PAGE WIRE_PAGE_SIZE
 #define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
@@ -184,6 +187,24 @@ static void *server(void *arg)
     return NULL;
 }
 
+/* Sends len bytes whole on l, plaintext or TLS, waiting when it must. */
+static void send_whole(link_t *l, const void *buf, size_t len)
+{
+    while (len) {
+        int want = POLLOUT;
+        const char *why = NULL;
+        int64_t n = link_send(l, buf, len, &want, &why);
+        if (n > 0) {
+            buf = (const char *)buf + n;
+            len -= (size_t)n;
+            continue;
+        }
+        CHECK(n == -EAGAIN);
+        struct pollfd pfd = { l->fd, (short)want, 0 };
+        poll(&pfd, 1, 1000);
+    }
+}
+
 /* The streamer: windows in a scrambled order (as after a lost link, or with
  * prepaging), the notes taken between two, then the end of the stream. */
 static void *streamer(void *arg)
@@ -209,7 +230,7 @@ static void *streamer(void *arg)
         struct wire_frame f;
         uint8_t body[3];
     } __attribute__((packed)) done = { { .kind = WIRE_CONTROL, .count = 3 }, { 0x92, 0x0a, 0x00 } };
-    CHECK(send(src.bulk.fd, &done, sizeof done, MSG_NOSIGNAL) == (ssize_t)sizeof done);
+    send_whole(&src.bulk, &done, sizeof done);
     l->rc = 0;
     return NULL;
 }
@@ -251,10 +272,37 @@ static void watch(void)
 
 static void pair(int fds[2])
 {
-    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
+    /* Non-blocking, as the processes' sockets are: a TLS read must answer WANT_READ, never block. */
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) == 0);
 }
 
-static void migrate_once(uint64_t seed)
+/* TLS on every connection, as over --tls-cert: the destination's ends are
+ * clients, the source's servers; the handshakes run here, before any thread
+ * uses a link (each link then has one user, as in the processes). */
+static void *server_ctx, *client_ctx;
+
+static void tls_pair(link_t *client, link_t *server)
+{
+    const char *why = NULL;
+    CHECK(tls_attach(client, client_ctx, "127.0.0.1", &why) == 0);
+    CHECK(tls_attach(server, server_ctx, NULL, &why) == 0);
+    int want, client_done = 0, server_done = 0;
+    for (int i = 0; i < 1000 && !(client_done && server_done); i++) {
+        if (!client_done) {
+            int rc = tls_handshake(client, &want, &why);
+            CHECK(rc == 0 || rc == -EAGAIN);
+            client_done = rc == 0;
+        }
+        if (!server_done) {
+            int rc = tls_handshake(server, &want, &why);
+            CHECK(rc == 0 || rc == -EAGAIN);
+            server_done = rc == 0;
+        }
+    }
+    CHECK(client_done && server_done);
+}
+
+static void migrate_once(uint64_t seed, int tls)
 {
     memset(&dst, 0, sizeof dst);
     memset(&src, 0, sizeof src);
@@ -294,6 +342,13 @@ static void migrate_once(uint64_t seed)
     src.requests.fd = requests[1];
     src.replies.fd = replies[0];
     dst.replies.fd = replies[1];
+    if (tls) {
+        tls_pair(&dst.bulk, &src.bulk);
+        tls_pair(&dst.requests, &src.requests);
+        tls_pair(&dst.replies, &src.replies);
+        /* A key update every 256 KiB: the stream's sender updates keys while its reader reads. */
+        src.bulk.rekey_bytes = src.replies.rekey_bytes = 256 * 1024;
+    }
     /* Slow enough that the vCPU and the reader fault on pages the stream has
      * not sent yet: about 0.2 s for the guest, uninstrumented. */
     src.pace = (pacer_t){ .rate = pages * PAGE * 5, .burst = 64 * PAGE, .quantum = 16 * PAGE };
@@ -344,14 +399,19 @@ static void migrate_once(uint64_t seed)
     CHECK(d->urgent.answered <= d->faults.pages_requested);
     CHECK(src.served.requests <= d->faults.requests);
     CHECK(src.noted + src.notes.dropped <= d->faults.faults);
-    printf("tsan_plane: %llu pages: %llu by the stream, %llu by replies to %llu faults (%llu requests), "
+    printf("tsan_plane: %s, %llu pages: %llu by the stream, %llu by replies to %llu faults (%llu requests), "
            "%llu -EEXIST, %llu vCPU stalls, %llu vCPU steps\n",
-           (unsigned long long)pages, (unsigned long long)d->bulk.pages, (unsigned long long)d->urgent.pages,
+           tls ? "TLS" : "plaintext", (unsigned long long)pages, (unsigned long long)d->bulk.pages, (unsigned long long)d->urgent.pages,
            (unsigned long long)d->faults.faults, (unsigned long long)d->faults.requests,
            (unsigned long long)(d->bulk.eexist + d->urgent.eexist), (unsigned long long)dst.stalls.count,
            (unsigned long long)dst.vcpu.steps);
     CHECK(d->faults.faults > 0);
+    CHECK(!tls || src.bulk.rekeys > 0);
 
+    link_t *links[] = { &src.bulk, &dst.bulk, &src.requests, &dst.requests, &src.replies, &dst.replies };
+    for (size_t i = 0; i < sizeof links / sizeof links[0]; i++)
+        if (links[i]->ssl)
+            tls_detach(links[i]);
     for (int i = 0; i < 2; i++) {
         close(bulk[i]);
         close(requests[i]);
@@ -371,8 +431,18 @@ int main(int argc, char **argv)
     pages = argc > 1 ? strtoull(argv[1], NULL, 0) : 2048;
     int rounds = argc > 2 ? atoi(argv[2]) : 2;
     CHECK(pages >= 2);
+    char cert[] = "/tmp/tsan-plane-cert-XXXXXX", key[] = "/tmp/tsan-plane-key-XXXXXX";
+    make_self_signed(cert, key);
+    const char *why = NULL;
+    server_ctx = tls_context(1, cert, key, cert, &why);
+    client_ctx = tls_context(0, cert, key, cert, &why);
+    unlink(cert);
+    unlink(key);
+    CHECK(server_ctx && client_ctx);
     for (int i = 0; i < rounds; i++)
-        migrate_once(1 + (uint64_t)i);
+        migrate_once(1 + (uint64_t)i, i % 2); /* plaintext, TLS, plaintext, ... */
+    tls_context_free(server_ctx);
+    tls_context_free(client_ctx);
     printf("tsan_plane: %d migrations, every thread stopped as asked (%llu)\n", rounds,
            (unsigned long long)(watched % 10));
     return 0;
