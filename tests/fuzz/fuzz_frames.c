@@ -63,6 +63,10 @@
 /* The receive buffers migrate/protocol/connection.py gives each end: two largest frames. */
 #define DST_CAP (2 * FRAME_MAX)
 #define SRC_CAP (2 * (WIRE_FRAME_SIZE + WIRE_MAX_CONTROL))
+/* The link timeout: longer than any input takes (libFuzzer's -timeout is 10 s),
+ * so that no silence and no slow frame ends a loop: the stand-in link is never
+ * silent, and an input handed out a byte at a time under ASan is slow. */
+#define IDLE_MS 60000
 
 /* -- the stand-in link ---------------------------------------------------- */
 
@@ -268,7 +272,7 @@ static void run_destination(const uint8_t *cfg)
     link_t l = { .fd = ready_fd };
     const char *why = NULL;
 
-    int rc = dst_place_loop(&plane, replies, accept, &l, &rx, 1000, stop_fd, &why);
+    int rc = dst_place_loop(&plane, replies, accept, &l, &rx, IDLE_MS, stop_fd, &why);
     check_end(rc, why, &rx, accept);
 
     const place_stats_t *me = replies ? &plane.urgent : &plane.bulk;
@@ -311,7 +315,7 @@ static void run_source(const uint8_t *cfg)
     notes.head = notes.tail = 0;
     const char *why = NULL;
 
-    int rc = src_serve_loop(src_base, pages, &rxl, &rx, &txl, 1000, &st, &notes, stop_fd, &why);
+    int rc = src_serve_loop(src_base, pages, &rxl, &rx, &txl, IDLE_MS, &st, &notes, stop_fd, &why);
     check_end(rc, why, &rx, 1u << WIRE_REQUEST | 1u << WIRE_CONTROL);
     /* Every reply went whole, and is what was counted. */
     CHECK(sent.have == 0 && sent.payload == 0);
