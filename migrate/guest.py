@@ -82,10 +82,24 @@ class Guest:
         self.base: int = lib.region_map(spec.size)
         if not self.base:
             raise UsageError(f"cannot map a guest of {spec.size >> 20} MiB", hint="use a smaller --guest-mib")
-        self._states = ffi.new("vcpu_state_t[]", spec.vcpus)
-        self._stalls = ffi.new("stall_stats_t[]", spec.vcpus)
-        self._stop = ffi.new("int *")
-        self._gate = ffi.new("int *")
+        # What the vCPU threads read and write besides guest memory, in a mapping of its own that
+        # only close() releases (after every vCPU was joined), never the garbage collector: a vCPU
+        # asleep in a fault is never joined, and when a failing process exits the interpreter frees
+        # its objects while such a thread may still run (one woken from the gate by the stop does).
+        n = spec.vcpus
+        sizes = [n * ffi.sizeof("vcpu_state_t"), n * ffi.sizeof("stall_stats_t"), ffi.sizeof("int"),
+                 ffi.sizeof("int")]
+        offsets = [sum(-(-size // 64) * 64 for size in sizes[:i]) for i in range(len(sizes))]
+        self._control_size = offsets[-1] + sizes[-1]
+        self._control: int = lib.region_map(self._control_size)  # zeroed, page-aligned
+        if not self._control:
+            lib.region_unmap(self.base, spec.size)
+            raise UsageError("cannot map the vCPUs' state", hint="the machine is out of memory")
+        at = [ffi.cast("char *", self._control + off) for off in offsets]
+        self._states = ffi.cast(f"vcpu_state_t(*)[{n}]", at[0])[0]
+        self._stalls = ffi.cast(f"stall_stats_t(*)[{n}]", at[1])[0]
+        self._stop = ffi.cast("int *", at[2])
+        self._gate = ffi.cast("int *", at[3])
         self._threads: list[threading.Thread] = []
         for i in range(spec.vcpus):
             lib.vcpu_init(self._states + i, spec.seed, i)
@@ -249,12 +263,23 @@ class Guest:
                              ffi.from_buffer(is_zero))
 
     def close(self) -> None:
-        """Unmaps guest memory; vCPUs must be stopped."""
+        """Unmaps guest memory and the vCPUs' state; vCPUs must be stopped.
+
+        A guest whose vCPUs cannot be joined (asleep in a fault) is never
+        closed: its memory goes with the process.
+        """
         if self._threads:
             raise RuntimeError("stop the vCPUs before closing the guest")
         if self.base:
             lib.region_unmap(self.base, self.spec.size)
             self.base = 0
+            # The figures stay readable (the CPU state, the stalls): copies, now that no thread runs.
+            n = self.spec.vcpus
+            states, stalls = ffi.new("vcpu_state_t[]", n), ffi.new("stall_stats_t[]", n)
+            ffi.memmove(states, self._states, ffi.sizeof(states))
+            ffi.memmove(stalls, self._stalls, ffi.sizeof(stalls))
+            self._states, self._stalls, self._stop, self._gate = states, stalls, ffi.new("int *"), ffi.new("int *")
+            lib.region_unmap(self._control, self._control_size)
 
 
 def replay(spec: GuestSpec, steps: list[int]) -> tuple[int, list[tuple[int, int, int]]]:

@@ -28,7 +28,32 @@ def _check_toolchain() -> None:
         sys.exit("uffd-migrate: <openssl/ssl.h> not found (TLS); hint: apt-get install libssl-dev")
 
 
+# A sanitizer build (scripts/sanitize): UFFD_MIGRATE_SANITIZE=address,undefined
+# instruments the native code with ASan and UBSan, unoptimised enough for
+# readable reports.  Loading it needs the ASan runtime first in the process
+# (LD_PRELOAD), which scripts/sanitize arranges.  Warnings are errors there,
+# so that CI fails on a new one while a user's install never does.  ThreadSanitizer
+# needs an instrumented interpreter: the threads are checked by
+# tests/native/tsan_plane.c instead.
+SANITIZE = os.environ.get("UFFD_MIGRATE_SANITIZE", "")
+SANITIZERS = {"address", "undefined"}
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    """The compiler's and the linker's extra arguments."""
+    warnings = ["-Wall", "-Wextra"]
+    if not SANITIZE:
+        return ["-O2", "-std=gnu11", *warnings], []
+    unknown = set(SANITIZE.split(",")) - SANITIZERS
+    if unknown:
+        sys.exit(f"uffd-migrate: UFFD_MIGRATE_SANITIZE={SANITIZE!r}: {', '.join(sorted(unknown))} not supported; "
+                 f"hint: a comma-separated subset of {', '.join(sorted(SANITIZERS))}")
+    sanitize = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"]
+    return ["-O1", "-g", "-std=gnu11", *warnings, "-Werror", *sanitize], sanitize
+
+
 _check_toolchain()
+COMPILE_ARGS, LINK_ARGS = _flags()
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join((HERE / h).read_text() for h in HEADERS))
 ffibuilder.set_source(
@@ -37,7 +62,8 @@ ffibuilder.set_source(
     # setuptools wants source paths relative to the project root.
     sources=[f"native/{s}" for s in SOURCES],
     include_dirs=["native"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
+    extra_compile_args=COMPILE_ARGS,
+    extra_link_args=LINK_ARGS,
     libraries=["ssl", "crypto"],
 )
 

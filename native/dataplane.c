@@ -46,6 +46,7 @@
 #include "link.h"
 #include "dataplane.h"
 #include "dirty.h"
+#include "counter.h"
 
 #define PAGE WIRE_PAGE_SIZE
 /* A placer looks at its stop every this many frames (see dst_place_loop). */
@@ -74,11 +75,10 @@ static void hist_add(hist_t *h, uint64_t ns)
         if (b >= HIST_BUCKETS)
             b = HIST_BUCKETS - 1;
     }
-    h->count++;
-    h->total_ns += ns;
-    if (ns > h->max_ns)
-        h->max_ns = ns;
-    h->buckets[b]++;
+    counter_add(&h->count, 1);
+    counter_add(&h->total_ns, ns);
+    counter_max(&h->max_ns, ns);
+    counter_add(&h->buckets[b], 1);
 }
 
 static uint64_t load(const uint64_t *p)
@@ -271,8 +271,8 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
             add(f.kind == WIRE_DISCARD ? &me->discarded : &me->replaced, f.count);
             if (f.kind == WIRE_DISCARD) {
                 rx->start += WIRE_FRAME_SIZE;
-                me->frames++;
-                me->bytes += WIRE_FRAME_SIZE;
+                counter_add(&me->frames, 1);
+                counter_add(&me->bytes, WIRE_FRAME_SIZE);
                 continue;
             }
         }
@@ -287,11 +287,11 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
         if (rc < 0)
             return rc;
         rx->start += WIRE_FRAME_SIZE + plen;
-        me->frames++;
-        me->bytes += WIRE_FRAME_SIZE + plen;
-        me->eexist += existed / PAGE;
+        counter_add(&me->frames, 1);
+        counter_add(&me->bytes, WIRE_FRAME_SIZE + plen);
+        counter_add(&me->eexist, existed / PAGE);
         if (f.kind == WIRE_ZEROS)
-            me->zero_pages += placed / PAGE;
+            counter_add(&me->zero_pages, placed / PAGE);
         add(&me->pages, placed / PAGE);
         if (replies) {
             /* What the source sends is its choice: answers count up to what
@@ -400,9 +400,9 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
         if (rc)
             return rc;
         hist_add(&st->to_send, mono_ns() - t_read); /* read, request built and sent */
-        st->faults += k;
-        st->requests++;
-        st->bytes += len;
+        counter_add(&st->faults, k);
+        counter_add(&st->requests, 1);
+        counter_add(&st->bytes, len);
     }
 }
 
@@ -535,7 +535,7 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
         }
         pending = 0;
         sent += (uint64_t)n;
-        st->bytes += (uint64_t)n;
+        counter_add(&st->bytes, (uint64_t)n);
         unchecked += (uint64_t)n;
         if (pace && pace->rate)
             pace->tokens -= (double)n;
@@ -556,7 +556,7 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
             l->cut = 1;
         return rc;
     }
-    st->frames += (uint64_t)q->frames;
+    counter_add(&st->frames, (uint64_t)q->frames);
     q->frames = q->iovs = 0;
     return 0;
 }
@@ -593,9 +593,9 @@ static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_
         if (!zero)
             q->iov[q->iovs++] = (struct iovec){ (void *)mem, n * PAGE };
         q->frames++;
-        st->pages += n;
+        counter_add(&st->pages, n);
         if (zero)
-            st->zero_pages += n;
+            counter_add(&st->zero_pages, n);
         p = q_end;
         if (q->frames == TXQ_FRAMES) {
             int rc = flush(q, l, pace, t_recv, stop_fd, idle_ms, st, why);
@@ -610,7 +610,7 @@ static void note_put(note_ring_t *r, struct wire_run run)
 {
     uint64_t head = r->head;
     if (head - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE) == NOTE_RING) {
-        r->dropped++;
+        counter_add(&r->dropped, 1);
         return;
     }
     r->runs[head % NOTE_RING] = run;
@@ -659,7 +659,7 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
         if ((rc = flush(&q, txl, NULL, t_recv, stop_fd, idle_ms, st, why)))
             return rc;
         hist_add(&st->held, mono_ns() - t_recv);
-        st->requests++;
+        counter_add(&st->requests, 1);
         for (uint32_t i = 0; i < f.count; i++)
             note_put(notes, runs[i]);
     }
@@ -704,7 +704,7 @@ int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, ui
             q.hdr[q.frames] = (struct wire_frame){ .kind = WIRE_DISCARD, .count = (uint32_t)k, .start = p };
             q.iov[q.iovs++] = (struct iovec){ &q.hdr[q.frames], WIRE_FRAME_SIZE };
             q.frames++;
-            st->discards += k;
+            counter_add(&st->discards, k);
             p += k;
             if (q.frames == TXQ_FRAMES && (rc = flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why)))
                 return rc;

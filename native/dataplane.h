@@ -37,7 +37,7 @@ typedef struct {
 } hist_t;
 
 /* One placing loop's counters (bulk placer, or reply placer): written by that
- * loop alone, read by anyone. */
+ * loop alone, read by anyone while it runs (native/counter.h says how). */
 typedef struct {
     uint64_t pages;      /* pages newly placed (a replaced page counts each time) */
     uint64_t zero_pages; /* of which as zero pages */
@@ -56,7 +56,7 @@ typedef struct {
     hist_t place;        /* replies: reply received -> pages placed */
 } place_stats_t;
 
-/* The fault reader's counters: written by it alone. */
+/* The fault reader's counters: written by it alone, read by anyone. */
 typedef struct {
     uint64_t faults;
     uint64_t requests;
@@ -116,7 +116,7 @@ typedef struct {
 /* Takes up to max notes; returns how many. */
 int notes_take(note_ring_t *r, struct wire_run *out, int max);
 
-/* What a sending loop sent: written by it alone. */
+/* What a sending loop sent: written by it alone, read by anyone. */
 typedef struct {
     uint64_t pages;
     uint64_t zero_pages;

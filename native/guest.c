@@ -12,6 +12,7 @@
 
 #include "wire.h"
 #include "guest.h"
+#include "counter.h"
 
 #define WORDS_PER_PAGE (WIRE_PAGE_SIZE / 8)
 #define ZERO_EXTENT_PAGES 32
@@ -155,12 +156,11 @@ static unsigned qemu_bucket_of(uint64_t ns)
 
 static void record_stall(stall_stats_t *s, uint64_t ns)
 {
-    s->count++;
-    s->total_ns += ns;
-    if (ns > s->max_ns)
-        s->max_ns = ns;
-    s->buckets[bucket_of(ns)]++;
-    s->qemu_dist[qemu_bucket_of(ns)]++;
+    counter_add(&s->count, 1);
+    counter_add(&s->total_ns, ns);
+    counter_max(&s->max_ns, ns);
+    counter_add(&s->buckets[bucket_of(ns)], 1);
+    counter_add(&s->qemu_dist[qemu_bucket_of(ns)], 1);
 }
 
 void gate_open(int *gate)
@@ -256,8 +256,8 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
                 if (v != switches) {
                     record_stall(stalls, ns);
                 } else {
-                    stalls->slow_other++;
-                    stalls->slow_other_ns += ns;
+                    counter_add(&stalls->slow_other, 1);
+                    counter_add(&stalls->slow_other_ns, ns);
                 }
                 switches = v;
             }
@@ -287,7 +287,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->steps = steps;
     st->acc = acc;
     __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
-    stalls->stopped_at_ns = wall_ns();
+    __atomic_store_n(&stalls->stopped_at_ns, wall_ns(), __ATOMIC_RELAXED);
     return 0;
 }
 

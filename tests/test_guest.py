@@ -107,3 +107,48 @@ def test_a_fault_served_late_is_one_stall_in_both_histograms() -> None:
     assert sum(n for _, n in summary.hist) == s.count
     uffd.close()
     g.close()
+
+
+def test_a_vcpu_that_outlives_its_guest_object_writes_only_its_own_memory() -> None:
+    """A vCPU asleep in a fault is never joined: a failing destination asks it to stop and exits, and
+    the interpreter then frees every object on its way out while that thread may still run (a gated
+    vCPU woken by the stop does run).  So its CPU state, stall counters and stop flag must not be
+    memory the garbage collector frees: here the Guest object goes away while its vCPU sleeps in a
+    fault, buffers of the same types take the freed memory's place, and the fault is then resolved.
+    The vCPU writes its state on its way out; before, that went into those buffers (glibc reuses a
+    freed chunk of the same size first; ASan: heap-use-after-free in vcpu_run)."""
+    import gc
+    from migrate._native import ffi, lib
+
+    spec = GuestSpec(pages=16, vcpus=1, workload=Workload.sequential)
+    uffd = Userfaultfd()
+    guest = Guest(spec, fill=False)
+    base, thread = guest.base, None
+    try:
+        uffd.register(base, spec.size)
+        guest.start()
+        thread = guest._threads[0]
+        deadline = time.monotonic() + 10
+        while not select.select([uffd.fd], [], [], 0.05)[0]:  # the vCPU sleeps in its first fault
+            assert time.monotonic() < deadline, "the vCPU never faulted"
+        guest.request_stop()
+        del guest
+        gc.collect()
+        pattern = b"\xa5" * ffi.sizeof("stall_stats_t")
+        decoys = [(ffi.new("vcpu_state_t[]", 1), ffi.new("stall_stats_t[]", 1), ffi.new("int[]", 1), ffi.new("int[]", 1))
+                  for _ in range(64)]
+        for decoy in decoys:
+            for buf in decoy:
+                ffi.memmove(buf, pattern, ffi.sizeof(buf))
+        uffd.zeropage(base, spec.size)  # wakes the vCPU: it sees its stop and returns
+        thread.join(10)
+        assert not thread.is_alive()
+        for decoy in decoys:
+            for buf in decoy:
+                assert bytes(ffi.buffer(buf)) == pattern[:ffi.sizeof(buf)], "a vCPU wrote into freed memory"
+    finally:
+        if thread is not None:
+            thread.join(10)
+        uffd.close()
+        if thread is None or not thread.is_alive():
+            lib.region_unmap(base, spec.size)

@@ -95,6 +95,34 @@ def test_every_field_of_every_control_kind_is_described_once() -> None:
     assert len({kind for kind, _, _ in codec.CONTROL.values()}) == len(codec.CONTROL)
 
 
+def test_every_header_reaches_the_c_check_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wire_check`` reads a ``struct wire_frame``, whose 8-byte fields C may only read 8-byte aligned
+    (UBSan: "member access within misaligned address"); in the receive buffer a header follows the
+    6-byte preamble, and frames of any length, so the Connection must hand C an aligned copy."""
+    seen: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(lib, name)
+
+        @staticmethod
+        def wire_check(f: object, *args: object) -> int:
+            seen.append(int(ffi.cast("uintptr_t", f)) % ffi.alignof("struct wire_frame"))
+            return lib.wire_check(f, *args)
+
+    from migrate.protocol import connection
+    monkeypatch.setattr(connection, "lib", Spy())
+    _, dst = pair()
+    new = p.Connection(p.Role.DESTINATION)
+    streams = [(new, hostile(p.Challenge(b"n" * 32), preamble=True)),  # right after the 6-byte preamble
+               (dst, hostile(p.ZeroRun(0, 1)) + hostile(p.Error("odd")) + hostile(p.Error("e")))]  # odd sizes
+    for conn, data in streams:
+        conn.receive_data(data)
+        while conn.next_event() is not p.NEED_DATA:
+            pass
+    assert len(seen) >= 4 and set(seen) == {0}
+
+
 def test_byte_by_byte_delivery_and_clean_close() -> None:
     src, dst = pair()
     data = wire(src, p.PageRun(0, 1, b"x" * PAGE)) + wire(src, p.SourceDone(1))

@@ -60,6 +60,10 @@ class Connection:
         self._data = ffi.new("uint8_t[]", cap)
         self.rx = ffi.new("rxbuf_t *", {"data": self._data, "cap": cap})
         self._why = ffi.new("char **")
+        # The header wire_check reads, copied out of the buffer: there it follows the 6-byte preamble
+        # and frames of any length, and C reads a struct wire_frame only where it is 8-byte aligned.
+        self._header = ffi.new("struct wire_frame *")
+        self._outgoing = ffi.new("struct wire_frame *")
 
     @property
     def state(self) -> State:
@@ -90,8 +94,9 @@ class Connection:
         """
         chunks = codec.encode(event)
         if isinstance(event, DATA_EVENTS):  # the check the peer's loop will make, made first
-            if lib.wire_check(ffi.from_buffer("struct wire_frame *", chunks[0]), self.conversation.guest_pages,
-                              self.conversation.mask(self.role), self._why) < 0:
+            ffi.memmove(self._outgoing, chunks[0], FRAME_SIZE)  # aligned, as _header
+            if lib.wire_check(self._outgoing, self.conversation.guest_pages, self.conversation.mask(self.role),
+                              self._why) < 0:
                 raise LocalProtocolError(ffi.string(self._why[0]).decode())
         self.conversation.sent(event)
         pre = self.preamble()
@@ -140,8 +145,8 @@ class Connection:
 
     def _check(self, at: int) -> int:
         """``wire_check`` of the header at ``at``: the payload's length, -ENOMSG or -EBADMSG."""
-        return lib.wire_check(ffi.cast("struct wire_frame *", self._data + at), self.conversation.guest_pages,
-                              self.accepts, self._why)
+        ffi.memmove(self._header, self._data + at, FRAME_SIZE)
+        return lib.wire_check(self._header, self.conversation.guest_pages, self.accepts, self._why)
 
     def _rest_of_frame(self) -> int:
         """Bytes still missing from the frame being received, when its header is in; else 0."""
@@ -189,9 +194,7 @@ class Connection:
             raise ProtocolViolation(why) if plen == -errno.ENOMSG else RemoteProtocolError(why)
         if rx.end - rx.start < FRAME_SIZE + plen:
             return self._need_data()
-        f = ffi.new("struct wire_frame *")
-        ffi.memmove(f, self._data + rx.start, FRAME_SIZE)
-        event = codec.decode(f, self._view(rx.start + FRAME_SIZE, plen), self.conversation.guest_pages, self._why)
+        event = codec.decode(self._header, self._view(rx.start + FRAME_SIZE, plen), self.conversation.guest_pages, self._why)
         self.conversation.received(event)
         rx.start += FRAME_SIZE + plen
         return event
