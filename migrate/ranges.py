@@ -103,13 +103,16 @@ class Remaining:
             cursor = start + n
         return runs
 
-    def discard(self, start: int, count: int) -> None:
-        """Removes [start, start+count) wherever it overlaps what is left."""
+    def discard(self, start: int, count: int) -> int:
+        """Removes [start, start+count) wherever it overlaps what is left; returns the pages removed."""
         end = start + count
+        removed = 0
         i = bisect.bisect_right(self._ends, start)
         while i < len(self._starts) and self._starts[i] < end:
             s, e = self._starts[i], self._ends[i]
+            removed += min(e, end) - max(s, start)
             pieces = [(a, b) for a, b in ((s, start), (end, e)) if a < b]
             self._starts[i : i + 1] = [a for a, _ in pieces]
             self._ends[i : i + 1] = [b for _, b in pieces]
             i += len(pieces)
+        return removed

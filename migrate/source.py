@@ -277,6 +277,7 @@ class Source:
         self.final: Runs | None = None  # what the switchover discards or copies: final_last and pending
         self.first = Remaining([])  # working-set order: what the postcopy stream sends before the rest
         self.first_cursor = 0
+        self.left_the_stream = 0  # pages this stream did not send, as the request server had sent them
         self.cpu_state: p.CpuState | None = None
         self._switch_confirmed = False  # the destination said its vCPUs run (Resume.started)
         self._ws_before: Runs | None = None  # postcopy, working-set order: written in the stretch before the last
@@ -837,7 +838,7 @@ class Source:
         while n := lib.notes_take(self.notes, self._note_buf, lib.NOTE_RING):
             for i in range(n):
                 start, count = self._note_buf[i].start, self._note_buf[i].count
-                self.remaining.discard(start, count)
+                self.left_the_stream += self.remaining.discard(start, count)
                 self.first.discard(start, count)
                 self.policy.fault(start, count)
             # In working-set order the stream goes on through the set from just after the last
@@ -873,7 +874,7 @@ class Source:
         assert self.guest is not None
         t0 = time.monotonic()
         st = self.stream_stats
-        sent_before = st.pages
+        sent_before, self.left_the_stream = st.pages, 0
         while True:
             self._take_notes()
             runs = self._next_window()
@@ -887,7 +888,8 @@ class Source:
             self.progress.update(f"sent {done}/{self.spec.pages} pages ({100 * min(done, self.spec.pages) / self.spec.pages:.0f}%), "
                                  f"{mbps:.0f} MB/s, {self.serve_stats.requests} requests")
         await bulk.send(p.SourceDone(st.pages - sent_before))
-        log.info("stream complete: %d pages in %.2f s", st.pages - sent_before, time.monotonic() - t0)
+        log.info("stream complete: %d pages in %.2f s; %d more had gone on request", st.pages - sent_before,
+                 time.monotonic() - t0, self.left_the_stream)
         # Everything is on its way, but a slow link may still carry megabytes of it: silence is
         # counted from when the destination's kernel acknowledged the last byte, not from now.
         await _drained(bulk, self.cfg.link_timeout)

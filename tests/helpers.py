@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from migrate.uffd import Userfaultfd
 from migrate.wire import TlsConfig, format_address
 
 BIN = Path(sys.executable).parent
+# A source that has not said where it listens after this long has hung (it takes well under 1 s).
+READY_S = 30
 # Lines tests want shown at the end of the run (e.g. how many races the kernel absorbed).
 REPORT: list[str] = []
 # What a verifying destination runs with in the end-to-end tests.
@@ -80,6 +83,17 @@ def deliver(sender: p.Connection, receiver: p.Connection, event: p.Event) -> p.E
 def hostile(event: p.Event, preamble: bool = False) -> bytes:
     """``event``'s bytes as a peer that ignores the protocol's order sends them (our Connection would refuse)."""
     return (codec.preamble() if preamble else b"") + b"".join(bytes(c) for c in codec.encode(event))
+
+
+def run_a_while(guest: Guest, steps_each: int = 20_000, within: float = 30) -> None:
+    """Starts ``guest`` and stops it once every vCPU has made ``steps_each`` steps: a stop that lands
+    mid-run, whatever the machine's speed (a fixed sleep may end before a vCPU on a loaded machine ran)."""
+    guest.start()
+    deadline = time.monotonic() + within
+    while min(guest.live_steps_each()) < steps_each:
+        assert time.monotonic() < deadline, f"vCPUs made {guest.live_steps_each()} steps in {within} s"
+        time.sleep(0.001)
+    guest.stop()
 
 
 async def drip(sock: socket.socket, data: bytes, every: float) -> None:
@@ -246,9 +260,10 @@ async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = N
              "--metrics", str(tmp / "src.json"), *args],
             stdout=subprocess.DEVNULL, stderr=err)
     _STARTED.append(proc)
-    while not (ready.exists() and ready.read_text().strip()):
-        assert proc.poll() is None, (tmp / "src.err").read_text()
-        await trio.sleep(0.05)
+    with trio.fail_after(READY_S):
+        while not (ready.exists() and ready.read_text().strip()):
+            assert proc.poll() is None, (tmp / "src.err").read_text()
+            await trio.sleep(0.05)
     return proc, int(ready.read_text().strip().rpartition(":")[2])  # HOST:PORT, [::1]:PORT too
 
 

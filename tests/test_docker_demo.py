@@ -28,6 +28,7 @@ def _tail(text: str, lines: int = 60) -> str:
 
 
 @pytest.mark.docker
+@pytest.mark.timeout(TIMEOUT_S + 60)  # its own bound below names what hung
 @pytest.mark.parametrize("tls", ["0", "1"], ids=["plaintext", "tls"])
 def test_docker_demo_migrates_and_verifies(tls: str) -> None:
     env = dict(os.environ, TLS=tls)

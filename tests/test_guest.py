@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from helpers import run_a_while
 from migrate.errors import UsageError
 from migrate.guest import Guest, GuestSpec, Workload, replay
 from migrate.uffd import PAGE_SIZE, Userfaultfd
@@ -16,9 +17,7 @@ from migrate.uffd import PAGE_SIZE, Userfaultfd
 def test_replay_digest_equals_live_run(workload: Workload) -> None:
     spec = GuestSpec(pages=2048, vcpus=3, workload=workload, seed=7)
     g = Guest(spec, fill=True)
-    g.start()
-    time.sleep(0.05)
-    g.stop()
+    run_a_while(g)
     steps = g.steps()
     assert all(s > 0 for s in steps)
     assert replay(spec, steps) == (g.digest(), g.export_state())

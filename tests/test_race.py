@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from helpers import REPORT
+from helpers import REPORT, run_a_while
 
 from migrate._native import ffi
 from migrate.guest import Guest, GuestSpec, Workload, replay
@@ -25,9 +25,7 @@ WATCHDOG_S = 60
 
 def migrate_in_process(spec: GuestSpec, extra_steps: int, chunk_pages: int) -> dict[str, int]:
     src = Guest(spec, fill=True)
-    src.start()
-    time.sleep(0.05)
-    src.stop()
+    run_a_while(src)
     dst = Guest(spec, fill=False)
     uffd = Userfaultfd()
     uffd.register(dst.base, spec.size)

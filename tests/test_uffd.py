@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -72,10 +74,9 @@ def test_batch_read_returns_every_faulting_thread(region) -> None:
     for t in threads:
         t.start()
     faults: list[tuple[int, int]] = []
-    import select
-
-    while len(faults) < 3:
-        select.select([uffd.fd], [], [], 5)
+    deadline = time.monotonic() + 10
+    while len(faults) < 3 and time.monotonic() < deadline:
+        select.select([uffd.fd], [], [], 1)
         faults += uffd.read_faults()
     assert sorted((a - base) // PAGE_SIZE for a, _ in faults) == [3, 7, 11]
     assert all(tid > 0 for _, tid in faults)
