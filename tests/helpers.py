@@ -333,12 +333,21 @@ async def thread_cpu_seconds(pid: int, tid: int, over: float) -> float:
 async def run_destination(tmp: Path, port: int, args: list[str], host: str = "127.0.0.1",
                           wrapper: list[str] | None = None) -> tuple[int, str, dict]:
     """Runs migrate-dst against host:port to its end: (exit code, stderr, metrics); ``wrapper`` as
-    ``start_source`` takes it."""
+    ``start_source`` takes it.
+
+    Every migration the tests run is proven: ``--verify`` is added when ``args`` lack it, and a
+    destination that exits 0 must have verified its guest by replay.
+    """
     metrics = tmp / "dst.json"
     metrics.unlink(missing_ok=True)
+    verify = [] if "--verify" in args else ["--verify"]
     proc = await trio.run_process([*(wrapper or []), str(BIN / "migrate-dst"), "--connect", format_address(host, port),
-                                   "--metrics", str(metrics), *args], check=False, capture_stderr=True)
-    return proc.returncode, proc.stderr.decode(), json.loads(metrics.read_text()) if metrics.exists() else {}
+                                   "--metrics", str(metrics), *verify, *args], check=False, capture_stderr=True)
+    err = proc.stderr.decode()
+    raw = json.loads(metrics.read_text()) if metrics.exists() else {}
+    if proc.returncode == 0:
+        assert raw.get("verified") is True, f"a destination ended well but its guest was not verified:\n{err}"
+    return proc.returncode, err, raw
 
 
 async def migrate(tmp: Path, src_args: list[str], dst_args: tuple[str, ...] | list[str] = (),

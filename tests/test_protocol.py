@@ -356,15 +356,34 @@ def test_a_new_session_is_opened_on_the_bulk_connection_only() -> None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=600), st.sampled_from(list(p.Role)))
-def test_fuzz_garbage_never_crashes(data: bytes, role: p.Role) -> None:
+@given(st.binary(max_size=600), st.sampled_from(list(p.Role)), st.booleans())
+def test_fuzz_garbage_is_refused_or_a_move_of_the_table(data: bytes, role: p.Role, closes: bool) -> None:
+    """Bytes from a hostile peer after a valid preamble: each event accepted is a move of the table from
+    the state the connection was in; anything else is a RemoteProtocolError, after which the connection
+    is broken for good (the same error again); a close in the middle of a frame
+    is an error, a close between frames is CLOSED."""
     conn = p.Connection(role)
     conn.receive_data(struct.pack(">4sH", p.MAGIC, p.VERSION) + data)
-    try:
-        while conn.next_event() is not p.NEED_DATA:
-            pass
-    except RemoteProtocolError:
-        pass
+    if closes:
+        conn.receive_data(b"")
+    peer = D if role is S else S
+    while True:
+        before = conn.state
+        try:
+            event = conn.next_event()
+        except RemoteProtocolError as exc:
+            assert str(exc)
+            with pytest.raises(RemoteProtocolError) as again:
+                conn.next_event()
+            assert again.value is exc
+            return
+        if event is p.NEED_DATA:
+            assert not closes
+            return
+        if event is p.CLOSED:
+            assert closes
+            return
+        assert isinstance(event, p.Error) or (peer, p.state.label(event, conn.conversation.guest)) in p.TABLE[before][1]
 
 
 STATES = [p.State.DESCRIBING, p.State.AWAITING_CPU, p.State.BETWEEN_ROUNDS, p.State.ROUND, p.State.FINAL_ROUND,
