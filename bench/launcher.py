@@ -1,6 +1,6 @@
 """What the thin scripts in scripts/ (bench, bench-modes, bench-links) share: run a bench module's main().
 
-A bench replays guests and imports the project (``migrate.benchlib``, which
+A bench replays guests and imports the project (``bench/benchlib.py``, which
 reads the page size from the native module), so it runs under the venv where
 uffd-migrate is installed: ``--python``'s interpreter when given, else
 ``.venv/bin/python``.  A script calls::

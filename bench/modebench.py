@@ -22,7 +22,7 @@ bench/modes.json.  It reports, it never asserts.
 
 This module runs the migrations and prints (scripts/bench-modes starts it
 through bench/launcher.py, under the venv); the figures, medians and targets
-are migrate/benchlib.py's, tested by tests/test_bench.py.
+are bench/benchlib.py's, tested by tests/test_bench.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-from migrate import benchlib as bl  # noqa: E402  (this checkout's, whichever venv runs the bench)
+import benchlib as bl  # noqa: E402  (bench/, beside this file)
 
 RESULTS = HERE / "modes.json"
 MODES = ("postcopy", "hybrid", "precopy")

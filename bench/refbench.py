@@ -17,7 +17,7 @@ only when something crashed or a migration failed its verification.
 
 This module runs things (scripts/bench starts it through bench/launcher.py,
 under the venv); the arithmetic (medians, paired ratios, the rows, the
-targets) is migrate/benchlib.py and the text it prints bench/refreport.py,
+targets) is bench/benchlib.py and the text it prints bench/refreport.py,
 both tested by tests/test_bench.py.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import IO
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-from migrate import benchlib as bl  # noqa: E402  (this checkout's, whichever venv runs the bench)
+import benchlib as bl  # noqa: E402  (bench/, beside this file)
 
 import refreport  # noqa: E402
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from migrate import benchlib as bl
-from migrate.benchlib import fmt
+import benchlib as bl
+from benchlib import fmt
 
 MET = {True: "met", False: "NOT MET", None: "n/a"}
 

@@ -1,11 +1,11 @@
-"""The bench's arithmetic (migrate/benchlib.py): medians, paired ratios, per-run figures, targets.
+"""The bench's arithmetic (bench/benchlib.py): medians, paired ratios, per-run figures, targets.
 
 No process is started: the inputs are metrics shaped like the commands' and the C references' JSON.
 """
 
 import pytest
 
-from migrate import benchlib as bl
+import benchlib as bl
 
 
 def _hop(p50: float, p99: float, total_ms: float, count: int = 10) -> dict:

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .protocol import PAGE_SIZE
+from migrate.protocol import PAGE_SIZE
 
 # The hops of the urgent path, in the order a request crosses them: the keys
 # of the destination's ``hops_us``.  Its ``fault_service_us`` is the sum of the
