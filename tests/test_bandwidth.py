@@ -1,7 +1,9 @@
-"""--max-bandwidth: the rate's forms, its usage errors, and a capped stream that takes as long as it should.
+"""--max-bandwidth and the urgent path: the rate's forms, its usage errors, a capped stream that holds
+the cap to 1% in every second on the wire, pages a vCPU waits for that are neither capped nor queued
+behind the stream, and the DSCP mark on the real request and reply connections.
 
-The precise figure (within 5% over any 1 s window) is measured by scripts/bench-links; here the
-tolerance is wide, as this machine is shared.
+What reaches the wire is read from a packet capture on lo (tests/capture.py), not from the source's
+own counters. A loaded machine may send less than the cap (that is no violation); more is.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from helpers import REPORT, migrate
+from capture import LoopbackCapture, Packet
+from helpers import REPORT, assert_migrated, channel_ports, migrate, run_destination, start_source
 from migrate.cli import parse_rate
+from migrate.source import MIN_WINDOW_PAGES, WINDOW_PAGES, WINDOW_S
 from migrate.wire import URGENT_PRIORITY, URGENT_TOS, mark_urgent
 
 
@@ -77,3 +81,49 @@ async def test_the_cap_holds_precopy_rounds_too(tmp_path: Path) -> None:
     assert result.dst_metrics.verified is True
     first = s.rounds[0]
     assert first.pages == 16384 and 1.0 <= first.seconds <= 2.5, first
+
+
+def busiest_second(packets: list[Packet]) -> tuple[int, float]:
+    """The most payload bytes in any one-second window [t, t + 1 s) that starts at a packet and ends by
+    the last one (the stream is on throughout; a window running past its end would flatter it), and
+    how long the packets span.  The busiest window starts at some packet, so these are all it needs."""
+    end = packets[-1].t
+    best, total, j = 0, 0, 0
+    for i, first in enumerate(packets):
+        if first.t + 1.0 > end:
+            break
+        while j < len(packets) and packets[j].t < first.t + 1.0:
+            total += packets[j].payload
+            j += 1
+        best = max(best, total)
+        total -= first.payload
+    return best, end - packets[0].t
+
+
+@pytest.mark.parametrize("cap,mib", [(2_000_000, 6), (40_000_000, 96)], ids=["2MB/s", "40MB/s"])
+async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: Path, cap: int, mib: int) -> None:
+    """README: the stream holds the cap "to within 1% over every second".  The stream's payload on the
+    bulk connection, as captured on lo, over every full one-second window of the stream (about 3 s at
+    the cap), is at most 1.01 x the cap.  No extra slack: the token bucket sends at most rate x T +
+    its depth + one send over any T, and both are a fraction of 1% of a second at the cap (5 ms and
+    0.5 ms); at a small cap too (2 MB/s), where a fixed floor under them once made the first second
+    7% over."""
+    with trio.fail_after(40):
+        src, port = await start_source(tmp_path, [
+            "--guest-mib", str(mib), "--zero-fraction", "0", "--workload", "readmostly", "--rate", "1",
+            "--max-bandwidth", str(cap), "--run-before", "0.2"])
+        with LoopbackCapture(port) as capture:
+            rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0.1"])
+            src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0 and src_rc == 0, err + src_err
+    assert raw["verified"] is True
+    assert capture.drops == 0, "the capture fell behind: its verdict would miss packets"
+    bulk = channel_ports(src_err)["bulk"]
+    stream = [pkt for pkt in capture.between(port, bulk) if pkt.sport == port and pkt.payload]
+    assert sum(pkt.payload for pkt in stream) >= 0.9 * (mib << 20)  # the guest crossed here (a few pages on request)
+    worst, span = busiest_second(stream)
+    REPORT.append(f"cap {cap / 1e6:g} MB/s, {mib} MiB on the wire: busiest 1 s window {worst / cap:.4f} of the cap "
+                  f"over {span:.2f} s of stream")
+    assert span >= 1.5, f"the stream lasted {span:.2f} s: too few full one-second windows to judge"
+    assert worst <= cap * 1.01, f"a one-second window carried {worst} bytes, {worst / cap:.4f} of the cap"
