@@ -83,31 +83,29 @@ async def test_the_cap_holds_precopy_rounds_too(tmp_path: Path) -> None:
     assert first.pages == 16384 and 1.0 <= first.seconds <= 2.5, first
 
 
-def busiest_second(packets: list[Packet]) -> tuple[int, float]:
-    """The most payload bytes in any one-second window [t, t + 1 s) that starts at a packet and ends by
-    the last one (the stream is on throughout; a window running past its end would flatter it), and
-    how long the packets span.  The busiest window starts at some packet, so these are all it needs."""
-    end = packets[-1].t
+def busiest_second(packets: list[Packet]) -> int:
+    """The most payload bytes in any one-second window [t, t + 1 s) of the packets.  The busiest window
+    starts at some packet, so those are the only starts it tries; one that runs past the last packet
+    holds what it holds (never more than a full window)."""
     best, total, j = 0, 0, 0
-    for i, first in enumerate(packets):
-        if first.t + 1.0 > end:
-            break
+    for first in packets:
         while j < len(packets) and packets[j].t < first.t + 1.0:
             total += packets[j].payload
             j += 1
         best = max(best, total)
         total -= first.payload
-    return best, end - packets[0].t
+    return best
 
 
 @pytest.mark.parametrize("cap,mib", [(2_000_000, 6), (40_000_000, 96)], ids=["2MB/s", "40MB/s"])
 async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: Path, cap: int, mib: int) -> None:
     """README: the stream holds the cap "to within 1% over every second".  The stream's payload on the
-    bulk connection, as captured on lo, over every full one-second window of the stream (about 3 s at
-    the cap), is at most 1.01 x the cap.  No extra slack: the token bucket sends at most rate x T +
-    its depth + one send over any T, and both are a fraction of 1% of a second at the cap (5 ms and
-    0.5 ms); at a small cap too (2 MB/s), where a fixed floor under them once made the first second
-    7% over."""
+    bulk connection, as captured on lo, in every one-second window of the stream (about 2.5-3 s at
+    the cap) is at most 1.01 x the cap.  No extra slack: the token bucket sends at most rate x T + its
+    depth + one send over any T, together 0.55% of a second at the cap (5 ms and 0.5 ms), which
+    leaves the rest of the 1% for the wire's own jitter (a receiver that stalls longer than its
+    window holds makes TCP send the backlog late, at once); at a small cap (2 MB/s) too, where a
+    fixed floor under them once made the first second 7% over."""
     with trio.fail_after(40):
         src, port = await start_source(tmp_path, [
             "--guest-mib", str(mib), "--zero-fraction", "0", "--workload", "readmostly", "--rate", "1",
@@ -122,8 +120,8 @@ async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: 
     bulk = channel_ports(src_err)["bulk"]
     stream = [pkt for pkt in capture.between(port, bulk) if pkt.sport == port and pkt.payload]
     assert sum(pkt.payload for pkt in stream) >= 0.9 * (mib << 20)  # the guest crossed here (a few pages on request)
-    worst, span = busiest_second(stream)
+    worst, span = busiest_second(stream), stream[-1].t - stream[0].t
     REPORT.append(f"cap {cap / 1e6:g} MB/s, {mib} MiB on the wire: busiest 1 s window {worst / cap:.4f} of the cap "
                   f"over {span:.2f} s of stream")
-    assert span >= 1.5, f"the stream lasted {span:.2f} s: too few full one-second windows to judge"
     assert worst <= cap * 1.01, f"a one-second window carried {worst} bytes, {worst / cap:.4f} of the cap"
+    assert span >= 1.5, f"the stream lasted {span:.2f} s: too few full one-second windows to judge"
