@@ -150,3 +150,48 @@ async def test_pages_a_vcpu_waits_for_are_neither_capped_nor_queued_behind_the_s
     assert m.bytes_urgent >= (16 << 20), "the guest should fault for most of its memory: the test has no power"
     assert all(there > here for there, here in zip(m.vcpu_steps_at_placed, s.vcpu_steps)), \
         (m.vcpu_steps_at_placed, s.vcpu_steps)
+
+
+def dscp(pkt: Packet) -> int:
+    """The packet's DSCP: its TOS or traffic class without the two ECN bits."""
+    return pkt.tos >> 2
+
+
+@pytest.mark.parametrize("listen,host", [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "::1")], ids=["IPv4", "IPv6"])
+async def test_the_real_request_and_reply_connections_carry_dscp_ef_and_the_stream_does_not(
+        tmp_path: Path, listen: str, host: str) -> None:
+    """README: "the requests and replies connections are marked DSCP EF".  The packets of a real
+    migration, captured on lo: every request the destination sends and every page the source sends on
+    request is marked EF, and so is every packet after each side marked its end (each marks its socket
+    once the connection is up: a SYN, a SYN-ACK and the source's Challenge and Welcome go before);
+    no packet of the bulk connection is, either way."""
+    with trio.fail_after(30):
+        # A stream slower than the faults: the guest asks for most of its pages, as on a slow link.
+        src, port = await start_source(tmp_path, ["--guest-mib", "16", "--zero-fraction", "0", "--workload", "uniform",
+                                                  "--max-bandwidth", "10M", "--run-before", "0.2"], listen=listen)
+        with LoopbackCapture(port) as capture:
+            rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0.1"], host=host)
+            src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert rc == 0 and src_rc == 0, err + src_err
+    assert raw["verified"] is True
+    assert capture.drops == 0, "the capture fell behind: its verdict would miss packets"
+    ports = channel_ports(src_err)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    conns = {name: capture.between(port, ports[name]) for name in ports}
+    assert all(pkt.family == family for pkts in conns.values() for pkt in pkts)
+    ef = URGENT_TOS >> 2
+    requests = [pkt for pkt in conns["requests"] if pkt.sport == ports["requests"] and pkt.payload]
+    replies = [pkt for pkt in conns["replies"] if pkt.sport == port and pkt.payload][2:]  # after Challenge, Welcome
+    REPORT.append(f"DSCP over {'IPv6' if family == socket.AF_INET6 else 'IPv4'}: {len(requests)} request and "
+                  f"{len(replies)} reply packets EF; {len(conns['bulk'])} bulk packets unmarked")
+    assert len(requests) >= 100 and len(replies) >= 100, "the guest should fault: the test has no power"
+    assert [dscp(pkt) for pkt in requests] == [ef] * len(requests), "a request left unmarked"
+    assert [dscp(pkt) for pkt in replies] == [ef] * len(replies), "a reply left unmarked"
+    for name in ("requests", "replies"):
+        for sport in (port, ports[name]):
+            way = [dscp(pkt) for pkt in conns[name] if pkt.sport == sport]
+            assert ef in way, f"{name}: nothing from port {sport} was marked"
+            marked = way[way.index(ef):]
+            assert marked == [ef] * len(marked), f"{name}: port {sport} sent unmarked packets after marked ones"
+    assert conns["bulk"] and ef not in {dscp(pkt) for pkt in conns["bulk"]}, "the bulk stream is marked urgent"
