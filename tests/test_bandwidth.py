@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from capture import LoopbackCapture, Packet
-from helpers import REPORT, assert_migrated, channel_ports, migrate, run_destination, start_source
+from helpers import REPORT, Pki, assert_migrated, channel_ports, migrate, run_destination, start_source
 from migrate.cli import parse_rate
 from migrate.protocol import PAGE_SIZE
 from migrate.wire import URGENT_PRIORITY, URGENT_TOS, mark_urgent
@@ -97,8 +97,10 @@ def busiest_second(packets: list[Packet]) -> int:
     return best
 
 
-@pytest.mark.parametrize("cap,mib", [(2_000_000, 6), (40_000_000, 96)], ids=["2MB/s", "40MB/s"])
-async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: Path, cap: int, mib: int) -> None:
+@pytest.mark.parametrize("cap,mib,tls", [(2_000_000, 6, False), (40_000_000, 96, False), (2_000_000, 6, True)],
+                         ids=["2MB/s", "40MB/s", "2MB/s-TLS"])
+async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: Path, cap: int, mib: int,
+                                                                       tls: bool) -> None:
     """README: the stream holds the cap "to within 1% over every second".  The stream's payload on the
     bulk connection, as captured on lo, in every one-second window of the stream (about 2.5-3 s at
     the cap) is at most 1.01 x the cap.  No extra slack: the token bucket sends at most rate x T + its
@@ -106,12 +108,14 @@ async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: 
     leaves the rest of the 1% for the wire's own jitter (a receiver that stalls longer than its
     window holds makes TCP send the backlog late, at once); at a small cap (2 MB/s) too, where a
     fixed floor under them once made the first second 7% over."""
+    pki = Pki(tmp_path / "pki") if tls else None
     with trio.fail_after(40):
         src, port = await start_source(tmp_path, [
             "--guest-mib", str(mib), "--zero-fraction", "0", "--workload", "readmostly", "--rate", "1",
-            "--max-bandwidth", str(cap), "--run-before", "0.2"])
+            "--max-bandwidth", str(cap), "--run-before", "0.2", *(pki.args("src") if pki else [])])
         with LoopbackCapture(port) as capture:
-            rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0.1"])
+            rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0.1",
+                                                                  *(pki.args("dst") if pki else [])])
             src_rc = await src.wait()
     src_err = (tmp_path / "src.err").read_text()
     assert rc == 0 and src_rc == 0, err + src_err
@@ -121,7 +125,7 @@ async def test_the_cap_holds_to_1_percent_in_every_second_on_the_wire(tmp_path: 
     stream = [pkt for pkt in capture.between(port, bulk) if pkt.sport == port and pkt.payload]
     assert sum(pkt.payload for pkt in stream) >= 0.9 * (mib << 20)  # the guest crossed here (a few pages on request)
     worst, span = busiest_second(stream), stream[-1].t - stream[0].t
-    REPORT.append(f"cap {cap / 1e6:g} MB/s, {mib} MiB on the wire: busiest 1 s window {worst / cap:.4f} of the cap "
+    REPORT.append(f"cap {cap / 1e6:g} MB/s{' TLS' if tls else ''}, {mib} MiB on the wire: busiest 1 s window {worst / cap:.4f} of the cap "
                   f"over {span:.2f} s of stream")
     assert worst <= cap * 1.01, f"a one-second window carried {worst} bytes, {worst / cap:.4f} of the cap"
     assert span >= 1.5, f"the stream lasted {span:.2f} s: too few full one-second windows to judge"
