@@ -60,7 +60,7 @@ def _program(port: int) -> list[tuple[int, int, int, int]]:
 
     Written with labels; jumps are resolved to the relative offsets cBPF wants.
     """
-    code: list[tuple[int, str | None, str | None, int] | str] = [
+    code: list[tuple[int, str | None, str | None, int | str] | str] = [
         (_LD | _W | _ABS, None, None, SKF_AD_PKTTYPE), (_JMP | _JEQ | _K, None, "drop", PACKET_OUTGOING),
         (_LD | _B | _ABS, None, None, 0), (_ALU | _RSH | _K, None, None, 4),  # A = IP version
         (_JMP | _JEQ | _K, None, "v6", 4),
