@@ -139,7 +139,8 @@ int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link
  * alone and handed to every src_send_runs() call, so the budget carries over
  * from one window to the next (and the pause between two windows, while
  * Python picks the next one, is made up for, up to the bucket's depth).  The
- * request server never has one: replies are never capped.  Tokens are bytes;
+ * request server never has one: replies are never capped.  Tokens are bytes
+ * on the wire (a TLS send also pays its record's overhead);
  * they accrue at rate, up to burst, and a send of at most quantum bytes is let
  * through while they are positive, then charged what it sent, so over any
  * stretch the stream sends at most rate * time + burst + quantum bytes, and

@@ -46,7 +46,11 @@ def no_source_left_behind():
     yield
     while _STARTED:
         proc = _STARTED.pop()
-        if proc.poll() is None:
+        try:
+            running = proc.poll() is None
+        except RuntimeError:  # it ended, and trio, whose run is over, could not close its pidfd
+            running = False
+        if running:
             proc.kill()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -246,10 +247,11 @@ async def destination_against(fake_source) -> tuple[int, str]:  # noqa: ANN001 -
 
 
 async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = None,
-                       listen: str = "127.0.0.1:0") -> tuple[trio.Process, int]:
+                       listen: str = "127.0.0.1:0", env: dict[str, str] | None = None) -> tuple[trio.Process, int]:
     """Starts migrate-src on 127.0.0.1 (stderr to tmp/src.err, metrics to tmp/src.json); returns it and its port.
 
-    ``wrapper`` goes before the command, e.g. ``["prlimit", "--nofile=64:64"]``.
+    ``wrapper`` goes before the command, e.g. ``["prlimit", "--nofile=64:64"]``; ``env`` is its whole
+    environment (None: this process's).
     """
     ready = tmp / "ready"
     for f in (ready, tmp / "src.json"):
@@ -258,13 +260,27 @@ async def start_source(tmp: Path, args: list[str], wrapper: list[str] | None = N
         proc = await trio.lowlevel.open_process(
             [*(wrapper or []), str(BIN / "migrate-src"), "--listen", listen, "--ready-file", str(ready),
              "--metrics", str(tmp / "src.json"), *args],
-            stdout=subprocess.DEVNULL, stderr=err)
+            stdout=subprocess.DEVNULL, stderr=err, env=env)
     _STARTED.append(proc)
     with trio.fail_after(READY_S):
         while not (ready.exists() and ready.read_text().strip()):
             assert proc.poll() is None, (tmp / "src.err").read_text()
             await trio.sleep(0.05)
     return proc, int(ready.read_text().strip().rpartition(":")[2])  # HOST:PORT, [::1]:PORT too
+
+
+# The source's log line for each connection a destination opens: its address (the destination's
+# port) and which channel it is.
+_CHANNEL_UP = re.compile(r"destination (?:\[[0-9a-fA-F:.]+\]|[0-9.]+):(\d+): (bulk|requests|replies) channel up")
+
+
+def channel_ports(src_err: str) -> dict[str, int]:
+    """The destination's port of each channel, from the source's log (one session, no reconnection:
+    each channel came up once)."""
+    found = _CHANNEL_UP.findall(src_err)
+    ports = {channel: int(port) for port, channel in found}
+    assert len(found) == len(ports) == 3, src_err
+    return ports
 
 
 class Pki:
@@ -331,9 +347,9 @@ async def thread_cpu_seconds(pid: int, tid: int, over: float) -> float:
 
 
 async def run_destination(tmp: Path, port: int, args: list[str], host: str = "127.0.0.1",
-                          wrapper: list[str] | None = None) -> tuple[int, str, dict]:
-    """Runs migrate-dst against host:port to its end: (exit code, stderr, metrics); ``wrapper`` as
-    ``start_source`` takes it.
+                          wrapper: list[str] | None = None, env: dict[str, str] | None = None) -> tuple[int, str, dict]:
+    """Runs migrate-dst against host:port to its end: (exit code, stderr, metrics); ``wrapper`` and
+    ``env`` as ``start_source`` takes them.
 
     Every migration the tests run is proven: ``--verify`` is added when ``args`` lack it, and a
     destination that exits 0 must have verified its guest by replay.
@@ -342,7 +358,7 @@ async def run_destination(tmp: Path, port: int, args: list[str], host: str = "12
     metrics.unlink(missing_ok=True)
     verify = [] if "--verify" in args else ["--verify"]
     proc = await trio.run_process([*(wrapper or []), str(BIN / "migrate-dst"), "--connect", format_address(host, port),
-                                   "--metrics", str(metrics), *verify, *args], check=False, capture_stderr=True)
+                                   "--metrics", str(metrics), *verify, *args], check=False, capture_stderr=True, env=env)
     err = proc.stderr.decode()
     raw = json.loads(metrics.read_text()) if metrics.exists() else {}
     if proc.returncode == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -15,6 +16,7 @@ import trio
 
 from helpers import REPORT, destination_against, hostile, migrate, run_destination, send_raw, start_source
 from migrate import protocol as p
+from migrate.cli import KEY_ENV
 from migrate.errors import PeerError
 from migrate.stats import DestinationStats, SourceStats
 from migrate.wire import FrameSocket
@@ -170,6 +172,31 @@ async def test_hostile_clients_and_wrong_key_are_rejected_then_a_real_destinatio
     assert rejected >= 26
     REPORT.append(f"hostile: {rejected} connections rejected (garbage, oversize lengths, bad magic, slow drip, "
                   "wrong key), then the keyed destination migrated and verified")
+
+
+async def test_the_key_in_the_environment_is_the_key_on_both_sides(tmp_path: Path) -> None:
+    """README: "--key-file (or $MIGRATE_KEY) on both sides".  A source keyed only by $MIGRATE_KEY refuses
+    a destination without a key (so the source reads it) and one whose $MIGRATE_KEY differs, each in one
+    line, and keeps serving; then a destination keyed only by the same $MIGRATE_KEY migrates and
+    verifies (so the destination reads it)."""
+    bare = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    keyed = {**bare, KEY_ENV: "correct horse battery staple"}
+    with trio.fail_after(60):
+        src, port = await start_source(tmp_path, ["--guest-mib", "16", "--run-before", "0.2"], env=keyed)
+        for env, which in ((bare, "no key"), ({**bare, KEY_ENV: "something else"}, "another key")):
+            rc, err, _ = await run_destination(tmp_path, port, ["--verify"], env=env)
+            lines = err.strip().splitlines()
+            assert rc == 1 and len(lines) == 1, f"a destination with {which} was not refused in one line: {err}"
+            assert lines[0].startswith("migrate-dst: error: ") and "the destination does not know the key" in lines[0]
+            assert src.poll() is None, (tmp_path / "src.err").read_text()
+        rc, err, raw = await run_destination(tmp_path, port, ["--verify", "--run-after", "0.2"], env=keyed)
+        assert rc == 0, f"the destination with the key in ${KEY_ENV} failed: {err}"
+        src_rc = await src.wait()
+    src_err = (tmp_path / "src.err").read_text()
+    assert src_rc == 0, src_err
+    assert DestinationStats.from_json(raw).verified is True
+    assert src_err.count("authentication failed: the destination does not know the key") == 2, src_err
+    assert "Traceback" not in src_err + err
 
 
 async def test_port_scans_resetting_before_a_word_leave_the_source_serving(tmp_path: Path) -> None:
