@@ -151,7 +151,7 @@ class Guest:
         lib.gate_open(self._gate)
 
     def stopped_at_ns(self) -> int:
-        """Wall-clock time at which the last vCPU stopped (after ``stop``)."""
+        """When the last vCPU stopped (after ``stop``), on CLOCK_MONOTONIC: ``time.monotonic_ns()``'s clock."""
         return max(self._stalls[i].stopped_at_ns for i in range(self.spec.vcpus))
 
     def join(self) -> None:

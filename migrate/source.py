@@ -37,6 +37,7 @@ arrive is stale, not absent); a switchover the destination did not confirm
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fcntl
 import hmac
@@ -283,6 +284,7 @@ class Source:
         self.first_cursor = 0
         self.left_the_stream = 0  # pages this stream did not send, as the request server had sent them
         self.cpu_state: p.CpuState | None = None
+        self.stopped_at_ns = 0  # when the last vCPU stopped (time.monotonic_ns)
         self._switch_confirmed = False  # the destination said its vCPUs run (Resume.started)
         self._ws_before: Runs | None = None  # postcopy, working-set order: written in the stretch before the last
         self.figures = _Figures()
@@ -744,8 +746,10 @@ class Source:
         fig.steps_stop = sum(guest.steps())
         if self.final_last is not None and fig.rounds and fig.rounds[-1]["dirty_pages_found"] is None:
             fig.rounds[-1]["dirty_pages_found"] = self.final_last.pages  # written during the last round
-        # Downtime starts when the last vCPU stopped, as its own clock saw it.
-        self.cpu_state = p.CpuState(tuple(guest.export_state()), guest.stopped_at_ns())
+        # Downtime starts when the last vCPU stopped, on this host's monotonic clock; the CPU state
+        # carries the time since then, stamped as it is sent.
+        self.stopped_at_ns = guest.stopped_at_ns()
+        self.cpu_state = p.CpuState(tuple(guest.export_state()), 0)
         self.phase = Phase.SWITCHED
 
     async def _switchover(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
@@ -788,9 +792,9 @@ class Source:
                 await run_native(lib.src_send_runs, self.guest.base, self.spec.pages, bulk.link, array, count,
                                  lib.WIRE_REPLACE, ffi.NULL, self._idle_ms, st, peer=bulk.peer)
             fig.stop_and_copy_pages = st.pages - pages0
-        await bulk.send(self.cpu_state)
+        await bulk.send(dataclasses.replace(self.cpu_state, stopped_ns_ago=time.monotonic_ns() - self.stopped_at_ns))
         if resume is None:
-            fig.switch_ms = (time.time_ns() - self.cpu_state.stopped_at_ns) / 1e6
+            fig.switch_ms = (time.monotonic_ns() - self.stopped_at_ns) / 1e6
         log.info("switchover: vCPUs stopped after %d steps; %s", sum(self.guest.steps()), {
             p.Mode.postcopy: f"streaming {self.spec.pages} pages",
             p.Mode.hybrid: f"{fig.discarded_at_switchover} pages written since the last scan discarded there",

@@ -175,10 +175,12 @@ static void gate_wait(int *gate)
         syscall(SYS_futex, gate, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
 }
 
-static uint64_t wall_ns(void)
+/* When the vCPU stopped, on this host's monotonic clock: the only clock downtime is read on here
+ * (the destination gets the time since the stop, never a time of day to compare with its own). */
+static uint64_t stop_clock_ns(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
@@ -287,7 +289,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->steps = steps;
     st->acc = acc;
     __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
-    __atomic_store_n(&stalls->stopped_at_ns, wall_ns(), __ATOMIC_RELAXED);
+    __atomic_store_n(&stalls->stopped_at_ns, stop_clock_ns(), __ATOMIC_RELAXED);
     return 0;
 }
 

@@ -2,9 +2,12 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -240,4 +243,15 @@ void tls_detach(link_t *l)
 {
     SSL_free((SSL *)l->ssl);
     l->ssl = NULL;
+}
+
+uint32_t link_rtt_us(int fd)
+{
+    struct tcp_info info;
+    socklen_t len = sizeof(info);
+
+    /* An older kernel fills less of the struct: tcpi_rtt is near its start. */
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0 || len < offsetof(struct tcp_info, tcpi_rttvar))
+        return 0;
+    return info.tcpi_rtt;
 }

@@ -61,3 +61,7 @@ const char *tls_description(link_t *l);
 
 /* Frees the TLS session (the socket is closed by its owner). */
 void tls_detach(link_t *l);
+
+/* The kernel's smoothed round-trip time of the TCP connection on fd, in
+ * microseconds (tcp_info.tcpi_rtt); 0 when fd is not a TCP socket. */
+uint32_t link_rtt_us(int fd);

@@ -31,7 +31,7 @@ from .events import (MAX_REQUEST_RUNS, MAX_RESUME_RUNS, MAX_RUN_PAGES, NONCE_LEN
                      Round, RoundAck, RoundEnd, SourceDone, Welcome, ZeroRun)
 
 MAGIC = b"UFMG"
-VERSION = 3  # 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag)
+VERSION = 4  # 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag); 4: CpuState.stopped_ns_ago
 PREAMBLE = struct.Struct(">4sH")
 FRAME_SIZE: int = lib.WIRE_FRAME_SIZE
 MAX_CONTROL: int = lib.WIRE_MAX_CONTROL
@@ -223,7 +223,7 @@ CONTROL: dict[type, tuple[int, tuple[Field, ...], Callable[[Any], None]]] = {
                     uint("zero_permille", 1001), uint("rate"),
                     Field("mode", lambda v, n: Mode(_int(v, n, len(Mode))), int), uint("page_size")),
                 _check_guest_info),
-    CpuState: (5, (Field("vcpus", _vcpus, lambda v: [list(s) for s in v]), uint("stopped_at_ns")), _no_check),
+    CpuState: (5, (Field("vcpus", _vcpus, lambda v: [list(s) for s in v]), uint("stopped_ns_ago")), _no_check),
     Round: (6, (uint("number", 1 << 32), uint("pages", 1 << 40), flag("final")), _no_check),
     RoundEnd: (7, (uint("number", 1 << 32),), _no_check),
     RoundAck: (8, (uint("number", 1 << 32),), _no_check),

@@ -92,10 +92,12 @@ class GuestInfo:
 
 @dataclass(frozen=True)
 class CpuState:
-    """Source → destination at switchover: every vCPU's (prng, steps, acc), and when they stopped."""
+    """Source → destination at switchover: every vCPU's (prng, steps, acc), and how long before this
+    frame was written the last of them stopped, on the source's own clock: the destination adds its own
+    intervals to it, so downtime never compares two hosts' clocks."""
 
     vcpus: tuple[tuple[int, int, int], ...]
-    stopped_at_ns: int
+    stopped_ns_ago: int
 
 
 @dataclass(frozen=True)
