@@ -192,13 +192,14 @@ class Guest:
         ``vcpu_run`` in guest.c) are counted apart, in ``slow_other``.
         """
         s = [self._stalls[i] for i in range(self.spec.vcpus)]
+        h = [x.hist for x in s]
 
         def merged(arrays: list[object]) -> list[int]:
             # Whole arrays at once: the live progress line reads this every redraw.
             return [sum(col) for col in zip(*(memoryview(ffi.buffer(a)).cast("Q") for a in arrays))]
 
-        return StallHistogram(count=sum(x.count for x in s), total_ns=sum(x.total_ns for x in s),
-                              max_ns=max(x.max_ns for x in s), buckets=merged([x.buckets for x in s]),
+        return StallHistogram(count=sum(x.count for x in h), total_ns=sum(x.total_ns for x in h),
+                              max_ns=max(x.max_ns for x in h), buckets=merged([x.buckets for x in h]),
                               qemu_dist=merged([x.qemu_dist for x in s]),
                               slow_other=sum(x.slow_other for x in s),
                               slow_other_ns=sum(x.slow_other_ns for x in s))

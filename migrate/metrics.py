@@ -24,7 +24,7 @@ QEMU_DIST_BUCKETS = 24
 
 
 def bucket_of(ns: int) -> int:
-    """Histogram bucket of a duration (the C ``bucket_of``)."""
+    """Histogram bucket of a duration (``hist_bucket`` in native/stats.c)."""
     if ns < 8:
         return max(ns, 0)
     msb = ns.bit_length() - 1

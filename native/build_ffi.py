@@ -12,9 +12,10 @@ import sysconfig
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).parent
-# wire.h before the headers that use its structs; kernel.h is C only (see there).
-HEADERS = ["uffd.h", "guest.h", "wire.h", "link.h", "dataplane.h", "dirty.h"]
-SOURCES = ["uffd.c", "guest.c", "wire.c", "link.c", "dataplane.c", "dirty.c"]
+# stats.h and wire.h before the headers that use their types; kernel.h and common.h are C
+# only (see there).
+HEADERS = ["stats.h", "uffd.h", "guest.h", "wire.h", "link.h", "dataplane.h", "dirty.h"]
+SOURCES = ["stats.c", "uffd.c", "guest.c", "wire.c", "link.c", "dataplane.c", "dirty.c"]
 
 
 def _check_toolchain() -> None:

@@ -3,17 +3,26 @@
  * started and stopped by a trio task (migrate/loops.py):
  *
  *   destination
- *     placer         bulk connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE; before
- *                    switchover also discards (MADV_DONTNEED) the runs a
- *                    precopy round replaces or the switchover names
- *     fault reader   uffd -> a page request per batch of faults -> request connection
- *     reply placer   reply connection -> UFFDIO_COPY / UFFDIO_ZEROPAGE
+ *     bulk placer    dst_bulk_placer: bulk connection -> UFFDIO_COPY /
+ *                    UFFDIO_ZEROPAGE; before switchover also discards
+ *                    (MADV_DONTNEED) the runs a precopy round replaces or the
+ *                    switchover names
+ *     fault reader   dst_fault_loop: uffd -> a page request per batch of
+ *                    faults -> request connection
+ *     reply placer   dst_reply_placer: reply connection -> UFFDIO_COPY /
+ *                    UFFDIO_ZEROPAGE; counts what the replies answer, times
+ *                    each request's hops
+ *     (both placers receive and place a frame with place_next())
  *   source (its memory is read, never written: by postcopy the guest is
  *   stopped; a precopy round reads it while the guest runs, and the kernel's
  *   dirty tracking sends a page written meanwhile again in the next round)
- *     streamer       runs of guest memory -> bulk connection (Python picks the runs),
- *                    paced by a token bucket when --max-bandwidth caps it
- *     request server request connection -> guest memory -> reply connection
+ *     streamer       src_stream_runs: runs of guest memory -> bulk connection
+ *                    (Python picks the runs), paced by a token bucket when
+ *                    --max-bandwidth caps it; src_stream_discards at a hybrid
+ *                    switchover
+ *     request server src_request_server: request connection -> guest memory
+ *                    -> reply connection
+ *     (both queue frames with push_pages() and send them with flush())
  *
  * No per-page state anywhere: the destination places what arrives and asks
  * for what faults.  A fault that races a placement of the same page is never
@@ -44,42 +53,16 @@
 #include "uffd.h"
 #include "wire.h"
 #include "link.h"
+#include "stats.h"
 #include "dataplane.h"
 #include "dirty.h"
-#include "counter.h"
+#include "common.h"
 
-#define PAGE WIRE_PAGE_SIZE
-/* A placer looks at its stop every this many frames (see dst_place_loop). */
+/* A placer looks at its stop every this many frames (see place_next). */
 #define STOP_EVERY_FRAMES 16
-/* The largest frame on the wire: a header and 256 pages. */
-#define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
 /* Frames gathered into one sendmsg(): each is a header and at most one
  * payload iovec. */
 #define TXQ_FRAMES 64
-
-uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
-static void hist_add(hist_t *h, uint64_t ns)
-{
-    unsigned b;
-    if (ns < 8) {
-        b = (unsigned)ns;
-    } else {
-        unsigned msb = 63 - (unsigned)__builtin_clzll(ns);
-        b = msb * 8 + (unsigned)((ns >> (msb - 3)) & 7);
-        if (b >= HIST_BUCKETS)
-            b = HIST_BUCKETS - 1;
-    }
-    counter_add(&h->count, 1);
-    counter_add(&h->total_ns, ns);
-    counter_max(&h->max_ns, ns);
-    counter_add(&h->buckets[b], 1);
-}
 
 static uint64_t load(const uint64_t *p)
 {
@@ -106,18 +89,26 @@ static int owed(const owed_t *o)
     return !o || load(o->asked) > load(o->answered) + o->base;
 }
 
-/* Waits until fd is ready for events or the stop eventfd fires.  Returns 0
- * (ready, or a quiet half-period that does not count), LOOP_STOPPED,
- * -ETIMEDOUT once two half-periods in a row passed in silence while owed,
- * or -errno. */
-static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t *o,
-                   int *strikes, const char **why)
+/* One loop's use of one link: what each of its waits needs. */
+typedef struct {
+    link_t *l;
+    int stop_fd;
+    int idle_ms;         /* -1: silence is never an error */
+    const owed_t *owed;  /* when silence is one (NULL: always) */
+    const char **why;
+} io_t;
+
+/* Waits until the link is ready for events or the stop eventfd fires.
+ * Returns 0 (ready, or a quiet half-period that does not count),
+ * LOOP_STOPPED, -ETIMEDOUT once two half-periods in a row passed in silence
+ * while owed, or -errno. */
+static int wait_ready(const io_t *io, short events, int *strikes)
 {
-    struct pollfd pfd[2] = { { fd, events, 0 }, { stop_fd, POLLIN, 0 } };
-    int was_owed = owed(o);
-    int rc = poll(pfd, 2, idle_ms < 0 ? -1 : (idle_ms + 1) / 2);
+    struct pollfd pfd[2] = { { io->l->fd, events, 0 }, { io->stop_fd, POLLIN, 0 } };
+    int was_owed = owed(io->owed);
+    int rc = poll(pfd, 2, io->idle_ms < 0 ? -1 : (io->idle_ms + 1) / 2);
     if (rc < 0) {
-        *why = "poll";
+        *io->why = "poll";
         return errno == EINTR ? 0 : -errno;
     }
     if (pfd[1].revents)
@@ -128,14 +119,14 @@ static int wait_fd(int fd, short events, int stop_fd, int idle_ms, const owed_t 
     }
     *strikes = was_owed ? *strikes + 1 : 0;
     if (*strikes >= 2) {
-        *why = "the link stayed silent";
+        *io->why = "the link stayed silent";
         return -ETIMEDOUT;
     }
     return 0;
 }
 
 /* Whether the stop eventfd fired, without waiting: a loop asks once a frame,
- * as a peer that keeps data flowing never lets it wait (where wait_fd looks
+ * as a peer that keeps data flowing never lets it wait (where wait_ready looks
  * too).  One poll() of one descriptor: about a microsecond. */
 static int stop_requested(int stop_fd)
 {
@@ -144,41 +135,49 @@ static int stop_requested(int stop_fd)
 }
 
 /* After a link call (link_recv, link_send, send_iov) that moved nothing (n <
- * 0): for -EAGAIN, waits as wait_fd does until the link is ready the way the
- * call asked in want, and returns what wait_fd returns (0: call again); any
- * other n is an error, returned as it is.  A send that moved nothing and
- * said nothing (n == 0, which link.h rules out) is an error too: taking it
- * for "call again" would spin. */
-static int wait_link(link_t *l, int64_t n, int want, int stop_fd, int idle_ms, const owed_t *o,
-                     int *strikes, const char **why)
+ * 0): for -EAGAIN, waits as wait_ready does until the link is ready the way
+ * the call asked in want, and returns what wait_ready returns (0: call
+ * again); any other n is an error, returned as it is.  A send that moved
+ * nothing and said nothing (n == 0, which link.h rules out) is an error too:
+ * taking it for "call again" would spin. */
+static int wait_link(const io_t *io, int64_t n, int want, int *strikes)
 {
     if (n == 0) {
-        *why = "a send moved nothing";
+        *io->why = "a send moved nothing";
         return -EPIPE;
     }
     if (n != -EAGAIN)
         return (int)n;
-    return wait_fd(l->fd, (short)want, stop_fd, idle_ms, o, strikes, why);
+    return wait_ready(io, (short)want, strikes);
 }
 
 /* -- receiving ------------------------------------------------------------ */
 
+/* A loop's receiving side: the link and its buffer, and what frames it may
+ * carry (wire_check). */
+typedef struct {
+    io_t io;
+    rxbuf_t *rx;
+    uint64_t guest_pages;
+    uint32_t accept;
+} reader_t;
+
 /* Makes need bytes available at rx->data + rx->start.  need is at most a
  * frame, so this loop ends or waits (and sees a stop) within one frame; the
  * loops that call it look at their stop once a frame besides. */
-static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_ms,
-                   const owed_t *o, const char **why)
+static int rx_fill(const reader_t *r, uint64_t need)
 {
+    rxbuf_t *rx = r->rx;
     int strikes = 0;
     uint64_t begun = 0; /* when part of what is needed was here: the rest must follow within idle_ms */
     while (rx->end - rx->start < need) {
-        /* Silence is counted by wait_fd; a peer that drips a byte at a time is
-         * never silent, so a frame begun must also end within idle_ms (a
-         * largest frame, 1 MiB, takes 8 s at 1 Mbit/s). */
+        /* Silence is counted by wait_ready; a peer that drips a byte at a
+         * time is never silent, so a frame begun must also end within
+         * idle_ms (a largest frame, 1 MiB, takes 8 s at 1 Mbit/s). */
         if (rx->end > rx->start && !begun)
             begun = mono_ns();
-        if (begun && idle_ms >= 0 && mono_ns() - begun > (uint64_t)idle_ms * 1000000) {
-            *why = "a frame began but did not end within the link timeout (a drip)";
+        if (begun && r->io.idle_ms >= 0 && mono_ns() - begun > (uint64_t)r->io.idle_ms * 1000000) {
+            *r->io.why = "a frame began but did not end within the link timeout (a drip)";
             return -ETIMEDOUT;
         }
         if (rx->cap - rx->start < need) {
@@ -187,7 +186,7 @@ static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_
             rx->start = 0;
         }
         int want = POLLIN;
-        int64_t n = link_recv(l, rx->data + rx->end, rx->cap - rx->end, &want, why);
+        int64_t n = link_recv(r->io.l, rx->data + rx->end, rx->cap - rx->end, &want, r->io.why);
         if (n > 0) {
             rx->end += (uint64_t)n;
             strikes = 0;
@@ -196,10 +195,10 @@ static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_
         if (n == 0) {
             if (rx->end == rx->start)
                 return LOOP_EOF;
-            *why = "the peer closed the connection in the middle of a frame";
+            *r->io.why = "the peer closed the connection in the middle of a frame";
             return -EPIPE;
         }
-        int rc = wait_link(l, n, want, stop_fd, idle_ms, o, &strikes, why);
+        int rc = wait_link(&r->io, n, want, &strikes);
         if (rc)
             return rc;
     }
@@ -209,23 +208,21 @@ static int rx_fill(rxbuf_t *rx, link_t *l, uint64_t need, int stop_fd, int idle_
 /* The next frame's header, checked; *plen gets its payload length, which is
  * then in the buffer too, unless the frame is a control frame (LOOP_CONTROL:
  * left unconsumed for Python). */
-static int next_frame(rxbuf_t *rx, link_t *l, uint64_t guest_pages, uint32_t accept,
-                      int stop_fd, int idle_ms, const owed_t *o, struct wire_frame *f,
-                      uint64_t *plen, const char **why)
+static int next_frame(const reader_t *r, struct wire_frame *f, uint64_t *plen)
 {
-    int rc = rx_fill(rx, l, WIRE_FRAME_SIZE, stop_fd, idle_ms, o, why);
+    int rc = rx_fill(r, WIRE_FRAME_SIZE);
     if (rc)
         return rc;
-    memcpy(f, rx->data + rx->start, sizeof *f);
-    int64_t len = wire_check(f, guest_pages, accept, why);
+    memcpy(f, r->rx->data + r->rx->start, sizeof *f);
+    int64_t len = wire_check(f, r->guest_pages, r->accept, r->io.why);
     if (len < 0)
         return (int)len;
     if (f->kind == WIRE_CONTROL)
         return LOOP_CONTROL;
     *plen = (uint64_t)len;
-    rc = rx_fill(rx, l, WIRE_FRAME_SIZE + *plen, stop_fd, idle_ms, o, why);
+    rc = rx_fill(r, WIRE_FRAME_SIZE + *plen);
     if (rc == LOOP_EOF) {
-        *why = "the peer closed the connection in the middle of a frame";
+        *r->io.why = "the peer closed the connection in the middle of a frame";
         return -EPIPE;
     }
     return rc;
@@ -240,85 +237,146 @@ static uint64_t present_pages(const dst_plane_t *d)
     return d->present_base + load(&d->bulk.pages) + load(&d->urgent.pages) - d->placed_base;
 }
 
-int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
-                   int stop_fd, const char **why)
-{
-    place_stats_t *me = replies ? &d->urgent : &d->bulk;
-    owed_t from_requests = { &d->faults.pages_requested, &me->answered, me->owed_base };
-    const owed_t *o = replies ? &from_requests : NULL;
-    uint64_t last_stamp = 0;
+/* A frame a placer placed. */
+typedef struct {
+    struct wire_frame f;
+    uint64_t t_recv; /* when it was whole in the buffer */
+    uint64_t placed; /* bytes newly placed */
+} placement_t;
 
+/* Discards the frame's run (MADV_DONTNEED): a DISCARD frame, or a page or
+ * zero frame flagged WIRE_REPLACE, whose pages are placed next. */
+static int discard(const dst_placer_t *c, place_stats_t *me, const struct wire_frame *f, const char **why)
+{
+    int rc = region_discard(c->plane->base + f->start * PAGE, (uint64_t)f->count * PAGE);
+    if (rc < 0) {
+        *why = "MADV_DONTNEED of a discarded run";
+        return rc;
+    }
+    add(f->kind == WIRE_DISCARD ? &me->discarded : &me->replaced, f->count);
+    return 0;
+}
+
+/* Receives frames on the placer's link until one places pages, carrying out
+ * the DISCARD frames on the way, and places it (UFFDIO_COPY /
+ * UFFDIO_ZEROPAGE), counted in me.  Returns 0 with *out filled, or how the
+ * loop ends (a control frame, the stop, EOF, an error). */
+static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *r, placement_t *out)
+{
+    struct wire_frame *f = &out->f;
+    uint64_t plen = 0, existed = 0, dst;
+    int rc;
     for (;;) {
-        struct wire_frame f;
-        uint64_t plen = 0, placed = 0, existed = 0;
         /* Every few frames, not each: a one-page frame is placed in about
          * 1.5 us, and a poll() each time cost 20% of the rate (measured);
          * 16 frames of at most 256 pages are a few ms at worst. */
-        if (me->frames % STOP_EVERY_FRAMES == 0 && stop_requested(stop_fd))
+        if (me->frames % STOP_EVERY_FRAMES == 0 && stop_requested(r->io.stop_fd))
             return LOOP_STOPPED;
-        int rc = next_frame(rx, l, d->pages, accept, stop_fd, idle_ms, o,
-                            &f, &plen, why);
+        if ((rc = next_frame(r, f, &plen)))
+            return rc;
+        out->t_recv = mono_ns();
+        if (f->kind == WIRE_DISCARD || (f->flags & WIRE_REPLACE))
+            if ((rc = discard(c, me, f, r->io.why)))
+                return rc;
+        if (f->kind != WIRE_DISCARD)
+            break;
+        r->rx->start += WIRE_FRAME_SIZE;
+        counter_add(&me->frames, 1);
+        counter_add(&me->bytes, WIRE_FRAME_SIZE);
+    }
+    out->placed = 0;
+    dst = c->plane->base + f->start * PAGE;
+    if (f->kind == WIRE_PAGES) {
+        rc = uffd_copy(c->plane->uffd, dst, r->rx->data + r->rx->start + WIRE_FRAME_SIZE, plen,
+                       &out->placed, &existed);
+        *r->io.why = "UFFDIO_COPY";
+    } else {
+        rc = uffd_zeropage(c->plane->uffd, dst, (uint64_t)f->count * PAGE, &out->placed, &existed);
+        *r->io.why = "UFFDIO_ZEROPAGE";
+    }
+    if (rc < 0)
+        return rc;
+    r->rx->start += WIRE_FRAME_SIZE + plen;
+    counter_add(&me->frames, 1);
+    counter_add(&me->bytes, WIRE_FRAME_SIZE + plen);
+    counter_add(&me->eexist, existed / PAGE);
+    if (f->kind == WIRE_ZEROS)
+        counter_add(&me->zero_pages, out->placed / PAGE);
+    add(&me->pages, out->placed / PAGE);
+    return 0;
+}
+
+/* Wakes Python once every page is present.  Each placer adds to its own
+ * counter, then reads both: of two that place the last pages at once, at
+ * least one sees the sum. */
+static void signal_if_complete(const dst_plane_t *d, const placement_t *p)
+{
+    if (p->placed && present_pages(d) >= d->pages)
+        eventfd_write(d->done_fd, 1);
+}
+
+static reader_t placer_reader(const dst_placer_t *c, const owed_t *o, int stop_fd, const char **why)
+{
+    return (reader_t){ { c->link, stop_fd, c->idle_ms, o, why }, c->rx, c->plane->pages, c->accept };
+}
+
+int dst_bulk_placer(const dst_placer_t *c, int stop_fd, const char **why)
+{
+    const reader_t r = placer_reader(c, NULL, stop_fd, why); /* the stream always owes pages */
+    for (;;) {
+        placement_t p;
+        int rc = place_next(c, &c->plane->bulk, &r, &p);
         if (rc)
             return rc;
-        uint64_t t_recv = mono_ns();
-        uint64_t dst = d->base + f.start * PAGE;
-        if (f.kind == WIRE_DISCARD || (f.flags & WIRE_REPLACE)) {
-            rc = region_discard(dst, (uint64_t)f.count * PAGE);
-            if (rc < 0) {
-                *why = "MADV_DONTNEED of a discarded run";
-                return rc;
-            }
-            add(f.kind == WIRE_DISCARD ? &me->discarded : &me->replaced, f.count);
-            if (f.kind == WIRE_DISCARD) {
-                rx->start += WIRE_FRAME_SIZE;
-                counter_add(&me->frames, 1);
-                counter_add(&me->bytes, WIRE_FRAME_SIZE);
-                continue;
-            }
-        }
-        if (f.kind == WIRE_PAGES) {
-            rc = uffd_copy(d->uffd, dst, rx->data + rx->start + WIRE_FRAME_SIZE, plen,
-                           &placed, &existed);
-            *why = "UFFDIO_COPY";
-        } else {
-            rc = uffd_zeropage(d->uffd, dst, (uint64_t)f.count * PAGE, &placed, &existed);
-            *why = "UFFDIO_ZEROPAGE";
-        }
-        if (rc < 0)
+        signal_if_complete(c->plane, &p);
+    }
+}
+
+/* What the source sends is its choice: answers count up to what was asked
+ * since the last lost link, no more.  Else answers nobody asked for would
+ * make owed() false (silencing the replies' timeout), and answered could
+ * pass pages_requested, which owed_base is computed from at a
+ * reconnection. */
+static void count_answered(dst_plane_t *d, uint32_t pages)
+{
+    place_stats_t *me = &d->urgent;
+    uint64_t asked = load(&d->faults.pages_requested);
+    asked = asked > me->owed_base ? asked - me->owed_base : 0;
+    uint64_t answered = load(&me->answered) + pages;
+    __atomic_store_n(&me->answered, answered < asked ? answered : asked, __ATOMIC_SEQ_CST);
+}
+
+/* The first frame of each reply times the request's hops; a stamp from the
+ * future (a lying peer) is ignored. */
+static void time_reply(place_stats_t *me, const placement_t *p, uint64_t *last_stamp)
+{
+    const struct wire_frame *f = &p->f;
+    uint64_t t_placed = mono_ns();
+    if (!f->stamp || f->stamp == *last_stamp || f->stamp > p->t_recv)
+        return;
+    *last_stamp = f->stamp;
+    uint64_t rtt = p->t_recv - f->stamp;
+    hist_add(&me->service, t_placed - f->stamp);
+    hist_add(&me->network, rtt > f->held_ns ? rtt - f->held_ns : 0);
+    hist_add(&me->held, f->held_ns);
+    hist_add(&me->place, t_placed - p->t_recv);
+}
+
+int dst_reply_placer(const dst_placer_t *c, int stop_fd, const char **why)
+{
+    dst_plane_t *d = c->plane;
+    /* Silence is a lost link only while requests are unanswered. */
+    const owed_t from_requests = { &d->faults.pages_requested, &d->urgent.answered, d->urgent.owed_base };
+    const reader_t r = placer_reader(c, &from_requests, stop_fd, why);
+    uint64_t last_stamp = 0;
+    for (;;) {
+        placement_t p;
+        int rc = place_next(c, &d->urgent, &r, &p);
+        if (rc)
             return rc;
-        rx->start += WIRE_FRAME_SIZE + plen;
-        counter_add(&me->frames, 1);
-        counter_add(&me->bytes, WIRE_FRAME_SIZE + plen);
-        counter_add(&me->eexist, existed / PAGE);
-        if (f.kind == WIRE_ZEROS)
-            counter_add(&me->zero_pages, placed / PAGE);
-        add(&me->pages, placed / PAGE);
-        if (replies) {
-            /* What the source sends is its choice: answers count up to what
-             * was asked since the last lost link, no more.  Else answers
-             * nobody asked for would make owed() false (silencing the
-             * replies' timeout), and answered could pass pages_requested,
-             * which owed_base is computed from at a reconnection. */
-            uint64_t asked = load(&d->faults.pages_requested);
-            asked = asked > me->owed_base ? asked - me->owed_base : 0;
-            uint64_t answered = load(&me->answered) + f.count;
-            __atomic_store_n(&me->answered, answered < asked ? answered : asked, __ATOMIC_SEQ_CST);
-            uint64_t t_placed = mono_ns();
-            /* The first frame of each reply times the request's hops; a
-             * stamp from the future (a lying peer) is ignored. */
-            if (f.stamp && f.stamp != last_stamp && f.stamp <= t_recv) {
-                last_stamp = f.stamp;
-                uint64_t rtt = t_recv - f.stamp;
-                hist_add(&me->service, t_placed - f.stamp);
-                hist_add(&me->network, rtt > f.held_ns ? rtt - f.held_ns : 0);
-                hist_add(&me->held, f.held_ns);
-                hist_add(&me->place, t_placed - t_recv);
-            }
-        }
-        /* Each placer adds to its own counter, then reads both: of two that
-         * place the last pages at once, at least one sees the sum. */
-        if (placed && present_pages(d) >= d->pages)
-            eventfd_write(d->done_fd, 1);
+        count_answered(d, p.f.count);
+        time_reply(&d->urgent, &p, &last_stamp);
+        signal_if_complete(d, &p);
     }
 }
 
@@ -327,25 +385,24 @@ int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbu
  * some of it left, or with TLS after a write that must be retried (OpenSSL
  * holds part of a record that only the same write may finish), leaves the
  * link cut (link.h). */
-static int send_all(link_t *l, const void *buf, size_t len, int stop_fd, int idle_ms,
-                    const char **why)
+static int send_all(const io_t *io, const void *buf, size_t len)
 {
     int strikes = 0, pending = 0;
     size_t whole = len;
     while (len) {
         int want = POLLOUT;
-        int64_t n = link_send(l, buf, len, &want, why);
+        int64_t n = link_send(io->l, buf, len, &want, io->why);
         if (n > 0) {
             buf = (const char *)buf + n;
             len -= (size_t)n;
             pending = 0;
             continue;
         }
-        pending = l->ssl && n == -EAGAIN;
-        int rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why);
+        pending = io->l->ssl && n == -EAGAIN;
+        int rc = wait_link(io, n, want, &strikes);
         if (rc) {
             if (len < whole || pending)
-                l->cut = 1;
+                io->l->cut = 1;
             return rc;
         }
     }
@@ -356,6 +413,7 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
                    const char **why)
 {
     fault_stats_t *st = &d->faults;
+    const io_t io = { l, stop_fd, idle_ms, NULL, why };
     struct uffd_msg msgs[WIRE_MAX_REQUEST_RUNS];
     struct {
         struct wire_frame f;
@@ -396,7 +454,7 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
         add(&st->pages_requested, pages);
         req.f = (struct wire_frame){ .kind = WIRE_REQUEST, .count = k, .stamp = mono_ns() };
         size_t len = WIRE_FRAME_SIZE + k * sizeof req.runs[0];
-        int rc = send_all(l, &req, len, stop_fd, idle_ms, why);
+        int rc = send_all(&io, &req, len);
         if (rc)
             return rc;
         hist_add(&st->to_send, mono_ns() - t_read); /* read, request built and sent */
@@ -408,21 +466,36 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
 
 /* -- source --------------------------------------------------------------- */
 
-/* Frames queued for one sendmsg(): page payloads point into guest memory.
- * TLS cannot gather, so a TLS link copies up to a record's worth of the
- * queue into stage for each write. */
+/* A sending loop at work: its context, its link's waits, and the frames
+ * queued for one sendmsg() (page payloads point into guest memory; TLS
+ * cannot gather, so a TLS link copies up to a record's worth of the queue
+ * into stage for each write). */
 typedef struct {
+    const src_sender_t *c;
+    io_t io;
+    uint32_t flags;  /* of the page and zero frames: 0 or WIRE_REPLACE */
+    uint64_t stamp;  /* request server: the request's stamp, echoed in its replies */
+    uint64_t t_recv; /* request server: when the request arrived; 0: not a reply */
     struct wire_frame hdr[TXQ_FRAMES];
     struct iovec iov[2 * TXQ_FRAMES];
     int frames, iovs;
     char stage[16384];
-} txq_t;
+} sender_t;
+
+static void sender_init(sender_t *s, const src_sender_t *c, int stop_fd, const char **why)
+{
+    s->c = c;
+    s->io = (io_t){ c->link, stop_fd, c->idle_ms, NULL, why };
+    s->flags = 0;
+    s->stamp = s->t_recv = 0;
+    s->frames = s->iovs = 0;
+}
 
 /* Sends from the first left iovecs, at most max bytes: bytes sent, -EAGAIN
  * with *want, or -errno. */
-static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, size_t max,
-                        int *want, const char **why)
+static int64_t send_iov(sender_t *s, const struct iovec *iov, int left, size_t max, int *want)
 {
+    link_t *l = s->io.l;
     if (!l->ssl) {
         struct iovec cut[2 * TXQ_FRAMES];
         struct msghdr msg = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)left };
@@ -448,19 +521,19 @@ static int64_t send_iov(link_t *l, txq_t *q, const struct iovec *iov, int left, 
             *want = POLLOUT;
             return -EAGAIN;
         }
-        *why = "sendmsg";
+        *s->io.why = "sendmsg";
         return -errno;
     }
     /* A large piece (guest pages) is encrypted straight from where it is. */
-    if (iov[0].iov_len >= sizeof q->stage || left == 1)
-        return link_send(l, iov[0].iov_base, iov[0].iov_len < max ? iov[0].iov_len : max, want, why);
-    size_t len = 0, cap = max < sizeof q->stage ? max : sizeof q->stage;
+    if (iov[0].iov_len >= sizeof s->stage || left == 1)
+        return link_send(l, iov[0].iov_base, iov[0].iov_len < max ? iov[0].iov_len : max, want, s->io.why);
+    size_t len = 0, cap = max < sizeof s->stage ? max : sizeof s->stage;
     for (int i = 0; i < left && len < cap; i++) {
         size_t n = iov[i].iov_len < cap - len ? iov[i].iov_len : cap - len;
-        memcpy(q->stage + len, iov[i].iov_base, n);
+        memcpy(s->stage + len, iov[i].iov_base, n);
         len += n;
     }
-    return link_send(l, q->stage, len, want, why);
+    return link_send(l, s->stage, len, want, s->io.why);
 }
 
 /* What a TLS 1.3 record adds to its plaintext on the wire: a 5-byte header,
@@ -502,16 +575,19 @@ static int pace_wait(pacer_t *p, int stop_fd, const char **why)
     }
 }
 
-static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_fd, int idle_ms,
-                 send_stats_t *st, const char **why)
+/* Sends the queue whole (the replies' headers first get the source's hold,
+ * request received -> sent), no faster than the pacer lets, and empties it. */
+static int flush(sender_t *s)
 {
-    if (t_recv) {
-        uint64_t held = mono_ns() - t_recv;
-        for (int i = 0; i < q->frames; i++)
-            q->hdr[i].held_ns = held > UINT32_MAX ? UINT32_MAX : (uint32_t)held;
+    pacer_t *pace = s->c->pace && s->c->pace->rate ? s->c->pace : NULL;
+    send_stats_t *st = s->c->st;
+    if (s->t_recv) {
+        uint64_t held = mono_ns() - s->t_recv;
+        for (int i = 0; i < s->frames; i++)
+            s->hdr[i].held_ns = held > UINT32_MAX ? UINT32_MAX : (uint32_t)held;
     }
-    struct iovec *iov = q->iov;
-    int left = q->iovs, strikes = 0, pending = 0, rc = 0;
+    struct iovec *iov = s->iov;
+    int left = s->iovs, strikes = 0, pending = 0, rc = 0;
     uint64_t sent = 0;
     /* The stop is looked at before the first byte, then once a largest
      * frame's worth has left: a peer that reads as fast as we write never
@@ -521,21 +597,21 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
         int want = POLLOUT;
         size_t max = SIZE_MAX;
         if (unchecked >= FRAME_MAX) {
-            if (stop_requested(stop_fd)) {
+            if (stop_requested(s->io.stop_fd)) {
                 rc = LOOP_STOPPED;
                 break;
             }
             unchecked = 0;
         }
-        if (pace && pace->rate) {
-            if ((rc = pace_wait(pace, stop_fd, why)))
+        if (pace) {
+            if ((rc = pace_wait(pace, s->io.stop_fd, s->io.why)))
                 break;
             max = pace->quantum;
         }
-        int64_t n = send_iov(l, q, iov, left, max, &want, why);
+        int64_t n = send_iov(s, iov, left, max, &want);
         if (n <= 0) {
-            pending = l->ssl && n == -EAGAIN; /* OpenSSL holds part of a record */
-            if ((rc = wait_link(l, n, want, stop_fd, idle_ms, NULL, &strikes, why)))
+            pending = s->io.l->ssl && n == -EAGAIN; /* OpenSSL holds part of a record */
+            if ((rc = wait_link(&s->io, n, want, &strikes)))
                 break;
             continue;
         }
@@ -543,8 +619,8 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
         sent += (uint64_t)n;
         counter_add(&st->bytes, (uint64_t)n);
         unchecked += (uint64_t)n;
-        if (pace && pace->rate) /* the cap counts what goes on the wire */
-            pace->tokens -= (double)n + (l->ssl ? TLS_RECORD_OVERHEAD : 0);
+        if (pace) /* the cap counts what goes on the wire */
+            pace->tokens -= (double)n + (s->io.l->ssl ? TLS_RECORD_OVERHEAD : 0);
         while (left && (size_t)n >= iov->iov_len) {
             n -= (int64_t)iov->iov_len;
             iov++;
@@ -559,30 +635,40 @@ static int flush(txq_t *q, link_t *l, pacer_t *pace, uint64_t t_recv, int stop_f
         /* Part of the queue left, or a TLS write must be retried: what
          * follows on this link would read as the rest of a frame. */
         if (sent || pending)
-            l->cut = 1;
+            s->io.l->cut = 1;
         return rc;
     }
-    counter_add(&st->frames, (uint64_t)q->frames);
-    q->frames = q->iovs = 0;
+    counter_add(&st->frames, (uint64_t)s->frames);
+    s->frames = s->iovs = 0;
     return 0;
+}
+
+/* Queues one frame (and its payload, unless len is 0), sending the queue
+ * when it is full. */
+static int push_frame(sender_t *s, struct wire_frame f, const void *payload, size_t len)
+{
+    s->hdr[s->frames] = f;
+    s->iov[s->iovs++] = (struct iovec){ &s->hdr[s->frames], WIRE_FRAME_SIZE };
+    if (len)
+        s->iov[s->iovs++] = (struct iovec){ (void *)payload, len };
+    s->frames++;
+    return s->frames == TXQ_FRAMES ? flush(s) : 0;
 }
 
 static int page_is_zero(const uint64_t *w)
 {
-    for (int i = 0; i < PAGE / 8; i++)
+    for (uint64_t i = 0; i < PAGE / 8; i++)
         if (w[i])
             return 0;
     return 1;
 }
 
 /* Queues pages [start, start+count) as page frames and zero frames of at
- * most WIRE_MAX_RUN_PAGES pages each (wire_check's bound), sending whenever
- * the queue is full. */
-static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_t start,
-                      uint64_t count, uint32_t flags, uint64_t stamp, uint64_t t_recv, int stop_fd,
-                      int idle_ms, send_stats_t *st, const char **why)
+ * most WIRE_MAX_RUN_PAGES pages each (wire_check's bound), with the sender's
+ * flags and stamp. */
+static int push_pages(sender_t *s, uint64_t start, uint64_t count)
 {
-    uint64_t p = start, end = start + count;
+    uint64_t base = s->c->base, p = start, end = start + count;
     while (p < end) {
         const char *mem = (const char *)(uintptr_t)(base + p * PAGE);
         int zero = page_is_zero((const uint64_t *)mem);
@@ -591,23 +677,15 @@ static int push_pages(txq_t *q, link_t *l, pacer_t *pace, uint64_t base, uint64_
                page_is_zero((const uint64_t *)(uintptr_t)(base + q_end * PAGE)) == zero)
             q_end++;
         uint64_t n = q_end - p;
-        q->hdr[q->frames] = (struct wire_frame){
-            .kind = zero ? WIRE_ZEROS : WIRE_PAGES, .count = (uint32_t)n, .start = p, .stamp = stamp,
-            .flags = flags
-        };
-        q->iov[q->iovs++] = (struct iovec){ &q->hdr[q->frames], WIRE_FRAME_SIZE };
-        if (!zero)
-            q->iov[q->iovs++] = (struct iovec){ (void *)mem, n * PAGE };
-        q->frames++;
-        counter_add(&st->pages, n);
+        counter_add(&s->c->st->pages, n);
         if (zero)
-            counter_add(&st->zero_pages, n);
+            counter_add(&s->c->st->zero_pages, n);
+        const struct wire_frame f = { .kind = zero ? WIRE_ZEROS : WIRE_PAGES, .count = (uint32_t)n, .start = p,
+                                      .stamp = s->stamp, .flags = s->flags };
         p = q_end;
-        if (q->frames == TXQ_FRAMES) {
-            int rc = flush(q, l, pace, t_recv, stop_fd, idle_ms, st, why);
-            if (rc)
-                return rc;
-        }
+        int rc = push_frame(s, f, mem, zero ? 0 : n * PAGE);
+        if (rc)
+            return rc;
     }
     return 0;
 }
@@ -633,41 +711,39 @@ int notes_take(note_ring_t *r, struct wire_run *out, int max)
     return n;
 }
 
-int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
-                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
-                   const char **why)
+int src_request_server(const src_server_t *c, int stop_fd, const char **why)
 {
-    txq_t q = { .frames = 0 };
+    sender_t s;
+    /* A destination without faults sends nothing for a long time: no idle
+     * bound on requests. */
+    const reader_t in = { { c->requests, stop_fd, -1, NULL, why }, c->rx, c->replies.pages,
+                          1u << WIRE_REQUEST | 1u << WIRE_CONTROL };
     struct wire_run runs[WIRE_MAX_REQUEST_RUNS];
 
+    sender_init(&s, &c->replies, stop_fd, why);
     for (;;) {
         struct wire_frame f;
         uint64_t plen = 0;
         if (stop_requested(stop_fd))
             return LOOP_STOPPED;
-        /* A destination without faults sends nothing for a long time: no
-         * idle bound on requests. */
-        int rc = next_frame(rx, rxl, pages, 1u << WIRE_REQUEST | 1u << WIRE_CONTROL, stop_fd, -1,
-                            NULL, &f, &plen, why);
+        int rc = next_frame(&in, &f, &plen);
         if (rc)
             return rc;
-        uint64_t t_recv = mono_ns();
-        memcpy(runs, rx->data + rx->start + WIRE_FRAME_SIZE, plen);
-        if ((rc = wire_check_runs(runs, f.count, pages, why)))
+        s.t_recv = mono_ns();
+        s.stamp = f.stamp;
+        memcpy(runs, c->rx->data + c->rx->start + WIRE_FRAME_SIZE, plen);
+        if ((rc = wire_check_runs(runs, f.count, c->replies.pages, why)))
             return rc;
-        rx->start += WIRE_FRAME_SIZE + plen;
-        for (uint32_t i = 0; i < f.count; i++) {
-            rc = push_pages(&q, txl, NULL, base, runs[i].start, runs[i].count, 0, f.stamp, t_recv,
-                            stop_fd, idle_ms, st, why);
-            if (rc)
-                return rc;
-        }
-        if ((rc = flush(&q, txl, NULL, t_recv, stop_fd, idle_ms, st, why)))
-            return rc;
-        hist_add(&st->held, mono_ns() - t_recv);
-        counter_add(&st->requests, 1);
+        c->rx->start += WIRE_FRAME_SIZE + plen;
         for (uint32_t i = 0; i < f.count; i++)
-            note_put(notes, runs[i]);
+            if ((rc = push_pages(&s, runs[i].start, runs[i].count)))
+                return rc;
+        if ((rc = flush(&s)))
+            return rc;
+        hist_add(&c->replies.st->held, mono_ns() - s.t_recv);
+        counter_add(&c->replies.st->requests, 1);
+        for (uint32_t i = 0; i < f.count; i++)
+            note_put(c->notes, runs[i]);
     }
 }
 
@@ -680,41 +756,73 @@ static int check_run(const struct wire_run *r, uint64_t pages, const char **why)
     return 0;
 }
 
-int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
-                  int stop_fd, const char **why)
+int src_stream_runs(const src_sender_t *c, const struct wire_run *runs, uint64_t n, uint32_t flags,
+                    int stop_fd, const char **why)
 {
-    txq_t q = { .frames = 0 };
+    sender_t s;
+    sender_init(&s, c, stop_fd, why);
+    s.flags = flags;
     for (uint64_t i = 0; i < n; i++) {
-        int rc = check_run(&runs[i], pages, why);
+        int rc = check_run(&runs[i], c->pages, why);
         if (!rc)
-            rc = push_pages(&q, l, pace, base, runs[i].start, runs[i].count, flags, 0, 0, stop_fd,
-                            idle_ms, st, why);
+            rc = push_pages(&s, runs[i].start, runs[i].count);
         if (rc)
             return rc;
     }
-    return flush(&q, l, pace, 0, stop_fd, idle_ms, st, why);
+    return flush(&s);
 }
 
-int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
-                      int idle_ms, send_stats_t *st, int stop_fd, const char **why)
+int src_stream_discards(const src_sender_t *c, const struct wire_run *runs, uint64_t n, int stop_fd,
+                        const char **why)
 {
-    txq_t q = { .frames = 0 };
+    sender_t s;
+    const src_sender_t unpaced = { c->base, c->pages, c->link, c->idle_ms, NULL, c->st };
+    sender_init(&s, &unpaced, stop_fd, why);
     for (uint64_t i = 0; i < n; i++) {
-        int rc = check_run(&runs[i], pages, why);
+        int rc = check_run(&runs[i], c->pages, why);
         if (rc)
             return rc;
         /* A frame counts at most 2^32 - 1 pages: split longer runs. */
         for (uint64_t p = runs[i].start, end = p + runs[i].count; p < end;) {
             uint64_t k = end - p < UINT32_MAX ? end - p : UINT32_MAX;
-            q.hdr[q.frames] = (struct wire_frame){ .kind = WIRE_DISCARD, .count = (uint32_t)k, .start = p };
-            q.iov[q.iovs++] = (struct iovec){ &q.hdr[q.frames], WIRE_FRAME_SIZE };
-            q.frames++;
-            counter_add(&st->discards, k);
+            counter_add(&c->st->discards, k);
+            const struct wire_frame f = { .kind = WIRE_DISCARD, .count = (uint32_t)k, .start = p };
             p += k;
-            if (q.frames == TXQ_FRAMES && (rc = flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why)))
+            if ((rc = push_frame(&s, f, NULL, 0)))
                 return rc;
         }
     }
-    return flush(&q, l, NULL, 0, stop_fd, idle_ms, st, why);
+    return flush(&s);
+}
+
+/* -- entry points by position (dataplane.h) ------------------------------- */
+
+int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
+                   int stop_fd, const char **why)
+{
+    const dst_placer_t c = { d, l, rx, accept, idle_ms };
+    return replies ? dst_reply_placer(&c, stop_fd, why) : dst_bulk_placer(&c, stop_fd, why);
+}
+
+int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
+                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
+                   const char **why)
+{
+    const src_server_t c = { { base, pages, txl, idle_ms, NULL, st }, rxl, rx, notes };
+    return src_request_server(&c, stop_fd, why);
+}
+
+int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
+                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
+                  int stop_fd, const char **why)
+{
+    const src_sender_t c = { base, pages, l, idle_ms, pace, st };
+    return src_stream_runs(&c, runs, n, flags, stop_fd, why);
+}
+
+int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
+                      int idle_ms, send_stats_t *st, int stop_fd, const char **why)
+{
+    const src_sender_t c = { 0, pages, l, idle_ms, NULL, st };
+    return src_stream_discards(&c, runs, n, stop_fd, why);
 }

@@ -7,6 +7,12 @@
  * calls into Python.  It returns one of enum loop_end, or -errno with *why
  * naming the operation (or, for -EBADMSG and -ENOMSG, what the peer got wrong:
  * a malformed frame, or one out of order; see wire_check).
+ *
+ * Each loop takes a context struct, filled by its trio task or a C harness
+ * and only read by the loop, then its stop eventfd and *why (the two
+ * arguments migrate/loops.py's run_native adds).  The entry points at the
+ * end take the same values in a row, for callers that pass them so.
+ * Histograms and the clock: stats.h.
  */
 
 enum loop_end {
@@ -26,18 +32,8 @@ typedef struct {
     uint64_t end;   /* one past the last byte received */
 } rxbuf_t;
 
-/* Durations in log-linear buckets (8 per power of two of nanoseconds), the
- * layout of the vCPUs' stall histograms: migrate/metrics.py reads both. */
-#define HIST_BUCKETS 512
-typedef struct {
-    uint64_t count;
-    uint64_t total_ns;
-    uint64_t max_ns;
-    uint64_t buckets[HIST_BUCKETS];
-} hist_t;
-
 /* One placing loop's counters (bulk placer, or reply placer): written by that
- * loop alone, read by anyone while it runs (native/counter.h says how). */
+ * loop alone, read by anyone while it runs (native/common.h says how). */
 typedef struct {
     uint64_t pages;      /* pages newly placed (a replaced page counts each time) */
     uint64_t zero_pages; /* of which as zero pages */
@@ -83,20 +79,29 @@ typedef struct {
     fault_stats_t faults; /* the fault reader's */
 } dst_plane_t;
 
-/* Destination, bulk placer and reply placer: receive page frames on fd and
- * place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame, the stop
- * eventfd, EOF, or idle_ms of silence while pages are owed (always on the
- * bulk stream; on replies, while requests are unanswered), or a frame begun
- * and not whole within idle_ms (a peer dripping bytes is never silent).  accept is the
- * mask of frame kinds the connection's protocol state allows (wire_check):
- * DISCARD frames and REPLACE flags only before switchover, while no vCPU runs
- * here; after it they are a protocol error, as dropping a page could lose
- * what a vCPU wrote.  Reads through l. */
-int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
-                   int stop_fd, const char **why);
+/* A placer's context: the bulk placer's, or the reply placer's. */
+typedef struct {
+    dst_plane_t *plane;
+    link_t *link;    /* the connection the page frames arrive on (read) */
+    rxbuf_t *rx;     /* its receive buffer */
+    uint32_t accept; /* the frame kinds its protocol state allows (wire_check) */
+    int idle_ms;
+} dst_placer_t;
+
+/* Destination, bulk placer and reply placer: receive page frames on the
+ * link and place them (UFFDIO_COPY / UFFDIO_ZEROPAGE) until a control frame,
+ * the stop eventfd, EOF, or idle_ms of silence while pages are owed (always
+ * on the bulk stream; on replies, while requests are unanswered), or a frame
+ * begun and not whole within idle_ms (a peer dripping bytes is never silent).
+ * DISCARD frames and REPLACE flags only before switchover (accept says when),
+ * while no vCPU runs here; after it they are a protocol error, as dropping a
+ * page could lose what a vCPU wrote.  The reply placer also counts what its
+ * replies answer and times each request's hops. */
+int dst_bulk_placer(const dst_placer_t *c, int stop_fd, const char **why);
+int dst_reply_placer(const dst_placer_t *c, int stop_fd, const char **why);
 
 /* Destination, fault reader: read faults from the uffd in batches and send
- * one request per batch on fd, runs of span pages from each faulting page. */
+ * one request per batch on l, runs of span pages from each faulting page. */
 int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int stop_fd,
                    const char **why);
 
@@ -127,16 +132,8 @@ typedef struct {
     hist_t held;       /* request server only: request received -> reply sent */
 } send_stats_t;
 
-/* Source, request server: receive requests on rx_fd, answer each from guest
- * memory on tx_fd (zero runs as WIRE_ZEROS, pages sent straight from the
- * stopped guest), note it for the streamer.  Until the stop eventfd, a
- * control frame or EOF; idle_ms bounds a reply the destination does not read. */
-int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
-                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
-                   const char **why);
-
 /* The streamer's token bucket (--max-bandwidth): owned by the streamer task
- * alone and handed to every src_send_runs() call, so the budget carries over
+ * alone and handed to every src_stream_runs() call, so the budget carries over
  * from one window to the next (and the pause between two windows, while
  * Python picks the next one, is made up for, up to the bucket's depth).  The
  * request server never has one: replies are never capped.  Tokens are bytes
@@ -155,18 +152,52 @@ typedef struct {
     uint64_t waited_ns; /* their total length */
 } pacer_t;
 
-/* Source, streamer: send the n runs straight from guest memory on l, as
- * page and zero frames with flags (0, or WIRE_REPLACE for a precopy round
- * after the first), no faster than the pacer lets (NULL: no cap).  Returns 0
- * once all are sent. */
+/* A sending loop's context: the streamer's, or the request server's replies. */
+typedef struct {
+    uint64_t base;     /* the guest's memory, read only */
+    uint64_t pages;
+    link_t *link;      /* the connection the frames leave on (written) */
+    int idle_ms;       /* bounds a send the peer does not read */
+    pacer_t *pace;     /* NULL: no cap (the request server's, always) */
+    send_stats_t *st;
+} src_sender_t;
+
+/* Source, streamer: send the n runs straight from guest memory, as page and
+ * zero frames with flags (0, or WIRE_REPLACE for a precopy round after the
+ * first), no faster than the pacer lets.  Returns 0 once all are sent. */
+int src_stream_runs(const src_sender_t *c, const struct wire_run *runs, uint64_t n, uint32_t flags,
+                    int stop_fd, const char **why);
+
+/* Source, at a hybrid switchover: one DISCARD frame per run (never paced).
+ * Returns 0 once all are sent. */
+int src_stream_discards(const src_sender_t *c, const struct wire_run *runs, uint64_t n, int stop_fd,
+                        const char **why);
+
+/* The request server's context. */
+typedef struct {
+    src_sender_t replies; /* the guest, the replies connection and the server's counters */
+    link_t *requests;     /* the requests connection (read) */
+    rxbuf_t *rx;          /* its receive buffer */
+    note_ring_t *notes;   /* answered requests, for the streamer */
+} src_server_t;
+
+/* Source, request server: receive requests, answer each from guest memory
+ * on the replies connection (zero runs as WIRE_ZEROS, pages sent straight
+ * from the stopped guest), note it for the streamer.  Until the stop
+ * eventfd, a control frame or EOF; idle_ms bounds a reply the destination
+ * does not read. */
+int src_request_server(const src_server_t *c, int stop_fd, const char **why);
+
+/* Entry points by position, for callers that pass each value on its own
+ * (migrate/source.py and migrate/destination.py): each fills its loop's
+ * context above and runs the loop.  replies picks the reply placer. */
+int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
+                   int stop_fd, const char **why);
+int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
+                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
+                   const char **why);
 int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
                   uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
                   int stop_fd, const char **why);
-
-/* Source, at a hybrid switchover: one DISCARD frame per run on l.
- * Returns 0 once all are sent. */
 int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
                       int idle_ms, send_stats_t *st, int stop_fd, const char **why);
-
-/* CLOCK_MONOTONIC in ns: the clock of every stamp. */
-uint64_t mono_ns(void);

@@ -9,8 +9,8 @@
 #include "kernel.h"
 #include "wire.h"
 #include "dirty.h"
+#include "common.h"
 
-#define PAGE WIRE_PAGE_SIZE
 /* Regions one PAGEMAP_SCAN call may return; the walk resumes at walk_end. */
 #define SCAN_VEC 512
 

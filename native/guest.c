@@ -11,10 +11,11 @@
 #include <unistd.h>
 
 #include "wire.h"
+#include "stats.h"
 #include "guest.h"
-#include "counter.h"
+#include "common.h"
 
-#define WORDS_PER_PAGE (WIRE_PAGE_SIZE / 8)
+#define WORDS_PER_PAGE (PAGE / 8)
 #define ZERO_EXTENT_PAGES 32
 /* Only an access slower than this pays for a getrusage() (about 0.25 µs
  * here), which tells whether the thread slept during it.  Below it: cache
@@ -46,20 +47,13 @@ static inline uint64_t below(uint64_t r32, uint64_t n)
     return (r32 * n) >> 32;
 }
 
-static inline uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 /* Timed accesses read the TSC directly: cheaper than clock_gettime(), and a
  * fault still shows in full (the access completes only after it). */
 #if defined(__x86_64__) || defined(__i386__)
 #include <x86intrin.h>
 static inline uint64_t ticks(void) { return __rdtsc(); }
 #else
-static inline uint64_t ticks(void) { return now_ns(); }
+static inline uint64_t ticks(void) { return mono_ns(); }
 #endif
 
 static double ns_per_tick = 1.0;
@@ -68,8 +62,8 @@ static pthread_once_t calibrated = PTHREAD_ONCE_INIT;
 
 static void calibrate(void)
 {
-    uint64_t t0 = now_ns(), c0 = ticks(), t1;
-    while ((t1 = now_ns()) - t0 < 2000000) /* 2 ms, once per process, before a vCPU starts */
+    uint64_t t0 = mono_ns(), c0 = ticks(), t1;
+    while ((t1 = mono_ns()) - t0 < 2000000) /* 2 ms, once per process, before a vCPU starts */
         ;
     uint64_t c1 = ticks();
     ns_per_tick = c1 > c0 ? (double)(t1 - t0) / (double)(c1 - c0) : 1.0;
@@ -91,7 +85,7 @@ void guest_fill(uint64_t base, uint64_t first, uint64_t count, uint64_t seed, ui
         if (splitmix(~seed ^ (p / ZERO_EXTENT_PAGES)) % 1000 < zero_permille)
             continue;
         uint64_t h = splitmix(seed ^ (p << 16));
-        uint64_t *w = (uint64_t *)(uintptr_t)(base + p * WIRE_PAGE_SIZE);
+        uint64_t *w = (uint64_t *)(uintptr_t)(base + p * PAGE);
         for (uint64_t i = 0; i < WORDS_PER_PAGE; i++)
             w[i] = splitmix(h + i);
     }
@@ -102,15 +96,6 @@ void vcpu_init(vcpu_state_t *st, uint64_t seed, uint32_t index)
     st->prng = splitmix(seed * 0x100000001B3ULL + index) | 1; /* xorshift state must be nonzero */
     st->steps = 0;
     st->acc = 0;
-}
-
-static unsigned bucket_of(uint64_t ns)
-{
-    if (ns < 8)
-        return (unsigned)ns;
-    unsigned msb = 63 - (unsigned)__builtin_clzll(ns);
-    unsigned b = msb * 8 + (unsigned)((ns >> (msb - 3)) & 7);
-    return b < STALL_BUCKETS ? b : STALL_BUCKETS - 1;
 }
 
 /* Voluntary context switches of this thread so far.
@@ -156,10 +141,7 @@ static unsigned qemu_bucket_of(uint64_t ns)
 
 static void record_stall(stall_stats_t *s, uint64_t ns)
 {
-    counter_add(&s->count, 1);
-    counter_add(&s->total_ns, ns);
-    counter_max(&s->max_ns, ns);
-    counter_add(&s->buckets[bucket_of(ns)], 1);
+    hist_add(&s->hist, ns);
     counter_add(&s->qemu_dist[qemu_bucket_of(ns)], 1);
 }
 
@@ -175,15 +157,6 @@ static void gate_wait(int *gate)
         syscall(SYS_futex, gate, FUTEX_WAIT_PRIVATE, 0, NULL, NULL, 0);
 }
 
-/* When the vCPU stopped, on this host's monotonic clock: the only clock downtime is read on here
- * (the destination gets the time since the stop, never a time of day to compare with its own). */
-static uint64_t stop_clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-}
-
 int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
              vcpu_state_t *st, uint64_t max_steps, uint64_t rate,
              int *stop, stall_stats_t *stalls, int *gate)
@@ -194,11 +167,11 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
         gate_wait(gate);
     if (count == 0)
         return 0;
-    uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * WIRE_PAGE_SIZE);
+    uint64_t *mem = (uint64_t *)(uintptr_t)(base + first * PAGE);
     uint64_t hot = count / 10 ? count / 10 : 1;
     uint64_t prng = st->prng, steps = st->steps, acc = st->acc;
     __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
-    uint64_t start = now_ns(), start_steps = steps, last = 0, last_page = UINT64_MAX;
+    uint64_t start = mono_ns(), start_steps = steps, last = 0, last_page = UINT64_MAX;
     /* Only the first access to a page can fault, so only accesses that change
      * page are timed (one clock read each, reusing the previous one when the
      * step before was timed too).  A slow access is a stall when this thread
@@ -274,7 +247,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
              * request is seen promptly even at a few accesses per second. */
             uint64_t due = start + (steps - start_steps) * 1000000000ULL / rate, t;
             int napped = 0;
-            while ((t = now_ns()) < due && !__atomic_load_n(stop, __ATOMIC_RELAXED)) {
+            while ((t = mono_ns()) < due && !__atomic_load_n(stop, __ATOMIC_RELAXED)) {
                 uint64_t nap = due - t < 10000000ULL ? due - t : 10000000ULL;
                 struct timespec ts = { 0, (long)nap };
                 nanosleep(&ts, NULL);
@@ -289,7 +262,9 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
     st->steps = steps;
     st->acc = acc;
     __atomic_store_n(&stalls->steps_live, steps, __ATOMIC_RELAXED);
-    __atomic_store_n(&stalls->stopped_at_ns, stop_clock_ns(), __ATOMIC_RELAXED);
+    /* On this host's monotonic clock: the destination gets the time since the stop, never a time of
+     * day to compare with its own. */
+    __atomic_store_n(&stalls->stopped_at_ns, mono_ns(), __ATOMIC_RELAXED);
     return 0;
 }
 
@@ -312,7 +287,7 @@ void guest_read_pages(uint64_t src, void *dst, uint64_t npages, uint8_t *is_zero
     uint64_t *d = dst;
     for (uint64_t p = 0; p < npages; p++, s += WORDS_PER_PAGE, d += WORDS_PER_PAGE) {
         uint64_t any = 0;
-        for (int i = 0; i < WORDS_PER_PAGE; i++)
+        for (uint64_t i = 0; i < WORDS_PER_PAGE; i++)
             any |= d[i] = s[i];
         is_zero[p] = any == 0;
     }

@@ -6,8 +6,6 @@
  * on the destination any access may sleep in a userfaultfd fault.
  */
 
-#define STALL_BUCKETS 512
-
 /* A vCPU's whole CPU state: what migrate-src sends at switchover. */
 typedef struct {
     uint64_t prng;   /* xorshift64* state */
@@ -19,11 +17,7 @@ typedef struct {
  * accesses during which the thread slept in the kernel (see vcpu_run). */
 #define QEMU_DIST_BUCKETS 24
 typedef struct {
-    uint64_t count;
-    uint64_t total_ns;
-    uint64_t max_ns;
-    /* Log-linear: 8 sub-buckets per power of two of nanoseconds. */
-    uint64_t buckets[STALL_BUCKETS];
+    hist_t hist; /* the durations (stats.h: the loops' histogram layout) */
     /* The same stalls in QEMU's postcopy-latency-dist layout (QEMU 10.1,
      * query-migrate): bucket N counts waits of [2^N, 2^(N+1)) µs, bucket 0
      * also holds those under 1 µs and the last one everything longer. */

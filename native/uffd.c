@@ -12,8 +12,7 @@
 
 #include "wire.h"
 #include "uffd.h"
-
-#define PAGE ((uint64_t)WIRE_PAGE_SIZE)
+#include "common.h"
 
 int uffd_open(int *syscall_errno, int *device_errno)
 {

@@ -152,6 +152,35 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
         src_guest.close()
 
 
+async def test_the_loops_by_context_struct_are_the_loops_by_position(side: Side) -> None:
+    """dst_bulk_placer and src_stream_runs, their contexts filled with ffi.new as a trio task would,
+    do what dst_place_loop and src_send_runs do (the positional entry points fill the same structs)."""
+    spec = GuestSpec(pages=PAGES, vcpus=1, workload=Workload.uniform, zero_permille=300)
+    src_guest = Guest(spec, fill=True)
+    stats = ffi.new("send_stats_t *")
+    array = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
+    ours, theirs = pair()
+    theirs.setblocking(False)
+    try:
+        with ours, theirs, trio.fail_after(30):
+            # A struct holds pointers only: what they point to is kept alive here, for the loops' lifetime.
+            bulk_in, bulk_out = link(ours), link(theirs)
+            placer = ffi.new("dst_placer_t *", {"plane": side.plane, "link": bulk_in, "rx": side.conn.rx,
+                                                "accept": side.conn.accepts, "idle_ms": 60_000})
+            sender = ffi.new("src_sender_t *", {"base": src_guest.base, "pages": PAGES, "link": bulk_out,
+                                                "idle_ms": 60_000, "pace": ffi.NULL, "st": stats})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(run_native, lib.dst_bulk_placer, placer, peer="source"))
+                await run_native(lib.src_stream_runs, sender, array, 1, 0, peer="destination")
+                await trio.lowlevel.wait_readable(side.done)
+                nursery.cancel_scope.cancel()
+        assert side.plane.bulk.pages == stats.pages == PAGES and side.plane.urgent.frames == 0
+        assert 0 < side.plane.bulk.zero_pages == stats.zero_pages < PAGES
+        assert await trio.to_thread.run_sync(side.guest.digest) == await trio.to_thread.run_sync(src_guest.digest)
+    finally:
+        src_guest.close()
+
+
 @contextmanager
 def flowing(sock: socket.socket, chunk: bytes | None, for_s: float = 3.0) -> Iterator[None]:
     """A peer whose data never pauses: a thread keeps ``sock`` full of ``chunk`` over and over (whole

@@ -1,12 +1,19 @@
 """Latency histograms: the Python buckets read the C vCPUs' buckets the same way."""
 
-from migrate._native import lib
+from migrate._native import ffi, lib
 from migrate.metrics import (BUCKETS, QEMU_DIST_BUCKETS, Histogram, StallHistogram, bucket_of, bucket_upper_ns,
                              qemu_bucket_of)
 
 
 def test_python_and_c_histograms_share_a_layout() -> None:
-    assert BUCKETS == lib.STALL_BUCKETS
+    assert BUCKETS == lib.HIST_BUCKETS
+    assert ffi.typeof(ffi.new("stall_stats_t *").hist) is ffi.typeof("hist_t")  # the vCPUs' stalls too
+    h = ffi.new("hist_t *")
+    for ns in [0, 7, 8, 9, 15, 16, 1000, 12_345, 10**6, 10**9, 2**63]:
+        before = h.buckets[bucket_of(ns)]
+        lib.hist_add(h, ns)  # native/stats.c: the one C definition
+        assert h.buckets[bucket_of(ns)] == before + 1
+    assert h.count == 11 and h.max_ns == 2**63
 
 
 def test_buckets_are_monotonic_and_bound_their_values() -> None:

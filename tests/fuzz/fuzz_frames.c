@@ -3,10 +3,10 @@
  * next_frame in native/dataplane.c) and what they do with what they read,
  * driven through the real loops in one thread:
  *
- *   destination  dst_place_loop, bulk or replies, over a small guest region
+ *   destination  dst_bulk_placer or dst_reply_placer, over a small guest region
  *                registered with a real userfaultfd (UFFDIO_COPY,
  *                UFFDIO_ZEROPAGE and MADV_DONTNEED happen for real)
- *   source       src_serve_loop over a small guest, whose replies are
+ *   source       src_request_server over a small guest, whose replies are
  *                parsed back and checked against its memory
  *
  * The loops read and write through a stand-in for native/link.c (this file's
@@ -42,12 +42,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "stats.h"
 #include "uffd.h"
 #include "guest.h"
 #include "wire.h"
 #include "link.h"
 #include "dataplane.h"
 #include "dirty.h"
+#include "common.h"
 
 #define CHECK(cond)                                                                          \
     do {                                                                                     \
@@ -57,9 +59,7 @@
         }                                                                                    \
     } while (0)
 
-#define PAGE WIRE_PAGE_SIZE
 #define GUEST_PAGES 260 /* a little over one largest run */
-#define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
 /* The receive buffers migrate/protocol/connection.py gives each end: two largest frames. */
 #define DST_CAP (2 * FRAME_MAX)
 #define SRC_CAP (2 * (WIRE_FRAME_SIZE + WIRE_MAX_CONTROL))
@@ -272,7 +272,8 @@ static void run_destination(const uint8_t *cfg)
     link_t l = { .fd = ready_fd };
     const char *why = NULL;
 
-    int rc = dst_place_loop(&plane, replies, accept, &l, &rx, IDLE_MS, stop_fd, &why);
+    const dst_placer_t c = { &plane, &l, &rx, accept, IDLE_MS };
+    int rc = replies ? dst_reply_placer(&c, stop_fd, &why) : dst_bulk_placer(&c, stop_fd, &why);
     check_end(rc, why, &rx, accept);
 
     const place_stats_t *me = replies ? &plane.urgent : &plane.bulk;
@@ -315,7 +316,8 @@ static void run_source(const uint8_t *cfg)
     notes.head = notes.tail = 0;
     const char *why = NULL;
 
-    int rc = src_serve_loop(src_base, pages, &rxl, &rx, &txl, IDLE_MS, &st, &notes, stop_fd, &why);
+    const src_server_t c = { { src_base, pages, &txl, IDLE_MS, NULL, &st }, &rxl, &rx, &notes };
+    int rc = src_request_server(&c, stop_fd, &why);
     check_end(rc, why, &rx, 1u << WIRE_REQUEST | 1u << WIRE_CONTROL);
     /* Every reply went whole, and is what was counted. */
     CHECK(sent.have == 0 && sent.payload == 0);

@@ -4,12 +4,12 @@
  * with the threads the real processes run (native/dataplane.c), each loop
  * stopped as its trio owner stops it, through its own stop eventfd.
  *
- *   source       streamer        src_send_runs, window after window (paced),
+ *   source       streamer        src_stream_runs, window after window (paced),
  *                                taking the request server's notes between
  *                                windows, then a control frame (SourceDone's place)
- *                request server  src_serve_loop: requests -> replies
- *   destination  placer          dst_place_loop on the bulk stream: ends at the control frame
- *                reply placer    dst_place_loop on the replies
+ *                request server  src_request_server: requests -> replies
+ *   destination  bulk placer     dst_bulk_placer on the bulk stream: ends at the control frame
+ *                reply placer    dst_reply_placer on the replies
  *                fault reader    dst_fault_loop: uffd -> requests
  *                vCPU            vcpu_run (native/guest.c) on the first half of the guest
  *                reader          reads the second half in a scrambled order, each
@@ -41,16 +41,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "stats.h"
 #include "uffd.h"
 #include "guest.h"
 #include "wire.h"
 #include "link.h"
 #include "dataplane.h"
 #include "dirty.h"
+#include "common.h"
 #include "selfsigned.h"
 
-#define PAGE WIRE_PAGE_SIZE
-#define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
 #define WINDOW 64 /* pages the streamer sends between two looks at the notes */
 #define IDLE_MS 30000
 
@@ -123,15 +123,16 @@ static dst_t dst;
 static void *placer(void *arg)
 {
     loop_t *l = arg;
-    l->rc = dst_place_loop(&dst.plane, 0, dst.accept, &dst.bulk, &dst.bulk_rx, IDLE_MS, l->stop_fd, &l->why);
+    const dst_placer_t c = { &dst.plane, &dst.bulk, &dst.bulk_rx, dst.accept, IDLE_MS };
+    l->rc = dst_bulk_placer(&c, l->stop_fd, &l->why);
     return NULL;
 }
 
 static void *reply_placer(void *arg)
 {
     loop_t *l = arg;
-    l->rc = dst_place_loop(&dst.plane, 1, dst.accept, &dst.replies, &dst.replies_rx, IDLE_MS, l->stop_fd,
-                           &l->why);
+    const dst_placer_t c = { &dst.plane, &dst.replies, &dst.replies_rx, dst.accept, IDLE_MS };
+    l->rc = dst_reply_placer(&c, l->stop_fd, &l->why);
     return NULL;
 }
 
@@ -182,8 +183,9 @@ static src_t src;
 static void *server(void *arg)
 {
     loop_t *l = arg;
-    l->rc = src_serve_loop(src_base, pages, &src.requests, &src.requests_rx, &src.replies, IDLE_MS, &src.served,
-                           &src.notes, l->stop_fd, &l->why);
+    const src_server_t c = { { src_base, pages, &src.replies, IDLE_MS, NULL, &src.served }, &src.requests,
+                             &src.requests_rx, &src.notes };
+    l->rc = src_request_server(&c, l->stop_fd, &l->why);
     return NULL;
 }
 
@@ -212,13 +214,13 @@ static void *streamer(void *arg)
     loop_t *l = arg;
     uint64_t windows = (pages + WINDOW - 1) / WINDOW;
     struct wire_run noted[256];
+    const src_sender_t c = { src_base, pages, &src.bulk, IDLE_MS, &src.pace, &src.stream };
     for (uint64_t i = 0; i < windows; i++) {
         uint64_t w = (i * 13) % windows;
         if (windows % 13 == 0)
             w = i;
         struct wire_run run = { w * WINDOW, pages - w * WINDOW < WINDOW ? pages - w * WINDOW : WINDOW };
-        l->rc = src_send_runs(src_base, pages, &src.bulk, &run, 1, 0, &src.pace, IDLE_MS, &src.stream,
-                              l->stop_fd, &l->why);
+        l->rc = src_stream_runs(&c, &run, 1, 0, l->stop_fd, &l->why);
         if (l->rc)
             return NULL;
         int n;
@@ -403,7 +405,7 @@ static void migrate_once(uint64_t seed, int tls)
            "%llu -EEXIST, %llu vCPU stalls, %llu vCPU steps\n",
            tls ? "TLS" : "plaintext", (unsigned long long)pages, (unsigned long long)d->bulk.pages, (unsigned long long)d->urgent.pages,
            (unsigned long long)d->faults.faults, (unsigned long long)d->faults.requests,
-           (unsigned long long)(d->bulk.eexist + d->urgent.eexist), (unsigned long long)dst.stalls.count,
+           (unsigned long long)(d->bulk.eexist + d->urgent.eexist), (unsigned long long)dst.stalls.hist.count,
            (unsigned long long)dst.vcpu.steps);
     CHECK(d->faults.faults > 0);
     CHECK(!tls || src.bulk.rekeys > 0);

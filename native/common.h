@@ -1,6 +1,7 @@
 /*
- * Counters with one writer and many readers, C only (cffi never reads this
- * file).
+ * What every native file shares, C only (cffi never reads this file): the
+ * page size and the largest frame as the code writes them, and counters with
+ * one writer and many readers.  The clock and the histogram: stats.h.
  *
  * A loop's or a vCPU's statistics are written by that thread alone and read
  * by others while it runs: Python's progress line and watchdog (through cffi,
@@ -16,10 +17,16 @@
  * whether a silence is a lost link) are added to with sequentially
  * consistent read-modify-writes instead: see add() in dataplane.c.
  */
-#ifndef UFFD_MIGRATE_COUNTER_H
-#define UFFD_MIGRATE_COUNTER_H
+#ifndef UFFD_MIGRATE_COMMON_H
+#define UFFD_MIGRATE_COMMON_H
 
 #include <stdint.h>
+
+/* The page the wire carries and the guest is made of (wire.h), 64 bits wide
+ * so that page arithmetic never overflows an int. */
+#define PAGE ((uint64_t)WIRE_PAGE_SIZE)
+/* The largest frame on the wire: a header and a longest run of pages. */
+#define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
 
 /* *c += n, by the counter's only writer. */
 static inline void counter_add(uint64_t *c, uint64_t n)
