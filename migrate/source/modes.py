@@ -14,6 +14,7 @@ planner it does no I/O: the phases in ``migration.py`` and the drivers ask it.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 from .. import protocol as p
@@ -22,7 +23,7 @@ from .planner import Next, Pages, SwitchoverPlan
 
 
 @dataclass(frozen=True)
-class Mode:
+class Mode(abc.ABC):
     """What every mode has: its name on the wire and the stream's order.
 
     Args:
@@ -52,17 +53,17 @@ class Mode:
         """Whether this migration asks the kernel what the guest writes (rounds, or working-set order)."""
         return self.rounds or self.working_set
 
+    @abc.abstractmethod
     def switchover(self, started: bool | None, first_known: bool) -> SwitchoverPlan:
         """The switchover to send: ``started`` is None the first time, else what Resume said.
 
         ``first_known``: the working set was already measured (a switchover
         sent again does not measure it twice).
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, pages: int, discarded: int, copied: int) -> str:
         """The log line's end once the switchover is sent."""
-        raise NotImplementedError
 
 
 class Postcopy(Mode):
