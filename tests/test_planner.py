@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 
 from migrate import protocol as p
-from migrate.source.config import StreamOrder
-from migrate.source.modes import Hybrid, Mode, Postcopy, Precopy
+from migrate.guest import GuestSpec
+from migrate.source.config import SourceConfig, StreamOrder
+from migrate.source.modes import Hybrid, Mode, Postcopy, Precopy, choose
 from migrate.source.planner import NOT_CONVERGING, Next, Pages, RoundPlanner, SwitchoverPlan, Why
 
 PAGE = 4096
@@ -143,8 +144,7 @@ def test_a_last_round_still_ends_at_max_rounds_first() -> None:
 
 # -- the switchover plans ------------------------------------------------------------------------------
 def mode(kind: type[Mode], order: StreamOrder = StreamOrder.address) -> Mode:
-    wire = {Postcopy: p.Mode.postcopy, Hybrid: p.Mode.hybrid, Precopy: p.Mode.precopy}[kind]
-    return kind(wire, order)
+    return kind(order)
 
 
 def test_postcopy_sends_only_the_cpu_state_then_streams_every_page() -> None:
@@ -177,6 +177,13 @@ def test_precopy_copies_the_final_set_and_what_is_absent_with_the_vcpus_stopped_
 def test_a_switchover_the_destination_confirmed_is_never_sent_again(kind: type[Mode]) -> None:
     assert mode(kind, StreamOrder.working_set).switchover(True, False) == SwitchoverPlan(send=False,
                                                                                          stream=(Pages.ABSENT,))
+
+
+def test_choose_reads_the_mode_and_the_stream_order() -> None:
+    spec = GuestSpec(pages=16, vcpus=1)
+    for wire, kind in ((p.Mode.postcopy, Postcopy), (p.Mode.hybrid, Hybrid), (p.Mode.precopy, Precopy)):
+        cfg = SourceConfig("127.0.0.1", 0, spec, mode=wire, stream_order=StreamOrder.working_set)
+        assert choose(cfg) == kind(StreamOrder.working_set) and choose(cfg).wire is wire
 
 
 def test_what_each_mode_tracks_and_does_when_rounds_stop_converging() -> None:

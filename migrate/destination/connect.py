@@ -96,9 +96,9 @@ class Connector:
                 with trio.fail_at(deadline):
                     return await self._open_once(channel)
             except trio.TooSlowError:
+                hint = "is it busy with other connections? see its log; raise --connect-timeout"
                 raise PeerError(f"the source at {self.where} did not complete the handshake in "
-                                f"{backoff.elapsed():.3g} s ({backoff.attempts} attempts)",
-                                hint="is it busy with other connections? see its log; raise --connect-timeout") from None
+                                f"{backoff.elapsed():.3g} s ({backoff.attempts} attempts)", hint=hint) from None
             except PeerGone as exc:
                 if backoff.exhausted:
                     raise PeerGone(f"{exc} (gave up after {backoff.attempts} attempts in {backoff.elapsed():.3g} s)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .. import protocol as p
 from .config import SourceConfig, StreamOrder
@@ -24,18 +25,17 @@ from .planner import Next, Pages, SwitchoverPlan
 
 @dataclass(frozen=True)
 class Mode(abc.ABC):
-    """What every mode has: its name on the wire and the stream's order.
+    """What every mode has: its name on the wire, and the order the postcopy stream sends pages in.
 
     Args:
-        wire: the mode the destination learns from GuestInfo.
         order: what the postcopy stream sends first.
     """
 
-    wire: p.Mode
-    order: StreamOrder
+    order: StreamOrder = StreamOrder.address
 
-    rounds = False  # precopy rounds while the guest runs here
-    when_stuck = Next.SWITCH_OVER  # what the rounds lead to when they stop converging
+    wire: ClassVar[p.Mode]  # the mode the destination learns from GuestInfo
+    rounds: ClassVar[bool] = False  # precopy rounds while the guest runs here
+    when_stuck: ClassVar[Next] = Next.SWITCH_OVER  # what the rounds lead to when they stop converging
 
     @property
     def working_set(self) -> bool:
@@ -69,6 +69,8 @@ class Mode(abc.ABC):
 class Postcopy(Mode):
     """Switch over at once; every page follows, on demand and by the stream."""
 
+    wire = p.Mode.postcopy
+
     def switchover(self, started: bool | None, first_known: bool) -> SwitchoverPlan:
         if started:
             return SwitchoverPlan(send=False, stream=(Pages.ABSENT,))
@@ -82,6 +84,7 @@ class Postcopy(Mode):
 class Hybrid(Mode):
     """Precopy rounds; at the stop the destination drops what was written since the last scan; postcopy brings it."""
 
+    wire = p.Mode.hybrid
     rounds = True
     when_stuck = Next.DISCARD_ROUND
 
@@ -101,6 +104,7 @@ class Hybrid(Mode):
 class Precopy(Mode):
     """Precopy rounds, then the rest with the vCPUs stopped: the destination resumes with every page present."""
 
+    wire = p.Mode.precopy
     rounds = True
 
     def switchover(self, started: bool | None, first_known: bool) -> SwitchoverPlan:
@@ -114,5 +118,5 @@ class Precopy(Mode):
 
 def choose(cfg: SourceConfig) -> Mode:
     """The mode ``cfg`` asks for: the one place that reads ``cfg.mode`` and ``cfg.stream_order``."""
-    kind = {p.Mode.postcopy: Postcopy, p.Mode.hybrid: Hybrid, p.Mode.precopy: Precopy}[cfg.mode]
-    return kind(cfg.mode, cfg.stream_order)
+    kind = next(kind for kind in (Postcopy, Hybrid, Precopy) if kind.wire is cfg.mode)
+    return kind(cfg.stream_order)

@@ -63,7 +63,8 @@ class Sender:
         a frame cut part-way marks the link cut.
         """
         await run_native(lib.src_send_runs, self.base, self.pages, bulk.link, array, count,
-                         lib.WIRE_REPLACE if replace else 0, self.pacer if paced else ffi.NULL, self.idle_ms, self.stats, peer=bulk.peer)
+                         lib.WIRE_REPLACE if replace else 0, self.pacer if paced else ffi.NULL, self.idle_ms,
+                         self.stats, peer=bulk.peer)
 
     async def send_discards(self, bulk: FrameSocket, array: Any, count: int) -> None:
         """Tells the destination to drop the ``count`` runs of ``array`` (DISCARD frames, no payload).
