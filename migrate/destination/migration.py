@@ -141,7 +141,7 @@ class Destination:
 
     async def _receive_rounds(self, links: Links) -> p.CpuState:
         """Places each round until the CPU state (the protocol's state allows only what may come next)."""
-        bulk, c = links.bulk, self.plane.c
+        bulk = links.bulk
         # Before the first round the source runs its guest for --run-before: bounded by
         # --switchover-timeout (a vanished host is noticed sooner: see wire.tune).  Between rounds
         # it only scans (milliseconds): silence then means a lost link.
@@ -156,12 +156,12 @@ class Destination:
                 return event
             assert isinstance(event, p.Round)
             self.rounds_received = max(self.rounds_received, event.number)
-            discarded_before = c.bulk.discarded
+            discarded_before = self.statistics().pages_discarded
             self.progress.update(f"round {event.number}: {event.pages} pages"
                                  + (" (switchover)" if event.final else ""))
             await self.plane.run_placer(bulk)  # until the next control frame: RoundEnd, or the CpuState after the final
             if event.final:
-                self.discarded_at_switchover = c.bulk.discarded - discarded_before
+                self.discarded_at_switchover = self.statistics().pages_discarded - discarded_before
             event = await bulk.receive()
             if isinstance(event, p.RoundEnd):
                 await bulk.send(p.RoundAck(event.number))
@@ -181,7 +181,7 @@ class Destination:
         # the loops start a vCPU can only wait in a fault, and nothing places or drops a page.
         present = guest.present_pages()
         self.plane.rebase(present)
-        pages = self.plane.c.pages
+        pages = self.plane.pages
         self.missing_at_switchover = pages - present
         if self.mode is p.Mode.precopy and self.missing_at_switchover:
             # Never seen: the source sends every page before the CPU state, and the placer has
@@ -204,7 +204,7 @@ class Destination:
         deadline: float | None = None  # of the recovery under way: progress resets it
         async with trio.open_nursery() as watching:
             watching.start_soon(self._watchdog, guest)
-            while plane.placed_pages < plane.c.pages:  # else precopy, or nothing was written after the last round
+            while plane.placed_pages < plane.pages:  # else precopy, or nothing was written after the last round
                 placed_before = plane.placed_pages
                 try:
                     async with trio.open_nursery() as nursery:
@@ -219,7 +219,7 @@ class Destination:
                     failure = lost_link(exc)
                     if failure is None:
                         raise  # a bug, a local failure or a protocol violation: never taken for a lost link
-                    if plane.placed_pages == plane.c.pages:
+                    if plane.placed_pages == plane.pages:
                         break  # a link broke as the last page arrived: nothing is missing
                 links, deadline = await self._recover(guest, links, failure, placed_before, deadline, "")
             watching.cancel_scope.cancel()
@@ -238,10 +238,10 @@ class Destination:
         if deadline is None or plane.placed_pages > placed_before:
             deadline = trio.current_time() + self.cfg.reconnect_timeout
         log.warning("lost the source %s(%s) with %d of %d pages here; reconnecting for up to %g s", when,
-                    failure, plane.placed_pages, plane.c.pages, self.cfg.reconnect_timeout)
+                    failure, plane.placed_pages, plane.pages, self.cfg.reconnect_timeout)
 
         def how_far() -> str:
-            placed, total = plane.placed_pages, plane.c.pages
+            placed, total = plane.placed_pages, plane.pages
             return (f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
                     "stopped here and its memory is incomplete")
 

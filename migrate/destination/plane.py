@@ -59,6 +59,11 @@ class Plane:
         os.close(self.c.done_fd)
 
     @property
+    def pages(self) -> int:
+        """The guest's size, which the pages present must reach."""
+        return self.c.pages
+
+    @property
     def placed_pages(self) -> int:
         """Pages present, by the counters: what the kernel held at switchover, plus placements since.
 
