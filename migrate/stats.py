@@ -242,3 +242,55 @@ class SourceStats(SideStats):
     guest_steps_per_s: GuestPace
     switchover: Switchover
     first_window: FirstWindow | None  # None: the stream sent nothing after the switchover
+
+
+@dataclass(frozen=True)
+class SourceCounters:
+    """A running source's counters at one instant, as ``statistics()`` reads them from the native loops.
+
+    Not part of the metrics JSON: the progress line, the stream's timeline
+    and the final ``SourceStats`` are all made from these snapshots, so the
+    live figures and the final ones cannot disagree.
+    """
+
+    pages_streamed: int  # by the rounds, the stop-and-copy and the stream
+    bytes_streamed: int
+    pages_discarded: int  # DISCARD frames' pages
+    pages_requested: int  # sent by the request server
+    bytes_urgent: int
+    requests: int
+    notes_dropped: int  # served runs the streamer never heard of (a full ring): duplicates at worst
+    pacer_waits: int
+    pacer_waited_ns: int
+
+
+@dataclass(frozen=True)
+class DestinationCounters:
+    """A running destination's counters at one instant, as ``statistics()`` reads them from the native loops.
+
+    Not part of the metrics JSON: the progress line, the placed-pages
+    timeline and the final ``DestinationStats`` are all made from these
+    snapshots.  ``pages_placed`` is what is present, by the counters (see
+    ``Destination.statistics``).
+    """
+
+    pages_total: int
+    pages_placed: int
+    pages_placed_bulk: int
+    pages_placed_urgent: int
+    bytes_bulk: int
+    bytes_urgent: int
+    bytes_requests: int
+    eexist_bulk: int
+    eexist_urgent: int
+    zero_pages: int
+    pages_replaced: int
+    pages_discarded: int
+    faults: int
+    requests: int
+    pages_requested: int
+
+    @property
+    def eexist(self) -> int:
+        """Pages the kernel already had when asked to place them: races it absorbed."""
+        return self.eexist_bulk + self.eexist_urgent

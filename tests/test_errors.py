@@ -50,20 +50,21 @@ def test_a_bug_beside_our_errors_is_raised_whole_and_an_interrupt_wins() -> None
 class _Plane:
     """A destination whose loops are stand-ins: each places every page, then fails with ``exc``."""
 
-    def __init__(self, exc: Exception) -> None:
+    def __init__(self, exc: Exception, done: int) -> None:
         self.dst = Destination(DestinationConfig("127.0.0.1", 1))
-        self.dst.plane.pages = 8
+        plane = self.dst.plane
+        plane.c.pages, plane.c.done_fd = 8, done
         self.exc = exc
 
         async def place_all_then_fail(_: object) -> None:
-            self.dst.plane.bulk.pages = 8
+            plane.c.bulk.pages = 8
             raise self.exc
 
         async def idle(*_: object) -> None:
             await trio.sleep_forever()
 
-        self.dst._placer = place_all_then_fail  # type: ignore[method-assign]
-        self.dst._fault_reader = self.dst._request_channel = self.dst._watch_progress = idle  # type: ignore
+        plane.placer = place_all_then_fail  # type: ignore[method-assign]
+        plane.fault_reader = plane.reply_placer = self.dst._watch_progress = self.dst._watchdog = idle  # type: ignore
 
 
 async def test_once_every_page_is_here_only_a_lost_link_is_forgiven() -> None:
@@ -71,11 +72,11 @@ async def test_once_every_page_is_here_only_a_lost_link_is_forgiven() -> None:
     done = os.eventfd(0, os.EFD_NONBLOCK)
     links = SimpleNamespace(bulk=None, requests=None, replies=None)
     try:
-        side = _Plane(PeerError("gone"))
-        assert await side.dst._postcopy(None, links, done, 0.0) is links  # type: ignore[arg-type]
-        side = _Plane(ValueError("bug"))
+        side = _Plane(PeerError("gone"), done)
+        assert await side.dst._postcopy(None, links, 0.0) is links  # type: ignore[arg-type]
+        side = _Plane(ValueError("bug"), done)
         with pytest.raises(ExceptionGroup) as caught:
-            await side.dst._postcopy(None, links, done, 0.0)  # type: ignore[arg-type]
+            await side.dst._postcopy(None, links, 0.0)  # type: ignore[arg-type]
         assert caught.group_contains(ValueError, match="bug")
     finally:
         os.close(done)

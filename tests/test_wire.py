@@ -12,7 +12,7 @@ from helpers import drip, hostile
 from migrate import protocol as p
 from migrate.errors import PeerError, PeerGone, printable
 from migrate.protocol import codec
-from migrate.source import _drained
+from migrate.source.streamer import drained
 from migrate.wire import FrameSocket, connect, family_of, format_address, is_loopback, parse_address
 
 
@@ -87,7 +87,7 @@ async def test_the_end_of_the_stream_waits_while_the_destination_takes_it_and_no
         fs = SimpleNamespace(sock=ours, peer="destination x")
         t0 = trio.current_time()
         with trio.fail_after(5), pytest.raises(PeerError, match="took none of the stream's last"):
-            await _drained(fs, 0.5)
+            await drained(fs, 0.5)
         assert trio.current_time() - t0 >= 0.5
 
         async def slow_reader() -> None:
@@ -97,7 +97,7 @@ async def test_the_end_of_the_stream_waits_while_the_destination_takes_it_and_no
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow_reader)
             with trio.fail_after(30):
-                await _drained(fs, 0.5)  # returns once every byte was acknowledged, however long that took
+                await drained(fs, 0.5)  # returns once every byte was acknowledged, however long that took
             nursery.cancel_scope.cancel()
 
 

@@ -1,0 +1,362 @@
+"""migrate-dst's phases: join, the rounds (if any), switch over, postcopy, close, run after, verify, statistics.
+
+Each phase is a method named for it; connecting is ``connect.py``'s job, the
+native loops ``plane.py``'s.  A lost link before the switchover or during
+postcopy is recovered from the same way: close, reconnect, tell the source
+what the kernel still lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from .. import protocol as p
+from .._native import lib
+from ..errors import MigrateError, PeerError, RemoteProtocolError, lost_link
+from ..guest import Guest, GuestSpec, Workload, replay
+from ..metrics import Histogram, StallHistogram, rss_mib
+from ..progress import Progress, placed_line
+from ..stats import DestinationCounters, DestinationStats, Hops, Recovery
+from ..uffd import PAGE_SIZE, Userfaultfd
+from .config import DestinationConfig
+from .connect import Connector, Links
+from .plane import Plane
+
+log = logging.getLogger(__package__)
+
+# Samples of the placed-pages curves kept for plots: bounded, one per interval.
+TIMELINE_INTERVAL = 0.1
+MAX_TIMELINE = 10_000
+
+
+class Destination:
+    """The destination side of one migration."""
+
+    def __init__(self, cfg: DestinationConfig) -> None:
+        self.cfg = cfg
+        self.connector = Connector(cfg)
+        self.plane = Plane(cfg.idle_ms, cfg.prefetch)
+        self.progress = Progress()
+        self.timeline: list[tuple[float, int, int]] = []  # (seconds since switchover, bulk pages, urgent pages)
+        self.recoveries: list[Recovery] = []
+        self.mode = p.Mode.postcopy
+        self.started = False  # the CPU state arrived and the vCPUs run: the switchover is done
+        self.rounds_received = 0
+        self.missing_at_switchover = 0
+        self.discarded_at_switchover = 0
+        self._switchover_deadline = 0.0  # trio's clock: the source must begin migrating by then
+
+    def statistics(self) -> DestinationCounters:
+        """The native loops' counters now: the progress line, the timeline and the final statistics read these."""
+        return self.plane.statistics()
+
+    async def run(self) -> DestinationStats:
+        """Migrates the guest in, lets it run, and returns its statistics.
+
+        **Cancellation**: stops the native loops through their eventfds and
+        waits for them, and asks the vCPUs to stop; a vCPU asleep in a fault
+        stays asleep, as the userfaultfd is never closed while a page may be
+        missing (it would read as zeros).  The process is expected to exit.
+        """
+        t_connect = time.monotonic()
+        uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
+        guest, links = await self._join(uffd)
+        try:
+            cpu, links = await self._until_switchover(guest, links)
+            downtime_ms, t_switch = self._switch_over(guest, cpu, time.monotonic_ns(), links)
+            links = await self._postcopy(guest, links, t_switch)
+        except BaseException:
+            # Never close the uffd and let vCPUs go on: a missing page would read as
+            # zeros.  Those asleep in a fault stay asleep until the process exits.
+            guest.request_stop()
+            raise
+        placement_s = time.monotonic() - t_switch
+        steps_placed = guest.live_steps_each()  # where the vCPUs were as the last page arrived
+        guest.time_stalls(False)  # every page is present: no access can stall any more
+        self.progress.finish()
+        now = self.statistics()
+        log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
+                 now.pages_placed, placement_s, now.faults, now.requests, now.eexist)
+        await self._close(links, {"pages_placed": now.pages_placed, "faults": now.faults, "eexist": now.eexist})
+        self.plane.detach()
+        await self._run_after(guest, uffd)
+        steps, stalls = guest.steps(), guest.stalls()
+        rss = rss_mib()  # before the replay, which maps a second guest for the proof
+        verified = await self._verify(guest, steps)
+        guest.close()
+        return self._final_statistics(guest.spec, now, verified=verified, downtime_ms=downtime_ms,
+                                      placement_s=placement_s, connect_s=time.monotonic() - t_connect,
+                                      steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss)
+
+    async def _join(self, uffd: Userfaultfd) -> tuple[Guest, Links]:
+        """Opens the session (its bulk connection learns the guest), maps and registers the guest, opens the
+        other two connections, and readies the vCPUs to resume."""
+        deadline = trio.current_time() + self.cfg.connect_timeout
+        bulk = await self.connector.open(p.Channel.BULK, deadline)
+        self._switchover_deadline = trio.current_time() + self.cfg.switchover_timeout
+        try:
+            info = await bulk.expect(p.GuestInfo, within=self.cfg.link_timeout)  # follows the Welcome
+        except BaseException:
+            bulk.close()
+            raise
+        self.connector.info = info
+        spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
+                         zero_permille=info.zero_permille, rate=info.rate)
+        self.mode = info.mode
+        guest = Guest(spec, fill=False)
+        uffd.register(guest.base, spec.size)
+        self.plane.attach(uffd.fd, guest.base, spec.pages)
+        links = await self.connector.open_links(bulk, deadline)
+        log.info("guest of %d pages (%d MiB), %d vCPUs, %s; %s migration; waiting for %s",
+                 spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name, self.mode.name,
+                 "switchover" if self.mode is p.Mode.postcopy else "the precopy rounds")
+        # Until every page is here, any access may stall; in precopy none can.
+        guest.time_stalls(self.mode is not p.Mode.precopy)
+        guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
+        return guest, links
+
+    async def _until_switchover(self, guest: Guest, links: Links) -> tuple[p.CpuState, Links]:
+        """Before switchover: places the precopy rounds (if any) until the CPU state arrives.
+
+        Returns the CPU state and the live links.  A lost link reconnects with
+        ``Resume(started=False)``: the source then sends the round under way
+        again, or the whole switchover.
+
+        **Cancellation**: stops the placer through its eventfd and waits for it.
+        """
+        deadline: float | None = None
+        while True:
+            placed_before = self.plane.placed_pages
+            try:
+                return await self._receive_rounds(links), links
+            except trio.TooSlowError:
+                failure: object = "the link went silent between rounds"
+            except Exception as exc:  # as in postcopy: only a lost link is recovered from
+                if (failure := lost_link(exc)) is None:
+                    raise
+            links, deadline = await self._recover(guest, links, failure, placed_before, deadline,
+                                                  "before switchover ")
+
+    async def _receive_rounds(self, links: Links) -> p.CpuState:
+        """Places each round until the CPU state (the protocol's state allows only what may come next)."""
+        bulk = links.bulk
+        # Before the first round the source runs its guest for --run-before: bounded by
+        # --switchover-timeout (a vanished host is noticed sooner: see wire.tune).  Between rounds
+        # it only scans (milliseconds): silence then means a lost link.
+        with trio.move_on_at(self._switchover_deadline) as wait:
+            event = await bulk.receive()
+        if wait.cancelled_caught:
+            raise MigrateError(f"the source did not begin the migration within {self.cfg.switchover_timeout:g} s "
+                               "of the connection", hint="raise --switchover-timeout above the source's "
+                                                         "--run-before")
+        while True:
+            if isinstance(event, p.CpuState):
+                return event
+            assert isinstance(event, p.Round)
+            self.rounds_received = max(self.rounds_received, event.number)
+            discarded_before = self.statistics().pages_discarded
+            self.progress.update(f"round {event.number}: {event.pages} pages"
+                                 + (" (switchover)" if event.final else ""))
+            await self.plane.run_placer(bulk)  # until the next control frame: RoundEnd, or the CpuState after the final
+            if event.final:
+                self.discarded_at_switchover = self.statistics().pages_discarded - discarded_before
+            event = await bulk.receive()
+            if isinstance(event, p.RoundEnd):
+                await bulk.send(p.RoundAck(event.number))
+                with trio.fail_after(self.cfg.link_timeout):
+                    event = await bulk.receive()
+
+    def _switch_over(self, guest: Guest, cpu: p.CpuState, received_ns: int, links: Links) -> tuple[float, float]:
+        """Resumes the vCPUs from the CPU state, which arrived at ``received_ns`` (``time.monotonic_ns()``);
+        returns the downtime (ms) and when (time.monotonic())."""
+        guest.import_state(list(cpu.vcpus))
+        guest.release()  # in postcopy before any page has arrived: every first touch faults
+        here_ms = (time.monotonic_ns() - received_ns) / 1e6
+        t_switch = time.monotonic()
+        self.started = True
+        # Completion from here on: what the kernel holds now (after every discard), plus what the
+        # loops place (they never discard after switchover, and the kernel never places a page
+        # twice).  Asked after the release, outside the downtime (one walk, ~2 ms per GiB): until
+        # the loops start a vCPU can only wait in a fault, and nothing places or drops a page.
+        present = guest.present_pages()
+        self.plane.rebase(present)
+        pages = self.plane.pages
+        self.missing_at_switchover = pages - present
+        if self.mode is p.Mode.precopy and self.missing_at_switchover:
+            # Never seen: the source sends every page before the CPU state, and the placer has
+            # placed every frame before it. Should it happen, the postcopy path fetches the
+            # pages on demand (never a page read as zeros), and the metrics show the faults.
+            log.error("precopy switchover with %d pages missing; fetching them on demand",
+                      self.missing_at_switchover)
+        # Each host's part on its own clock, and the crossing as half the kernel's smoothed round
+        # trip: no two clocks compared, so an offset between the hosts' clocks cannot enter it.
+        there_ms, wire_ms = cpu.stopped_ns_ago / 1e6, lib.link_rtt_us(links.bulk.sock.fileno()) / 2e3
+        downtime_ms = there_ms + wire_ms + here_ms
+        log.info("vCPUs running again %.2f ms after the source stopped them (%.2f ms there, %.2f ms on the "
+                 "wire, %.2f ms here); %d of %d pages present", downtime_ms, there_ms, wire_ms, here_ms,
+                 self.plane.placed_pages, pages)
+        return downtime_ms, t_switch
+
+    async def _postcopy(self, guest: Guest, links: Links, t_switch: float) -> Links:
+        """Places pages until all are there, reconnecting when a link breaks; returns the live links.
+
+        **Cancellation**: stops the native loops (each through its eventfd) and
+        waits for them; the guest's vCPUs stay where they are.
+        """
+        plane = self.plane
+        deadline: float | None = None  # of the recovery under way: progress resets it
+        async with trio.open_nursery() as watching:
+            watching.start_soon(self._watchdog, guest)
+            while plane.placed_pages < plane.pages:  # else precopy, or nothing was written after the last round
+                placed_before = plane.placed_pages
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(plane.placer, links.bulk)
+                        nursery.start_soon(plane.fault_reader, links.requests)
+                        nursery.start_soon(plane.reply_placer, links.replies)
+                        nursery.start_soon(self._watch_progress, t_switch, guest)
+                        await plane.wait_done()
+                        nursery.cancel_scope.cancel()
+                    break
+                except Exception as exc:
+                    failure = lost_link(exc)
+                    if failure is None:
+                        raise  # a bug, a local failure or a protocol violation: never taken for a lost link
+                    if plane.placed_pages == plane.pages:
+                        break  # a link broke as the last page arrived: nothing is missing
+                links, deadline = await self._recover(guest, links, failure, placed_before, deadline, "")
+            watching.cancel_scope.cancel()
+        return links
+
+    async def _recover(self, guest: Guest, links: Links, failure: object, placed_before: int,
+                       deadline: float | None, when: str) -> tuple[Links, float]:
+        """Closes the lost links, reconnects, and tells the source what the kernel still lacks.
+
+        One deadline per outage: it restarts only once pages arrived since the
+        last loss, so a link that keeps failing at once cannot loop for ever.
+        """
+        links.close()
+        self.progress.finish()
+        plane = self.plane
+        if deadline is None or plane.placed_pages > placed_before:
+            deadline = trio.current_time() + self.cfg.reconnect_timeout
+        log.warning("lost the source %s(%s) with %d of %d pages here; reconnecting for up to %g s", when,
+                    failure, plane.placed_pages, plane.pages, self.cfg.reconnect_timeout)
+
+        def how_far() -> str:
+            placed, total = plane.placed_pages, plane.pages
+            return (f"{placed} of {total} pages ({100 * placed / total:.1f}%) had arrived; the guest is "
+                    "stopped here and its memory is incomplete")
+
+        links, reconnect_s = await self.connector.reconnect(deadline, how_far)
+        # The kernel's page tables, after every discard so far, are the whole record of what is missing.
+        runs = guest.absent_runs()
+        missing = sum(n for _, n in runs)
+        for i in range(0, max(len(runs), 1), p.MAX_RESUME_RUNS):
+            await links.bulk.send(p.Resume(tuple(runs[i:i + p.MAX_RESUME_RUNS]),
+                                           more=i + p.MAX_RESUME_RUNS < len(runs), started=self.started))
+        if self.started:
+            # What a vCPU waits for is its own state (per vCPU, not per page): no record of what was asked
+            # before is needed to ask again.
+            pages = sorted({page for _, _, page in guest.stuck(0)})
+            await plane.ask_again(pages, links.requests)
+            if pages:
+                log.info("asked again for the %d pages vCPUs are waiting on", len(pages))
+        self.recoveries.append(Recovery(reconnect_s=round(reconnect_s, 3), pages_missing=missing))
+        log.info("reconnected after %.2f s; the kernel lacks %d pages in %d runs, asked the source for them",
+                 reconnect_s, missing, len(runs))
+        return links, deadline
+
+    async def _close(self, links: Links, counters: dict[str, float]) -> None:
+        """Tells the source every page is here, then waits for it to close first.
+
+        DestDone goes after the last request, on the requests connection, whose
+        only reader at the source is the request server.  The source closes its
+        connections once it has read DestDone; closing ours only after that
+        means our close can never look like a lost link to it.  Bounded by
+        ``link_timeout``.
+        """
+        try:
+            await links.requests.send(p.DestDone(counters))
+            with trio.move_on_after(self.cfg.link_timeout):
+                while True:  # stream frames still in flight are duplicates: skip them
+                    await links.bulk.receive()
+        except (PeerError, RemoteProtocolError):
+            pass  # closed, as expected
+        links.close()
+
+    async def _run_after(self, guest: Guest, uffd: Userfaultfd) -> None:
+        """Lets the guest run here for ``--run-after``, then stops it."""
+        await trio.sleep(self.cfg.run_after)
+        await trio.to_thread.run_sync(guest.stop)
+        uffd.close()  # safe only now: every page is present, none can read as zeros
+
+    async def _verify(self, guest: Guest, steps: list[int]) -> bool | None:
+        """With ``--verify``: whether the guest's memory and state equal a replay of ``steps`` without migration."""
+        if not self.cfg.verify:
+            return None
+        log.info("verifying: replaying %s steps without migration", steps)
+        digest = await trio.to_thread.run_sync(guest.digest)
+        want_digest, want_state = await trio.to_thread.run_sync(replay, guest.spec, steps)
+        return digest == want_digest and guest.export_state() == want_state
+
+    async def _watchdog(self, guest: Guest) -> None:
+        """Names any vCPU stuck in one access (a fault) for longer than the threshold."""
+        limit = self.cfg.watchdog
+        while True:
+            await trio.sleep(limit)
+            for index, seconds, page in guest.stuck(int(limit * 1e9)):
+                log.warning("watchdog: vCPU %d has waited %.1f s for page %d (address %#x)", index, seconds, page,
+                            guest.base + page * PAGE_SIZE)
+
+    async def _watch_progress(self, t0: float, guest: Guest) -> None:
+        """Samples the placed-pages timeline and redraws the progress line, from ``statistics()``."""
+        def line() -> str:  # built only when drawn (a terminal), and once more by finish() for the final figures
+            now, elapsed = self.statistics(), max(time.monotonic() - t0, 1e-9)
+            return placed_line(now.pages_placed, now.pages_total, now.pages_placed * PAGE_SIZE / elapsed / 1e6,
+                               now.faults / elapsed, guest.stalls().percentile_us(0.5), now.eexist)
+
+        while True:
+            now = self.statistics()
+            if len(self.timeline) < MAX_TIMELINE:
+                self.timeline.append((round(time.monotonic() - t0, 3), now.pages_placed_bulk,
+                                      now.pages_placed_urgent))
+            self.progress.update(line)
+            await trio.sleep(TIMELINE_INTERVAL)
+
+    def _final_statistics(self, spec: GuestSpec, now: DestinationCounters, *, verified: bool | None,
+                          downtime_ms: float, placement_s: float, connect_s: float, steps: list[int],
+                          steps_placed: list[int], stalls: StallHistogram, rss: float) -> DestinationStats:
+        """The metrics, from the counters as the last page arrived (``now``) and the guest's own figures."""
+        urgent = self.plane.c.urgent
+        return DestinationStats(
+            mode=self.mode.name, precopy_rounds=self.rounds_received,
+            pages_missing_at_switchover=self.missing_at_switchover,
+            pages_replaced=now.pages_replaced, pages_discarded=now.pages_discarded,
+            pages_discarded_at_switchover=self.discarded_at_switchover,
+            placements=now.pages_placed_bulk + now.pages_placed_urgent,
+            bytes_total=now.bytes_bulk + now.bytes_urgent + now.bytes_requests,
+            pages_total=spec.pages, pages_placed=now.pages_placed, verified=verified,
+            downtime_ms=round(downtime_ms, 3), total_s=round(placement_s, 3),
+            connect_to_done_s=round(connect_s, 3),
+            bytes_bulk=now.bytes_bulk, bytes_urgent=now.bytes_urgent, bytes_requests=now.bytes_requests,
+            stream_gbps=round(now.bytes_bulk / max(placement_s, 1e-3) / 1e9, 3),
+            faults=now.faults, requests=now.requests, pages_requested=now.pages_requested,
+            eexist=now.eexist, eexist_bulk=now.eexist_bulk, eexist_urgent=now.eexist_urgent,
+            pages_placed_bulk=now.pages_placed_bulk, pages_placed_urgent=now.pages_placed_urgent,
+            zero_pages=now.zero_pages,
+            vcpu_stall_us=stalls.summary(), fault_service_us=Histogram.from_c(urgent.service).summary(),
+            hops_us=Hops(fault_to_request=Histogram.from_c(self.plane.c.faults.to_send).summary(),
+                         network=Histogram.from_c(urgent.network).summary(),
+                         source_held=Histogram.from_c(urgent.held).summary(),
+                         reply_to_placed=Histogram.from_c(urgent.place).summary()),
+            vcpu_steps=tuple(steps), vcpu_steps_at_placed=tuple(steps_placed), rss_mib=rss,
+            guest_mib=spec.size / 2**20, workload=spec.workload.name, vcpus=spec.vcpus,
+            recoveries=tuple(self.recoveries), connect_attempts=self.connector.attempts,
+            tls=self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
+            tls_rekeys=self.cfg.tls.rekeys if self.cfg.tls else 0,
+            placed_timeline=tuple(self.timeline),
+        )

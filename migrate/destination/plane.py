@@ -1,0 +1,141 @@
+"""The destination's data plane: its three native loops, each owned by a trio task, and their counters.
+
+- the *placer* places whatever the bulk stream brings (and, in a round,
+  replaces or discards the runs the source names);
+- the *fault reader* asks the source for every faulting page, duplicates
+  included (a duplicate costs one page of bandwidth and comes back as an
+  "already present" page, counted as a race the kernel absorbed);
+- the *reply placer* places the replies to those requests.
+
+Counters live in one C struct (``dst_plane_t``), each written by one loop
+only; ``statistics()`` reads them all at one instant.  Completion: at
+switchover the kernel says how many pages are present (``rebase``); from then
+on the loops count what they place, and signal the done eventfd when the
+pages present reach the guest's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from .. import protocol as p
+from .._native import ffi, lib
+from ..loops import CONTROL, run_native
+from ..stats import DestinationCounters
+from ..wire import FrameSocket
+
+log = logging.getLogger(__package__)
+
+
+class Plane:
+    """The native loops' shared view of the guest, their counters, and the tasks that run them.
+
+    Args:
+        idle_ms: how long a loop may wait for the peer while pages are owed.
+        prefetch: neighbours the fault reader asks for after each faulting page.
+    """
+
+    def __init__(self, idle_ms: int, prefetch: int) -> None:
+        self.c = ffi.new("dst_plane_t *")  # each counter written by one loop only
+        self.idle_ms = idle_ms
+        self.prefetch = prefetch
+
+    def attach(self, uffd: int, base: int, pages: int) -> None:
+        """Points the loops at the guest and its userfaultfd, and opens the done eventfd, signalled once every
+        page is present (``wait_done``)."""
+        c = self.c
+        c.uffd, c.base, c.pages = uffd, base, pages
+        c.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+    async def wait_done(self) -> None:
+        """Returns once the loops have signalled that every page is present."""
+        await trio.lowlevel.wait_readable(self.c.done_fd)
+
+    def detach(self) -> None:
+        """Closes the done eventfd: every page is present, no loop runs."""
+        os.close(self.c.done_fd)
+
+    @property
+    def pages(self) -> int:
+        """The guest's size, which the pages present must reach."""
+        return self.c.pages
+
+    @property
+    def placed_pages(self) -> int:
+        """Pages present, by the counters: what the kernel held at switchover, plus placements since.
+
+        Before switchover: every placement (a replaced page counts each time).
+        """
+        c = self.c
+        return c.present_base + c.bulk.pages + c.urgent.pages - c.placed_base
+
+    def rebase(self, present: int) -> None:
+        """At switchover: ``present`` pages are there (the kernel says, after every discard); from now on
+        completion counts placements, which the kernel never makes twice.  Signals from the rounds
+        (every page was present then) say nothing about now: drained."""
+        c = self.c
+        try:
+            os.eventfd_read(c.done_fd)
+        except BlockingIOError:
+            pass
+        c.present_base = present
+        c.placed_base = c.bulk.pages + c.urgent.pages
+
+    def statistics(self) -> DestinationCounters:
+        """The loops' counters now: what the progress line, the timeline and the final statistics show."""
+        c = self.c
+        bulk, urgent, faults = c.bulk, c.urgent, c.faults
+        return DestinationCounters(
+            pages_total=c.pages, pages_placed=self.placed_pages, pages_placed_bulk=bulk.pages,
+            pages_placed_urgent=urgent.pages, bytes_bulk=bulk.bytes, bytes_urgent=urgent.bytes,
+            bytes_requests=faults.bytes, eexist_bulk=bulk.eexist, eexist_urgent=urgent.eexist,
+            zero_pages=bulk.zero_pages + urgent.zero_pages, pages_replaced=bulk.replaced,
+            pages_discarded=bulk.discarded, faults=faults.faults, requests=faults.requests,
+            pages_requested=faults.pages_requested)
+
+    async def run_placer(self, fs: FrameSocket, replies: bool = False) -> int:
+        """Runs the native placer on ``fs`` for the frames its protocol state allows; returns how it ended
+        (``CONTROL``: a control frame is next).
+
+        **Cancellation**: stops the placer through its eventfd and waits for it.
+        """
+        return await run_native(lib.dst_place_loop, self.c, int(replies), fs.conn.accepts, fs.link, fs.conn.rx,
+                                self.idle_ms, peer=fs.peer)
+
+    async def placer(self, bulk: FrameSocket) -> None:
+        """Runs the native placer on the bulk stream until the source says it is complete (SourceDone).
+
+        **Cancellation**: stops the placer through its eventfd and waits for it.
+        """
+        if await self.run_placer(bulk) == CONTROL:
+            await bulk.expect(p.SourceDone)  # the only control frame the stream allows; an Error raises
+
+    async def fault_reader(self, requests: FrameSocket) -> None:
+        """Runs the native fault reader: every batch of faults becomes one request, at once.
+
+        **Cancellation**: stops it through its eventfd and waits for it.
+        """
+        await run_native(lib.dst_fault_loop, self.c, requests.link, self.idle_ms, 1 + self.prefetch,
+                         peer=requests.peer)
+
+    async def reply_placer(self, replies: FrameSocket) -> None:
+        """Runs the native reply placer on the replies connection.
+
+        **Cancellation**: stops it through its eventfd and waits for it.
+        """
+        if await self.run_placer(replies, replies=True) == CONTROL:
+            await replies.receive()  # the replies allow no control frame: an Error, or a protocol error, raises
+
+    async def ask_again(self, pages: list[int], requests: FrameSocket) -> None:
+        """After a reconnection: asks at once for ``pages``, the ones vCPUs are blocked on (their faults were
+        read before the link broke).  No loop runs now: this task may write the fault reader's counters."""
+        c = self.c
+        # Requests of the lost links will never be answered: owe only what is asked from now on.
+        c.urgent.owed_base = max(0, c.faults.pages_requested - c.urgent.answered)
+        for i in range(0, len(pages), p.MAX_REQUEST_RUNS):
+            batch = pages[i:i + p.MAX_REQUEST_RUNS]
+            c.faults.pages_requested += len(batch)
+            await requests.send(p.PageRequest(tuple((page, 1) for page in batch), lib.mono_ns()))
