@@ -115,7 +115,7 @@ def draw(metrics: dict[str, Any], out: str) -> None:
               title=f"vCPU stalls ({stall.get('count', 0)} accesses waited for a page)")
 
     heading = (f"{metrics.get('guest_mib', 0):.0f} MiB, {metrics.get('vcpus', '?')} vCPUs, "
-               f"{metrics.get('workload', '?')}: downtime {metrics.get('downtime_ms', 0):.1f} ms, "
+               f"{metrics.get('workload', '?')}: downtime {metrics.get('downtime_ms') or 0:.1f} ms, "
                f"memory in {metrics.get('total_s', 0):.2f} s, {metrics.get('faults', 0)} faults")
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout()

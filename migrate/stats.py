@@ -189,7 +189,7 @@ class DestinationStats(SideStats):
     bytes_total: int
     pages_placed: int
     verified: bool | None  # None: not checked (no --verify)
-    downtime_ms: float
+    downtime_ms: float | None  # as the source measured it (None: a lost link took its answer)
     total_s: float
     connect_to_done_s: float
     bytes_requests: int

@@ -34,7 +34,8 @@ def print_summary(m: DestinationStats, out: IO[str]) -> None:
         *([f"precopy          {m.precopy_rounds} rounds, {m.pages_replaced} pages replaced, "
            f"{m.pages_discarded_at_switchover} discarded at switchover"] if m.mode != "postcopy" else []),
         f"pages placed     {m.pages_placed}/{m.pages_total} ({m.zero_pages} as zero pages)",
-        f"downtime         {m.downtime_ms:.2f} ms (source vCPUs stopped → running here)",
+        f"downtime         {m.downtime_ms:.2f} ms (source vCPUs stopped → running here, on the source's clock)"
+        if m.downtime_ms is not None else "downtime         unknown (a lost link took the source's figure)",
         f"memory arrived   in {m.total_s:.2f} s, {mib:.0f} MiB on the bulk channel ({m.stream_gbps:.2f} GB/s)",
         f"faults           {m.faults} in {m.requests} requests, {m.bytes_urgent / 2**20:.1f} MiB urgent",
         f"vCPU stalls      {stall.count} accesses waited for a page, p50 {stall.p50:.0f} µs, "

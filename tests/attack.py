@@ -985,7 +985,7 @@ class Peer:
         return bytes(count * p.PAGE_SIZE)
 
     def cpu_state(self) -> p.CpuState:
-        return p.CpuState(((1, 0, 0),) * VCPUS, 0)
+        return p.CpuState(((1, 0, 0),) * VCPUS)
 
     def event(self, label: str) -> p.Event:
         """A well-formed message of TABLE's ``label`` (proofs aside, which come after the order's check)."""
@@ -1015,6 +1015,10 @@ class Peer:
             return p.Resume((), started=True)
         if label.startswith("Resume("):
             return p.Resume(())
+        if label == "Running":
+            return p.Running()
+        if label == "Downtime":
+            return p.Downtime(0)
         if label == "SourceDone":
             return p.SourceDone(0)
         if label == "DestDone":
@@ -1074,7 +1078,7 @@ class FakeSource(Peer):
         return bytes(ffi.buffer(ffi.cast("char *", self.guest.base + start * p.PAGE_SIZE), count * p.PAGE_SIZE))
 
     def cpu_state(self) -> p.CpuState:
-        return p.CpuState(self.states, 0)
+        return p.CpuState(self.states)
 
     async def listen(self) -> tuple[str, int]:
         if self.ns is not None:
@@ -1222,6 +1226,7 @@ class FakeSource(Peer):
         if self.case.mode is Mode.postcopy:
             await self.tap(BULK, State.AWAITING_CPU, bulk)
             await bulk.send(self.cpu_state())
+            await self._reported(bulk)
             return absent if resume is not None else [(0, PAGES)]
         await self.tap(BULK, State.BETWEEN_ROUNDS, bulk)
         self.round += 1
@@ -1240,7 +1245,15 @@ class FakeSource(Peer):
         else:
             await self._send_runs(bulk, self.final_set, replace=True)
         await bulk.send(self.cpu_state())
+        await self._reported(bulk)
         return list(self.final_set) if self.case.mode is Mode.hybrid else []
+
+    async def _reported(self, bulk: Link) -> None:
+        """The destination's report that its vCPUs run, and the downtime in answer (as migrate-src)."""
+        await self.tap(BULK, State.STARTING, bulk)
+        await bulk.expect(p.Running)
+        await self.tap(BULK, State.REPORTED, bulk)
+        await bulk.send(p.Downtime(0))
 
     async def _send_runs(self, link: Link, runs: list[tuple[int, int]], replace: bool = False,
                          echo: int = 0, tap: State | None = None) -> None:
@@ -1517,6 +1530,10 @@ class FakeDestination(Peer):
                     elif isinstance(event, p.CpuState):
                         self.cpu, self.started = event, True
                         self.cpu_event.set()
+                        await self.tap(BULK, State.STARTING, bulk)
+                        await bulk.send(p.Running())  # as migrate-dst, once its vCPUs run
+                        await self.tap(BULK, State.REPORTED, bulk)
+                    elif isinstance(event, p.Downtime):
                         if self.info.mode is not Mode.postcopy:
                             await self.tap(BULK, State.STREAMING, bulk)
                         await self._cut(State.STREAMING)

@@ -132,7 +132,9 @@ def conversation(to: p.State, pages: int = 100) -> tuple[p.Connection, p.Connect
     else:
         steps = handshake(p.Channel.BULK, b"") + [(S, info)] * (to is not p.State.DESCRIBING)
         steps += {p.State.ROUND: [(S, p.Round(1, pages))], p.State.FINAL_ROUND: [(S, p.Round(1, pages, final=True))],
-                  p.State.STREAMING: [(S, p.CpuState(((1, 2, 3),), 0))]}.get(to, [])
+                  p.State.STARTING: [(S, p.CpuState(((1, 2, 3),)))],
+                  p.State.REPORTED: [(S, p.CpuState(((1, 2, 3),))), (D, p.Running())],
+                  p.State.STREAMING: [(S, p.CpuState(((1, 2, 3),))), (D, p.Running()), (S, p.Downtime(1))]}.get(to, [])
     src, dst = p.Connection(S, info), p.Connection(D, info if to in joined else None)
     for who, event in steps:
         sender, receiver = (src, dst) if who is S else (dst, src)

@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from migrate import cli
+from migrate import protocol as p
 from migrate.destination import Destination, DestinationConfig
 from migrate.errors import PeerError, RemoteProtocolError, UffdError, lost_link
 
@@ -47,6 +48,18 @@ def test_a_bug_beside_our_errors_is_raised_whole_and_an_interrupt_wins() -> None
         cli._run_trio(_raise_all, PeerError("gone"), KeyboardInterrupt())
 
 
+class _Bulk:
+    """The bulk connection's stand-in: it takes the report that the vCPUs run; its state says the
+    source's answer was read."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.conn = SimpleNamespace(state=p.State.STREAMING)
+
+    async def send(self, event: object) -> None:
+        self.sent.append(event)
+
+
 class _Plane:
     """A destination whose loops are stand-ins: each places every page, then fails with ``exc``."""
 
@@ -56,7 +69,7 @@ class _Plane:
         plane.c.pages, plane.c.done_fd = 8, done
         self.exc = exc
 
-        async def place_all_then_fail(_: object) -> None:
+        async def place_all_then_fail(*_: object) -> None:
             plane.c.bulk.pages = 8
             raise self.exc
 
@@ -70,10 +83,11 @@ class _Plane:
 async def test_once_every_page_is_here_only_a_lost_link_is_forgiven() -> None:
     """A link breaking as the last page arrives does not matter; a bug at that moment is never swallowed."""
     done = os.eventfd(0, os.EFD_NONBLOCK)
-    links = SimpleNamespace(bulk=None, requests=None, replies=None)
+    links = SimpleNamespace(bulk=_Bulk(), requests=None, replies=None)
     try:
         side = _Plane(PeerError("gone"), done)
         assert await side.dst._postcopy(None, links, 0.0) is links  # type: ignore[arg-type]
+        assert links.bulk.sent == [p.Running()]  # the report that the vCPUs run goes first
         side = _Plane(ValueError("bug"), done)
         with pytest.raises(ExceptionGroup) as caught:
             await side.dst._postcopy(None, links, 0.0)  # type: ignore[arg-type]

@@ -242,7 +242,8 @@ SKEWS = {
 
 @pytest.mark.parametrize("skew", list(SKEWS))
 async def test_downtime_never_compares_the_two_hosts_clocks(tmp_path: Path, skew: str) -> None:
-    """The source runs with a skewed clock: the downtime is still what the guest saw, well under 500 ms."""
+    """The source runs with a skewed clock: the downtime is still what the guest saw, well under 500 ms
+    (it is read on the source's clock alone: its vCPUs' stop to the destination's report)."""
     wrapper = SKEWS[skew]
     if shutil.which(wrapper[0]) is None:
         if os.environ.get("CI"):  # scripts/test installs faketime as root: missing there is a failure
@@ -255,6 +256,7 @@ async def test_downtime_never_compares_the_two_hosts_clocks(tmp_path: Path, skew
     assert rc == 0, err
     m = DestinationStats.from_json(raw)
     assert 0 < m.downtime_ms < 500, err
-    there, wire, here = (float(x) for x in re.search(
-        r"\(([\d.]+) ms there, ([\d.]+) ms on the wire, ([\d.]+) ms here\)", err).groups())
-    assert abs(there + wire + here - m.downtime_ms) < 0.02
+    # The source measured it, on its own clock, and the destination reports the same figure.
+    src_err = (tmp_path / "src.err").read_text()
+    measured = float(re.search(r"the destination's vCPUs run: downtime ([\d.]+) ms", src_err).group(1))
+    assert abs(measured - m.downtime_ms) < 0.01, (measured, m.downtime_ms)

@@ -63,7 +63,7 @@ SOURCE_EVENTS = [
     p.RoundEnd(2),
     p.ZeroRun(5, 7, replace=True),
     p.Discard(40, 60),
-    p.CpuState(((1, 2, 3), (2**64 - 1, 0, 5)), 1_700_000_000_000_000_000),
+    p.CpuState(((1, 2, 3), (2**64 - 1, 0, 5))), p.Running(), p.Downtime(850_000),
     p.PageRun(3, 2, b"\xab" * (2 * PAGE), echo=2**62),
     p.ZeroRun(99, 1, echo=7, held_ns=9),
     p.SourceDone(100),
@@ -149,7 +149,9 @@ def test_guest_info_teaches_the_guest_size() -> None:
     src, dst = conversation(p.State.DESCRIBING, 10)
     assert dst.conversation.guest is None
     deliver(src, dst, p.GuestInfo(10, 1, 0, 1, 0, 0))
-    deliver(src, dst, p.CpuState(((1, 2, 3),), 0))
+    deliver(src, dst, p.CpuState(((1, 2, 3),)))
+    deliver(dst, src, p.Running())
+    deliver(src, dst, p.Downtime(1))
     dst.receive_data(hostile(p.ZeroRun(9, 2)))
     with pytest.raises(RemoteProtocolError, match="outside the guest"):
         dst.next_event()
@@ -185,8 +187,8 @@ def test_page_runs_before_the_guest_is_described_are_refused() -> None:
     (frame([1, b"short"]), "nonce"),
     (frame([1, b"n" * 32, "extra"]), "fields"),
     (frame([2, "bulk", b"", b"n" * 32, b"p" * 32]), "Hello\\(bulk, new\\) from the source during a precopy round"),
-    (frame([5, [[1, 2]], 0]), "vCPU state"),
-    (frame([5, [], 0]), "1..256 vCPUs"),
+    (frame([5, [[1, 2]]]), "vCPU state"),
+    (frame([5, []]), "1..256 vCPUs"),
     (frame([12, "x" * 5000]), "string"),
     (frame([4, 10, 2, 1, 1, 0, 0, 0, 65536]), "65536-byte pages"),
     (frame([4, 10, 2, 1, 1, 0, 0, 3, 4096]), "mode"),
@@ -283,7 +285,8 @@ def test_rounds_then_switchover_then_stream_is_one_legal_conversation() -> None:
     src, dst = conversation(p.State.ROUND)
     assert dst.accepts & (1 << DISCARD)  # during a round: what its native placer may obey
     run_through([(S, p.RoundEnd(1)), (D, p.RoundAck(1)), (S, p.Round(2, 5)), (S, p.RoundEnd(2)), (D, p.RoundAck(2)),
-                 (S, p.Round(3, 0, final=True)), (S, p.CpuState(((1, 2, 3),), 0)), (S, p.SourceDone(100))],
+                 (S, p.Round(3, 0, final=True)), (S, p.CpuState(((1, 2, 3),))), (D, p.Running()), (S, p.Downtime(1)),
+                 (S, p.SourceDone(100))],
                 src, dst)
     assert dst.state is p.State.STREAMED
 
@@ -299,16 +302,16 @@ def test_a_rejoined_bulk_connection_goes_where_the_resume_says(resume: tuple[p.R
 
 
 @pytest.mark.parametrize("to,sender,event,match", [
-    (p.State.BETWEEN_ROUNDS, S, p.CpuState(((1, 2, 3),), 0), "CpuState from the source between precopy rounds"),
+    (p.State.BETWEEN_ROUNDS, S, p.CpuState(((1, 2, 3),)), "CpuState from the source between precopy rounds"),
     (p.State.AWAITING_CPU, S, p.Round(1, 5), "Round from the source before the switchover \\(postcopy\\)"),
     (p.State.AWAITING_CPU, S, p.GuestInfo(1000, 1, 0, 1, 0, 0), "GuestInfo\\(postcopy\\) from the source"),
     (p.State.ROUND, S, p.RoundEnd(2), "RoundEnd\\(2\\) during round 1"),
     (p.State.ROUND, S, p.SourceDone(1), "SourceDone from the source during a precopy round"),
     (p.State.FINAL_ROUND, S, p.RoundEnd(1), "RoundEnd from the source during the final round"),
-    (p.State.FINAL_ROUND, S, p.CpuState(((1, 2, 3), (4, 5, 6)), 0), "the state of 2 vCPUs for a guest of 1"),
+    (p.State.FINAL_ROUND, S, p.CpuState(((1, 2, 3), (4, 5, 6))), "the state of 2 vCPUs for a guest of 1"),
     (p.State.STREAMING, S, p.Discard(0, 1), "a discard where none may come"),
     (p.State.STREAMING, S, p.ZeroRun(0, 1, replace=True), "a replacement where no discard may come"),
-    (p.State.STREAMING, S, p.CpuState(((1, 2, 3),), 0), "CpuState from the source during the postcopy stream"),
+    (p.State.STREAMING, S, p.CpuState(((1, 2, 3),)), "CpuState from the source during the postcopy stream"),
     (p.State.REPLYING, S, p.SourceDone(1), "SourceDone from the source on the replies connection"),
     (p.State.REPLYING, S, p.Discard(0, 1), "a discard where none may come"),
     (p.State.STREAMING, D, p.DestDone({}), "DestDone from the destination during the postcopy stream"),

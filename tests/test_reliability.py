@@ -464,7 +464,7 @@ async def test_cpu_state_for_the_wrong_number_of_vcpus_is_one_line(tmp_path: Pat
             await channels[0].send(p.GuestInfo(pages=256, vcpus=2, workload=0, seed=1, zero_permille=0, rate=0))
             channels.append(await accept(listener, p.Channel.REQUESTS))
             channels.append(await accept(listener, p.Channel.REPLIES))
-            await send_raw(channels[0].sock, hostile(p.CpuState(((1, 0, 0),) * 3, 0)))  # our Connection would refuse
+            await send_raw(channels[0].sock, hostile(p.CpuState(((1, 0, 0),) * 3)))  # our Connection would refuse
             await trio.sleep_forever()
         finally:
             for fs in channels:

@@ -8,13 +8,13 @@ what the kernel still lacks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
 import trio
 
 from .. import protocol as p
-from .._native import lib
 from ..errors import MigrateError, PeerError, RemoteProtocolError, lost_link
 from ..guest import Guest, GuestSpec, Workload, replay
 from ..metrics import Histogram, StallHistogram, rss_mib
@@ -44,6 +44,7 @@ class Destination:
         self.recoveries: list[Recovery] = []
         self.mode = p.Mode.postcopy
         self.started = False  # the CPU state arrived and the vCPUs run: the switchover is done
+        self.downtime_ns: int | None = None  # the source's figure (Downtime), once it came
         self.rounds_received = 0
         self.missing_at_switchover = 0
         self.discarded_at_switchover = 0
@@ -66,7 +67,7 @@ class Destination:
         guest, links = await self._join(uffd)
         try:
             cpu, links = await self._until_switchover(guest, links)
-            downtime_ms, t_switch = self._switch_over(guest, cpu, time.monotonic_ns(), links)
+            t_switch = self._switch_over(guest, cpu)
             links = await self._postcopy(guest, links, t_switch)
         except BaseException:
             # Never close the uffd and let vCPUs go on: a missing page would read as
@@ -87,7 +88,7 @@ class Destination:
         rss = rss_mib()  # before the replay, which maps a second guest for the proof
         verified = await self._verify(guest, steps)
         guest.close()
-        return self._final_statistics(guest.spec, now, verified=verified, downtime_ms=downtime_ms,
+        return self._final_statistics(guest.spec, now, verified=verified,
                                       placement_s=placement_s, connect_s=time.monotonic() - t_connect,
                                       steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss)
 
@@ -169,12 +170,11 @@ class Destination:
                 with trio.fail_after(self.cfg.link_timeout):
                     event = await bulk.receive()
 
-    def _switch_over(self, guest: Guest, cpu: p.CpuState, received_ns: int, links: Links) -> tuple[float, float]:
-        """Resumes the vCPUs from the CPU state, which arrived at ``received_ns`` (``time.monotonic_ns()``);
-        returns the downtime (ms) and when (time.monotonic())."""
+    def _switch_over(self, guest: Guest, cpu: p.CpuState) -> float:
+        """Resumes the vCPUs from the CPU state; returns when (time.monotonic()).  The downtime is the
+        source's to measure, on its clock: ``Running`` tells it, ``Downtime`` answers."""
         guest.import_state(list(cpu.vcpus))
         guest.release()  # in postcopy before any page has arrived: every first touch faults
-        here_ms = (time.monotonic_ns() - received_ns) / 1e6
         t_switch = time.monotonic()
         self.started = True
         # Completion from here on: what the kernel holds now (after every discard), plus what the
@@ -191,14 +191,8 @@ class Destination:
             # pages on demand (never a page read as zeros), and the metrics show the faults.
             log.error("precopy switchover with %d pages missing; fetching them on demand",
                       self.missing_at_switchover)
-        # Each host's part on its own clock, and the crossing as half the kernel's smoothed round
-        # trip: no two clocks compared, so an offset between the hosts' clocks cannot enter it.
-        there_ms, wire_ms = cpu.stopped_ns_ago / 1e6, lib.link_rtt_us(links.bulk.sock.fileno()) / 2e3
-        downtime_ms = there_ms + wire_ms + here_ms
-        log.info("vCPUs running again %.2f ms after the source stopped them (%.2f ms there, %.2f ms on the "
-                 "wire, %.2f ms here); %d of %d pages present", downtime_ms, there_ms, wire_ms, here_ms,
-                 self.plane.placed_pages, pages)
-        return downtime_ms, t_switch
+        log.info("vCPUs running again; %d of %d pages present", self.plane.placed_pages, pages)
+        return t_switch
 
     async def _postcopy(self, guest: Guest, links: Links, t_switch: float) -> Links:
         """Places pages until all are there, reconnecting when a link breaks; returns the live links.
@@ -208,13 +202,19 @@ class Destination:
         """
         plane = self.plane
         deadline: float | None = None  # of the recovery under way: progress resets it
+        reported = False  # Running sent; after a reconnection, Resume(started) has said it
         async with trio.open_nursery() as watching:
             watching.start_soon(self._watchdog, guest)
-            while plane.placed_pages < plane.pages:  # else precopy, or nothing was written after the last round
+            while True:
                 placed_before = plane.placed_pages
                 try:
+                    if not reported:
+                        await links.bulk.send(p.Running())
+                        reported = True
+                    if plane.placed_pages >= plane.pages:
+                        break  # precopy, or nothing was written after the last round
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(plane.placer, links.bulk)
+                        nursery.start_soon(plane.placer, links.bulk, self._took)
                         nursery.start_soon(plane.fault_reader, links.requests)
                         nursery.start_soon(plane.reply_placer, links.replies)
                         nursery.start_soon(self._watch_progress, t_switch, guest)
@@ -228,8 +228,18 @@ class Destination:
                     if plane.placed_pages == plane.pages:
                         break  # a link broke as the last page arrived: nothing is missing
                 links, deadline = await self._recover(guest, links, failure, placed_before, deadline, "")
+                reported = True
             watching.cancel_scope.cancel()
+        if links.bulk.conn.state is p.State.REPORTED:  # every page came before the source's answer (precopy)
+            with contextlib.suppress(PeerError):  # the figure is lost with the link, not the migration
+                self._took(await links.bulk.expect(p.Downtime, within=self.cfg.link_timeout))
         return links
+
+    def _took(self, answer: p.Downtime) -> None:
+        """The source's downtime, measured on its clock from its vCPUs' stop to our ``Running``."""
+        self.downtime_ns = answer.ns
+        log.info("downtime %.2f ms, as the source measured it: its vCPUs' stop to our report that they run",
+                 answer.ns / 1e6)
 
     async def _recover(self, guest: Guest, links: Links, failure: object, placed_before: int,
                        deadline: float | None, when: str) -> tuple[Links, float]:
@@ -328,7 +338,7 @@ class Destination:
             await trio.sleep(TIMELINE_INTERVAL)
 
     def _final_statistics(self, spec: GuestSpec, now: DestinationCounters, *, verified: bool | None,
-                          downtime_ms: float, placement_s: float, connect_s: float, steps: list[int],
+                          placement_s: float, connect_s: float, steps: list[int],
                           steps_placed: list[int], stalls: StallHistogram, rss: float) -> DestinationStats:
         """The metrics, from the counters as the last page arrived (``now``) and the guest's own figures."""
         urgent = self.plane.c.urgent
@@ -340,7 +350,7 @@ class Destination:
             placements=now.pages_placed_bulk + now.pages_placed_urgent,
             bytes_total=now.bytes_bulk + now.bytes_urgent + now.bytes_requests,
             pages_total=spec.pages, pages_placed=now.pages_placed, verified=verified,
-            downtime_ms=round(downtime_ms, 3), total_s=round(placement_s, 3),
+            downtime_ms=None if self.downtime_ns is None else round(self.downtime_ns / 1e6, 3), total_s=round(placement_s, 3),
             connect_to_done_s=round(connect_s, 3),
             bytes_bulk=now.bytes_bulk, bytes_urgent=now.bytes_urgent, bytes_requests=now.bytes_requests,
             stream_gbps=round(now.bytes_bulk / max(placement_s, 1e-3) / 1e9, 3),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable
 
 import trio
 
@@ -105,13 +106,17 @@ class Plane:
         return await run_native(lib.dst_place_loop, self.c, int(replies), fs.conn.accepts, fs.link, fs.conn.rx,
                                 self.idle_ms, peer=fs.peer)
 
-    async def placer(self, bulk: FrameSocket) -> None:
-        """Runs the native placer on the bulk stream until the source says it is complete (SourceDone).
+    async def placer(self, bulk: FrameSocket, downtime: Callable[[p.Downtime], None]) -> None:
+        """Runs the native placer on the bulk stream until the source says it is complete (SourceDone);
+        the source's ``Downtime``, first after the switchover, goes to ``downtime``.
 
         **Cancellation**: stops the placer through its eventfd and waits for it.
         """
-        if await self.run_placer(bulk) == CONTROL:
-            await bulk.expect(p.SourceDone)  # the only control frame the stream allows; an Error raises
+        while await self.run_placer(bulk) == CONTROL:
+            event = await bulk.receive()  # the table allows Downtime, then SourceDone; an Error raises
+            if not isinstance(event, p.Downtime):
+                return
+            downtime(event)
 
     async def fault_reader(self, requests: FrameSocket) -> None:
         """Runs the native fault reader: every batch of faults becomes one request, at once.

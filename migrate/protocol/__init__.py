@@ -21,8 +21,8 @@ from .auth import check_hello, check_welcome, hello, new_nonce, proof_ok, prove,
 from .codec import FRAME_SIZE, MAGIC, VERSION
 from .connection import CLOSED, NEED_DATA, Connection
 from .events import (MAX_REQUEST_RUNS, MAX_RESUME_RUNS, MAX_RUN_PAGES, PAGE_SIZE, Challenge, Channel, CpuState,
-                     DestDone, Discard, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume, Role, Round,
-                     RoundAck, RoundEnd, SourceDone, Welcome, ZeroRun)
+                     DestDone, Discard, Downtime, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume, Role, Round,
+                     RoundAck, RoundEnd, Running, SourceDone, Welcome, ZeroRun)
 from .state import TABLE, Conversation, State
 
 __all__ = [

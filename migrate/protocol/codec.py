@@ -27,11 +27,11 @@ import msgpack
 from .._native import ffi, lib
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .events import (MAX_REQUEST_RUNS, MAX_RESUME_RUNS, MAX_RUN_PAGES, NONCE_LEN, PAGE_SIZE, Challenge, Channel,
-                     CpuState, DestDone, Discard, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume,
-                     Round, RoundAck, RoundEnd, SourceDone, Welcome, ZeroRun)
+                     CpuState, DestDone, Discard, Downtime, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume,
+                     Round, RoundAck, RoundEnd, Running, SourceDone, Welcome, ZeroRun)
 
 MAGIC = b"UFMG"
-VERSION = 4  # 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag); 4: CpuState.stopped_ns_ago
+VERSION = 4  # 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag); 4: Running and Downtime (downtime on one clock)
 PREAMBLE = struct.Struct(">4sH")
 FRAME_SIZE: int = lib.WIRE_FRAME_SIZE
 MAX_CONTROL: int = lib.WIRE_MAX_CONTROL
@@ -223,7 +223,7 @@ CONTROL: dict[type, tuple[int, tuple[Field, ...], Callable[[Any], None]]] = {
                     uint("zero_permille", 1001), uint("rate"),
                     Field("mode", lambda v, n: Mode(_int(v, n, len(Mode))), int), uint("page_size")),
                 _check_guest_info),
-    CpuState: (5, (Field("vcpus", _vcpus, lambda v: [list(s) for s in v]), uint("stopped_ns_ago")), _no_check),
+    CpuState: (5, (Field("vcpus", _vcpus, lambda v: [list(s) for s in v]), ), _no_check),
     Round: (6, (uint("number", 1 << 32), uint("pages", 1 << 40), flag("final")), _no_check),
     RoundEnd: (7, (uint("number", 1 << 32),), _no_check),
     RoundAck: (8, (uint("number", 1 << 32),), _no_check),
@@ -231,6 +231,8 @@ CONTROL: dict[type, tuple[int, tuple[Field, ...], Callable[[Any], None]]] = {
     SourceDone: (10, (uint("pages_sent", 1 << 40),), _no_check),
     DestDone: (11, (Field("counters", _counters),), _no_check),
     Error: (12, (Field("message", _text),), _no_check),
+    Running: (13, (), _no_check),
+    Downtime: (14, (uint("ns", 1 << 62),), _no_check),
 }
 _BY_KIND = {kind: cls for cls, (kind, _, _) in CONTROL.items()}
 for _cls, (_, _fields, _) in CONTROL.items():  # a description that misses or misorders a field fails at import

@@ -92,12 +92,23 @@ class GuestInfo:
 
 @dataclass(frozen=True)
 class CpuState:
-    """Source → destination at switchover: every vCPU's (prng, steps, acc), and how long before this
-    frame was written the last of them stopped, on the source's own clock: the destination adds its own
-    intervals to it, so downtime never compares two hosts' clocks."""
+    """Source → destination at switchover: every vCPU's (prng, steps, acc)."""
 
     vcpus: tuple[tuple[int, int, int], ...]
-    stopped_ns_ago: int
+
+
+@dataclass(frozen=True)
+class Running:
+    """Destination → source, on bulk, as soon as the vCPUs run from the CPU state: the source reads the
+    downtime on its own clock, from its vCPUs' stop to this report (QEMU's return path)."""
+
+
+@dataclass(frozen=True)
+class Downtime:
+    """Source → destination, on bulk, the answer to ``Running``: the downtime the source measured (its
+    vCPUs' stop to the report, less half the connection's round trip), before the stream."""
+
+    ns: int
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,6 @@ class Error:
     message: str
 
 
-Event = Union[Challenge, Hello, Welcome, GuestInfo, CpuState, PageRun, ZeroRun, Discard, PageRequest, Round,
+Event = Union[Challenge, Hello, Welcome, GuestInfo, CpuState, Running, Downtime, PageRun, ZeroRun, Discard, PageRequest, Round,
               RoundEnd, RoundAck, Resume, SourceDone, DestDone, Error]
 DATA_EVENTS = (PageRun, ZeroRun, Discard, PageRequest)  # the hot path's frames, spoken by the native loops too

@@ -15,8 +15,10 @@ channel's rows of ``TABLE``:
   the switchover is already behind (``Resume(started)``): precopy rounds
   (hybrid and precopy modes), each ``Round`` → page, zero and discard frames →
   ``RoundEnd`` → ``RoundAck``, until a final round whose frames are followed
-  by the ``CpuState``; in postcopy the ``CpuState`` at once.  Then the stream
-  (page and zero frames, no discard: a vCPU runs there) and ``SourceDone``.
+  by the ``CpuState``; in postcopy the ``CpuState`` at once.  The destination
+  says its vCPUs run (``Running``) and the source answers with the downtime it
+  measured on its own clock (``Downtime``).  Then the stream (page and zero
+  frames, no discard: a vCPU runs there) and ``SourceDone``.
 - *requests*: page requests, then ``DestDone`` once every page is placed.
 - *replies*: page and zero frames answering the requests.
 
@@ -51,6 +53,8 @@ class State(enum.Enum):
     ROUND = "during a precopy round"
     ROUND_ENDED = "after a round's end, before its acknowledgement"
     FINAL_ROUND = "during the final round"
+    STARTING = "after the CpuState, before the destination says its vCPUs run"
+    REPORTED = "after the destination said its vCPUs run, before the source's downtime"
     STREAMING = "during the postcopy stream"
     STREAMED = "after SourceDone"
     REQUESTING = "on the requests connection"
@@ -91,8 +95,10 @@ TABLE: dict[State, tuple[int, dict[tuple[Role, str], State]]] = {
     State.BETWEEN_ROUNDS: (0, {(S, "Round"): State.ROUND, (S, "Round(final)"): State.FINAL_ROUND}),
     State.ROUND: (_PAGES | _DISCARDS, {(S, "RoundEnd"): State.ROUND_ENDED}),
     State.ROUND_ENDED: (0, {(D, "RoundAck"): State.BETWEEN_ROUNDS}),
-    State.FINAL_ROUND: (_PAGES | _DISCARDS, {(S, "CpuState"): State.STREAMING}),
-    State.AWAITING_CPU: (0, {(S, "CpuState"): State.STREAMING}),
+    State.FINAL_ROUND: (_PAGES | _DISCARDS, {(S, "CpuState"): State.STARTING}),
+    State.AWAITING_CPU: (0, {(S, "CpuState"): State.STARTING}),
+    State.STARTING: (0, {(D, "Running"): State.REPORTED}),
+    State.REPORTED: (0, {(S, "Downtime"): State.STREAMING}),
     State.STREAMING: (_PAGES, {(S, "SourceDone"): State.STREAMED}),
     State.STREAMED: (0, {}),
     # requests

@@ -18,6 +18,7 @@ import trio
 
 from .. import protocol as p
 from .. import stats
+from .._native import lib
 from ..dirty import DirtyTracker
 from ..errors import PeerError, lost_link
 from ..guest import Guest
@@ -117,6 +118,7 @@ class Migration:
                                  link_timeout=cfg.link_timeout, statistics=self.statistics, progress=self.progress)
         self.cpu_state: p.CpuState | None = None  # set once the vCPUs are stopped
         self.stopped_at_ns = 0  # when the last vCPU stopped (time.monotonic_ns)
+        self.downtime_ns: int | None = None  # measured at the destination's first report that its vCPUs run
         self.confirmed = False  # the destination said its vCPUs run (Resume.started)
         self.dest_counters: dict[str, float] = {}
 
@@ -145,8 +147,10 @@ class Migration:
                         await self.rounds.run(links.bulk, resume)
                     await self._stop()
                     resume = None  # the rounds took what it said
+                # The destination reports its vCPUs running after a CPU state; after Resume(started) it had.
+                reports = resume is None or not resume.started
                 await self._switch_over(links.bulk, resume)
-                await self._postcopy(links)
+                await self._postcopy(links, reports)
                 failure = None
             except Exception as exc:
                 failure = lost_link(exc)
@@ -189,10 +193,10 @@ class Migration:
         self.times.steps_stop = sum(guest.steps())
         if rounds is not None:
             rounds.stopped()
-        # Downtime starts when the last vCPU stopped, on this host's monotonic clock; the CPU state
-        # carries the time since then, stamped as it is sent (Switchover.send).
+        # Downtime starts when the last vCPU stopped, on this host's monotonic clock, and ends with the
+        # destination's report that its vCPUs run (Running): one clock.
         self.stopped_at_ns = guest.stopped_at_ns()
-        self.cpu_state = p.CpuState(tuple(guest.export_state()), 0)
+        self.cpu_state = p.CpuState(tuple(guest.export_state()))
 
     async def _switch_over(self, bulk: FrameSocket, resume: p.Resume | None) -> None:
         """Sends the switchover (unless the destination has it) and sets what the stream then sends."""
@@ -201,13 +205,33 @@ class Migration:
         remaining, first = await self.switchover.send(bulk, self.cpu_state, self.stopped_at_ns, resume, rounds)
         self.streamer.reset(remaining, first)
 
-    async def _postcopy(self, links: Links) -> None:
-        """Streams what is left and serves requests until the destination says it has every page."""
+    async def _postcopy(self, links: Links, reports: bool) -> None:
+        """Streams what is left and serves requests until the destination says it has every page; first, when
+        ``reports``, reads the destination's report that its vCPUs run (requests are served meanwhile)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.streamer.sample, self.times.switch)
-            nursery.start_soon(self.streamer.stream, links.bulk)
+            nursery.start_soon(self._stream, links.bulk, reports)
             self.dest_counters = await self.server.serve(links.requests, links.replies)
             nursery.cancel_scope.cancel()
+
+    async def _stream(self, bulk: FrameSocket, reports: bool) -> None:
+        """The stream, after the destination's report and our downtime when ``reports`` (one RTT later than
+        at once: requests are served meanwhile, and the resuming vCPUs do not share the CPUs with it)."""
+        if reports:
+            await bulk.expect(p.Running, within=self.cfg.link_timeout)
+            self._measure_downtime(bulk)
+            await bulk.send(p.Downtime(self.downtime_ns or 0))
+        await self.streamer.stream(bulk)
+
+    def _measure_downtime(self, bulk: FrameSocket) -> None:
+        """From the vCPUs' stop to the destination's report that its vCPUs run, both on this host's clock,
+        less half the connection's smoothed round trip (the report's way back): no two hosts' clocks compared."""
+        if self.downtime_ns is None:
+            back_ns = lib.link_rtt_us(bulk.sock.fileno()) * 500
+            self.downtime_ns = max(0, time.monotonic_ns() - self.stopped_at_ns - back_ns)
+            log.info("the destination's vCPUs run: downtime %.2f ms (their stop here to its report, less %.2f ms "
+                     "for the report's way back)", self.downtime_ns / 1e6, back_ns / 1e6)
+        self.confirmed = True
 
     async def _receive_resume(self, bulk: FrameSocket) -> p.Resume:
         """After a reconnection: what the destination's kernel lacks, and whether its vCPUs run."""
@@ -219,7 +243,8 @@ class Migration:
             runs += resume.runs
             if not resume.more:
                 break
-        self.confirmed |= resume.started
+        if resume.started:
+            self._measure_downtime(bulk)  # its first report, when Running was lost with the link
         pages = sum(count for _, count in runs)
         log.info("destination back: it lacks %d pages in %d runs; its vCPUs %s", pages, len(runs),
                  "run" if resume.started else "wait for the switchover")

@@ -9,7 +9,6 @@ through Python.  What postcopy then streams is built after the CPU state left.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -48,8 +47,7 @@ class Switchover:
     async def send(self, bulk: FrameSocket, cpu_state: p.CpuState, stopped_at_ns: int, resume: p.Resume | None,
                    rounds: int) -> tuple[Remaining, Remaining]:
         """Sends the switchover after ``rounds`` precopy rounds; ``resume``: what the destination said after
-        a reconnection (None the first time).  The CPU state leaves stamped with the time since
-        ``stopped_at_ns`` (the vCPUs' stop, ``time.monotonic_ns()``).
+        a reconnection (None the first time); ``stopped_at_ns``: the vCPUs' stop (``time.monotonic_ns()``).
 
         Returns what the postcopy stream sends, and what it sends first.
         """
@@ -73,7 +71,7 @@ class Switchover:
             if count:
                 await self.sender.send_runs(bulk, array, count, replace=True, paced=False)  # inside the downtime
             self.stop_and_copy_pages = st.pages - pages0
-        await bulk.send(dataclasses.replace(cpu_state, stopped_ns_ago=time.monotonic_ns() - stopped_at_ns))
+        await bulk.send(cpu_state)
         if resume is None:
             self.switch_ms = (time.monotonic_ns() - stopped_at_ns) / 1e6
         log.info("switchover: vCPUs stopped after %d steps; %s", sum(self.guest.steps()),
