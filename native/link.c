@@ -9,6 +9,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -254,4 +256,36 @@ uint32_t link_rtt_us(int fd)
     if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) < 0 || len < offsetof(struct tcp_info, tcpi_rttvar))
         return 0;
     return info.tcpi_rtt;
+}
+
+int link_stamp_arrivals(int fd, int on)
+{
+    return setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof(on)) < 0 ? -errno : 0;
+}
+
+uint64_t link_arrival_ns(int fd)
+{
+    char byte, control[CMSG_SPACE(sizeof(struct timespec))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
+                         .msg_controllen = sizeof(control)};
+
+    if (recvmsg(fd, &msg, MSG_PEEK | MSG_DONTWAIT) <= 0)
+        return 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_TIMESTAMPNS)
+            continue;
+        struct timespec at, real, mono;
+        memcpy(&at, CMSG_DATA(c), sizeof(at));
+        /* The kernel stamps with CLOCK_REALTIME: carried over to the monotonic clock by the
+         * two clocks' offset now (one host's two clocks, read together).  An age beyond a
+         * second, or negative, says the time of day was stepped (or faked, as libfaketime
+         * does for this process only) in between: then the report counts as arriving now. */
+        clock_gettime(CLOCK_REALTIME, &real);
+        clock_gettime(CLOCK_MONOTONIC, &mono);
+        int64_t age = ((int64_t)real.tv_sec - at.tv_sec) * 1000000000LL + (real.tv_nsec - at.tv_nsec);
+        int64_t now = (int64_t)mono.tv_sec * 1000000000LL + mono.tv_nsec;
+        return age >= 0 && age <= 1000000000LL && age < now ? (uint64_t)(now - age) : (uint64_t)now;
+    }
+    return 0;
 }

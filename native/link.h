@@ -65,3 +65,11 @@ void tls_detach(link_t *l);
 /* The kernel's smoothed round-trip time of the TCP connection on fd, in
  * microseconds (tcp_info.tcpi_rtt); 0 when fd is not a TCP socket. */
 uint32_t link_rtt_us(int fd);
+
+/* Kernel receive timestamps on fd (SO_TIMESTAMPNS), on or off: 0 or -errno. */
+int link_stamp_arrivals(int fd, int on);
+
+/* When the first unread byte on fd arrived, as the kernel stamped it (after
+ * link_stamp_arrivals), on CLOCK_MONOTONIC; 0 when nothing is waiting or the
+ * kernel gave no timestamp.  Reads nothing (MSG_PEEK). */
+uint64_t link_arrival_ns(int fd);

@@ -48,18 +48,6 @@ def test_a_bug_beside_our_errors_is_raised_whole_and_an_interrupt_wins() -> None
         cli._run_trio(_raise_all, PeerError("gone"), KeyboardInterrupt())
 
 
-class _Bulk:
-    """The bulk connection's stand-in: it takes the report that the vCPUs run; its state says the
-    source's answer was read."""
-
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-        self.conn = SimpleNamespace(state=p.State.STREAMING)
-
-    async def send(self, event: object) -> None:
-        self.sent.append(event)
-
-
 class _Plane:
     """A destination whose loops are stand-ins: each places every page, then fails with ``exc``."""
 
@@ -83,11 +71,12 @@ class _Plane:
 async def test_once_every_page_is_here_only_a_lost_link_is_forgiven() -> None:
     """A link breaking as the last page arrives does not matter; a bug at that moment is never swallowed."""
     done = os.eventfd(0, os.EFD_NONBLOCK)
-    links = SimpleNamespace(bulk=_Bulk(), requests=None, replies=None)
+    # The bulk connection's state: the source's Downtime was read (else the postcopy would read it).
+    links = SimpleNamespace(bulk=SimpleNamespace(conn=SimpleNamespace(state=p.State.STREAMING)), requests=None,
+                            replies=None)
     try:
         side = _Plane(PeerError("gone"), done)
         assert await side.dst._postcopy(None, links, 0.0) is links  # type: ignore[arg-type]
-        assert links.bulk.sent == [p.Running()]  # the report that the vCPUs run goes first
         side = _Plane(ValueError("bug"), done)
         with pytest.raises(ExceptionGroup) as caught:
             await side.dst._postcopy(None, links, 0.0)  # type: ignore[arg-type]

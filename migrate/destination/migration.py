@@ -21,6 +21,7 @@ from ..metrics import Histogram, StallHistogram, rss_mib
 from ..progress import Progress, placed_line
 from ..stats import DestinationCounters, DestinationStats, Hops, Recovery
 from ..uffd import PAGE_SIZE, Userfaultfd
+from ..wire import FrameSocket
 from .config import DestinationConfig
 from .connect import Connector, Links
 from .plane import Plane
@@ -67,7 +68,7 @@ class Destination:
         guest, links = await self._join(uffd)
         try:
             cpu, links = await self._until_switchover(guest, links)
-            t_switch = self._switch_over(guest, cpu)
+            t_switch = await self._switch_over(guest, cpu, links.bulk)
             links = await self._postcopy(guest, links, t_switch)
         except BaseException:
             # Never close the uffd and let vCPUs go on: a missing page would read as
@@ -170,11 +171,16 @@ class Destination:
                 with trio.fail_after(self.cfg.link_timeout):
                     event = await bulk.receive()
 
-    def _switch_over(self, guest: Guest, cpu: p.CpuState) -> float:
-        """Resumes the vCPUs from the CPU state; returns when (time.monotonic()).  The downtime is the
-        source's to measure, on its clock: ``Running`` tells it, ``Downtime`` answers."""
+    async def _switch_over(self, guest: Guest, cpu: p.CpuState, bulk: FrameSocket) -> float:
+        """Resumes the vCPUs from the CPU state and says so at once; returns when (time.monotonic()).
+
+        The downtime is the source's to measure, on its clock: ``Running``
+        tells it, ``Downtime`` answers (read by the placer, or after it).
+        """
         guest.import_state(list(cpu.vcpus))
         guest.release()  # in postcopy before any page has arrived: every first touch faults
+        with contextlib.suppress(PeerError):  # a lost link: the postcopy recovers, and Resume(started) says it
+            await bulk.send(p.Running())
         t_switch = time.monotonic()
         self.started = True
         # Completion from here on: what the kernel holds now (after every discard), plus what the
@@ -202,15 +208,11 @@ class Destination:
         """
         plane = self.plane
         deadline: float | None = None  # of the recovery under way: progress resets it
-        reported = False  # Running sent; after a reconnection, Resume(started) has said it
         async with trio.open_nursery() as watching:
             watching.start_soon(self._watchdog, guest)
             while True:
                 placed_before = plane.placed_pages
                 try:
-                    if not reported:
-                        await links.bulk.send(p.Running())
-                        reported = True
                     if plane.placed_pages >= plane.pages:
                         break  # precopy, or nothing was written after the last round
                     async with trio.open_nursery() as nursery:
@@ -228,7 +230,6 @@ class Destination:
                     if plane.placed_pages == plane.pages:
                         break  # a link broke as the last page arrived: nothing is missing
                 links, deadline = await self._recover(guest, links, failure, placed_before, deadline, "")
-                reported = True
             watching.cancel_scope.cancel()
         if links.bulk.conn.state is p.State.REPORTED:  # every page came before the source's answer (precopy)
             with contextlib.suppress(PeerError):  # the figure is lost with the link, not the migration

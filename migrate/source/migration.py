@@ -202,6 +202,7 @@ class Migration:
         """Sends the switchover (unless the destination has it) and sets what the stream then sends."""
         assert self.cpu_state is not None
         rounds = self.rounds.planner.round if self.rounds is not None else 0
+        lib.link_stamp_arrivals(bulk.sock.fileno(), 1)  # the report's arrival, not when we get to read it
         remaining, first = await self.switchover.send(bulk, self.cpu_state, self.stopped_at_ns, resume, rounds)
         self.streamer.reset(remaining, first)
 
@@ -218,17 +219,22 @@ class Migration:
         """The stream, after the destination's report and our downtime when ``reports`` (one RTT later than
         at once: requests are served meanwhile, and the resuming vCPUs do not share the CPUs with it)."""
         if reports:
+            with trio.move_on_after(self.cfg.link_timeout):
+                await trio.lowlevel.wait_readable(bulk.sock)  # nothing else comes on bulk before Running
+            arrived = lib.link_arrival_ns(bulk.sock.fileno())
             await bulk.expect(p.Running, within=self.cfg.link_timeout)
-            self._measure_downtime(bulk)
+            lib.link_stamp_arrivals(bulk.sock.fileno(), 0)
+            self._measure_downtime(bulk, arrived)
             await bulk.send(p.Downtime(self.downtime_ns or 0))
         await self.streamer.stream(bulk)
 
-    def _measure_downtime(self, bulk: FrameSocket) -> None:
-        """From the vCPUs' stop to the destination's report that its vCPUs run, both on this host's clock,
-        less half the connection's smoothed round trip (the report's way back): no two hosts' clocks compared."""
+    def _measure_downtime(self, bulk: FrameSocket, arrived: int = 0) -> None:
+        """From the vCPUs' stop to the destination's report that its vCPUs run, when it arrived here (the
+        kernel's stamp; else now), both on this host's clock, less half the connection's smoothed round trip
+        (the report's way back): no two hosts' clocks compared."""
         if self.downtime_ns is None:
             back_ns = lib.link_rtt_us(bulk.sock.fileno()) * 500
-            self.downtime_ns = max(0, time.monotonic_ns() - self.stopped_at_ns - back_ns)
+            self.downtime_ns = max(0, (arrived or time.monotonic_ns()) - self.stopped_at_ns - back_ns)
             log.info("the destination's vCPUs run: downtime %.2f ms (their stop here to its report, less %.2f ms "
                      "for the report's way back)", self.downtime_ns / 1e6, back_ns / 1e6)
         self.confirmed = True
