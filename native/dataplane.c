@@ -794,35 +794,3 @@ int src_stream_discards(const src_sender_t *c, const struct wire_run *runs, uint
     }
     return flush(&s);
 }
-
-/* -- entry points by position (dataplane.h) ------------------------------- */
-
-int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
-                   int stop_fd, const char **why)
-{
-    const dst_placer_t c = { d, l, rx, accept, idle_ms };
-    return replies ? dst_reply_placer(&c, stop_fd, why) : dst_bulk_placer(&c, stop_fd, why);
-}
-
-int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
-                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
-                   const char **why)
-{
-    const src_server_t c = { { base, pages, txl, idle_ms, NULL, st }, rxl, rx, notes };
-    return src_request_server(&c, stop_fd, why);
-}
-
-int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
-                  int stop_fd, const char **why)
-{
-    const src_sender_t c = { base, pages, l, idle_ms, pace, st };
-    return src_stream_runs(&c, runs, n, flags, stop_fd, why);
-}
-
-int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
-                      int idle_ms, send_stats_t *st, int stop_fd, const char **why)
-{
-    const src_sender_t c = { 0, pages, l, idle_ms, NULL, st };
-    return src_stream_discards(&c, runs, n, stop_fd, why);
-}

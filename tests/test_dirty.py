@@ -22,7 +22,6 @@ from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs
 from migrate.errors import RemoteProtocolError
 from migrate.guest import Guest, GuestSpec
-from migrate.loops import run_native
 from migrate.uffd import PAGE_SIZE, Userfaultfd
 
 PAGES = 1024
@@ -149,9 +148,7 @@ async def place(dest: Side, data: bytes, end: p.Event) -> int:
     with ours, theirs:
         theirs.sendall(data + b"".join(bytes(c) for c in dest.peer.send(end)))
         with trio.fail_after(10):
-            link = ffi.new("link_t *", {"fd": ours.fileno()})
-            rc = await run_native(lib.dst_place_loop, dest.plane, 0, dest.conn.accepts, link, dest.conn.rx,
-                                  10_000, peer="source")
+            rc = await dest.placer(ffi.new("link_t *", {"fd": ours.fileno()}), 10_000).run(peer="source")
         assert dest.conn.next_event() == end  # the hand-back leaves it for Python
         return rc
 

@@ -102,8 +102,10 @@ class Plane:
 
         **Cancellation**: stops the placer through its eventfd and waits for it.
         """
-        return await run_native(lib.dst_place_loop, self.c, int(replies), fs.conn.accepts, fs.link, fs.conn.rx,
-                                self.idle_ms, peer=fs.peer)
+        # The context points into the plane and into fs, which outlive the loop.
+        placer = ffi.new("dst_placer_t *", {"plane": self.c, "link": fs.link, "rx": fs.conn.rx,
+                                            "accept": fs.conn.accepts, "idle_ms": self.idle_ms})
+        return await run_native(lib.dst_reply_placer if replies else lib.dst_bulk_placer, placer, peer=fs.peer)
 
     async def placer(self, bulk: FrameSocket) -> None:
         """Runs the native placer on the bulk stream until the source says it is complete (SourceDone).

@@ -75,9 +75,9 @@ class RequestServer:
 
         **Cancellation**: stops the server through its eventfd and waits for it.
         """
-        s = self.sender
-        await run_native(lib.src_serve_loop, s.base, s.pages, requests.link, requests.conn.rx, replies.link,
-                         s.idle_ms, self.stats, self.notes, peer=requests.peer)
+        server = ffi.new("src_server_t *", {"replies": self.sender.context(replies, stats=self.stats)[0],
+                                            "requests": requests.link, "rx": requests.conn.rx, "notes": self.notes})
+        await run_native(lib.src_request_server, server, peer=requests.peer)
         # The loop returns at a control frame: DestDone is the only one the requests allow (an Error raises).
         done = await requests.expect(p.DestDone)
         return done.counters
