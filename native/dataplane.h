@@ -70,7 +70,9 @@ typedef struct {
 typedef struct {
     int uffd;
     uint64_t base;
-    uint64_t pages;
+    uint64_t pages;       /* wire pages, of 1 << page_shift bytes: the memory's page */
+    uint32_t page_shift;  /* 12, or 21 on hugetlb */
+    int memory;           /* enum memory_kind: how a run is discarded */
     int done_fd;          /* eventfd, written whenever a placement leaves every page present */
     uint64_t present_base; /* set between sessions, while no loop runs */
     uint64_t placed_base;
@@ -155,7 +157,8 @@ typedef struct {
 /* A sending loop's context: the streamer's, or the request server's replies. */
 typedef struct {
     uint64_t base;     /* the guest's memory, read only */
-    uint64_t pages;
+    uint64_t pages;    /* wire pages, of 1 << page_shift bytes */
+    uint32_t page_shift;
     link_t *link;      /* the connection the frames leave on (written) */
     int idle_ms;       /* bounds a send the peer does not read */
     pacer_t *pace;     /* NULL: no cap (the request server's, always) */

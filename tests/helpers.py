@@ -159,7 +159,7 @@ class Loop:
 
 def sender(base: int, pages: int, link: Any, stats: Any, idle_ms: int = 60_000) -> Loop:
     """The source's streamer (``src_stream_runs``), unpaced, sending from the guest at ``base`` on ``link``."""
-    ctx = ffi.new("src_sender_t *", {"base": base, "pages": pages, "link": link, "idle_ms": idle_ms,
+    ctx = ffi.new("src_sender_t *", {"base": base, "pages": pages, "page_shift": 12, "link": link, "idle_ms": idle_ms,
                                      "pace": ffi.NULL, "st": stats})
     return Loop(lib.src_stream_runs, ctx, (link, stats))
 
@@ -168,7 +168,7 @@ def request_server(base: int, pages: int, requests: Any, rx: Any, replies: Any, 
                    idle_ms: int = 60_000) -> Loop:
     """The source's request server: requests read on ``requests`` (buffer ``rx``), replies on ``replies``."""
     ctx = ffi.new("src_server_t *", {
-        "replies": {"base": base, "pages": pages, "link": replies, "idle_ms": idle_ms, "pace": ffi.NULL,
+        "replies": {"base": base, "pages": pages, "page_shift": 12, "link": replies, "idle_ms": idle_ms, "pace": ffi.NULL,
                     "st": stats},
         "requests": requests, "rx": rx, "notes": notes})
     return Loop(lib.src_request_server, ctx, (requests, rx, replies, stats, notes))
@@ -182,7 +182,8 @@ class Side:
         self.uffd = Userfaultfd()
         self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
         self.uffd.register(self.guest.base, self.guest.spec.size)
-        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
+        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages,
+                                               "page_shift": 12})
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.plane.done_fd = self.done
         self.peer, self.conn = conversation(state, pages)

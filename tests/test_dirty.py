@@ -91,7 +91,7 @@ def test_a_run_array_too_small_loses_no_write(max_runs: int) -> None:
         runs, total = ffi.new("struct wire_run[]", max_runs), ffi.new("uint64_t *")
         taken: set[int] = set()
         for _ in range(pages):
-            n = lib.dirty_take(pagemap, guest.base, pages, runs, max_runs, total)
+            n = lib.dirty_take(pagemap, guest.base, pages, 12, runs, max_runs, total)
             assert n >= 0, os.strerror(-n)
             got = {page for i in range(n) for page in range(runs[i].start, runs[i].start + runs[i].count)}
             assert len(got) == total[0] and not got & taken  # counts only what it took, and takes it once

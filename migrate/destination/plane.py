@@ -24,6 +24,7 @@ import trio
 from .. import protocol as p
 from .._native import ffi, lib
 from ..loops import CONTROL, run_native
+from ..memory import Memory
 from ..stats import DestinationCounters
 from ..wire import FrameSocket
 
@@ -43,11 +44,11 @@ class Plane:
         self.idle_ms = idle_ms
         self.prefetch = prefetch
 
-    def attach(self, uffd: int, base: int, pages: int) -> None:
-        """Points the loops at the guest and its userfaultfd, and opens the done eventfd, signalled once every
-        page is present (``wait_done``)."""
+    def attach(self, uffd: int, base: int, pages: int, memory: Memory) -> None:
+        """Points the loops at the guest (``pages`` wire pages of ``memory``) and its userfaultfd, and opens the
+        done eventfd, signalled once every page is present (``wait_done``)."""
         c = self.c
-        c.uffd, c.base, c.pages = uffd, base, pages
+        c.uffd, c.base, c.pages, c.page_shift, c.memory = uffd, base, pages, memory.page_shift, memory
         c.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     async def wait_done(self) -> None:

@@ -43,14 +43,17 @@ class Sender:
 
     Args:
         base: the guest's address.
-        pages: the guest's size, which every run must fit in.
+        pages: the guest's size in wire pages, which every run must fit in.
+        page_shift: the wire page's (the memory's page): 12, or 21 on hugetlb.
         idle_ms: how long a send may wait for the peer before the link counts as lost.
         max_bandwidth: the cap of paced sends in bytes per second; 0: none.
     """
 
-    def __init__(self, base: int, pages: int, idle_ms: int, max_bandwidth: int) -> None:
+    def __init__(self, base: int, pages: int, page_shift: int, idle_ms: int, max_bandwidth: int) -> None:
         self.base = base
         self.pages = pages
+        self.page_shift = page_shift
+        self.page_size = 1 << page_shift
         self.idle_ms = idle_ms
         self.stats = ffi.new("send_stats_t *")  # written by the native sender alone
         self.pacer = ffi.new("pacer_t *")  # used by the sender alone, one send at a time
@@ -79,6 +82,7 @@ class Sender:
     def context(self, fs: FrameSocket, pace: Any = ffi.NULL, stats: Any = None) -> Any:
         """The native sender's context (``src_sender_t``) for frames leaving on ``fs``, counted in ``stats``
         (default: the stream's).  It points into ``fs``, the pacer and the counters, which outlive the send."""
-        return ffi.new("src_sender_t *", {"base": self.base, "pages": self.pages, "link": fs.link,
+        return ffi.new("src_sender_t *", {"base": self.base, "pages": self.pages, "page_shift": self.page_shift,
+                                          "link": fs.link,
                                           "idle_ms": self.idle_ms, "pace": pace,
                                           "st": self.stats if stats is None else stats})
