@@ -299,6 +299,8 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
         rc = uffd_zeropage(c->plane->uffd, dst, (uint64_t)f->count << shift, page, &out->placed, &existed);
         *r->io.why = page == PAGE ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY of a zero huge page";
     }
+    if (rc == -ENOSPC)
+        *r->io.why = "UFFDIO_COPY: the huge page pool is exhausted (the kernel says EEXIST for an absent page)";
     if (rc < 0)
         return rc;
     r->rx->start += WIRE_FRAME_SIZE + plen;

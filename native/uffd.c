@@ -55,6 +55,18 @@ int uffd_register(int fd, uint64_t addr, uint64_t len)
     return ioctl(fd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
 }
 
+/* Whether the page at addr is present, from one 8-byte read of pagemap. */
+static int page_present(uint64_t addr)
+{
+    uint64_t entry = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1; /* cannot tell: trust the kernel's -EEXIST */
+    ssize_t n = pread(fd, &entry, sizeof entry, (off_t)(addr / PAGE * sizeof entry));
+    close(fd);
+    return n != (ssize_t)sizeof entry || entry >> 62;
+}
+
 /* One placement ioctl over a range: on -EAGAIN the kernel reports how far it
  * got in *done (negative errno otherwise), so the loop resumes there; on
  * -EEXIST the first page is already present and is skipped. */
@@ -84,6 +96,12 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, 
             *placed += (uint64_t)done;
             off += (uint64_t)done;
         }
+        /* A hugetlb page the pool cannot supply answers -EEXIST too (only
+         * under MAP_NORESERVE, which region_map never uses): belt and braces,
+         * as taking it for a page already there would leave its vCPU
+         * waiting for ever. */
+        if (err == EEXIST && page > PAGE && !page_present(dst + off))
+            return -ENOSPC;
         if (err == EEXIST) {
             *existed += page;
             off += page;

@@ -10,7 +10,9 @@ enable them.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import subprocess
 import time
@@ -22,8 +24,9 @@ import trio
 
 from helpers import BIN, DST, REPORT, migrate, run_destination, start_source
 from migrate._native import lib
-from migrate.errors import UffdError
-from migrate.memory import HUGE_PAGE_SIZE, NR_HUGEPAGES, Memory, huge_pages_available, map_region
+from migrate.errors import UffdError, UsageError
+from migrate.memory import (HUGE_PAGE_SIZE, NR_HUGEPAGES, Memory, huge_pages_available, map_region, require_missing,
+                            require_write_tracking)
 from migrate.uffd import Userfaultfd
 from test_modes import WORKLOADS, check_mode
 
@@ -165,3 +168,47 @@ def test_a_zero_huge_page_is_copied_from_a_zero_page(huge_pages: None) -> None:
     finally:
         uffd.close()
         lib.region_unmap(base, 2 * page)
+
+
+def test_a_kernel_without_a_kind_s_feature_is_refused_naming_it() -> None:
+    """What an older kernel's UFFDIO_API leaves out (features 0 here) is named, with the Linux that has it."""
+    require_missing(Memory.anon, 0)  # anonymous memory needs nothing beyond userfaultfd
+    with pytest.raises(UsageError, match=r"^this kernel cannot register hugetlb memory with userfaultfd "
+                                         r"\(UFFD_FEATURE_MISSING_HUGETLBFS, Linux >= 4.11\)$"):
+        require_missing(Memory.hugetlb, 0)
+    with pytest.raises(UsageError, match=r"\(UFFD_FEATURE_MISSING_SHMEM, Linux >= 4.11\)$"):
+        require_missing(Memory.memfd, 0)
+    with pytest.raises(UsageError, match=r"^--mode hybrid on memfd needs write tracking of shared memory and huge "
+                                         r"pages \(UFFD_FEATURE_WP_HUGETLBFS_SHMEM, Linux >= 5.19;"):
+        require_write_tracking(Memory.memfd, 0, "hybrid")
+    require_write_tracking(Memory.anon, 0, "hybrid")  # anon's own check is the write tracking itself
+
+
+def test_an_empty_pool_is_never_taken_for_a_page_already_there() -> None:
+    """Under MAP_NORESERVE (which region_map never uses) UFFDIO_COPY into a huge page the pool cannot supply
+    answers -EEXIST; uffd_copy checks pagemap and says what it is instead of counting a race absorbed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to empty the huge page pool for a moment")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    fd = os.memfd_create("empty-pool", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    before = NR_HUGEPAGES.read_text()
+    uffd, base = Userfaultfd(), None
+    try:
+        os.ftruncate(fd, HUGE_PAGE_SIZE)
+        base = libc.mmap(None, HUGE_PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | 0x4000, fd, 0)
+        assert base not in (None, ctypes.c_void_p(-1).value)  # 0x4000: MAP_NORESERVE
+        uffd.register(base, HUGE_PAGE_SIZE)
+        NR_HUGEPAGES.write_text(str(max(0, int(before) - huge_pages_available()[0])))  # no free huge page left
+        if huge_pages_available()[0] > 0:
+            pytest.skip("the pool did not empty")
+        with pytest.raises(UffdError) as caught:
+            uffd.copy(base, b"\x01" * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE, HUGE_PAGE_SIZE)
+        assert caught.value.errno == errno.ENOSPC
+    finally:
+        NR_HUGEPAGES.write_text(before)
+        uffd.close()
+        if base not in (None, ctypes.c_void_p(-1).value):
+            libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(HUGE_PAGE_SIZE))
+        os.close(fd)
