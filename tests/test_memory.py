@@ -28,7 +28,7 @@ from migrate.errors import UffdError, UsageError
 from migrate.memory import (HUGE_PAGE_SIZE, NR_HUGEPAGES, Memory, huge_pages_available, map_region, require_missing,
                             require_write_tracking)
 from migrate.uffd import Userfaultfd
-from test_modes import WORKLOADS, check_mode
+from test_modes import WORKLOADS, check_mode, migrate_through_cuts
 
 GUEST_MIB = 32
 # Both sides of one migration hold a whole guest of huge pages (no MAP_NORESERVE).
@@ -212,3 +212,13 @@ def test_an_empty_pool_is_never_taken_for_a_page_already_there() -> None:
         if base not in (None, ctypes.c_void_p(-1).value):
             libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(HUGE_PAGE_SIZE))
         os.close(fd)
+
+
+async def test_hugetlb_recovers_from_cut_links(tmp_path: Path, huge_pages: None) -> None:
+    """Links cut in round 1 and later: the Resume's absent runs, the re-requested pages of the waiting
+    vCPUs and the stream are counted in 2 MiB pages, and the guest verifies."""
+    m, s, err = await migrate_through_cuts(
+        tmp_path, ["--guest-mib", str(GUEST_MIB), "--memory", "hugetlb", "--zero-fraction", "0", "--workload",
+                   "uniform", "--mode", "hybrid", "--run-before", "0.3"], [8 << 20, 40 << 20])
+    assert m.memory == "hugetlb" and len(m.recoveries) == 2
+    REPORT.append(f"hugetlb hybrid recovery: {[r.to_json() for r in m.recoveries]}, verified")
