@@ -300,7 +300,7 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
         *r->io.why = page == PAGE ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY of a zero huge page";
     }
     if (rc == -ENOSPC)
-        *r->io.why = "UFFDIO_COPY: the huge page pool is exhausted (the kernel says EEXIST for an absent page)";
+        *r->io.why = "UFFDIO_COPY: EEXIST for a huge page not mapped here (the huge page pool is exhausted)";
     if (rc < 0)
         return rc;
     r->rx->start += WIRE_FRAME_SIZE + plen;

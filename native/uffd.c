@@ -97,9 +97,10 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, 
             off += (uint64_t)done;
         }
         /* A hugetlb page the pool cannot supply answers -EEXIST too (only
-         * under MAP_NORESERVE, which region_map never uses): belt and braces,
-         * as taking it for a page already there would leave its vCPU
-         * waiting for ever. */
+         * under MAP_NORESERVE, which region_map never uses), as does one in
+         * the file but not mapped here (dropped by MADV_DONTNEED, which no
+         * discard uses): belt and braces, as taking either for a page
+         * already placed would leave its vCPU waiting, or reading old bytes. */
         if (err == EEXIST && page > PAGE && !page_present(dst + off))
             return -ENOSPC;
         if (err == EEXIST) {

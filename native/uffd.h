@@ -26,8 +26,8 @@ int uffd_register(int fd, uint64_t addr, uint64_t len);
 /* Places len bytes from src at dst (aligned to page, the memory's page
  * size), one ioctl per stretch of absent pages.  Pages already present are
  * skipped and counted (in bytes, *existed): that is the fault/stream race the
- * kernel resolves for us, not an error.  -ENOSPC: a huge page the pool could
- * not supply (the kernel said -EEXIST, pagemap says absent). */
+ * kernel resolves for us, not an error.  -ENOSPC: -EEXIST for a huge page
+ * that pagemap says is not mapped (the pool could not supply it). */
 int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page,
               uint64_t *placed, uint64_t *existed);
 
