@@ -20,6 +20,7 @@ from . import progress
 from .destination import Destination, DestinationConfig
 from .errors import MigrateError, UsageError, find, leaves
 from .guest import GuestSpec, Workload
+from .memory import Memory
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
 from .protocol import MAX_RUN_PAGES, Mode
@@ -164,6 +165,11 @@ def src_parser() -> argparse.ArgumentParser:
                     help="fraction of guest memory left all-zero (default 0.25)")
     ap.add_argument("--rate", type=_whole, default=0, metavar="N",
                     help="accesses per second per vCPU; 0 runs flat out (default 0)")
+    ap.add_argument("--memory", choices=[m.name for m in Memory], default="anon",
+                    help="the guest's memory: anon (private, 4 KiB pages), memfd (shared memory, as a VMM shares "
+                         "it with device back-ends; 4 KiB pages) or hugetlb (2 MiB huge pages, reserved first in "
+                         "/proc/sys/vm/nr_hugepages; they migrate whole); the destination maps the same "
+                         "(default anon)")
     _add_seconds(ap, "--run-before", 1.0,
                  help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--mode", choices=[m.name for m in Mode], default="postcopy",
@@ -223,7 +229,11 @@ def dst_parser() -> argparse.ArgumentParser:
     ap.add_argument("--verify", action="store_true",
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
     ap.add_argument("--prefetch", type=_whole, default=0, metavar="N",
-                    help="also request the N pages after each faulting page (default 0)")
+                    help="also request the N pages after each faulting page (default 0; not on hugetlb, whose page "
+                         "is already 2 MiB)")
+    ap.add_argument("--memory", choices=[Memory.anon.name, Memory.memfd.name],
+                    help="map a 4 KiB guest as this kind here, whatever the source's (default: the source's kind; "
+                         "a hugetlb guest is hugetlb here too)")
     _add_seconds(ap, "--connect-timeout", 10.0,
                  help="seconds to keep retrying a connection the source refuses or drops (it is starting, or "
                       "busy with other handshakes) before giving up (default 10)")
@@ -393,7 +403,7 @@ def source_config(args: argparse.Namespace) -> SourceConfig:
                          "the guest", hint=f"give --tls-cert/--tls-key/--tls-ca (or at least --key-file PATH or "
                                            f"${KEY_ENV}) on both sides, or listen on 127.0.0.1")
     spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
-                     zero_permille=round(args.zero_fraction * 1000), rate=args.rate)
+                     zero_permille=round(args.zero_fraction * 1000), rate=args.rate, memory=Memory[args.memory])
     cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
@@ -428,7 +438,8 @@ def destination_config(args: argparse.Namespace) -> DestinationConfig:
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
                             link_timeout=args.link_timeout, connect_timeout=args.connect_timeout,
-                            switchover_timeout=args.switchover_timeout, tls=_tls(args, server=False))
+                            switchover_timeout=args.switchover_timeout, tls=_tls(args, server=False),
+                            memory=Memory[args.memory] if args.memory else None)
     return cfg
 
 

@@ -17,6 +17,7 @@ import os
 
 from ._native import ffi, lib
 from .errors import UffdError, UsageError
+from .memory import Memory, require_write_tracking
 from .uffd import PAGE_SIZE, Userfaultfd
 
 _HINT = ("dirty tracking needs Linux >= 6.7 (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN); "
@@ -41,19 +42,21 @@ class Runs:
 
 
 class DirtyTracker:
-    """Tracks writes to the ``pages``-page region at ``base`` from now on.
+    """Tracks writes to the region at ``base`` of ``pages`` wire pages of ``memory`` from now on (on hugetlb
+    the kernel tracks, and the runs count, whole 2 MiB pages).
 
     Raises:
         UsageError: the kernel cannot track writes asynchronously (older than 6.7).
         UffdError: userfaultfd is unavailable.
     """
 
-    def __init__(self, base: int, pages: int) -> None:
+    def __init__(self, base: int, pages: int, memory: Memory = Memory.anon) -> None:
         self.base = base
         self.pages = pages
+        self.shift = memory.page_shift
         self._uffd = Userfaultfd(api=False)  # the API handshake asks for WP_ASYNC, once per descriptor
         try:
-            rc = lib.dirty_track(self._uffd.fd, base, pages * PAGE_SIZE)
+            rc = lib.dirty_track(self._uffd.fd, base, pages << self.shift, memory)
             if rc == -errno.EINVAL:
                 raise UsageError("this kernel cannot track writes for precopy rounds or working-set order",
                                  hint=_HINT)
@@ -74,9 +77,12 @@ class DirtyTracker:
         self._total = ffi.new("uint64_t *")
 
     @staticmethod
-    def check() -> None:
-        """Fails now, with a hint, if this kernel cannot track writes (rather than once a guest has run)."""
-        base = lib.region_map(PAGE_SIZE)
+    def check(memory: Memory = Memory.anon, mode: str = "hybrid") -> None:
+        """Fails now, with a hint, if this kernel cannot track writes to ``memory`` (rather than once a guest
+        has run): the feature shared memory and huge pages need by name, then a page of anonymous memory
+        tracked for real (no huge page is taken from the pool for the question)."""
+        require_write_tracking(memory, Userfaultfd.offered(), mode)
+        base = lib.region_map(PAGE_SIZE, Memory.anon)
         try:
             tracker = DirtyTracker(base, 1)
             try:
@@ -90,7 +96,7 @@ class DirtyTracker:
         """The runs written since the previous ``take`` (or since tracking began); protects them again."""
         array = self._arrays[self._turn]
         self._turn ^= 1
-        n = lib.dirty_take(self._pagemap, self.base, self.pages, array, self._cap, self._total)
+        n = lib.dirty_take(self._pagemap, self.base, self.pages, self.shift, array, self._cap, self._total)
         if n == -errno.ENOTTY:
             raise UsageError("this kernel has no PAGEMAP_SCAN", hint=_HINT)
         if n < 0:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from ._native import ffi, lib
 from .errors import UffdError, UsageError
+from . import protocol as p
+from .memory import Memory, map_region
 from .metrics import StallHistogram
 from .uffd import PAGE_SIZE
 
@@ -44,10 +46,14 @@ class GuestSpec:
     seed: int = 1
     zero_permille: int = 250
     rate: int = 0  # accesses per second per vCPU; 0 means as fast as it goes
+    memory: Memory = Memory.anon
 
     def __post_init__(self) -> None:
         if self.pages < 1:
             raise UsageError("the guest needs at least one page")
+        if self.size % self.memory.page_size:
+            raise UsageError(f"a {self.memory.name} guest is whole {self.memory.page_size >> 10} KiB pages",
+                             hint="use an even --guest-mib")
         if not 1 <= self.vcpus <= min(self.pages, 256):
             raise UsageError(f"{self.vcpus} vCPUs do not fit a guest of {self.pages} pages",
                              hint="use at least one page per vCPU and at most 256 vCPUs")
@@ -61,6 +67,24 @@ class GuestSpec:
     @property
     def size(self) -> int:
         return self.pages * PAGE_SIZE
+
+    @property
+    def wire_pages(self) -> int:
+        """Pages of the memory's own size (2 MiB on hugetlb): what the wire, the faults and the counters count;
+        ``pages`` counts the workload's 4 KiB pages."""
+        return self.size // self.memory.page_size
+
+    def info(self, mode: p.Mode) -> p.GuestInfo:
+        """The GuestInfo that describes this guest to a destination."""
+        return p.GuestInfo(self.wire_pages, self.vcpus, int(self.workload), self.seed, self.zero_permille, self.rate,
+                           mode, self.memory.page_size, int(self.memory))
+
+    @classmethod
+    def from_info(cls, info: p.GuestInfo, memory: Memory | None = None) -> GuestSpec:
+        """The guest a GuestInfo describes, in ``memory`` (default: the source's kind)."""
+        return cls(pages=info.pages * info.page_size // PAGE_SIZE, vcpus=info.vcpus, workload=Workload(info.workload),
+                   seed=info.seed, zero_permille=info.zero_permille, rate=info.rate,
+                   memory=Memory(info.memory) if memory is None else memory)
 
     def vcpu_slice(self, index: int) -> tuple[int, int]:
         """(first page, page count) of vCPU ``index``: slices are disjoint, so order never matters."""
@@ -79,9 +103,7 @@ class Guest:
 
     def __init__(self, spec: GuestSpec, *, fill: bool) -> None:
         self.spec = spec
-        self.base: int = lib.region_map(spec.size)
-        if not self.base:
-            raise UsageError(f"cannot map a guest of {spec.size >> 20} MiB", hint="use a smaller --guest-mib")
+        self.base: int = map_region(spec.size, spec.memory)
         # What the vCPU threads read and write besides guest memory, in a mapping of its own that
         # only close() releases (after every vCPU was joined), never the garbage collector: a vCPU
         # asleep in a fault is never joined, and when a failing process exits the interpreter frees
@@ -91,7 +113,7 @@ class Guest:
                  ffi.sizeof("int")]
         offsets = [sum(-(-size // 64) * 64 for size in sizes[:i]) for i in range(len(sizes))]
         self._control_size = offsets[-1] + sizes[-1]
-        self._control: int = lib.region_map(self._control_size)  # zeroed, page-aligned
+        self._control: int = lib.region_map(self._control_size, Memory.anon)  # zeroed, page-aligned
         if not self._control:
             lib.region_unmap(self.base, spec.size)
             raise UsageError("cannot map the vCPUs' state", hint="the machine is out of memory")
@@ -205,17 +227,17 @@ class Guest:
                               slow_other_ns=sum(x.slow_other_ns for x in s))
 
     def stuck(self, longer_than_ns: int) -> list[tuple[int, float, int]]:
-        """vCPUs inside one access for longer than ``longer_than_ns``: (index, seconds, page)."""
+        """vCPUs inside one access for longer than ``longer_than_ns``: (index, seconds, wire page)."""
         now, out = time.monotonic_ns(), []
         for i in range(self.spec.vcpus):
             s = self._stalls[i]
             since, addr = s.waiting_since_ns, s.waiting_addr
             if since and now - since > longer_than_ns:
-                out.append((i, (now - since) / 1e9, (addr - self.base) // PAGE_SIZE))
+                out.append((i, (now - since) / 1e9, (addr - self.base) // self.spec.memory.page_size))
         return out
 
     def absent_runs(self) -> list[tuple[int, int]]:
-        """Pages the kernel's page tables do not have yet, as (first page, count) runs.
+        """Wire pages the kernel's page tables do not have yet, as (first page, count) runs.
 
         Read from /proc/self/pagemap: this never touches guest memory, and it
         is the whole record of what is missing after a lost link.
@@ -223,8 +245,9 @@ class Guest:
         starts, counts, nxt = ffi.new("uint64_t[]", 4096), ffi.new("uint64_t[]", 4096), ffi.new("uint64_t *")
         runs: list[tuple[int, int]] = []
         first = 0
-        while first < self.spec.pages:
-            n = lib.region_absent_runs(self.base, first, self.spec.pages, starts, counts, 4096, nxt)
+        pages, shift = self.spec.wire_pages, self.spec.memory.page_shift
+        while first < pages:
+            n = lib.region_absent_runs(self.base, first, pages, shift, starts, counts, 4096, nxt)
             if n < 0:
                 raise UffdError("reading /proc/self/pagemap", -n)
             runs += [(starts[i], counts[i]) for i in range(n)]
@@ -232,7 +255,7 @@ class Guest:
         return runs
 
     def present_pages(self) -> int:
-        """How many guest pages the kernel holds (present or swapped out), in one PAGEMAP_SCAN walk.
+        """How many wire pages the kernel holds (present or swapped out), in one PAGEMAP_SCAN walk.
 
         Never touches guest memory.  At switchover this is the base that the
         placement counters add to: see ``dst_plane_t`` in native/dataplane.h.
@@ -243,11 +266,11 @@ class Guest:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:
             out = ffi.new("uint64_t *")
-            rc = lib.region_present_pages(fd, self.base, self.spec.size, out)
+            rc = lib.region_present_pages(fd, self.base, self.spec.size, self.spec.memory.page_shift, out)
         finally:
             os.close(fd)
         if rc == -errno.ENOTTY:
-            return self.spec.pages - sum(count for _, count in self.absent_runs())
+            return self.spec.wire_pages - sum(count for _, count in self.absent_runs())
         if rc < 0:
             raise UffdError("PAGEMAP_SCAN of the present pages", -rc)
         return out[0]
@@ -289,7 +312,8 @@ def replay(spec: GuestSpec, steps: list[int]) -> tuple[int, list[tuple[int, int,
     Returns:
         (digest, CPU states): what a correctly migrated guest must show.
     """
-    guest = Guest(dataclasses.replace(spec, rate=0), fill=True)  # the rate shapes timing, never results
+    # The rate shapes timing, never results; nor does the memory's kind (no second pool of huge pages).
+    guest = Guest(dataclasses.replace(spec, rate=0, memory=Memory.anon), fill=True)
     try:
         guest.start(max_steps=steps)
         guest.join()

@@ -19,7 +19,7 @@ from ._native import ffi, lib
 from .errors import MigrateError, PeerError, ProtocolViolation, RemoteProtocolError, UffdError
 
 # What a loop's *why starts with when an operation on the guest's memory failed.
-GUEST_MEMORY_OPERATIONS = ("UFFDIO", "reading the userfaultfd", "MADV_DONTNEED")
+GUEST_MEMORY_OPERATIONS = ("UFFDIO", "reading the userfaultfd", "MADV_DONTNEED", "MADV_REMOVE")
 
 STOPPED: int = lib.LOOP_STOPPED
 CONTROL: int = lib.LOOP_CONTROL

@@ -162,8 +162,10 @@ class SideStats(Stats):
     """What both sides report alike: the guest, the bytes of each channel, TLS, and the process's peak RSS."""
 
     mode: str
-    pages_total: int
+    pages_total: int  # pages of page_size bytes, the memory's own (as every page count here)
     guest_mib: float
+    memory: str  # anon, memfd or hugetlb
+    page_size: int  # 4096, or 2097152 on hugetlb
     vcpu_steps: tuple[int, ...]  # each vCPU's steps when it stopped here
     bytes_bulk: int
     bytes_urgent: int
@@ -176,7 +178,7 @@ class SideStats(Stats):
 class DestinationStats(SideStats):
     """What migrate-dst reports: pages, bytes, faults, latencies and the proof of one migration.
 
-    Pages are 4 KiB pages; placements count every page the loops placed
+    Pages are the memory's pages (``page_size``); placements count every page the loops placed
     (a replaced page each time); ``eexist`` counts races the kernel absorbed.
     """
 

@@ -30,10 +30,11 @@ def print_summary(m: DestinationStats, out: IO[str]) -> None:
     mib = m.bytes_bulk / 2**20
     lines = [
         "── migration summary ─────────────────────────────",
-        f"guest            {m.guest_mib:.0f} MiB, {m.vcpus} vCPUs, {m.workload}, {m.mode}",
+        f"guest            {m.guest_mib:.0f} MiB, {m.vcpus} vCPUs, {m.workload}, {m.mode}, {m.memory}",
         *([f"precopy          {m.precopy_rounds} rounds, {m.pages_replaced} pages replaced, "
            f"{m.pages_discarded_at_switchover} discarded at switchover"] if m.mode != "postcopy" else []),
-        f"pages placed     {m.pages_placed}/{m.pages_total} ({m.zero_pages} as zero pages)",
+        f"pages placed     {m.pages_placed}/{m.pages_total}{f' of {m.page_size >> 20} MiB' if m.page_size >= 2**20 else ''}"
+        f" ({m.zero_pages} as zero pages)",
         f"downtime         {m.downtime_ms:.2f} ms (source vCPUs stopped → running here, on the source's clock)"
         if m.downtime_ms is not None else "downtime         unknown (a lost link took the source's figure)",
         f"memory arrived   in {m.total_s:.2f} s, {mib:.0f} MiB on the bulk channel ({m.stream_gbps:.2f} GB/s)",

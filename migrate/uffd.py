@@ -63,6 +63,13 @@ class Userfaultfd:
             self._check("UFFDIO_API", lib.uffd_api(fd, features))
             self.features = features[0]
 
+    @staticmethod
+    def offered() -> int:
+        """The features this kernel's userfaultfd offers (a descriptor opened for the question, then closed)."""
+        uffd = Userfaultfd()
+        uffd.close()
+        return uffd.features
+
     def _check(self, operation: str, rc: int) -> None:
         if rc < 0:
             raise UffdError(operation, -rc)
@@ -72,19 +79,21 @@ class Userfaultfd:
         _check_aligned(addr, length)
         self._check("UFFDIO_REGISTER", lib.uffd_register(self.fd, addr, length))
 
-    def copy(self, dst: int, src: object, length: int) -> Placed:
-        """Places ``length`` bytes of ``src`` (a buffer) at ``dst``; present pages are skipped."""
-        _check_aligned(dst, length)
+    def copy(self, dst: int, src: object, length: int, page: int = PAGE_SIZE) -> Placed:
+        """Places ``length`` bytes of ``src`` (a buffer) at ``dst`` in pages of ``page`` bytes (the memory's);
+        present pages are skipped."""
+        _check_aligned(dst, length, page)
         out = ffi.new("uint64_t[2]")  # per call: placements may run in several threads
-        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, out, out + 1))
-        return Placed(out[0], out[1] // PAGE_SIZE)
+        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, page, out, out + 1))
+        return Placed(out[0], out[1] // page)
 
-    def zeropage(self, dst: int, length: int) -> Placed:
-        """Maps zero pages over ``[dst, dst+length)``; present pages are skipped."""
-        _check_aligned(dst, length)
+    def zeropage(self, dst: int, length: int, page: int = PAGE_SIZE) -> Placed:
+        """Places zero pages over ``[dst, dst+length)`` (on hugetlb: copies of a zero page); present pages are
+        skipped."""
+        _check_aligned(dst, length, page)
         out = ffi.new("uint64_t[2]")
-        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, out, out + 1))
-        return Placed(out[0], out[1] // PAGE_SIZE)
+        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, page, out, out + 1))
+        return Placed(out[0], out[1] // page)
 
     def read_faults(self) -> list[tuple[int, int]]:
         """Pending page faults as (address, thread id), without blocking; [] when none."""
@@ -100,6 +109,6 @@ class Userfaultfd:
             self.fd = -1
 
 
-def _check_aligned(addr: int, length: int) -> None:
-    if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+def _check_aligned(addr: int, length: int, page: int = PAGE_SIZE) -> None:
+    if addr % page or length % page or length <= 0:
         raise ValueError(f"range {addr:#x}+{length:#x} is not a positive run of whole pages")

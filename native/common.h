@@ -22,11 +22,13 @@
 
 #include <stdint.h>
 
-/* The page the wire carries and the guest is made of (wire.h), 64 bits wide
- * so that page arithmetic never overflows an int. */
+/* The base page (wire.h): the workload's unit, pagemap's entry, and the wire
+ * page of anonymous and memfd guests (a hugetlb guest's wire page is 2 MiB:
+ * the loops take its shift at run time).  64 bits wide so that page
+ * arithmetic never overflows an int. */
 #define PAGE ((uint64_t)WIRE_PAGE_SIZE)
-/* The largest frame on the wire: a header and a longest run of pages. */
-#define FRAME_MAX (WIRE_FRAME_SIZE + WIRE_MAX_RUN_PAGES * PAGE)
+/* The largest frame on the wire: a header and a largest payload. */
+#define FRAME_MAX (WIRE_FRAME_SIZE + (uint64_t)WIRE_MAX_PAYLOAD)
 
 /* *c += n, by the counter's only writer. */
 static inline void counter_add(uint64_t *c, uint64_t n)

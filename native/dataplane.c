@@ -35,7 +35,7 @@
  * Every loop poll()s its descriptors and a stop eventfd of its own, and looks
  * at that eventfd once a frame too, as a peer that keeps data flowing never
  * lets it wait; a stop is LOOP_STOPPED, never mistaken for the peer going
- * away.  A frame's work is bounded (wire.h: at most 256 pages a run).  Errors are returned
+ * away.  A frame's work is bounded (wire.h: at most 1 MiB or one page a run).  Errors are returned
  * as -errno with *why naming the operation, never printed.
  */
 #define _GNU_SOURCE
@@ -159,6 +159,7 @@ typedef struct {
     io_t io;
     rxbuf_t *rx;
     uint64_t guest_pages;
+    uint32_t page_shift;
     uint32_t accept;
 } reader_t;
 
@@ -214,7 +215,7 @@ static int next_frame(const reader_t *r, struct wire_frame *f, uint64_t *plen)
     if (rc)
         return rc;
     memcpy(f, r->rx->data + r->rx->start, sizeof *f);
-    int64_t len = wire_check(f, r->guest_pages, r->accept, r->io.why);
+    int64_t len = wire_check(f, r->guest_pages, r->page_shift, r->accept, r->io.why);
     if (len < 0)
         return (int)len;
     if (f->kind == WIRE_CONTROL)
@@ -244,13 +245,15 @@ typedef struct {
     uint64_t placed; /* bytes newly placed */
 } placement_t;
 
-/* Discards the frame's run (MADV_DONTNEED): a DISCARD frame, or a page or
- * zero frame flagged WIRE_REPLACE, whose pages are placed next. */
+/* Discards the frame's run (MADV_DONTNEED, or MADV_REMOVE on a memfd): a
+ * DISCARD frame, or a page or zero frame flagged WIRE_REPLACE, whose pages
+ * are placed next. */
 static int discard(const dst_placer_t *c, place_stats_t *me, const struct wire_frame *f, const char **why)
 {
-    int rc = region_discard(c->plane->base + f->start * PAGE, (uint64_t)f->count * PAGE);
+    const dst_plane_t *d = c->plane;
+    int rc = region_discard(d->base + (f->start << d->page_shift), (uint64_t)f->count << d->page_shift, d->memory);
     if (rc < 0) {
-        *why = "MADV_DONTNEED of a discarded run";
+        *why = d->memory == MEMORY_ANON ? "MADV_DONTNEED of a discarded run" : "MADV_REMOVE of a discarded run";
         return rc;
     }
     add(f->kind == WIRE_DISCARD ? &me->discarded : &me->replaced, f->count);
@@ -269,7 +272,7 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
     for (;;) {
         /* Every few frames, not each: a one-page frame is placed in about
          * 1.5 us, and a poll() each time cost 20% of the rate (measured);
-         * 16 frames of at most 256 pages are a few ms at worst. */
+         * 16 frames of at most 1 or 2 MiB are a few ms at worst. */
         if (me->frames % STOP_EVERY_FRAMES == 0 && stop_requested(r->io.stop_fd))
             return LOOP_STOPPED;
         if ((rc = next_frame(r, f, &plen)))
@@ -285,24 +288,28 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
         counter_add(&me->bytes, WIRE_FRAME_SIZE);
     }
     out->placed = 0;
-    dst = c->plane->base + f->start * PAGE;
+    const uint32_t shift = c->plane->page_shift;
+    const uint64_t page = 1ull << shift;
+    dst = c->plane->base + (f->start << shift);
     if (f->kind == WIRE_PAGES) {
-        rc = uffd_copy(c->plane->uffd, dst, r->rx->data + r->rx->start + WIRE_FRAME_SIZE, plen,
+        rc = uffd_copy(c->plane->uffd, dst, r->rx->data + r->rx->start + WIRE_FRAME_SIZE, plen, page,
                        &out->placed, &existed);
         *r->io.why = "UFFDIO_COPY";
     } else {
-        rc = uffd_zeropage(c->plane->uffd, dst, (uint64_t)f->count * PAGE, &out->placed, &existed);
-        *r->io.why = "UFFDIO_ZEROPAGE";
+        rc = uffd_zeropage(c->plane->uffd, dst, (uint64_t)f->count << shift, page, &out->placed, &existed);
+        *r->io.why = page == PAGE ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY of a zero huge page";
     }
+    if (rc == -ENOSPC)
+        *r->io.why = "UFFDIO_COPY: EEXIST for a huge page not mapped here (the huge page pool is exhausted)";
     if (rc < 0)
         return rc;
     r->rx->start += WIRE_FRAME_SIZE + plen;
     counter_add(&me->frames, 1);
     counter_add(&me->bytes, WIRE_FRAME_SIZE + plen);
-    counter_add(&me->eexist, existed / PAGE);
+    counter_add(&me->eexist, existed >> shift);
     if (f->kind == WIRE_ZEROS)
-        counter_add(&me->zero_pages, out->placed / PAGE);
-    add(&me->pages, out->placed / PAGE);
+        counter_add(&me->zero_pages, out->placed >> shift);
+    add(&me->pages, out->placed >> shift);
     return 0;
 }
 
@@ -317,7 +324,8 @@ static void signal_if_complete(const dst_plane_t *d, const placement_t *p)
 
 static reader_t placer_reader(const dst_placer_t *c, const owed_t *o, int stop_fd, const char **why)
 {
-    return (reader_t){ { c->link, stop_fd, c->idle_ms, o, why }, c->rx, c->plane->pages, c->accept };
+    return (reader_t){ { c->link, stop_fd, c->idle_ms, o, why }, c->rx, c->plane->pages, c->plane->page_shift,
+                       c->accept };
 }
 
 int dst_bulk_placer(const dst_placer_t *c, int stop_fd, const char **why)
@@ -442,7 +450,8 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
         for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++) {
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
-            uint64_t page = (msgs[i].arg.pagefault.address - d->base) / PAGE;
+            /* A hugetlb fault names its huge page's aligned address. */
+            uint64_t page = (msgs[i].arg.pagefault.address - d->base) >> d->page_shift;
             uint64_t count = d->pages - page < span ? d->pages - page : span;
             req.runs[k++] = (struct wire_run){ page, count };
             pages += count;
@@ -655,26 +664,28 @@ static int push_frame(sender_t *s, struct wire_frame f, const void *payload, siz
     return s->frames == TXQ_FRAMES ? flush(s) : 0;
 }
 
-static int page_is_zero(const uint64_t *w)
+static int page_is_zero(const uint64_t *w, uint64_t page)
 {
-    for (uint64_t i = 0; i < PAGE / 8; i++)
+    for (uint64_t i = 0; i < page / 8; i++)
         if (w[i])
             return 0;
     return 1;
 }
 
 /* Queues pages [start, start+count) as page frames and zero frames of at
- * most WIRE_MAX_RUN_PAGES pages each (wire_check's bound), with the sender's
+ * most wire_max_run() pages each (wire_check's bound), with the sender's
  * flags and stamp. */
 static int push_pages(sender_t *s, uint64_t start, uint64_t count)
 {
+    const uint32_t shift = s->c->page_shift, max_run = wire_max_run(shift);
+    const uint64_t page = 1ull << shift;
     uint64_t base = s->c->base, p = start, end = start + count;
     while (p < end) {
-        const char *mem = (const char *)(uintptr_t)(base + p * PAGE);
-        int zero = page_is_zero((const uint64_t *)mem);
+        const char *mem = (const char *)(uintptr_t)(base + (p << shift));
+        int zero = page_is_zero((const uint64_t *)mem, page);
         uint64_t q_end = p + 1;
-        while (q_end < end && q_end - p < WIRE_MAX_RUN_PAGES &&
-               page_is_zero((const uint64_t *)(uintptr_t)(base + q_end * PAGE)) == zero)
+        while (q_end < end && q_end - p < max_run &&
+               page_is_zero((const uint64_t *)(uintptr_t)(base + (q_end << shift)), page) == zero)
             q_end++;
         uint64_t n = q_end - p;
         counter_add(&s->c->st->pages, n);
@@ -683,7 +694,7 @@ static int push_pages(sender_t *s, uint64_t start, uint64_t count)
         const struct wire_frame f = { .kind = zero ? WIRE_ZEROS : WIRE_PAGES, .count = (uint32_t)n, .start = p,
                                       .stamp = s->stamp, .flags = s->flags };
         p = q_end;
-        int rc = push_frame(s, f, mem, zero ? 0 : n * PAGE);
+        int rc = push_frame(s, f, mem, zero ? 0 : n << shift);
         if (rc)
             return rc;
     }
@@ -716,7 +727,7 @@ int src_request_server(const src_server_t *c, int stop_fd, const char **why)
     sender_t s;
     /* A destination without faults sends nothing for a long time: no idle
      * bound on requests. */
-    const reader_t in = { { c->requests, stop_fd, -1, NULL, why }, c->rx, c->replies.pages,
+    const reader_t in = { { c->requests, stop_fd, -1, NULL, why }, c->rx, c->replies.pages, c->replies.page_shift,
                           1u << WIRE_REQUEST | 1u << WIRE_CONTROL };
     struct wire_run runs[WIRE_MAX_REQUEST_RUNS];
 
@@ -732,7 +743,7 @@ int src_request_server(const src_server_t *c, int stop_fd, const char **why)
         s.t_recv = mono_ns();
         s.stamp = f.stamp;
         memcpy(runs, c->rx->data + c->rx->start + WIRE_FRAME_SIZE, plen);
-        if ((rc = wire_check_runs(runs, f.count, c->replies.pages, why)))
+        if ((rc = wire_check_runs(runs, f.count, c->replies.pages, c->replies.page_shift, why)))
             return rc;
         c->rx->start += WIRE_FRAME_SIZE + plen;
         for (uint32_t i = 0; i < f.count; i++)
@@ -776,7 +787,7 @@ int src_stream_discards(const src_sender_t *c, const struct wire_run *runs, uint
                         const char **why)
 {
     sender_t s;
-    const src_sender_t unpaced = { c->base, c->pages, c->link, c->idle_ms, NULL, c->st };
+    const src_sender_t unpaced = { c->base, c->pages, c->page_shift, c->link, c->idle_ms, NULL, c->st };
     sender_init(&s, &unpaced, stop_fd, why);
     for (uint64_t i = 0; i < n; i++) {
         int rc = check_run(&runs[i], c->pages, why);
@@ -793,36 +804,4 @@ int src_stream_discards(const src_sender_t *c, const struct wire_run *runs, uint
         }
     }
     return flush(&s);
-}
-
-/* -- entry points by position (dataplane.h) ------------------------------- */
-
-int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
-                   int stop_fd, const char **why)
-{
-    const dst_placer_t c = { d, l, rx, accept, idle_ms };
-    return replies ? dst_reply_placer(&c, stop_fd, why) : dst_bulk_placer(&c, stop_fd, why);
-}
-
-int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
-                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
-                   const char **why)
-{
-    const src_server_t c = { { base, pages, txl, idle_ms, NULL, st }, rxl, rx, notes };
-    return src_request_server(&c, stop_fd, why);
-}
-
-int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
-                  int stop_fd, const char **why)
-{
-    const src_sender_t c = { base, pages, l, idle_ms, pace, st };
-    return src_stream_runs(&c, runs, n, flags, stop_fd, why);
-}
-
-int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
-                      int idle_ms, send_stats_t *st, int stop_fd, const char **why)
-{
-    const src_sender_t c = { 0, pages, l, idle_ms, NULL, st };
-    return src_stream_discards(&c, runs, n, stop_fd, why);
 }

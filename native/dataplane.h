@@ -10,8 +10,8 @@
  *
  * Each loop takes a context struct, filled by its trio task or a C harness
  * and only read by the loop, then its stop eventfd and *why (the two
- * arguments migrate/loops.py's run_native adds).  The entry points at the
- * end take the same values in a row, for callers that pass them so.
+ * arguments migrate/loops.py's run_native adds).  A context holds pointers
+ * only: its owner keeps what they point to alive while the loop runs.
  * Histograms and the clock: stats.h.
  */
 
@@ -70,7 +70,9 @@ typedef struct {
 typedef struct {
     int uffd;
     uint64_t base;
-    uint64_t pages;
+    uint64_t pages;       /* wire pages, of 1 << page_shift bytes: the memory's page */
+    uint32_t page_shift;  /* 12, or 21 on hugetlb */
+    int memory;           /* enum memory_kind: how a run is discarded */
     int done_fd;          /* eventfd, written whenever a placement leaves every page present */
     uint64_t present_base; /* set between sessions, while no loop runs */
     uint64_t placed_base;
@@ -155,7 +157,8 @@ typedef struct {
 /* A sending loop's context: the streamer's, or the request server's replies. */
 typedef struct {
     uint64_t base;     /* the guest's memory, read only */
-    uint64_t pages;
+    uint64_t pages;    /* wire pages, of 1 << page_shift bytes */
+    uint32_t page_shift;
     link_t *link;      /* the connection the frames leave on (written) */
     int idle_ms;       /* bounds a send the peer does not read */
     pacer_t *pace;     /* NULL: no cap (the request server's, always) */
@@ -187,17 +190,3 @@ typedef struct {
  * eventfd, a control frame or EOF; idle_ms bounds a reply the destination
  * does not read. */
 int src_request_server(const src_server_t *c, int stop_fd, const char **why);
-
-/* Entry points by position, for callers that pass each value on its own
- * (migrate/source.py and migrate/destination.py): each fills its loop's
- * context above and runs the loop.  replies picks the reply placer. */
-int dst_place_loop(dst_plane_t *d, int replies, uint32_t accept, link_t *l, rxbuf_t *rx, int idle_ms,
-                   int stop_fd, const char **why);
-int src_serve_loop(uint64_t base, uint64_t pages, link_t *rxl, rxbuf_t *rx, link_t *txl,
-                   int idle_ms, send_stats_t *st, note_ring_t *notes, int stop_fd,
-                   const char **why);
-int src_send_runs(uint64_t base, uint64_t pages, link_t *l, const struct wire_run *runs,
-                  uint64_t n, uint32_t flags, pacer_t *pace, int idle_ms, send_stats_t *st,
-                  int stop_fd, const char **why);
-int src_send_discards(uint64_t pages, link_t *l, const struct wire_run *runs, uint64_t n,
-                      int idle_ms, send_stats_t *st, int stop_fd, const char **why);

@@ -10,16 +10,19 @@
 #include "wire.h"
 #include "dirty.h"
 #include "common.h"
+#include "uffd.h"
 
 /* Regions one PAGEMAP_SCAN call may return; the walk resumes at walk_end. */
 #define SCAN_VEC 512
 
-int dirty_track(int uffd, uint64_t addr, uint64_t len)
+int dirty_track(int uffd, uint64_t addr, uint64_t len, int memory)
 {
     /* WP_UNPOPULATED: pages never touched (the guest's zero pages) are
-     * protected too, through pte markers, so their first write is seen. */
+     * protected too, through pte markers, so their first write is seen.
+     * Shared memory and huge pages need WP_HUGETLBFS_SHMEM besides. */
     struct uffdio_api api = { .api = UFFD_API,
-                              .features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED };
+                              .features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED |
+                                          (memory == MEMORY_ANON ? 0 : UFFD_FEATURE_WP_HUGETLBFS_SHMEM) };
     if (ioctl(uffd, UFFDIO_API, &api) < 0)
         return -errno;
     struct uffdio_register reg = { .range = { addr, len }, .mode = UFFDIO_REGISTER_MODE_WP };
@@ -69,6 +72,7 @@ static int scan(int pagemap_fd, uint64_t addr, uint64_t len, uint64_t flags, uin
 
 typedef struct {
     uint64_t base;
+    uint32_t shift; /* of the wire page */
     struct wire_run *runs;
     uint64_t n, room, pages;
 } take_t;
@@ -76,7 +80,7 @@ typedef struct {
 static int take_region(void *ctx, uint64_t start, uint64_t end)
 {
     take_t *t = ctx;
-    uint64_t first = (start - t->base) / PAGE, count = (end - start) / PAGE;
+    uint64_t first = (start - t->base) >> t->shift, count = (end - start) >> t->shift;
     if (t->n && t->runs[t->n - 1].start + t->runs[t->n - 1].count == first) {
         t->runs[t->n - 1].count += count;
     } else {
@@ -89,13 +93,13 @@ static int take_region(void *ctx, uint64_t start, uint64_t end)
     return 0;
 }
 
-int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, struct wire_run *runs,
+int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, uint32_t page_shift, struct wire_run *runs,
                    uint64_t max_runs, uint64_t *pages)
 {
-    take_t t = { addr, runs, 0, max_runs, 0 };
+    take_t t = { addr, page_shift, runs, 0, max_runs, 0 };
     /* CHECK_WPASYNC: a range not registered for async write-protection is
      * an error, never silently reported clean. */
-    int rc = scan(pagemap_fd, addr, npages * PAGE, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    int rc = scan(pagemap_fd, addr, npages << page_shift, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
                   PAGE_IS_WRITTEN, 0, take_region, &t, &t.room);
     *pages = t.pages;
     return rc < 0 ? rc : (int64_t)t.n;
@@ -103,20 +107,26 @@ int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, struct wire_r
 
 static int count_region(void *ctx, uint64_t start, uint64_t end)
 {
-    *(uint64_t *)ctx += (end - start) / PAGE;
+    *(uint64_t *)ctx += end - start;
     return 0;
 }
 
-int region_present_pages(int pagemap_fd, uint64_t addr, uint64_t len, uint64_t *present)
+int region_present_pages(int pagemap_fd, uint64_t addr, uint64_t len, uint32_t page_shift, uint64_t *present)
 {
-    *present = 0;
-    return scan(pagemap_fd, addr, len, 0, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, count_region,
-                present, NULL);
+    uint64_t bytes = 0;
+    int rc = scan(pagemap_fd, addr, len, 0, 0, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, count_region, &bytes, NULL);
+    *present = bytes >> page_shift;
+    return rc;
 }
 
-int region_discard(uint64_t addr, uint64_t len)
+int region_discard(uint64_t addr, uint64_t len, int memory)
 {
-    return madvise((void *)(uintptr_t)addr, len, MADV_DONTNEED) < 0 ? -errno : 0;
+    /* On a memfd (shmem or hugetlb) MADV_DONTNEED only unmaps: the page
+     * stays in the file, the next UFFDIO_COPY meets -EEXIST and the guest
+     * would read the old bytes without a fault.  MADV_REMOVE frees it
+     * (experiments/discard_memfd.c); anonymous memory refuses it. */
+    int advice = memory == MEMORY_ANON ? MADV_DONTNEED : MADV_REMOVE;
+    return madvise((void *)(uintptr_t)addr, len, advice) < 0 ? -errno : 0;
 }
 
 uint64_t runs_union(const struct wire_run *a, uint64_t na, const struct wire_run *b, uint64_t nb,

@@ -13,7 +13,8 @@
  * PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC returns the runs written since
  * the last scan and protects them again.
  *
- * Destination: a discard drops a run with MADV_DONTNEED: on a range
+ * Destination: a discard drops a run with MADV_DONTNEED (MADV_REMOVE on a
+ * memfd): on a range
  * registered with a userfaultfd in MISSING mode its pages are missing again,
  * so the next access faults and the next UFFDIO_COPY places them.  How many
  * pages are present is asked of the kernel once, at switchover, after the
@@ -24,7 +25,7 @@
  * on uffd (a fresh one: the API call is once per descriptor), registration
  * of [addr, addr+len) in WP mode, and write-protection of all of it.
  * -EINVAL from the handshake means a kernel older than 6.7. */
-int dirty_track(int uffd, uint64_t addr, uint64_t len);
+int dirty_track(int uffd, uint64_t addr, uint64_t len, int memory);
 
 /* Source: the runs of the npages-page region at addr written since the last
  * call (or since dirty_track), which are write-protected again.  Stores at
@@ -34,16 +35,17 @@ int dirty_track(int uffd, uint64_t addr, uint64_t len);
  * returns max_runs) the walk stops there, and every page written and not
  * taken stays marked written for the next call, which the caller must make.
  * (npages + 1) / 2 runs always suffice to take everything in one call. */
-int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, struct wire_run *runs,
+int64_t dirty_take(int pagemap_fd, uint64_t addr, uint64_t npages, uint32_t page_shift, struct wire_run *runs,
                    uint64_t max_runs, uint64_t *pages);
 
 /* Destination: pages of [addr, addr+len) the kernel holds (present or
  * swapped out), in one walk: at switchover, the base the placement counters
  * then add to. */
-int region_present_pages(int pagemap_fd, uint64_t addr, uint64_t len, uint64_t *present);
+int region_present_pages(int pagemap_fd, uint64_t addr, uint64_t len, uint32_t page_shift, uint64_t *present);
 
-/* Destination: makes [addr, addr+len) absent again (MADV_DONTNEED). */
-int region_discard(uint64_t addr, uint64_t len);
+/* Destination: makes [addr, addr+len) absent again: MADV_DONTNEED on
+ * anonymous memory, MADV_REMOVE on a memfd (enum memory_kind). */
+int region_discard(uint64_t addr, uint64_t len, int memory);
 
 /* The union of two sorted lists of disjoint runs (two scans' results), merged
  * into out, which holds at least na + nb runs or (npages + 1) / 2.  Returns

@@ -55,10 +55,22 @@ int uffd_register(int fd, uint64_t addr, uint64_t len)
     return ioctl(fd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
 }
 
+/* Whether the page at addr is present, from one 8-byte read of pagemap. */
+static int page_present(uint64_t addr)
+{
+    uint64_t entry = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1; /* cannot tell: trust the kernel's -EEXIST */
+    ssize_t n = pread(fd, &entry, sizeof entry, (off_t)(addr / PAGE * sizeof entry));
+    close(fd);
+    return n != (ssize_t)sizeof entry || entry >> 62;
+}
+
 /* One placement ioctl over a range: on -EAGAIN the kernel reports how far it
  * got in *done (negative errno otherwise), so the loop resumes there; on
  * -EEXIST the first page is already present and is skipped. */
-static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len,
+static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, uint64_t page,
                  uint64_t *placed, uint64_t *existed)
 {
     uint64_t off = 0;
@@ -84,9 +96,16 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len,
             *placed += (uint64_t)done;
             off += (uint64_t)done;
         }
+        /* A hugetlb page the pool cannot supply answers -EEXIST too (only
+         * under MAP_NORESERVE, which region_map never uses), as does one in
+         * the file but not mapped here (dropped by MADV_DONTNEED, which no
+         * discard uses): belt and braces, as taking either for a page
+         * already placed would leave its vCPU waiting, or reading old bytes. */
+        if (err == EEXIST && page > PAGE && !page_present(dst + off))
+            return -ENOSPC;
         if (err == EEXIST) {
-            *existed += PAGE;
-            off += PAGE;
+            *existed += page;
+            off += page;
         } else if (err != EAGAIN) {
             return -err;
         }
@@ -94,17 +113,29 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len,
     return 0;
 }
 
-int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len,
+int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page,
               uint64_t *placed, uint64_t *existed)
 {
     *placed = *existed = 0;
-    return place(fd, 0, dst, src, len, placed, existed);
+    return place(fd, 0, dst, src, len, page, placed, existed);
 }
 
-int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t *placed, uint64_t *existed)
+/* The source of a zero huge page: hugetlb has no shared zero page and no
+ * UFFDIO_ZEROPAGE, and a 2 MiB UFFDIO_COPY from here takes about 100 us
+ * (experiments/huge_place.c).  Never written (bss: no space in the file). */
+static char huge_zeros[1u << WIRE_HUGE_SHIFT] __attribute__((aligned(4096)));
+
+int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t page, uint64_t *placed, uint64_t *existed)
 {
     *placed = *existed = 0;
-    return place(fd, 1, dst, NULL, len, placed, existed);
+    if (page == PAGE)
+        return place(fd, 1, dst, NULL, len, page, placed, existed);
+    for (uint64_t off = 0; off < len; off += page) {
+        int rc = place(fd, 0, dst + off, huge_zeros, page, page, placed, existed);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
 }
 
 int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max)
@@ -126,10 +157,25 @@ int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max)
     return count;
 }
 
-uint64_t region_map(uint64_t len)
+uint64_t region_map(uint64_t len, int memory)
 {
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (memory == MEMORY_ANON) {
+        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
+    }
+    if (memory != MEMORY_MEMFD && memory != MEMORY_HUGETLB) {
+        errno = EINVAL;
+        return 0;
+    }
+    int fd = memfd_create("uffd-migrate guest", MFD_CLOEXEC | (memory == MEMORY_HUGETLB ? MFD_HUGETLB : 0));
+    if (fd < 0)
+        return 0;
+    void *p = MAP_FAILED;
+    if (ftruncate(fd, (off_t)len) == 0) /* the mapping keeps the file; no descriptor is needed after */
+        p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    int err = errno;
+    close(fd);
+    errno = err;
     return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
 }
 
@@ -138,26 +184,28 @@ int region_unmap(uint64_t addr, uint64_t len)
     return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
 }
 
-int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages,
+int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t page_shift,
                        uint64_t *starts, uint64_t *counts, int max_runs,
                        uint64_t *next)
 {
     enum { BATCH = 8192 };
     static __thread uint64_t entries[BATCH];
+    /* pagemap has an entry per 4 KiB on every kind: a page's first tells. */
+    const uint64_t stride = 1ull << (page_shift - WIRE_PAGE_SHIFT);
     int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
     int runs = 0;
     uint64_t p = first;
     while (p < npages) {
-        uint64_t want = npages - p < BATCH ? npages - p : BATCH;
-        ssize_t got = pread(fd, entries, want * 8, (off_t)((addr / PAGE + p) * 8));
+        uint64_t want = (npages - p) * stride < BATCH ? (npages - p) * stride : BATCH;
+        ssize_t got = pread(fd, entries, want * 8, (off_t)((addr / PAGE + p * stride) * 8));
         if (got <= 0) {
             int err = got < 0 ? errno : EIO;
             close(fd);
             return -err;
         }
-        for (uint64_t i = 0; i < (uint64_t)got / 8; i++, p++) {
+        for (uint64_t i = 0; i < (uint64_t)got / 8; i += stride, p++) {
             /* bit 63: present; bit 62: swapped (then the data exists too) */
             if (entries[i] >> 62)
                 continue;

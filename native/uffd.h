@@ -15,33 +15,46 @@ int uffd_open(int *syscall_errno, int *device_errno);
  * kernel offers. */
 int uffd_api(int fd, uint64_t *features);
 
+/* The guest's memory: private anonymous 4 KiB pages; a memfd (shared
+ * memory, as a VMM shares it with device back-ends), 4 KiB pages; or a
+ * hugetlb memfd, 2 MiB pages. */
+enum memory_kind { MEMORY_ANON = 0, MEMORY_MEMFD = 1, MEMORY_HUGETLB = 2 };
+
 /* Registers [addr, addr+len) in MISSING mode. */
 int uffd_register(int fd, uint64_t addr, uint64_t len);
 
-/* Places len bytes from src at dst (page-aligned), one ioctl per stretch of
- * absent pages.  Pages already present are skipped and counted: that is the
- * fault/stream race the kernel resolves for us, not an error. */
-int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len,
+/* Places len bytes from src at dst (aligned to page, the memory's page
+ * size), one ioctl per stretch of absent pages.  Pages already present are
+ * skipped and counted (in bytes, *existed): that is the fault/stream race the
+ * kernel resolves for us, not an error.  -ENOSPC: -EEXIST for a huge page
+ * that pagemap says is not mapped (the pool could not supply it). */
+int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page,
               uint64_t *placed, uint64_t *existed);
 
-/* The same for zero pages (UFFDIO_ZEROPAGE). */
-int uffd_zeropage(int fd, uint64_t dst, uint64_t len,
+/* The same for zero pages: UFFDIO_ZEROPAGE, which hugetlb refuses (-EINVAL),
+ * so huge pages (page > 4 KiB) are copied from a static zero page instead. */
+int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t page,
                   uint64_t *placed, uint64_t *existed);
 
 /* Non-blocking read of up to max pagefault messages.  Returns the number of
  * faults stored in addrs/tids (0 when none is pending), or -errno. */
 int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max);
 
-/* Page-aligned anonymous private mapping for a guest, and its release. */
-uint64_t region_map(uint64_t len);
+/* A guest's memory of the given kind (enum memory_kind), len bytes (a
+ * multiple of 2 MiB for hugetlb), and its release.  memfd and hugetlb are a
+ * memfd mapped MAP_SHARED; hugetlb without MAP_NORESERVE, so that a pool
+ * too small fails here (ENOMEM) and never later, where UFFDIO_COPY into an
+ * empty pool answers -EEXIST as if the page were there.  Returns the address,
+ * or 0 with errno set. */
+uint64_t region_map(uint64_t len, int memory);
 int region_unmap(uint64_t addr, uint64_t len);
 
-/* Absent pages of the npages-page region at addr, from page first on, as
+/* Absent pages (of 1 << page_shift bytes) of the npages-page region at addr, from page first on, as
  * runs (start page, count), asked of the kernel's page tables through
  * /proc/self/pagemap: after a lost link they are exactly what is still
  * missing, with no record kept in userland.  Stores at most max_runs runs
  * and sets *next to the page to continue from (npages when done).  Returns
  * the number of runs stored, or -errno. */
-int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages,
+int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t page_shift,
                        uint64_t *starts, uint64_t *counts, int max_runs,
                        uint64_t *next);

@@ -32,7 +32,13 @@ static int inside(uint64_t start, uint64_t count, uint64_t guest_pages)
     return count <= guest_pages && start <= guest_pages - count;
 }
 
-int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t accept,
+uint32_t wire_max_run(uint32_t page_shift)
+{
+    uint32_t n = WIRE_MAX_RUN_BYTES >> page_shift;
+    return n ? n : 1;
+}
+
+int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t page_shift, uint32_t accept,
                    const char **why)
 {
     if (f->kind < WIRE_PAGES || f->kind > WIRE_DISCARD)
@@ -66,17 +72,19 @@ int64_t wire_check(const struct wire_frame *f, uint64_t guest_pages, uint32_t ac
     /* A zero run is bounded like a page run: on pages already present the
      * placer moves one page per ioctl (-EEXIST), and one frame must not hold
      * it for as long as the peer likes. */
-    if (f->count > WIRE_MAX_RUN_PAGES)
-        return bad(why, "page or zero run longer than 256 pages");
-    return f->kind == WIRE_ZEROS ? 0 : (int64_t)f->count * WIRE_PAGE_SIZE;
+    if (page_shift != WIRE_PAGE_SHIFT && page_shift != WIRE_HUGE_SHIFT)
+        return bad(why, "pages of a size the wire does not carry");
+    if (f->count > wire_max_run(page_shift))
+        return bad(why, "page or zero run longer than 1 MiB or one page");
+    return f->kind == WIRE_ZEROS ? 0 : (int64_t)f->count << page_shift;
 }
 
-int wire_check_runs(const struct wire_run *runs, uint32_t n, uint64_t guest_pages,
+int wire_check_runs(const struct wire_run *runs, uint32_t n, uint64_t guest_pages, uint32_t page_shift,
                     const char **why)
 {
     for (uint32_t i = 0; i < n; i++) {
-        if (runs[i].count == 0 || runs[i].count > WIRE_MAX_RUN_PAGES)
-            return bad(why, "requested run of 0 or more than 256 pages");
+        if (runs[i].count == 0 || runs[i].count > wire_max_run(page_shift))
+            return bad(why, "requested run of 0 pages or more than a frame carries");
         if (!inside(runs[i].start, runs[i].count, guest_pages))
             return bad(why, "requested pages outside the guest");
     }

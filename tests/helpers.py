@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 from pathlib import Path
 
 import trio
@@ -27,6 +28,7 @@ import trustme
 
 from migrate._native import ffi, lib
 from migrate.guest import Guest, GuestSpec
+from migrate.loops import run_native
 from migrate import protocol as p
 from migrate.protocol import codec
 from migrate.stats import DestinationStats, SourceStats
@@ -143,6 +145,37 @@ def conversation(to: p.State, pages: int = 100) -> tuple[p.Connection, p.Connect
     return src, dst
 
 
+@dataclass
+class Loop:
+    """A native loop and its context struct, filled as its trio task fills it.  The struct holds pointers
+    only: what they point to (links, statistics) is kept in ``keep`` for as long as the loop may run."""
+
+    fn: Callable[..., int]
+    ctx: Any
+    keep: tuple[Any, ...] = ()
+
+    async def run(self, *args: object, peer: str) -> int:
+        """Runs the loop with its context, then ``args`` (a streamer's runs), under ``run_native``."""
+        return await run_native(self.fn, self.ctx, *args, peer=peer)
+
+
+def sender(base: int, pages: int, link: Any, stats: Any, idle_ms: int = 60_000) -> Loop:
+    """The source's streamer (``src_stream_runs``), unpaced, sending from the guest at ``base`` on ``link``."""
+    ctx = ffi.new("src_sender_t *", {"base": base, "pages": pages, "page_shift": 12, "link": link, "idle_ms": idle_ms,
+                                     "pace": ffi.NULL, "st": stats})
+    return Loop(lib.src_stream_runs, ctx, (link, stats))
+
+
+def request_server(base: int, pages: int, requests: Any, rx: Any, replies: Any, stats: Any, notes: Any,
+                   idle_ms: int = 60_000) -> Loop:
+    """The source's request server: requests read on ``requests`` (buffer ``rx``), replies on ``replies``."""
+    ctx = ffi.new("src_server_t *", {
+        "replies": {"base": base, "pages": pages, "page_shift": 12, "link": replies, "idle_ms": idle_ms, "pace": ffi.NULL,
+                    "st": stats},
+        "requests": requests, "rx": rx, "notes": notes})
+    return Loop(lib.src_request_server, ctx, (requests, rx, replies, stats, notes))
+
+
 class Side:
     """A destination's plane over a registered, empty guest region, with a done eventfd, and a bulk
     connection (``conn``, its source's end ``peer``) in protocol state ``state``."""
@@ -151,10 +184,17 @@ class Side:
         self.uffd = Userfaultfd()
         self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
         self.uffd.register(self.guest.base, self.guest.spec.size)
-        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages})
+        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages,
+                                               "page_shift": 12})
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.plane.done_fd = self.done
         self.peer, self.conn = conversation(state, pages)
+
+    def placer(self, link: Any, idle_ms: int = 60_000, replies: bool = False) -> Loop:
+        """The bulk placer (or the reply placer) of this plane, reading ``link`` through ``conn``'s buffer."""
+        ctx = ffi.new("dst_placer_t *", {"plane": self.plane, "link": link, "rx": self.conn.rx,
+                                         "accept": self.conn.accepts, "idle_ms": idle_ms})
+        return Loop(lib.dst_reply_placer if replies else lib.dst_bulk_placer, ctx, (link,))
 
     def close(self) -> None:
         os.close(self.done)

@@ -22,7 +22,6 @@ from migrate._native import ffi, lib
 from migrate.dirty import DirtyTracker, Runs
 from migrate.errors import RemoteProtocolError
 from migrate.guest import Guest, GuestSpec
-from migrate.loops import run_native
 from migrate.uffd import PAGE_SIZE, Userfaultfd
 
 PAGES = 1024
@@ -92,7 +91,7 @@ def test_a_run_array_too_small_loses_no_write(max_runs: int) -> None:
         runs, total = ffi.new("struct wire_run[]", max_runs), ffi.new("uint64_t *")
         taken: set[int] = set()
         for _ in range(pages):
-            n = lib.dirty_take(pagemap, guest.base, pages, runs, max_runs, total)
+            n = lib.dirty_take(pagemap, guest.base, pages, 12, runs, max_runs, total)
             assert n >= 0, os.strerror(-n)
             got = {page for i in range(n) for page in range(runs[i].start, runs[i].start + runs[i].count)}
             assert len(got) == total[0] and not got & taken  # counts only what it took, and takes it once
@@ -149,9 +148,7 @@ async def place(dest: Side, data: bytes, end: p.Event) -> int:
     with ours, theirs:
         theirs.sendall(data + b"".join(bytes(c) for c in dest.peer.send(end)))
         with trio.fail_after(10):
-            link = ffi.new("link_t *", {"fd": ours.fileno()})
-            rc = await run_native(lib.dst_place_loop, dest.plane, 0, dest.conn.accepts, link, dest.conn.rx,
-                                  10_000, peer="source")
+            rc = await dest.placer(ffi.new("link_t *", {"fd": ours.fileno()}), 10_000).run(peer="source")
         assert dest.conn.next_event() == end  # the hand-back leaves it for Python
         return rc
 

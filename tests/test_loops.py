@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 import trio
 
-from helpers import Side, drip, TlsPair, conversation
+from helpers import Loop, Side, TlsPair, conversation, drip, request_server, sender
 from migrate import protocol as p
 from migrate._native import ffi, lib
 from migrate.errors import PeerError, ProtocolViolation, RemoteProtocolError, lost_link
@@ -49,7 +49,7 @@ async def test_a_cancelled_loop_stops_promptly_and_is_not_a_peer_error(side: Sid
     with ours, theirs:
         t0 = time.monotonic()
         with trio.move_on_after(0.3):
-            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
+            await side.placer(link(ours), 60_000).run(peer="peer")
         assert time.monotonic() - t0 < 2  # the eventfd woke the thread; no exception escaped
 
 
@@ -58,7 +58,7 @@ async def test_a_peer_closing_is_a_peer_error(side: Side) -> None:
     with ours:
         theirs.close()
         with trio.fail_after(5), pytest.raises(PeerError, match="closed the connection"):
-            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
+            await side.placer(link(ours), 60_000).run(peer="peer")
 
 
 async def test_silence_while_the_stream_owes_pages_is_a_lost_link(side: Side) -> None:
@@ -66,7 +66,7 @@ async def test_silence_while_the_stream_owes_pages_is_a_lost_link(side: Side) ->
     with ours, theirs:
         t0 = time.monotonic()
         with trio.fail_after(5), pytest.raises(PeerError, match="went silent"):
-            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 200, peer="peer")
+            await side.placer(link(ours), 200).run(peer="peer")
         assert time.monotonic() - t0 >= 0.2
 
 
@@ -74,11 +74,11 @@ async def test_silence_with_no_request_outstanding_is_normal(side: Side) -> None
     ours, theirs = pair()
     with ours, theirs:
         with trio.move_on_after(1.0) as scope:  # five idle periods
-            await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx, 200, peer="peer")
+            await side.placer(link(ours), 200, replies=True).run(peer="peer")
         assert scope.cancelled_caught
         side.plane.faults.pages_requested = 1  # now one page is owed and nothing comes
         with trio.fail_after(5), pytest.raises(PeerError, match="went silent"):
-            await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx, 200, peer="peer")
+            await side.placer(link(ours), 200, replies=True).run(peer="peer")
 
 
 async def test_a_bad_frame_is_a_protocol_error_and_places_nothing(side: Side) -> None:
@@ -86,7 +86,7 @@ async def test_a_bad_frame_is_a_protocol_error_and_places_nothing(side: Side) ->
     with ours, theirs:
         theirs.sendall(struct.pack("<IIQQII", lib.WIRE_PAGES, 1, PAGES, 0, 0, 0) + b"x" * 4096)
         with trio.fail_after(5), pytest.raises(RemoteProtocolError, match="outside the guest"):
-            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000, peer="peer")
+            await side.placer(link(ours), 60_000).run(peer="peer")
     assert side.plane.bulk.pages == 0
 
 
@@ -102,8 +102,7 @@ async def test_a_frame_out_of_order_is_a_protocol_violation_never_a_lost_link(si
             else b""
         theirs.sendall(struct.pack("<IIQQII", kind, 1, 0, 0, 0, flags) + payload)
         with trio.fail_after(5), pytest.raises(ProtocolViolation, match="out of order") as caught:
-            await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000,
-                             peer="peer")
+            await side.placer(link(ours), 60_000).run(peer="peer")
         assert lost_link(caught.value) is None
     assert side.plane.bulk.pages == side.plane.bulk.discarded == 0
 
@@ -114,8 +113,7 @@ async def test_a_control_frame_hands_the_connection_back_to_python(side: Side) -
     with ours, theirs:
         theirs.sendall(b"".join(bytes(c) for c in src.send(p.ZeroRun(0, 2)) + src.send(p.SourceDone(2))))
         with trio.fail_after(5):
-            end = await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx, 60_000,
-                                   peer="peer")
+            end = await side.placer(link(ours), 60_000).run(peer="peer")
         assert end == lib.LOOP_CONTROL
         assert side.conn.next_event() == p.SourceDone(2)  # read on from where the loop stopped
     assert side.plane.bulk.pages == side.plane.bulk.zero_pages == 2
@@ -130,10 +128,8 @@ async def stream_through(side: Side, src_guest: Guest, runs: list[tuple[int, int
     theirs.setblocking(False)
     with ours, theirs, trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(run_native, lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours),
-                                       side.conn.rx, 60_000, peer="source"))
-            await run_native(lib.src_send_runs, src_guest.base, PAGES, link(theirs), array, len(runs), 0, ffi.NULL,
-                             60_000, stats, peer="destination")
+            nursery.start_soon(partial(side.placer(link(ours)).run, peer="source"))
+            await sender(src_guest.base, PAGES, link(theirs), stats).run(array, len(runs), 0, peer="destination")
             await trio.lowlevel.wait_readable(side.done)
             nursery.cancel_scope.cancel()
     return stats
@@ -146,35 +142,6 @@ async def test_stream_from_guest_memory_arrives_whole(side: Side) -> None:
     try:
         stats = await stream_through(side, src_guest, [(0, 1000), (1000, PAGES - 1000)])
         assert side.plane.bulk.pages == PAGES and stats.pages == PAGES
-        assert 0 < side.plane.bulk.zero_pages == stats.zero_pages < PAGES
-        assert await trio.to_thread.run_sync(side.guest.digest) == await trio.to_thread.run_sync(src_guest.digest)
-    finally:
-        src_guest.close()
-
-
-async def test_the_loops_by_context_struct_are_the_loops_by_position(side: Side) -> None:
-    """dst_bulk_placer and src_stream_runs, their contexts filled with ffi.new as a trio task would,
-    do what dst_place_loop and src_send_runs do (the positional entry points fill the same structs)."""
-    spec = GuestSpec(pages=PAGES, vcpus=1, workload=Workload.uniform, zero_permille=300)
-    src_guest = Guest(spec, fill=True)
-    stats = ffi.new("send_stats_t *")
-    array = ffi.new("struct wire_run[]", [{"start": 0, "count": PAGES}])
-    ours, theirs = pair()
-    theirs.setblocking(False)
-    try:
-        with ours, theirs, trio.fail_after(30):
-            # A struct holds pointers only: what they point to is kept alive here, for the loops' lifetime.
-            bulk_in, bulk_out = link(ours), link(theirs)
-            placer = ffi.new("dst_placer_t *", {"plane": side.plane, "link": bulk_in, "rx": side.conn.rx,
-                                                "accept": side.conn.accepts, "idle_ms": 60_000})
-            sender = ffi.new("src_sender_t *", {"base": src_guest.base, "pages": PAGES, "link": bulk_out,
-                                                "idle_ms": 60_000, "pace": ffi.NULL, "st": stats})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(partial(run_native, lib.dst_bulk_placer, placer, peer="source"))
-                await run_native(lib.src_stream_runs, sender, array, 1, 0, peer="destination")
-                await trio.lowlevel.wait_readable(side.done)
-                nursery.cancel_scope.cancel()
-        assert side.plane.bulk.pages == stats.pages == PAGES and side.plane.urgent.frames == 0
         assert 0 < side.plane.bulk.zero_pages == stats.zero_pages < PAGES
         assert await trio.to_thread.run_sync(side.guest.digest) == await trio.to_thread.run_sync(src_guest.digest)
     finally:
@@ -213,11 +180,11 @@ def flowing(sock: socket.socket, chunk: bytes | None, for_s: float = 3.0) -> Ite
         thread.join()
 
 
-async def stopped_within(fn: object, *args: object, after: float = 0.5, peer: str) -> float:
+async def stopped_within(loop: Loop, after: float = 0.5, *, peer: str) -> float:
     """Runs a native loop, stops it ``after`` seconds, and returns how long it took to notice."""
     t0 = time.monotonic()
     with trio.move_on_after(after):
-        await run_native(fn, *args, peer=peer)
+        await loop.run(peer=peer)
     return time.monotonic() - t0 - after
 
 
@@ -227,8 +194,7 @@ async def test_the_placer_notices_its_stop_while_frames_keep_coming(side: Side) 
     frame = b"".join(bytes(c) for c in side.peer.send(p.ZeroRun(0, lib.WIRE_MAX_RUN_PAGES)))
     ours, theirs = pair()
     with ours, theirs, flowing(theirs, frame * 2048):
-        late = await stopped_within(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx,
-                                    60_000, peer="source")
+        late = await stopped_within(side.placer(link(ours)), peer="source")
     assert side.plane.bulk.eexist > side.plane.bulk.pages  # it was walking present pages all along
     assert late < 0.5
 
@@ -245,8 +211,8 @@ async def test_the_request_server_notices_its_stop_while_requests_keep_coming() 
     (req, req_peer), (rep, rep_peer) = pair(), pair()
     try:
         with req, req_peer, rep, rep_peer, flowing(req_peer, request * 64), flowing(rep_peer, None):
-            late = await stopped_within(lib.src_serve_loop, guest.base, PAGES, link(req), src.rx, link(rep), 60_000,
-                                        stats, notes, peer="destination")
+            late = await stopped_within(request_server(guest.base, PAGES, link(req), src.rx, link(rep), stats, notes),
+                                        peer="destination")
         assert stats.requests > 10
         assert late < 0.5
     finally:
@@ -278,8 +244,7 @@ async def test_replies_for_pages_never_asked_are_not_counted_as_answers() -> Non
             theirs.sendall(b"".join(bytes(c) for e in unasked for c in side.peer.send(e)))
             theirs.close()
             with trio.fail_after(5), pytest.raises(PeerError, match="closed the connection"):
-                await run_native(lib.dst_place_loop, side.plane, 1, side.conn.accepts, link(ours), side.conn.rx,
-                                 60_000, peer="source")
+                await side.placer(link(ours), 60_000, replies=True).run(peer="source")
         u = side.plane.urgent
         assert u.pages == 3 * 256  # placed all the same: the kernel had none of them
         assert u.answered <= side.plane.faults.pages_requested - u.owed_base
@@ -299,8 +264,7 @@ async def test_a_send_stopped_part_way_through_a_frame_leaves_the_link_cut() -> 
         with ours, theirs:
             l = link(ours)
             with trio.move_on_after(0.3):
-                await run_native(lib.src_send_runs, guest.base, PAGES, l, runs, 1, 0, ffi.NULL, 60_000, stats,
-                                 peer="destination")
+                await sender(guest.base, PAGES, l, stats).run(runs, 1, 0, peer="destination")
             assert 0 < stats.bytes < PAGES * 4096
             assert l.cut == 1
     finally:
@@ -314,8 +278,7 @@ async def test_a_send_that_finished_leaves_the_link_whole() -> None:
     try:
         with ours, theirs, trio.fail_after(5):
             l = link(ours)
-            await run_native(lib.src_send_runs, guest.base, 16, l, runs, 1, 0, ffi.NULL, 60_000,
-                             ffi.new("send_stats_t *"), peer="destination")
+            await sender(guest.base, 16, l, ffi.new("send_stats_t *")).run(runs, 1, 0, peer="destination")
             assert l.cut == 0
     finally:
         guest.close()
@@ -370,8 +333,7 @@ async def test_a_frame_dripped_a_byte_at_a_time_is_a_lost_link_within_the_link_t
             nursery.start_soon(drip, theirs, struct.pack("<IIQQII", lib.WIRE_ZEROS, 1, 0, 0, 0, 0), 0.05)
             t0 = time.monotonic()
             with trio.fail_after(5), pytest.raises(PeerError, match="did not end within the link timeout"):
-                await run_native(lib.dst_place_loop, side.plane, 0, side.conn.accepts, link(ours), side.conn.rx,
-                                 300, peer="peer")
+                await side.placer(link(ours), 300).run(peer="peer")
             assert time.monotonic() - t0 < 1.2  # the timeout, a poll period, a margin; the drip takes 1.6 s
             nursery.cancel_scope.cancel()
     assert side.plane.bulk.pages == 0

@@ -31,7 +31,7 @@ def decoded(event: p.Event) -> p.Event:
     data = b"".join(bytes(c) for c in codec.encode(event))
     f = ffi.new("struct wire_frame *")
     ffi.memmove(f, data, p.FRAME_SIZE)
-    return codec.decode(f, memoryview(data)[p.FRAME_SIZE:], 100, ffi.new("char **"))
+    return codec.decode(f, memoryview(data)[p.FRAME_SIZE:], 100, 12, ffi.new("char **"))
 
 
 PREAMBLE = struct.pack(">4sH", p.MAGIC, p.VERSION)
@@ -190,8 +190,10 @@ def test_page_runs_before_the_guest_is_described_are_refused() -> None:
     (frame([5, [[1, 2]]]), "vCPU state"),
     (frame([5, []]), "1..256 vCPUs"),
     (frame([12, "x" * 5000]), "string"),
-    (frame([4, 10, 2, 1, 1, 0, 0, 0, 65536]), "65536-byte pages"),
-    (frame([4, 10, 2, 1, 1, 0, 0, 3, 4096]), "mode"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 0, 65536, 0]), "65536-byte pages for memory of kind 0"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 0, 4096, 2]), "4096-byte pages for memory of kind 2"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 0, 4096, 3]), "memory"),
+    (frame([4, 10, 2, 1, 1, 0, 0, 3, 4096, 0]), "mode"),
     (b"\xc1" * 3 + frame([1, b"n" * 32]), "bad magic"),
     (PREAMBLE + HEADER.pack(CONTROL, 3, 0, 0, 0, 0) + b"\xc1\xc1\xc1", "undecodable"),
 ])
@@ -211,8 +213,8 @@ def test_malformed_input_is_a_remote_protocol_error(data: bytes, match: str) -> 
 @pytest.mark.parametrize("data,match", [
     (raw(PAGES, 1, 0, b"x" * PAGE), "may not come now"),
     (raw(REQUEST, p.MAX_REQUEST_RUNS + 1, 0, b"\0" * 16 * (p.MAX_REQUEST_RUNS + 1)), "more than 64"),
-    (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, 0)), "0 or more than 256"),
-    (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, p.MAX_RUN_PAGES + 1)), "0 or more than 256"),
+    (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, 0)), "0 pages or more than a frame carries"),
+    (raw(REQUEST, 1, 0, struct.pack("<QQ", 0, p.MAX_RUN_PAGES + 1)), "0 pages or more than a frame carries"),
     (raw(REQUEST, 1, 0, struct.pack("<QQ", 99, 2)), "outside the guest"),
     (raw(REQUEST, 1, 0, struct.pack("<QQ", 2**64 - 1, 2)), "outside the guest"),
     (raw(DISCARD, 1, 0), "a discard where none may come"),
@@ -416,7 +418,7 @@ def test_fuzz_the_c_frame_check(kind: int, count: int, start: int, flags: int, p
     """The C check the native loops use: whatever it accepts is allowed and in bounds, with the payload it implies."""
     f = ffi.new("struct wire_frame *", {"kind": kind, "count": count, "start": start, "flags": flags})
     why = ffi.new("char **")
-    plen = lib.wire_check(f, pages, accept, why)
+    plen = lib.wire_check(f, pages, 12, accept, why)
     if plen < 0:
         assert ffi.string(why[0])
         return
@@ -438,10 +440,10 @@ def test_a_run_of_more_than_256_pages_is_refused(kind: int) -> None:
     why = ffi.new("char **")
     for count, ok in ((p.MAX_RUN_PAGES, True), (p.MAX_RUN_PAGES + 1, False)):
         f = ffi.new("struct wire_frame *", {"kind": kind, "count": count})
-        assert (lib.wire_check(f, 1000, 1 << kind, why) >= 0) == ok
-    assert ffi.string(why[0]) == b"page or zero run longer than 256 pages"
+        assert (lib.wire_check(f, 1000, 12, 1 << kind, why) >= 0) == ok
+    assert ffi.string(why[0]) == b"page or zero run longer than 1 MiB or one page"
     f = ffi.new("struct wire_frame *", {"kind": DISCARD, "count": 1000})
-    assert lib.wire_check(f, 1000, 1 << DISCARD, why) == 0
+    assert lib.wire_check(f, 1000, 12, 1 << DISCARD, why) == 0
 
 
 @settings(max_examples=500, deadline=None)
@@ -449,7 +451,7 @@ def test_a_run_of_more_than_256_pages_is_refused(kind: int) -> None:
        st.integers(0, 300))
 def test_fuzz_the_c_request_check(runs: list[tuple[int, int]], pages: int) -> None:
     arr = ffi.new("struct wire_run[]", [{"start": s, "count": n} for s, n in runs])
-    ok = lib.wire_check_runs(arr, len(runs), pages, ffi.new("char **")) == 0
+    ok = lib.wire_check_runs(arr, len(runs), pages, 12, ffi.new("char **")) == 0
     assert ok == all(1 <= n <= p.MAX_RUN_PAGES and s + n <= pages for s, n in runs)
 
 

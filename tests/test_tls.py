@@ -21,7 +21,7 @@ from typing import Iterator
 import pytest
 import trio
 
-from helpers import REPORT, Pki, Side, TlsPair, migrate, run_destination, start_source, thread_cpu_seconds
+from helpers import REPORT, Pki, Side, TlsPair, migrate, run_destination, sender, start_source, thread_cpu_seconds
 from migrate._native import ffi, lib
 from migrate.errors import PeerError
 from migrate.guest import Guest, GuestSpec
@@ -224,14 +224,14 @@ def rescued(sock_fd: int) -> Iterator[None]:
 
 
 async def test_the_streamer_ends_with_an_error_when_the_tls_peer_has_closed(closed_tls: TlsPair) -> None:
-    """src_send_runs (flush) returns the link's error instead of calling again at once."""
+    """src_stream_runs (flush) returns the link's error instead of calling again at once."""
     guest = Guest(GuestSpec(pages=64, vcpus=1), fill=True)
     runs = ffi.new("struct wire_run[]", [{"start": 0, "count": 64}])
     try:
         with rescued(closed_tls.ours.fileno()), trio.fail_after(10), \
                 pytest.raises(PeerError, match="TLS send: the peer closed the connection"):
-            await run_native(lib.src_send_runs, guest.base, 64, closed_tls.link, runs, 1, 0, ffi.NULL, 60_000,
-                             ffi.new("send_stats_t *"), peer="destination")
+            await sender(guest.base, 64, closed_tls.link, ffi.new("send_stats_t *")).run(runs, 1, 0,
+                                                                                      peer="destination")
     finally:
         guest.close()
 

@@ -19,7 +19,7 @@ def region():
     """A registered 16-page region, unmapped afterwards."""
     uffd = Userfaultfd()
     n = 16
-    base = lib.region_map(n * PAGE_SIZE)
+    base = lib.region_map(n * PAGE_SIZE, 0)
     uffd.register(base, n * PAGE_SIZE)
     yield uffd, base, n
     lib.region_unmap(base, n * PAGE_SIZE)

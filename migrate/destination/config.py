@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..memory import Memory
 from ..wire import TlsConfig
 
 
@@ -21,6 +22,7 @@ class DestinationConfig:
     connect_timeout: float = 10.0  # how long connecting may keep being refused or dropped
     tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
     switchover_timeout: float = 300.0  # how long the source may run its guest before migrating it
+    memory: Memory | None = None  # the guest's memory here (None: the source's kind)
 
     @property
     def idle_ms(self) -> int:

@@ -15,12 +15,13 @@ import time
 import trio
 
 from .. import protocol as p
-from ..errors import MigrateError, PeerError, RemoteProtocolError, lost_link
-from ..guest import Guest, GuestSpec, Workload, replay
+from ..errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link
+from ..guest import Guest, GuestSpec, replay
+from ..memory import Memory, require_missing
 from ..metrics import Histogram, StallHistogram, rss_mib
 from ..progress import Progress, placed_line
 from ..stats import DestinationCounters, DestinationStats, Hops, Recovery
-from ..uffd import PAGE_SIZE, Userfaultfd
+from ..uffd import Userfaultfd
 from ..wire import FrameSocket
 from .config import DestinationConfig
 from .connect import Connector, Links
@@ -44,6 +45,7 @@ class Destination:
         self.timeline: list[tuple[float, int, int]] = []  # (seconds since switchover, bulk pages, urgent pages)
         self.recoveries: list[Recovery] = []
         self.mode = p.Mode.postcopy
+        self.page_size = p.PAGE_SIZE  # the wire page, the memory's: GuestInfo says
         self.started = False  # the CPU state arrived and the vCPUs run: the switchover is done
         self.downtime_ns: int | None = None  # the source's figure (Downtime), once it came
         self.rounds_received = 0
@@ -105,15 +107,26 @@ class Destination:
             bulk.close()
             raise
         self.connector.info = info
-        spec = GuestSpec(pages=info.pages, vcpus=info.vcpus, workload=Workload(info.workload), seed=info.seed,
-                         zero_permille=info.zero_permille, rate=info.rate)
+        spec = GuestSpec.from_info(info, self.cfg.memory)
+        self.page_size = info.page_size
         self.mode = info.mode
+        if spec.memory.page_size != info.page_size:
+            bulk.close()
+            raise UsageError(f"--memory {spec.memory.name} cannot take the source's {Memory(info.memory).name} guest "
+                             f"({info.page_size >> 10} KiB pages): a wire page must be the memory's page",
+                             hint="leave --memory out (the source's kind), or use anon or memfd for a 4 KiB guest")
+        if spec.memory is Memory.hugetlb and self.cfg.prefetch:
+            bulk.close()
+            raise UsageError("--prefetch asks for 4 KiB neighbours; a hugetlb guest's page is already 2 MiB",
+                             hint="leave --prefetch out for a hugetlb guest")
+        require_missing(spec.memory, uffd.features)
         guest = Guest(spec, fill=False)
         uffd.register(guest.base, spec.size)
-        self.plane.attach(uffd.fd, guest.base, spec.pages)
+        self.plane.attach(uffd.fd, guest.base, spec.wire_pages, spec.memory)
         links = await self.connector.open_links(bulk, deadline)
-        log.info("guest of %d pages (%d MiB), %d vCPUs, %s; %s migration; waiting for %s",
-                 spec.pages, spec.size >> 20, spec.vcpus, spec.workload.name, self.mode.name,
+        log.info("guest of %d pages of %d KiB (%d MiB, %s), %d vCPUs, %s; %s migration; waiting for %s",
+                 spec.wire_pages, info.page_size >> 10, spec.size >> 20, spec.memory.name, spec.vcpus,
+                 spec.workload.name, self.mode.name,
                  "switchover" if self.mode is p.Mode.postcopy else "the precopy rounds")
         # Until every page is here, any access may stall; in precopy none can.
         guest.time_stalls(self.mode is not p.Mode.precopy)
@@ -321,13 +334,13 @@ class Destination:
             await trio.sleep(limit)
             for index, seconds, page in guest.stuck(int(limit * 1e9)):
                 log.warning("watchdog: vCPU %d has waited %.1f s for page %d (address %#x)", index, seconds, page,
-                            guest.base + page * PAGE_SIZE)
+                            guest.base + page * self.page_size)
 
     async def _watch_progress(self, t0: float, guest: Guest) -> None:
         """Samples the placed-pages timeline and redraws the progress line, from ``statistics()``."""
         def line() -> str:  # built only when drawn (a terminal), and once more by finish() for the final figures
             now, elapsed = self.statistics(), max(time.monotonic() - t0, 1e-9)
-            return placed_line(now.pages_placed, now.pages_total, now.pages_placed * PAGE_SIZE / elapsed / 1e6,
+            return placed_line(now.pages_placed, now.pages_total, now.pages_placed * self.page_size / elapsed / 1e6,
                                now.faults / elapsed, guest.stalls().percentile_us(0.5), now.eexist)
 
         while True:
@@ -350,8 +363,10 @@ class Destination:
             pages_discarded_at_switchover=self.discarded_at_switchover,
             placements=now.pages_placed_bulk + now.pages_placed_urgent,
             bytes_total=now.bytes_bulk + now.bytes_urgent + now.bytes_requests,
-            pages_total=spec.pages, pages_placed=now.pages_placed, verified=verified,
-            downtime_ms=None if self.downtime_ns is None else round(self.downtime_ns / 1e6, 3), total_s=round(placement_s, 3),
+            pages_total=spec.wire_pages, pages_placed=now.pages_placed, verified=verified,
+            memory=spec.memory.name, page_size=spec.memory.page_size,
+            downtime_ms=None if self.downtime_ns is None else round(self.downtime_ns / 1e6, 3),
+            total_s=round(placement_s, 3),
             connect_to_done_s=round(connect_s, 3),
             bytes_bulk=now.bytes_bulk, bytes_urgent=now.bytes_urgent, bytes_requests=now.bytes_requests,
             stream_gbps=round(now.bytes_bulk / max(placement_s, 1e-3) / 1e9, 3),

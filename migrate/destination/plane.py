@@ -25,6 +25,7 @@ import trio
 from .. import protocol as p
 from .._native import ffi, lib
 from ..loops import CONTROL, run_native
+from ..memory import Memory
 from ..stats import DestinationCounters
 from ..wire import FrameSocket
 
@@ -44,11 +45,11 @@ class Plane:
         self.idle_ms = idle_ms
         self.prefetch = prefetch
 
-    def attach(self, uffd: int, base: int, pages: int) -> None:
-        """Points the loops at the guest and its userfaultfd, and opens the done eventfd, signalled once every
-        page is present (``wait_done``)."""
+    def attach(self, uffd: int, base: int, pages: int, memory: Memory) -> None:
+        """Points the loops at the guest (``pages`` wire pages of ``memory``) and its userfaultfd, and opens the
+        done eventfd, signalled once every page is present (``wait_done``)."""
         c = self.c
-        c.uffd, c.base, c.pages = uffd, base, pages
+        c.uffd, c.base, c.pages, c.page_shift, c.memory = uffd, base, pages, memory.page_shift, memory
         c.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     async def wait_done(self) -> None:
@@ -103,8 +104,10 @@ class Plane:
 
         **Cancellation**: stops the placer through its eventfd and waits for it.
         """
-        return await run_native(lib.dst_place_loop, self.c, int(replies), fs.conn.accepts, fs.link, fs.conn.rx,
-                                self.idle_ms, peer=fs.peer)
+        # The context points into the plane and into fs, which outlive the loop.
+        placer = ffi.new("dst_placer_t *", {"plane": self.c, "link": fs.link, "rx": fs.conn.rx,
+                                            "accept": fs.conn.accepts, "idle_ms": self.idle_ms})
+        return await run_native(lib.dst_reply_placer if replies else lib.dst_bulk_placer, placer, peer=fs.peer)
 
     async def placer(self, bulk: FrameSocket, downtime: Callable[[p.Downtime], None]) -> None:
         """Runs the native placer on the bulk stream until the source says it is complete (SourceDone);

@@ -20,13 +20,13 @@ forbids reading and writing one connection from two threads at once).
 from .auth import check_hello, check_welcome, hello, new_nonce, proof_ok, prove, welcome
 from .codec import FRAME_SIZE, MAGIC, VERSION
 from .connection import CLOSED, NEED_DATA, Connection
-from .events import (MAX_REQUEST_RUNS, MAX_RESUME_RUNS, MAX_RUN_PAGES, PAGE_SIZE, Challenge, Channel, CpuState,
-                     DestDone, Discard, Downtime, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume, Role, Round,
-                     RoundAck, RoundEnd, Running, SourceDone, Welcome, ZeroRun)
+from .events import (MAX_PAYLOAD, MAX_REQUEST_RUNS, MAX_RESUME_RUNS, MAX_RUN_PAGES, PAGE_SIZE, Challenge, Channel, CpuState,
+                     DestDone, Discard, Downtime, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume, Role,
+                     Round, RoundAck, RoundEnd, Running, SourceDone, Welcome, ZeroRun)
 from .state import TABLE, Conversation, State
 
 __all__ = [
-    "CLOSED", "FRAME_SIZE", "MAGIC", "MAX_REQUEST_RUNS", "MAX_RESUME_RUNS", "MAX_RUN_PAGES", "NEED_DATA", "PAGE_SIZE",
+    "CLOSED", "FRAME_SIZE", "MAGIC", "MAX_PAYLOAD", "MAX_REQUEST_RUNS", "MAX_RESUME_RUNS", "MAX_RUN_PAGES", "NEED_DATA", "PAGE_SIZE",
     "TABLE", "VERSION", "Challenge", "Channel", "Connection", "Conversation", "CpuState", "DestDone", "Discard",
     "Error", "Event", "GuestInfo", "Hello", "Mode", "PageRequest", "PageRun", "Resume", "Role", "Round", "RoundAck",
     "RoundEnd", "SourceDone", "State", "Welcome", "ZeroRun", "check_hello", "check_welcome", "hello", "new_nonce",

@@ -26,12 +26,14 @@ import msgpack
 
 from .._native import ffi, lib
 from ..errors import LocalProtocolError, RemoteProtocolError
-from .events import (MAX_REQUEST_RUNS, MAX_RESUME_RUNS, MAX_RUN_PAGES, NONCE_LEN, PAGE_SIZE, Challenge, Channel,
-                     CpuState, DestDone, Discard, Downtime, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun, Resume,
-                     Round, RoundAck, RoundEnd, Running, SourceDone, Welcome, ZeroRun)
+from .events import (MAX_PAYLOAD, MAX_REQUEST_RUNS, MAX_RESUME_RUNS, NONCE_LEN, PAGE_SIZE, Challenge, Channel,
+                     CpuState, DestDone, Discard, Downtime, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun,
+                     Resume, Round, RoundAck, RoundEnd, Running, SourceDone, Welcome, ZeroRun)
 
 MAGIC = b"UFMG"
-VERSION = 4  # 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag); 4: Running and Downtime (downtime on one clock)
+# 3: migration modes (Round, RoundEnd, RoundAck, discards, replace flag); 4: Running and Downtime (downtime
+# on one clock); 5: GuestInfo.memory, and pages of GuestInfo.page_size (2 MiB on hugetlb)
+VERSION = 5
 PREAMBLE = struct.Struct(">4sH")
 FRAME_SIZE: int = lib.WIRE_FRAME_SIZE
 MAX_CONTROL: int = lib.WIRE_MAX_CONTROL
@@ -69,14 +71,15 @@ def _flags(replace: bool) -> int:
     return lib.WIRE_REPLACE if replace else 0
 
 
-def encode(event: Event) -> Chunks:
-    """The chunks of one frame, in order (a page run's payload is not copied).
+def encode(event: Event, page_size: int = PAGE_SIZE) -> Chunks:
+    """The chunks of one frame, in order (a page run's payload is not copied); pages are of ``page_size``.
 
     Raises:
         LocalProtocolError: the event breaks a bound of the wire.
     """
     if isinstance(event, PageRun):
-        if len(event.payload) != event.count * PAGE_SIZE or not 0 < event.count <= MAX_RUN_PAGES:
+        max_run = lib.wire_max_run(page_size.bit_length() - 1)
+        if len(event.payload) != event.count * page_size or not 0 < event.count <= max_run:
             raise LocalProtocolError(f"page run of {event.count} pages with {len(event.payload)} bytes")
         return [header(lib.WIRE_PAGES, event.count, event.start, event.echo, event.held_ns, _flags(event.replace)),
                 event.payload]
@@ -96,7 +99,7 @@ def encode(event: Event) -> Chunks:
     return [header(lib.WIRE_CONTROL, len(body)), body]
 
 
-def decode(f: Any, payload: memoryview, guest_pages: int, why: Any) -> Event:
+def decode(f: Any, payload: memoryview, guest_pages: int, page_shift: int, why: Any) -> Event:
     """The event of a frame whose header ``f`` passed ``wire_check`` and whose payload is all here."""
     replace = bool(f.flags & lib.WIRE_REPLACE)
     if f.kind == lib.WIRE_PAGES:
@@ -108,7 +111,7 @@ def decode(f: Any, payload: memoryview, guest_pages: int, why: Any) -> Event:
     if f.kind == lib.WIRE_REQUEST:
         runs = ffi.new("struct wire_run[]", f.count)
         ffi.memmove(runs, payload, len(payload))
-        if lib.wire_check_runs(runs, f.count, guest_pages, why) < 0:
+        if lib.wire_check_runs(runs, f.count, guest_pages, page_shift, why) < 0:
             raise RemoteProtocolError(ffi.string(why[0]).decode())
         return PageRequest(tuple((r.start, r.count) for r in runs), f.stamp)
     return _decode_control(bytes(payload))
@@ -202,10 +205,14 @@ def flag(name: str) -> Field:
     return Field(name, _bool)
 
 
+# Each memory kind's page (migrate.memory.Memory): anon, memfd, hugetlb.
+_PAGE_OF_KIND = (PAGE_SIZE, PAGE_SIZE, MAX_PAYLOAD)
+
+
 def _check_guest_info(info: GuestInfo) -> None:
-    if info.page_size != PAGE_SIZE:
-        raise RemoteProtocolError(f"the source uses {info.page_size}-byte pages, we use {PAGE_SIZE}")
-    if not 1 <= info.vcpus <= info.pages:
+    if info.page_size != _PAGE_OF_KIND[info.memory]:
+        raise RemoteProtocolError(f"{info.page_size}-byte pages for memory of kind {info.memory}")
+    if not 1 <= info.vcpus <= info.pages * info.page_size // PAGE_SIZE:
         raise RemoteProtocolError(f"{info.vcpus} vCPUs for {info.pages} pages")
 
 
@@ -221,7 +228,8 @@ CONTROL: dict[type, tuple[int, tuple[Field, ...], Callable[[Any], None]]] = {
     Welcome: (3, (blob("session"), blob("proof")), _no_check),
     GuestInfo: (4, (uint("pages", 1 << 40), uint("vcpus", 257), uint("workload", 4), uint("seed", _U64),
                     uint("zero_permille", 1001), uint("rate"),
-                    Field("mode", lambda v, n: Mode(_int(v, n, len(Mode))), int), uint("page_size")),
+                    Field("mode", lambda v, n: Mode(_int(v, n, len(Mode))), int), uint("page_size"),
+                    uint("memory", len(_PAGE_OF_KIND))),
                 _check_guest_info),
     CpuState: (5, (Field("vcpus", _vcpus, lambda v: [list(s) for s in v]), ), _no_check),
     Round: (6, (uint("number", 1 << 32), uint("pages", 1 << 40), flag("final")), _no_check),

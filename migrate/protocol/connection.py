@@ -14,13 +14,13 @@ from .._native import ffi, lib
 from ..errors import LocalProtocolError, ProtocolViolation, RemoteProtocolError
 from . import codec
 from .codec import FRAME_SIZE, PREAMBLE
-from .events import DATA_EVENTS, MAX_RUN_PAGES, PAGE_SIZE, Event, GuestInfo, Role
+from .events import DATA_EVENTS, MAX_PAYLOAD, Event, GuestInfo, Role
 from .state import Conversation, State
 
 # The largest frame each end receives: the destination gets page frames, the
 # source only requests and control frames.  A receive buffer holds two, so a
 # whole frame always fits behind a partial one.
-_LARGEST_TO = {Role.DESTINATION: FRAME_SIZE + MAX_RUN_PAGES * PAGE_SIZE, Role.SOURCE: FRAME_SIZE + codec.MAX_CONTROL}
+_LARGEST_TO = {Role.DESTINATION: FRAME_SIZE + MAX_PAYLOAD, Role.SOURCE: FRAME_SIZE + codec.MAX_CONTROL}
 # What a receive asks for when no frame length is known yet.
 _READ_AHEAD = 64 * 1024
 
@@ -92,11 +92,11 @@ class Connection:
         Raises:
             LocalProtocolError: the event may not go now, or breaks a bound of the wire.
         """
-        chunks = codec.encode(event)
+        chunks = codec.encode(event, self.conversation.page_size)
         if isinstance(event, DATA_EVENTS):  # the check the peer's loop will make, made first
             ffi.memmove(self._outgoing, chunks[0], FRAME_SIZE)  # aligned, as _header
-            if lib.wire_check(self._outgoing, self.conversation.guest_pages, self.conversation.mask(self.role),
-                              self._why) < 0:
+            if lib.wire_check(self._outgoing, self.conversation.guest_pages, self.conversation.page_shift,
+                              self.conversation.mask(self.role), self._why) < 0:
                 raise LocalProtocolError(ffi.string(self._why[0]).decode())
         self.conversation.sent(event)
         pre = self.preamble()
@@ -146,7 +146,8 @@ class Connection:
     def _check(self, at: int) -> int:
         """``wire_check`` of the header at ``at``: the payload's length, -ENOMSG or -EBADMSG."""
         ffi.memmove(self._header, self._data + at, FRAME_SIZE)
-        return lib.wire_check(self._header, self.conversation.guest_pages, self.accepts, self._why)
+        c = self.conversation
+        return lib.wire_check(self._header, c.guest_pages, c.page_shift, self.accepts, self._why)
 
     def _rest_of_frame(self) -> int:
         """Bytes still missing from the frame being received, when its header is in; else 0."""
@@ -194,7 +195,9 @@ class Connection:
             raise ProtocolViolation(why) if plen == -errno.ENOMSG else RemoteProtocolError(why)
         if rx.end - rx.start < FRAME_SIZE + plen:
             return self._need_data()
-        event = codec.decode(self._header, self._view(rx.start + FRAME_SIZE, plen), self.conversation.guest_pages, self._why)
+        c = self.conversation
+        event = codec.decode(self._header, self._view(rx.start + FRAME_SIZE, plen), c.guest_pages, c.page_shift,
+                             self._why)
         self.conversation.received(event)
         rx.start += FRAME_SIZE + plen
         return event

@@ -40,9 +40,13 @@ class Channel(enum.Enum):
     REPLIES = "replies"
 
 
+# The base page: the wire page of anonymous and memfd guests (a hugetlb guest's is 2 MiB: GuestInfo.page_size).
 PAGE_SIZE: int = lib.WIRE_PAGE_SIZE
-# A page run carries at most this many pages: one UFFDIO_COPY places it whole.
+# A page run of 4 KiB pages carries at most this many: one UFFDIO_COPY places it whole (lib.wire_max_run
+# gives the bound for any page size: one page of 2 MiB).
 MAX_RUN_PAGES: int = lib.WIRE_MAX_RUN_PAGES
+# The largest payload of a frame: a run of 1 MiB, or one 2 MiB page.
+MAX_PAYLOAD: int = lib.WIRE_MAX_PAYLOAD
 # A page request names at most this many runs: one batch of faults read from the uffd.
 MAX_REQUEST_RUNS: int = lib.WIRE_MAX_REQUEST_RUNS
 # A Resume lists what the destination's kernel still lacks, possibly scattered:
@@ -78,7 +82,11 @@ class Welcome:
 
 @dataclass(frozen=True)
 class GuestInfo:
-    """Source → destination on a new session's bulk connection: what guest is coming, and how."""
+    """Source → destination on a new session's bulk connection: what guest is coming, and how.
+
+    ``pages`` counts pages of ``page_size`` bytes, the memory's own (2 MiB for hugetlb): the wire page.
+    ``memory`` is the kind (``migrate.memory.Memory``: 0 anon, 1 memfd, 2 hugetlb).
+    """
 
     pages: int
     vcpus: int
@@ -88,6 +96,11 @@ class GuestInfo:
     rate: int
     mode: Mode = Mode.postcopy
     page_size: int = PAGE_SIZE
+    memory: int = 0
+
+    @property
+    def page_shift(self) -> int:
+        return self.page_size.bit_length() - 1
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,8 @@ class PageRun:
 
 @dataclass(frozen=True)
 class ZeroRun:
-    """``count`` all-zero pages from page ``start``: placed with UFFDIO_ZEROPAGE, nothing sent."""
+    """``count`` all-zero pages from page ``start``: nothing sent; placed with UFFDIO_ZEROPAGE, or on
+    hugetlb (which refuses it) with UFFDIO_COPY from a zero page."""
 
     start: int
     count: int

@@ -33,7 +33,7 @@ import enum
 
 from .._native import lib
 from ..errors import LocalProtocolError, MigrateError, ProtocolViolation
-from .events import (DATA_EVENTS, CpuState, Discard, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun,
+from .events import (DATA_EVENTS, PAGE_SIZE, CpuState, Discard, Error, Event, GuestInfo, Hello, Mode, PageRequest, PageRun,
                      Resume, Role, Round, RoundAck, RoundEnd, ZeroRun)
 
 
@@ -149,6 +149,15 @@ class Conversation:
     def guest_pages(self) -> int:
         """The bound every page index is checked against (0: no page may come yet)."""
         return self.guest.pages if self.guest is not None else 0
+
+    @property
+    def page_size(self) -> int:
+        """The wire page: the guest memory's page (before GuestInfo, the base page)."""
+        return self.guest.page_size if self.guest is not None else PAGE_SIZE
+
+    @property
+    def page_shift(self) -> int:
+        return self.page_size.bit_length() - 1
 
     @property
     def accepts(self) -> int:

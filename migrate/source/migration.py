@@ -22,9 +22,11 @@ from .._native import lib
 from ..dirty import DirtyTracker
 from ..errors import PeerError, lost_link
 from ..guest import Guest
+from ..memory import require_missing
 from ..metrics import Histogram, rss_mib
 from ..progress import Progress
 from ..stats import GuestPace, Round, SourceCounters, SourceStats
+from ..uffd import Userfaultfd
 from ..wire import FrameSocket, format_address
 from .admission import Admission, Links, Session
 from .config import SourceConfig
@@ -45,8 +47,7 @@ class Source:
         self.cfg = cfg
         self.mode = choose(cfg)
         sp = cfg.spec  # what a new session's bulk connection tells the destination, and every connection checks
-        info = p.GuestInfo(sp.pages, sp.vcpus, int(sp.workload), sp.seed, sp.zero_permille, sp.rate, self.mode.wire)
-        self.admission = Admission(cfg, info)
+        self.admission = Admission(cfg, sp.info(self.mode.wire))
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> SourceStats:
         """Runs the guest, migrates it once, and returns the source's statistics.
@@ -56,8 +57,10 @@ class Source:
         vCPUs stay as they are (running, or stopped after the switchover) and
         the sockets close with the process, which is expected to exit.
         """
-        if self.mode.tracks_writes:
-            await trio.to_thread.run_sync(DirtyTracker.check)  # an old kernel says so now, not after --run-before
+        memory = self.cfg.spec.memory
+        require_missing(memory, Userfaultfd.offered())  # the destination maps the same kind
+        if self.mode.tracks_writes:  # an old kernel says so now, not after --run-before
+            await trio.to_thread.run_sync(DirtyTracker.check, memory, self.mode.wire.name)
         guest = await trio.to_thread.run_sync(partial(Guest, self.cfg.spec, fill=True))
         guest.start()
         # --run-before counts guest time, not the fill before it; on trio's clock,
@@ -65,8 +68,8 @@ class Source:
         migration = Migration(self.cfg, self.mode, guest, self.admission, t_guest=trio.current_time())
         listener = await self.admission.listen()
         port = listener.getsockname()[1]
-        log.info("guest of %d MiB with %d vCPUs running %s; listening on %s", self.cfg.spec.size >> 20,
-                 self.cfg.spec.vcpus, self.cfg.spec.workload.name, format_address(self.cfg.host, port))
+        log.info("guest of %d MiB (%s) with %d vCPUs running %s; listening on %s", self.cfg.spec.size >> 20,
+                 memory.name, self.cfg.spec.vcpus, self.cfg.spec.workload.name, format_address(self.cfg.host, port))
         task_status.started(port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.admission.accept_loop, listener)
@@ -107,9 +110,10 @@ class Migration:
         self.admission = admission
         self.times = _Times(guest=t_guest)
         self.progress = Progress()
-        self.sender = Sender(guest.base, cfg.spec.pages, cfg.idle_ms, cfg.max_bandwidth)
+        self.sender = Sender(guest.base, cfg.spec.wire_pages, cfg.spec.memory.page_shift, cfg.idle_ms,
+                             cfg.max_bandwidth)
         self.server = RequestServer(self.sender)
-        self.scans = Scans(guest.base, cfg.spec.pages)
+        self.scans = Scans(guest.base, cfg.spec.wire_pages, cfg.spec.memory)
         self.rounds = Rounds(mode, max_rounds=cfg.precopy_rounds, switchover_ms=cfg.switchover_ms,
                              link_timeout=cfg.link_timeout, scans=self.scans, sender=self.sender,
                              statistics=self.statistics, progress=self.progress) if mode.rounds else None
@@ -294,7 +298,8 @@ class Migration:
             mode=self.mode.wire.name, stream_order=self.mode.order.value,
             pages_streamed=now.pages_streamed, pages_requested=now.pages_requested, requests=now.requests,
             rejected_peers=self.admission.rejected_peers, dropped_peers=self.admission.dropped_peers,
-            pages_total=spec.pages, total_s=round(total_s, 3),
+            pages_total=spec.wire_pages, total_s=round(total_s, 3),
+            memory=spec.memory.name, page_size=spec.memory.page_size,
             migration_s=round(trio.current_time() - t.start, 3),
             precopy_s=round(t.stop - t.start, 3) if during is not None else 0.0,
             bytes_bulk=now.bytes_streamed, bytes_urgent=now.bytes_urgent,

@@ -21,7 +21,6 @@ from ..dirty import Runs
 from ..progress import Progress
 from ..ranges import Remaining
 from ..stats import SourceCounters
-from ..uffd import PAGE_SIZE
 from ..wire import FrameSocket
 from .modes import Mode
 from .planner import Decision, Next, RoundPlanner, Why
@@ -45,7 +44,7 @@ class Rounds:
     def __init__(self, mode: Mode, *, max_rounds: int, switchover_ms: float, link_timeout: float, scans: Scans,
                  sender: Sender, statistics: Callable[[], SourceCounters], progress: Progress) -> None:
         self.planner = RoundPlanner(sender.pages, max_rounds=max_rounds, switchover_ms=switchover_ms,
-                                    when_stuck=mode.when_stuck, page_size=PAGE_SIZE)
+                                    when_stuck=mode.when_stuck, page_size=sender.page_size)
         self.link_timeout = link_timeout
         self.scans = scans
         self.sender = sender

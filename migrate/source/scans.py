@@ -11,6 +11,7 @@ from __future__ import annotations
 import trio
 
 from ..dirty import DirtyTracker, Runs
+from ..memory import Memory
 
 # Working-set order in postcopy: the pages written in each of the last two
 # stretches of this length before switchover are streamed first.  A busy
@@ -22,15 +23,16 @@ WORKING_SET_S = 0.01
 
 
 class Scans:
-    """Write tracking over the guest at ``base`` (``pages`` pages), and the scans that matter.
+    """Write tracking over the guest at ``base`` (``pages`` wire pages of ``memory``), and the scans that matter.
 
     Nothing is tracked until ``start``; each scan is valid until the one after
     next (``DirtyTracker.take``).
     """
 
-    def __init__(self, base: int, pages: int) -> None:
+    def __init__(self, base: int, pages: int, memory: Memory) -> None:
         self.base = base
         self.pages = pages
+        self.memory = memory
         self.tracker: DirtyTracker | None = None
         self.stretch: Runs | None = None  # postcopy, working-set order: written in the stretch before the last
         self.pending: Runs | None = None  # written during the last round when the rounds stopped converging
@@ -43,7 +45,7 @@ class Scans:
 
     async def start(self) -> None:
         """Registers the guest for write tracking and write-protects all of it (20 ms per GiB)."""
-        self.tracker = await trio.to_thread.run_sync(DirtyTracker, self.base, self.pages)
+        self.tracker = await trio.to_thread.run_sync(DirtyTracker, self.base, self.pages, self.memory)
 
     async def take(self) -> Runs:
         """What the guest wrote since the previous scan (a millisecond or so per GiB, in a worker thread)."""

@@ -1,6 +1,6 @@
 """The native sender on the bulk connection, and its pacer, as the rounds, the switchover and the stream use them.
 
-One place for the calls into ``src_send_runs`` and ``src_send_discards``:
+One place for the calls into ``src_stream_runs`` and ``src_stream_discards``:
 pages go straight from guest memory to the link, zero runs as zero frames,
 in a worker thread; the counters (``send_stats_t``) are written by the sender
 alone and read by anyone for progress and statistics.  The pacer is a token
@@ -43,14 +43,17 @@ class Sender:
 
     Args:
         base: the guest's address.
-        pages: the guest's size, which every run must fit in.
+        pages: the guest's size in wire pages, which every run must fit in.
+        page_shift: the wire page's (the memory's page): 12, or 21 on hugetlb.
         idle_ms: how long a send may wait for the peer before the link counts as lost.
         max_bandwidth: the cap of paced sends in bytes per second; 0: none.
     """
 
-    def __init__(self, base: int, pages: int, idle_ms: int, max_bandwidth: int) -> None:
+    def __init__(self, base: int, pages: int, page_shift: int, idle_ms: int, max_bandwidth: int) -> None:
         self.base = base
         self.pages = pages
+        self.page_shift = page_shift
+        self.page_size = 1 << page_shift
         self.idle_ms = idle_ms
         self.stats = ffi.new("send_stats_t *")  # written by the native sender alone
         self.pacer = ffi.new("pacer_t *")  # used by the sender alone, one send at a time
@@ -66,14 +69,20 @@ class Sender:
         **Cancellation**: stops the sender through its eventfd and waits for it;
         a frame cut part-way marks the link cut.
         """
-        await run_native(lib.src_send_runs, self.base, self.pages, bulk.link, array, count,
-                         lib.WIRE_REPLACE if replace else 0, self.pacer if paced else ffi.NULL, self.idle_ms,
-                         self.stats, peer=bulk.peer)
+        ctx = self.context(bulk, self.pacer if paced else ffi.NULL)
+        await run_native(lib.src_stream_runs, ctx, array, count, lib.WIRE_REPLACE if replace else 0, peer=bulk.peer)
 
     async def send_discards(self, bulk: FrameSocket, array: Any, count: int) -> None:
         """Tells the destination to drop the ``count`` runs of ``array`` (DISCARD frames, no payload).
 
         **Cancellation**: as ``send_runs``.
         """
-        await run_native(lib.src_send_discards, self.pages, bulk.link, array, count, self.idle_ms, self.stats,
-                         peer=bulk.peer)
+        await run_native(lib.src_stream_discards, self.context(bulk), array, count, peer=bulk.peer)
+
+    def context(self, fs: FrameSocket, pace: Any = ffi.NULL, stats: Any = None) -> Any:
+        """The native sender's context (``src_sender_t``) for frames leaving on ``fs``, counted in ``stats``
+        (default: the stream's).  It points into ``fs``, the pacer and the counters, which outlive the send."""
+        return ffi.new("src_sender_t *", {"base": self.base, "pages": self.pages, "page_shift": self.page_shift,
+                                          "link": fs.link,
+                                          "idle_ms": self.idle_ms, "pace": pace,
+                                          "st": self.stats if stats is None else stats})

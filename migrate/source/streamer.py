@@ -37,15 +37,15 @@ from .sender import Sender, run_array
 
 log = logging.getLogger(__package__)
 
-# Pages the streamer hands the native sender at a time: large enough that the
-# hand-over costs little, small enough that the stream follows a request's
-# jump within a few milliseconds.
-WINDOW_PAGES = 2048
+# Bytes the streamer hands the native sender at a time (whole pages, at least
+# one): large enough that the hand-over costs little, small enough that the
+# stream follows a request's jump within a few milliseconds.
+WINDOW_BYTES = 8 << 20
 # Under --max-bandwidth a window is about this long at the cap (and at least
-# MIN_WINDOW_PAGES): on a slow link a 2048-page window takes tens of
+# MIN_WINDOW_BYTES): on a slow link an 8 MiB window takes tens of
 # milliseconds, too long for the stream to follow a fault.
 WINDOW_S = 0.004
-MIN_WINDOW_PAGES = 64
+MIN_WINDOW_BYTES = 256 << 10
 # Samples of the stream's bytes over time, for the bench's 1 s windows: one
 # per interval, bounded.
 TIMELINE_INTERVAL = 0.1
@@ -75,9 +75,9 @@ class RequestServer:
 
         **Cancellation**: stops the server through its eventfd and waits for it.
         """
-        s = self.sender
-        await run_native(lib.src_serve_loop, s.base, s.pages, requests.link, requests.conn.rx, replies.link,
-                         s.idle_ms, self.stats, self.notes, peer=requests.peer)
+        server = ffi.new("src_server_t *", {"replies": self.sender.context(replies, stats=self.stats)[0],
+                                            "requests": requests.link, "rx": requests.conn.rx, "notes": self.notes})
+        await run_native(lib.src_request_server, server, peer=requests.peer)
         # The loop returns at a control frame: DestDone is the only one the requests allow (an Error raises).
         done = await requests.expect(p.DestDone)
         return done.counters
@@ -102,8 +102,9 @@ class Streamer:
         self._note_buf = ffi.new("struct wire_run[]", lib.NOTE_RING)
         self.policy_name = policy
         self.policy = prepage.make(policy)
-        self.window_pages = WINDOW_PAGES if not max_bandwidth else max(
-            MIN_WINDOW_PAGES, min(WINDOW_PAGES, round(max_bandwidth * WINDOW_S / p.PAGE_SIZE)))
+        window = WINDOW_BYTES if not max_bandwidth else max(MIN_WINDOW_BYTES,
+                                                              min(WINDOW_BYTES, round(max_bandwidth * WINDOW_S)))
+        self.window_pages = max(1, window // sender.page_size)
         self.link_timeout = link_timeout
         self.statistics = statistics
         self.progress = progress

@@ -156,7 +156,7 @@ static void sent_bytes(const uint8_t *p, uint64_t n)
         sent.have = 0;
         memcpy(&sent.f, sent.hdr, sizeof sent.f);
         const char *why;
-        int64_t len = wire_check(&sent.f, sent.pages, 1u << WIRE_PAGES | 1u << WIRE_ZEROS, &why);
+        int64_t len = wire_check(&sent.f, sent.pages, WIRE_PAGE_SHIFT, 1u << WIRE_PAGES | 1u << WIRE_ZEROS, &why);
         CHECK(len >= 0); /* the destination would refuse it */
         CHECK(sent.f.flags == 0);
         sent.frames++;
@@ -207,7 +207,7 @@ static void setup(void)
     }
     uint64_t features;
     CHECK(uffd_api(uffd, &features) == 0);
-    uint64_t base = region_map(GUEST_PAGES * PAGE);
+    uint64_t base = region_map(GUEST_PAGES * PAGE, MEMORY_ANON);
     CHECK(base);
     CHECK(uffd_register(uffd, base, GUEST_PAGES * PAGE) == 0);
     ready_fd = eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -215,10 +215,11 @@ static void setup(void)
     done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     CHECK(ready_fd >= 0 && stop_fd >= 0 && done_fd >= 0);
     plane.uffd = uffd;
+    plane.page_shift = WIRE_PAGE_SHIFT;
     plane.base = base;
     plane.done_fd = done_fd;
     /* The source's guest: some pages zero, some not (zero runs and page runs). */
-    src_base = region_map(GUEST_PAGES * PAGE);
+    src_base = region_map(GUEST_PAGES * PAGE, MEMORY_ANON);
     CHECK(src_base);
     guest_fill(src_base, 0, GUEST_PAGES, 7, 300);
     /* Exactly the size of Python's buffers: a byte past either end is an ASan report. */
@@ -294,7 +295,7 @@ static void run_destination(const uint8_t *cfg)
         CHECK(me->answered <= asked);
     }
     /* Next input: an empty region, as at the start. */
-    CHECK(region_discard(plane.base, GUEST_PAGES * PAGE) == 0);
+    CHECK(region_discard(plane.base, GUEST_PAGES * PAGE, MEMORY_ANON) == 0);
     uint64_t v;
     (void)!read(done_fd, &v, sizeof v);
 }
@@ -316,7 +317,7 @@ static void run_source(const uint8_t *cfg)
     notes.head = notes.tail = 0;
     const char *why = NULL;
 
-    const src_server_t c = { { src_base, pages, &txl, IDLE_MS, NULL, &st }, &rxl, &rx, &notes };
+    const src_server_t c = { { src_base, pages, WIRE_PAGE_SHIFT, &txl, IDLE_MS, NULL, &st }, &rxl, &rx, &notes };
     int rc = src_request_server(&c, stop_fd, &why);
     check_end(rc, why, &rx, 1u << WIRE_REQUEST | 1u << WIRE_CONTROL);
     /* Every reply went whole, and is what was counted. */

@@ -59,7 +59,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         n = WIRE_MAX_REQUEST_RUNS;
     memcpy(runs, data, n * sizeof runs[0]);
 
-    int64_t len = wire_check(&f, pages, accept, &why);
+    int64_t len = wire_check(&f, pages, WIRE_PAGE_SHIFT, accept, &why);
     if (len < 0) {
         CHECK(len == -EBADMSG || len == -ENOMSG);
         CHECK(why && why[0]);
@@ -94,7 +94,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     why = NULL;
-    int rc = wire_check_runs(runs, n, pages, &why);
+    int rc = wire_check_runs(runs, n, pages, WIRE_PAGE_SHIFT, &why);
     int ok = 1;
     for (uint32_t i = 0; i < n; i++)
         ok &= runs[i].count >= 1 && runs[i].count <= WIRE_MAX_RUN_PAGES && inside(runs[i].start, runs[i].count, pages);

@@ -183,7 +183,7 @@ static src_t src;
 static void *server(void *arg)
 {
     loop_t *l = arg;
-    const src_server_t c = { { src_base, pages, &src.replies, IDLE_MS, NULL, &src.served }, &src.requests,
+    const src_server_t c = { { src_base, pages, WIRE_PAGE_SHIFT, &src.replies, IDLE_MS, NULL, &src.served }, &src.requests,
                              &src.requests_rx, &src.notes };
     l->rc = src_request_server(&c, l->stop_fd, &l->why);
     return NULL;
@@ -214,7 +214,7 @@ static void *streamer(void *arg)
     loop_t *l = arg;
     uint64_t windows = (pages + WINDOW - 1) / WINDOW;
     struct wire_run noted[256];
-    const src_sender_t c = { src_base, pages, &src.bulk, IDLE_MS, &src.pace, &src.stream };
+    const src_sender_t c = { src_base, pages, WIRE_PAGE_SHIFT, &src.bulk, IDLE_MS, &src.pace, &src.stream };
     for (uint64_t i = 0; i < windows; i++) {
         uint64_t w = (i * 13) % windows;
         if (windows % 13 == 0)
@@ -309,7 +309,7 @@ static void migrate_once(uint64_t seed, int tls)
     memset(&dst, 0, sizeof dst);
     memset(&src, 0, sizeof src);
     /* The source's guest, stopped. */
-    src_base = region_map(pages * PAGE);
+    src_base = region_map(pages * PAGE, MEMORY_ANON);
     CHECK(src_base);
     guest_fill(src_base, 0, pages, seed, 200);
     /* The destination's, empty, registered. */
@@ -322,7 +322,8 @@ static void migrate_once(uint64_t seed, int tls)
     CHECK(uffd_api(uffd, &features) == 0);
     dst.plane.uffd = uffd;
     dst.plane.pages = pages;
-    dst.plane.base = region_map(pages * PAGE);
+    dst.plane.page_shift = WIRE_PAGE_SHIFT;
+    dst.plane.base = region_map(pages * PAGE, MEMORY_ANON);
     CHECK(dst.plane.base);
     CHECK(uffd_register(uffd, dst.plane.base, pages * PAGE) == 0);
     dst.plane.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
