@@ -125,7 +125,7 @@ async def migrate_through_cuts(tmp_path: Path, src_args: list[str], marks: list[
             nursery.cancel_scope.cancel()
     src_err = (tmp_path / "src.err").read_text()
     assert rc == 0, err
-    assert src_rc == 0, src_err
+    assert src_rc == 0, src_err + "\n---dst---\n" + err
     cuts = len(marks) + (cut_after_log is not None)
     assert proxy.cuts == cuts
     m = DestinationStats.from_json(raw)

@@ -305,11 +305,16 @@ class Destination:
         """
         try:
             await links.requests.send(p.DestDone(counters))
-            with trio.move_on_after(self.cfg.link_timeout):
-                while True:  # stream frames still in flight are duplicates: skip them
-                    await links.bulk.receive()
         except (PeerError, RemoteProtocolError):
             pass  # closed, as expected
+        else:
+            with trio.move_on_after(self.cfg.link_timeout):
+                async with trio.open_nursery() as nursery:
+                    # Stream frames and replies still in flight are duplicates: skip them, on both, or the
+                    # source's request server may block writing a reply (2 MiB pages fill a socket buffer
+                    # in a few) and never read DestDone.
+                    nursery.start_soon(_drain, links.bulk)
+                    nursery.start_soon(_drain, links.replies)
         links.close()
 
     async def _run_after(self, guest: Guest, uffd: Userfaultfd) -> None:
@@ -386,3 +391,12 @@ class Destination:
             tls_rekeys=self.cfg.tls.rekeys if self.cfg.tls else 0,
             placed_timeline=tuple(self.timeline),
         )
+
+
+async def _drain(fs: FrameSocket) -> None:
+    """Reads and drops what ``fs`` still brings, until the peer closes it."""
+    try:
+        while True:
+            await fs.receive()
+    except (PeerError, RemoteProtocolError):
+        pass  # closed, as expected
