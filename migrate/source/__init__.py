@@ -19,8 +19,8 @@ The parts, in reading order, each one job:
   (no kernel, no socket, no trio);
 - ``rounds.py``: the rounds' driver; ``scans.py``: the kernel's scans of what
   the guest wrote; ``switchover.py``: the switchover's driver;
-- ``streamer.py``: the postcopy stream (windows, notes, pre-paging) and the
-  request server; ``sender.py``: the native sender and its pacer;
+- ``streamer.py``: the postcopy stream (windows, notes, pre-paging);
+  ``server.py``: the request server; ``sender.py``: the native sender and its pacer;
 - ``config.py``: the options.
 """
 

@@ -34,7 +34,8 @@ from .modes import Mode, choose
 from .rounds import Rounds
 from .scans import WORKING_SET_S, Scans
 from .sender import Sender
-from .streamer import RequestServer, Streamer
+from .server import RequestServer
+from .streamer import Streamer
 from .switchover import Switchover
 
 log = logging.getLogger(__package__)

@@ -1,16 +1,8 @@
-"""After the switchover: the streamer (windows, notes, pre-paging) and the request server.
-
-- The *request server* is a native loop that reads page requests on the
-  requests connection and answers each at once on the replies connection; it
-  leaves a *note* of every run it sent in a ring (``note_ring_t``, one
-  producer, one consumer; a full ring drops the note, which only costs a
-  duplicate page).
-- The *streamer* is a trio task that reads those notes (a page sent on
-  request leaves the stream, and the pre-paging policy hears of the fault),
-  asks the policy (``migrate.prepage``, ``--prepage``) for the next *window*
-  of pages not yet sent (working-set order: the working set first), and has
-  the native sender stream it, paced by the sender's *pacer*.  Windows are
-  small enough that the stream follows a request's jump within milliseconds.
+"""After the switchover, the streamer: a trio task that reads the request server's notes (a page sent
+on request leaves the stream, and the pre-paging policy hears of the fault), asks the policy
+(``migrate.prepage``, ``--prepage``) for the next *window* of pages not yet sent (working-set order:
+the working set first), and has the native sender stream it, paced by the sender's *pacer*.  Windows
+are small enough that the stream follows a request's jump within milliseconds.
 """
 
 from __future__ import annotations
@@ -28,7 +20,6 @@ from .. import prepage
 from .. import protocol as p
 from .._native import ffi, lib
 from ..errors import PeerError
-from ..loops import run_native
 from ..progress import Progress
 from ..ranges import Remaining
 from ..stats import FirstWindow, SourceCounters
@@ -52,35 +43,6 @@ TIMELINE_INTERVAL = 0.1
 MAX_TIMELINE = 10_000
 # How often the end of the stream checks what the destination's kernel has acknowledged.
 DRAIN_POLL_S = 0.05
-
-
-class RequestServer:
-    """Serves page requests from the stopped guest's memory, in a native loop, and notes what it sent.
-
-    Args:
-        sender: the guest and the link timeout are the stream's.
-    """
-
-    def __init__(self, sender: Sender) -> None:
-        self.sender = sender
-        self.stats = ffi.new("send_stats_t *")  # written by the request server alone
-        self.notes = ffi.new("note_ring_t *")  # its producer is the request server, its consumer the streamer
-
-    async def serve(self, requests: FrameSocket, replies: FrameSocket) -> dict[str, float]:
-        """Runs the request server (requests in on one connection, replies out on another) until the
-        destination says every page is placed; returns its counters.
-
-        DestDone comes after the last request on the same connection, so the
-        request server hands it over and each connection keeps one user.
-
-        **Cancellation**: stops the server through its eventfd and waits for it.
-        """
-        server = ffi.new("src_server_t *", {"replies": self.sender.context(replies, stats=self.stats)[0],
-                                            "requests": requests.link, "rx": requests.conn.rx, "notes": self.notes})
-        await run_native(lib.src_request_server, server, peer=requests.peer)
-        # The loop returns at a control frame: DestDone is the only one the requests allow (an Error raises).
-        done = await requests.expect(p.DestDone)
-        return done.counters
 
 
 class Streamer:
