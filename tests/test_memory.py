@@ -116,6 +116,20 @@ async def test_a_hugetlb_guest_cannot_become_4k_pages(tmp_path: Path, huge_pages
         "must be the memory's page"], err
 
 
+async def test_prefetch_is_refused_for_a_hugetlb_guest(tmp_path: Path, huge_pages: None) -> None:
+    """--prefetch asks for 4 KiB neighbours: on 2 MiB pages it would mean 512 pages each, so it is refused
+    in one line, before anything is mapped."""
+    src, port = await start_source(tmp_path, args("hugetlb", "postcopy", "uniform"))
+    with trio.fail_after(60):
+        rc, err, _ = await run_destination(tmp_path, port, [*DST, "--prefetch", "4"])
+    src.kill()
+    await src.wait()
+    assert "Traceback" not in err
+    assert [x for x in err.splitlines() if "error:" in x] == [
+        "migrate-dst: error: --prefetch asks for 4 KiB neighbours; a hugetlb guest's page is already 2 MiB"], err
+    assert rc == 1 and "hint: leave --prefetch out for a hugetlb guest" in err
+
+
 def test_too_few_huge_pages_is_one_line_with_the_numbers_and_the_command() -> None:
     available, free, rsvd = huge_pages_available()
     mib = 2 * (available + 1)  # one huge page more than the pool holds now
