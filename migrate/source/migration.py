@@ -207,7 +207,8 @@ class Migration:
         """Sends the switchover (unless the destination has it) and sets what the stream then sends."""
         assert self.cpu_state is not None
         rounds = self.rounds.planner.round if self.rounds is not None else 0
-        lib.link_stamp_arrivals(bulk.sock.fileno(), 1)  # the report's arrival, not when we get to read it
+        if resume is None or not resume.started:  # a Running report will follow the CPU state: stamp its
+            lib.link_stamp_arrivals(bulk.sock.fileno(), 1)  # arrival, not when we get to read it
         remaining, first = await self.switchover.send(bulk, self.cpu_state, self.stopped_at_ns, resume, rounds)
         self.streamer.reset(remaining, first)
 
