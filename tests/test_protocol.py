@@ -219,6 +219,8 @@ def test_malformed_input_is_a_remote_protocol_error(data: bytes, match: str) -> 
     (raw(REQUEST, 1, 0, struct.pack("<QQ", 2**64 - 1, 2)), "outside the guest"),
     (raw(DISCARD, 1, 0), "a discard where none may come"),
     (frame([9, [[0, 1]], False]), "fields"),
+    (frame([11, {"pages_placed": 100, "ratio": float("nan")}]), "finite numbers"),  # found by scripts/fuzz
+    (frame([11, {"faults": float("inf")}]), "finite numbers"),
 ])
 def test_the_source_refuses_bad_requests(data: bytes, match: str) -> None:
     src, _ = conversation(p.State.REQUESTING)

@@ -18,6 +18,7 @@ checked here: that is ``state.py``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -188,8 +189,9 @@ def _vcpus(v: object, name: str) -> tuple[tuple[int, int, int], ...]:
 
 def _counters(v: object, name: str) -> dict[str, float]:
     if not isinstance(v, dict) or len(v) > 64 or not all(
-            isinstance(k, str) and len(k) <= 64 and type(n) in (int, float, bool) for k, n in v.items()):
-        raise RemoteProtocolError("DestDone counters must be a small map of names to numbers")
+            isinstance(k, str) and len(k) <= 64 and type(n) in (int, float, bool) and math.isfinite(n)
+            for k, n in v.items()):
+        raise RemoteProtocolError("DestDone counters must be a small map of names to finite numbers")
     return v
 
 
