@@ -84,7 +84,7 @@ class Userfaultfd:
         present pages are skipped."""
         _check_aligned(dst, length, page)
         out = ffi.new("uint64_t[2]")  # per call: placements may run in several threads
-        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, page, out, out + 1))
+        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, page, out, out + 1, -1))
         return Placed(out[0], out[1] // page)
 
     def zeropage(self, dst: int, length: int, page: int = PAGE_SIZE) -> Placed:
@@ -92,7 +92,7 @@ class Userfaultfd:
         skipped."""
         _check_aligned(dst, length, page)
         out = ffi.new("uint64_t[2]")
-        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, page, out, out + 1))
+        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, page, out, out + 1, -1))
         return Placed(out[0], out[1] // page)
 
     def read_faults(self) -> list[tuple[int, int]]:

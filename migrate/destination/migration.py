@@ -25,7 +25,7 @@ from ..uffd import Userfaultfd
 from ..wire import FrameSocket
 from .config import DestinationConfig
 from .connect import Connector, Links
-from .plane import Plane
+from .plane import Plane, Region
 
 log = logging.getLogger(__package__)
 
@@ -122,7 +122,7 @@ class Destination:
         require_missing(spec.memory, uffd.features)
         guest = Guest(spec, fill=False)
         uffd.register(guest.base, spec.size)
-        self.plane.attach(uffd.fd, guest.base, spec.wire_pages, spec.memory)
+        self.plane.attach(uffd.fd, [Region(guest.base, 0, spec.wire_pages)], spec.memory)
         links = await self.connector.open_links(bulk, deadline)
         log.info("guest of %d pages of %d KiB (%d MiB, %s), %d vCPUs, %s; %s migration; waiting for %s",
                  spec.wire_pages, info.page_size >> 10, spec.size >> 20, spec.memory.name, spec.vcpus,
