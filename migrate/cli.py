@@ -20,6 +20,7 @@ from . import progress
 from .destination import Destination, DestinationConfig
 from .errors import MigrateError, UsageError, find, leaves
 from .guest import GuestSpec, Workload
+from .image import image_spec
 from .memory import Memory
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
@@ -170,6 +171,10 @@ def src_parser() -> argparse.ArgumentParser:
                          "it with device back-ends; 4 KiB pages) or hugetlb (2 MiB huge pages, reserved first in "
                          "/proc/sys/vm/nr_hugepages; they migrate whole); the destination maps the same "
                          "(default anon)")
+    ap.add_argument("--memory-file", metavar="PATH",
+                    help="serve this memory image (a snapshot's raw guest memory, as Firecracker's memory file is; "
+                         "its state.json, when beside it, says the guest) instead of running a guest: postcopy, "
+                         "switching over as soon as a destination joins; --memory gives its page size")
     _add_seconds(ap, "--run-before", 1.0,
                  help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--mode", choices=[m.name for m in Mode], default="postcopy",
@@ -402,9 +407,15 @@ def source_config(args: argparse.Namespace) -> SourceConfig:
         raise UsageError(f"refusing to listen on {host} without TLS or a key: anyone who reaches the port gets "
                          "the guest", hint=f"give --tls-cert/--tls-key/--tls-ca (or at least --key-file PATH or "
                                            f"${KEY_ENV}) on both sides, or listen on 127.0.0.1")
-    spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
-                     zero_permille=round(args.zero_fraction * 1000), rate=args.rate, memory=Memory[args.memory])
-    cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
+    if args.memory_file:
+        _require(mode is Mode.postcopy, f"--mode {mode.name} has nothing to do with a memory image, which never "
+                 "changes", "leave --mode out: an image is served in postcopy")
+        spec = image_spec(args.memory_file, Memory[args.memory])
+    else:
+        spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
+                         zero_permille=round(args.zero_fraction * 1000), rate=args.rate, memory=Memory[args.memory])
+    cfg = SourceConfig(host=host, port=port, spec=spec, memory_file=args.memory_file,
+                       run_before=0.0 if args.memory_file else args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
                        max_pending=args.max_pending, tls=tls, mode=mode, stream_order=StreamOrder(args.stream_order),

@@ -182,6 +182,12 @@ uint64_t region_map(uint64_t len, int memory)
     return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
 }
 
+uint64_t image_map(int fd, uint64_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+    return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
+}
+
 int region_unmap(uint64_t addr, uint64_t len)
 {
     return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;

@@ -50,6 +50,10 @@ int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max);
 uint64_t region_map(uint64_t len, int memory);
 int region_unmap(uint64_t addr, uint64_t len);
 
+/* A memory image file (fd), len bytes, mapped read-only and private: what
+ * migrate-src --memory-file serves.  Returns the address, or 0 with errno set. */
+uint64_t image_map(int fd, uint64_t len);
+
 /* Absent pages (of 1 << page_shift bytes) of the npages-page region at addr, from page first on, as
  * runs (start page, count), asked of the kernel's page tables through
  * pagemap_fd (/proc/PID/pagemap of the process that owns addr): after a lost link they are exactly what is still
