@@ -20,7 +20,7 @@ from . import progress
 from .destination import Destination, DestinationConfig
 from .errors import MigrateError, UsageError, find, leaves
 from .guest import GuestSpec, Workload
-from .image import image_spec
+from .image import image_guest
 from .memory import Memory
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
@@ -135,7 +135,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     _add_seconds(parser, "--link-timeout", 10.0,
                  help="seconds a connection may stay silent while pages are owed (or refuse to take them) "
                       "before it counts as lost and recovery starts (default 10)")
-    parser.add_argument("--metrics", metavar="PATH|-", help="write one JSON object of metrics here (- for stdout)")
+    _output_options(parser, metrics=True)
+
+
+def _output_options(parser: argparse.ArgumentParser, *, metrics: bool) -> None:
+    """What every command prints and how: its log lines (and its metrics, when it has any)."""
+    if metrics:
+        parser.add_argument("--metrics", metavar="PATH|-",
+                            help="write one JSON object of metrics here (- for stdout)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="format of stderr log lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument("--no-progress", action="store_true",
@@ -143,17 +150,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "terminal); log lines still appear")
 
 
-def src_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
-        prog="migrate-src",
-        description="Run a demo guest and hand it over to migrate-dst by live migration (postcopy, hybrid or "
-                    "precopy).",
-        epilog="The guest runs until a destination connects and --run-before seconds have passed; then, in "
-               "postcopy, its vCPUs stop, their state goes to the destination, and its memory follows. In "
-               "hybrid and precopy, precopy rounds start then, while the guest keeps running here. "
-               "@FILE reads more options from FILE, one per line.")
-    ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
-                    help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
+def _guest_options(ap: argparse.ArgumentParser) -> None:
+    """The options that build the demo guest: migrate-src's, and migrate-snapshot's for the same guest."""
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--guest-mib", type=_number, default=256, metavar="N",
                       help="guest memory size in MiB (default 256)")
@@ -171,6 +169,20 @@ def src_parser() -> argparse.ArgumentParser:
                          "it with device back-ends; 4 KiB pages) or hugetlb (2 MiB huge pages, reserved first in "
                          "/proc/sys/vm/nr_hugepages; they migrate whole); the destination maps the same "
                          "(default anon)")
+
+
+def src_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="migrate-src",
+        description="Run a demo guest and hand it over to migrate-dst by live migration (postcopy, hybrid or "
+                    "precopy).",
+        epilog="The guest runs until a destination connects and --run-before seconds have passed; then, in "
+               "postcopy, its vCPUs stop, their state goes to the destination, and its memory follows. In "
+               "hybrid and precopy, precopy rounds start then, while the guest keeps running here. "
+               "@FILE reads more options from FILE, one per line.")
+    ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
+                    help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
+    _guest_options(ap)
     ap.add_argument("--memory-file", metavar="PATH",
                     help="serve this memory image (a snapshot's raw guest memory, as Firecracker's memory file is; "
                          "its state.json, when beside it, says the guest) instead of running a guest: postcopy, "
@@ -349,8 +361,13 @@ def _check_common(args: argparse.Namespace) -> None:
              "bytes sent between TLS key updates, e.g. 1048576")
 
 
-def _check_src(args: argparse.Namespace, pages: int) -> None:
-    """Every numeric option of migrate-src in range, said in the option's words."""
+def _guest_spec(args: argparse.Namespace) -> GuestSpec:
+    """The guest the options of ``_guest_options`` describe, each checked in the option's words.
+
+    Raises:
+        UsageError: an option is out of range; the hint says what would do.
+    """
+    pages = _guest_pages(args)
     _require(1 <= args.vcpus <= 256, f"--vcpus must be between 1 and 256, not {args.vcpus}",
              "each vCPU is a thread with a slice of guest memory")
     _require(args.vcpus <= pages, f"--vcpus {args.vcpus} needs a guest of at least {args.vcpus} pages, "
@@ -360,6 +377,12 @@ def _check_src(args: argparse.Namespace, pages: int) -> None:
              "it is the fraction of guest memory left all-zero, e.g. 0.25")
     _require(args.rate >= 0, "--rate cannot be negative", "accesses per second per vCPU; 0 runs flat out")
     _require(args.rate < 2**64, "--rate must be below 2^64", "accesses per second per vCPU; 0 runs flat out")
+    return GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
+                     zero_permille=round(args.zero_fraction * 1000), rate=args.rate, memory=Memory[args.memory])
+
+
+def _check_src(args: argparse.Namespace) -> None:
+    """Every numeric option of migrate-src beyond the guest's in range, said in the option's words."""
     _require(args.max_pending >= 1, "--max-pending must be at least 1",
              "handshakes in progress at once; a destination beyond them retries, e.g. 16")
     _require(args.run_before >= 0, "--run-before cannot be negative",
@@ -399,8 +422,8 @@ def source_config(args: argparse.Namespace) -> SourceConfig:
         raise UsageError("--precopy-rounds and --switchover-ms apply to precopy rounds",
                          hint="add --mode hybrid or --mode precopy")
     host, port = parse_address(args.listen, DEFAULT_PORT)
-    pages = _guest_pages(args)
-    _check_src(args, pages)
+    spec = _guest_spec(args)
+    _check_src(args)
     key = _read_key(args)
     tls = _tls(args, server=True)
     if not key and tls is None and not is_loopback(host):
@@ -410,10 +433,7 @@ def source_config(args: argparse.Namespace) -> SourceConfig:
     if args.memory_file:
         _require(mode is Mode.postcopy, f"--mode {mode.name} has nothing to do with a memory image, which never "
                  "changes", "leave --mode out: an image is served in postcopy")
-        spec = image_spec(args.memory_file, Memory[args.memory])
-    else:
-        spec = GuestSpec(pages=pages, vcpus=args.vcpus, workload=Workload[args.workload], seed=args.seed,
-                         zero_permille=round(args.zero_fraction * 1000), rate=args.rate, memory=Memory[args.memory])
+        spec, _ = image_guest(args.memory_file, Memory[args.memory])
     cfg = SourceConfig(host=host, port=port, spec=spec, memory_file=args.memory_file,
                        run_before=0.0 if args.memory_file else args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,

@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
+from . import snapshot
 from ._native import ffi, lib
 from .errors import UsageError
 from .guest import GuestSpec
 from .memory import Memory
+from .snapshot import CpuState
 
 
-def image_spec(path: str, memory: Memory) -> GuestSpec:
-    """The guest a bare memory file holds: its size, in ``memory``'s pages."""
+def image_guest(path: str, memory: Memory) -> tuple[GuestSpec, list[CpuState] | None]:
+    """The guest a memory file holds, and its CPU state: a snapshot's (``state.json`` beside a file named
+    ``memory``, whose kind wins over ``memory``), or for a bare file its size in ``memory``'s pages and none."""
+    file = Path(path)
+    if file.name == snapshot.MEMORY and (file.parent / snapshot.STATE).exists():
+        snap = snapshot.load(file.parent)
+        return snap.spec, list(snap.cpu)
     size = _size(path)
     if not size or size % memory.page_size:
         raise UsageError(f"{path} holds {size} bytes: not whole {memory.page_size >> 10} KiB pages of guest memory",
                          hint="pass a snapshot's memory file, or --memory for its page size")
-    return GuestSpec(pages=size // 4096, vcpus=1, memory=memory)
+    return GuestSpec(pages=size // 4096, vcpus=1, memory=memory), None
 
 
 def _size(path: str) -> int:
@@ -43,7 +51,7 @@ class Image:
         cpu: each vCPU's (prng, steps, acc); None: one vCPU at its start.
     """
 
-    def __init__(self, path: str, spec: GuestSpec, cpu: list[tuple[int, int, int]] | None = None) -> None:
+    def __init__(self, path: str, spec: GuestSpec, cpu: list[CpuState] | None = None) -> None:
         if _size(path) != spec.size:
             raise UsageError(f"{path} holds {_size(path)} bytes; its guest has {spec.size}",
                              hint="the memory file and state.json must come from the same snapshot")
@@ -74,5 +82,5 @@ class Image:
     def live_steps(self) -> int:
         return sum(self.steps())
 
-    def export_state(self) -> list[tuple[int, int, int]]:
+    def export_state(self) -> list[CpuState]:
         return list(self._cpu)

@@ -47,20 +47,25 @@ class Placed:
 class Userfaultfd:
     """A non-blocking userfaultfd with the API handshake done (unless ``api=False``).
 
+    Args:
+        api: do the UFFDIO_API handshake (once per descriptor: without it the caller does its own).
+        want: the features the handshake asks for (default: thread ids in fault messages).
+
     Raises:
         UffdError: when userfaultfd cannot be opened, with a hint saying why.
     """
 
-    def __init__(self, *, api: bool = True) -> None:
+    def __init__(self, *, api: bool = True, want: int | None = None) -> None:
         se, de = ffi.new("int *"), ffi.new("int *")
         fd = lib.uffd_open(se, de)
         if fd < 0:
             raise UffdError("opening a userfaultfd", se[0], _open_hint(se[0], de[0]))
         self.fd: int = fd
         self.features: int = 0
-        if api:  # without: the caller does its own handshake (it is once per descriptor)
+        if api:
             features = ffi.new("uint64_t *")
-            self._check("UFFDIO_API", lib.uffd_api(fd, features))
+            self._check("UFFDIO_API", lib.uffd_api(fd, features) if want is None
+                        else lib.uffd_api_features(fd, want, features))
             self.features = features[0]
 
     @staticmethod

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <errno.h>
 #include <unistd.h>
 
 #include "wire.h"
@@ -163,6 +164,7 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
 {
     pthread_once(&calibrated, calibrate);
     const uint64_t threshold = (uint64_t)(STALL_THRESHOLD_NS / ns_per_tick);
+    __atomic_store_n(&stalls->first_step_ns, 0, __ATOMIC_RELAXED);
     if (gate)
         gate_wait(gate);
     if (count == 0)
@@ -226,6 +228,8 @@ int vcpu_run(uint64_t base, uint64_t first, uint64_t count, int workload,
         if (timed) {
             uint64_t t = ticks();
             __atomic_store_n(&stalls->waiting_since_ns, 0, __ATOMIC_RELAXED);
+            if (!__atomic_load_n(&stalls->first_step_ns, __ATOMIC_RELAXED)) /* the first access is always timed */
+                __atomic_store_n(&stalls->first_step_ns, tick_ns(t), __ATOMIC_RELAXED);
             if (t - last > threshold) {
                 uint64_t v = voluntary_switches(), ns = (uint64_t)((double)(t - last) * ns_per_tick);
                 if (v != switches) {
@@ -291,4 +295,21 @@ void guest_read_pages(uint64_t src, void *dst, uint64_t npages, uint8_t *is_zero
             any |= d[i] = s[i];
         is_zero[p] = any == 0;
     }
+}
+
+int guest_save(uint64_t base, uint64_t size, int fd)
+{
+    const char *p = (const char *)(uintptr_t)base;
+    while (size) {
+        ssize_t n = write(fd, p, size < (1u << 30) ? size : (1u << 30));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            return -EIO;
+        p += n;
+        size -= (uint64_t)n;
+    }
+    return 0;
 }

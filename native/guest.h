@@ -39,6 +39,9 @@ typedef struct {
      * progress during precopy, against before; where each vCPU was when the
      * last page arrived, for the link bench's working set. */
     uint64_t steps_live;
+    /* When the first access of this vcpu_run completed (CLOCK_MONOTONIC, ns; 0 until then), while
+     * armed: a restore's time to first guest step, faults included. */
+    uint64_t first_step_ns;
     /* Nonzero while accesses are timed: only during postcopy can an access
      * stall, and reading a clock per access costs the workload its memory
      * parallelism (several times slower on random access), so a vCPU runs
@@ -74,3 +77,8 @@ uint64_t guest_digest(uint64_t base, uint64_t npages);
 /* Copies npages pages from guest memory at src to dst and stores, for each
  * page, 1 if it is all zero: the source streams zero pages as zero runs. */
 void guest_read_pages(uint64_t src, void *dst, uint64_t npages, uint8_t *is_zero);
+
+/* Writes the size bytes of guest memory at base to fd from its current
+ * position (a snapshot's memory file), resuming short writes.  Returns 0 or
+ * -errno (-EIO if the file took nothing). */
+int guest_save(uint64_t base, uint64_t size, int fd);

@@ -39,11 +39,23 @@ int uffd_open(int *syscall_errno, int *device_errno)
 int uffd_api(int fd, uint64_t *features)
 {
     /* Thread ids in fault messages let a watchdog name the stuck vCPU. */
-    struct uffdio_api api = { .api = UFFD_API, .features = UFFD_FEATURE_THREAD_ID };
+    return uffd_api_features(fd, UFFD_FEATURE_THREAD_ID, features);
+}
+
+int uffd_api_features(int fd, uint64_t want, uint64_t *features)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = want };
     if (ioctl(fd, UFFDIO_API, &api) < 0)
         return -errno;
     *features = api.features;
     return 0;
+}
+
+uint64_t uffd_vmm_features(int memory)
+{
+    uint64_t kind = memory == MEMORY_MEMFD ? UFFD_FEATURE_MISSING_SHMEM
+                  : memory == MEMORY_HUGETLB ? UFFD_FEATURE_MISSING_HUGETLBFS : 0;
+    return UFFD_FEATURE_EVENT_REMOVE | kind;
 }
 
 int uffd_register(int fd, uint64_t addr, uint64_t len)

@@ -15,6 +15,17 @@ int uffd_open(int *syscall_errno, int *device_errno);
  * kernel offers. */
 int uffd_api(int fd, uint64_t *features);
 
+/* UFFDIO_API handshake asking for the features in want (a VMM stand-in asks
+ * what Firecracker asks: UFFD_FEATURE_EVENT_REMOVE, and the kind's MISSING
+ * feature); *features gets what the kernel offers.  -EINVAL: a feature in
+ * want is not offered. */
+int uffd_api_features(int fd, uint64_t want, uint64_t *features);
+
+/* What Firecracker's UFFDIO_API asks for guest memory of a kind (enum
+ * memory_kind, below): UFFD_FEATURE_EVENT_REMOVE (its balloon's
+ * MADV_DONTNEED), plus MISSING_SHMEM or MISSING_HUGETLBFS for those kinds. */
+uint64_t uffd_vmm_features(int memory);
+
 /* The guest's memory: private anonymous 4 KiB pages; a memfd (shared
  * memory, as a VMM shares it with device back-ends), 4 KiB pages; or a
  * hugetlb memfd, 2 MiB pages. */

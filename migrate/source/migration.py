@@ -22,7 +22,7 @@ from .._native import lib
 from ..dirty import DirtyTracker
 from ..errors import PeerError, lost_link
 from ..guest import Guest
-from ..image import Image
+from ..image import Image, image_guest
 from ..memory import require_missing
 from ..metrics import Histogram, rss_mib
 from ..progress import Progress
@@ -64,7 +64,7 @@ class Source:
         if self.mode.tracks_writes:  # an old kernel says so now, not after --run-before
             await trio.to_thread.run_sync(DirtyTracker.check, memory, self.mode.wire.name)
         if self.cfg.memory_file:
-            guest: Guest | Image = Image(self.cfg.memory_file, self.cfg.spec)
+            guest: Guest | Image = Image(self.cfg.memory_file, *image_guest(self.cfg.memory_file, memory))
         else:
             guest = await trio.to_thread.run_sync(partial(Guest, self.cfg.spec, fill=True))
         guest.start()
