@@ -49,6 +49,7 @@ def print_summary(m: DestinationStats, out: IO[str]) -> None:
         *([f"encryption       {m.tls}"] if m.tls != "plaintext" else []),
         *(f"recovery         link lost and back in {r.reconnect_s * 1000:.0f} ms, "
           f"{r.pages_missing} pages still absent were streamed again" for r in m.recoveries),
-        f"verified: {'yes' if m.verified else 'NO' if m.verified is False else 'not checked (use --verify)'}",
+        f"verified: {'yes' if m.verified else 'NO' if m.verified is False else 'not checked (use --verify)'}"
+        if m.vmm_pid is None else f"verified: by the VMM (pid {m.vmm_pid}), which runs the guest",
     ]
     print("\n".join(lines), file=out, flush=True)

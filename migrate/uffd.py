@@ -68,6 +68,13 @@ class Userfaultfd:
                         else lib.uffd_api_features(fd, want, features))
             self.features = features[0]
 
+    @classmethod
+    def adopt(cls, fd: int) -> Userfaultfd:
+        """A userfaultfd another process opened, registered and handed over (its handshake done there)."""
+        uffd = cls.__new__(cls)
+        uffd.fd, uffd.features = fd, 0
+        return uffd
+
     @staticmethod
     def offered() -> int:
         """The features this kernel's userfaultfd offers (a descriptor opened for the question, then closed)."""
