@@ -16,7 +16,7 @@ from typing import Callable, NoReturn
 
 import trio
 
-from . import progress
+from . import handoff, progress, snapshot, vmm
 from .destination import Destination, DestinationConfig
 from .errors import MigrateError, UsageError, find, leaves
 from .guest import GuestSpec, Workload
@@ -276,6 +276,57 @@ def dst_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def snapshot_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="migrate-snapshot",
+        description="Run a demo guest for a while, stop it and save a snapshot of it, as a VMM saves one: "
+                    "DIR/memory (its raw memory image) and DIR/state.json (the guest and its vCPUs' state).",
+        epilog="migrate-vmm --snapshot DIR restores it through a page-fault handler. "
+               "@FILE reads more options from FILE, one per line.")
+    ap.add_argument("directory", metavar="DIR", help="where the snapshot goes (made if missing; replaced if there)")
+    _guest_options(ap)
+    _add_seconds(ap, "--seconds", 1.0, help="seconds the guest runs before it is stopped and saved (default 1)")
+    _output_options(ap, metrics=False)
+    return ap
+
+
+def _firecracker(text: str) -> str:
+    """argparse type: a Firecracker version whose handoff message we can write."""
+    try:
+        handoff.encode([], text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def vmm_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="migrate-vmm",
+        description="A VMM stand-in: restore a snapshot as Firecracker does with a Uffd memory backend (map the "
+                    "guest's memory empty, register it with a new userfaultfd, hand that to the page-fault "
+                    "handler at --handoff in Firecracker's one message), run its vCPUs from the snapshot's CPU "
+                    "state, and prove the restore by replay.",
+        epilog="Only DIR/state.json is read: the memory comes from the handler, as with Firecracker. Prints "
+               "'verified: yes' and exits 0 when the guest's memory and vCPUs equal a replay of the same steps, "
+               "1 otherwise. @FILE reads more options from FILE, one per line.")
+    ap.add_argument("--snapshot", required=True, metavar="DIR", help="the snapshot that migrate-snapshot saved")
+    ap.add_argument("--handoff", required=True, metavar="PATH",
+                    help="the page-fault handler's Unix socket (e.g. migrate-dst --handoff PATH)")
+    ap.add_argument("--firecracker", type=_firecracker, default="1.12", metavar="VERSION",
+                    help="send the handoff message as this Firecracker version does: 1.1-1.6 (base_host_virt_addr, "
+                         "size, offset), 1.7-1.11 (and page_size_kib, in bytes), 1.12 on (and page_size) "
+                         "(default 1.12)")
+    ap.add_argument("--regions", type=_whole, default=1, metavar="N",
+                    help="describe the guest as N regions, adjacent, each with its own offset (default 1)")
+    _add_seconds(ap, "--seconds", 1.0, help="seconds the vCPUs run before they stop and the restore is proven "
+                                            "(default 1)")
+    _add_seconds(ap, "--timeout", 10.0,
+                 help="give up when a vCPU (or the proof) has waited S seconds for a page the handler does not "
+                      "place (default 10)")
+    _output_options(ap, metrics=True)
+    return ap
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({"t": round(record.created, 6), "level": record.levelname.lower(),
@@ -512,3 +563,38 @@ def src_main(argv: list[str] | None = None) -> int:
 
 def dst_main(argv: list[str] | None = None) -> int:
     return _main("migrate-dst", dst_parser(), _run_dst, argv)
+
+
+def _run_snapshot(args: argparse.Namespace) -> int:
+    spec = _guest_spec(args)
+    _require(args.seconds >= 0, "--seconds cannot be negative", "seconds the guest runs before it is saved, e.g. 1")
+    snap = _run_trio(snapshot.take, args.directory, spec, args.seconds)
+    print(f"migrate-snapshot: saved {snap.directory}: a {spec.size >> 20} MiB {spec.memory.name} guest, "
+          f"{spec.vcpus} vCPUs, {spec.workload.name}, seed {spec.seed}, stopped at steps {snap.steps()}",
+          file=sys.stderr)
+    return 0
+
+
+def _run_vmm(args: argparse.Namespace) -> int:
+    _require(args.seconds >= 0, "--seconds cannot be negative", "seconds the vCPUs run before the proof, e.g. 1")
+    _require(args.timeout > 0, "--timeout must be more than 0", "seconds to wait for a page, e.g. 10")
+    cfg = vmm.VmmConfig(snapshot=args.snapshot, handoff=args.handoff, firecracker=args.firecracker,
+                        regions=args.regions, seconds=args.seconds, timeout=args.timeout)
+    stats = _run_trio(vmm.restore, cfg)
+    write_metrics(stats.to_json(), args.metrics, sys.stdout)
+    stall = stats.vcpu_stall_us
+    first = "no step" if stats.first_step_ms is None else f"{stats.first_step_ms:.2f} ms"
+    print(f"migrate-vmm: restored {stats.guest_mib:.0f} MiB ({stats.memory}, {stats.regions} region(s), Firecracker "
+          f"{stats.firecracker} message): first vCPU step {first} after the handoff, {stats.steps_run} steps, "
+          f"{stall.count} stalls ({stall.total_ms:.1f} ms, p99 {stall.p99:.0f} µs), "
+          f"{stats.pages_present_after_run}/{stats.pages_total} pages present when the vCPUs stopped\n"
+          f"verified: {'yes' if stats.verified else 'NO'}", file=sys.stderr)
+    return 0 if stats.verified else 1
+
+
+def snapshot_main(argv: list[str] | None = None) -> int:
+    return _main("migrate-snapshot", snapshot_parser(), _run_snapshot, argv)
+
+
+def vmm_main(argv: list[str] | None = None) -> int:
+    return _main("migrate-vmm", vmm_parser(), _run_vmm, argv)

@@ -199,6 +199,12 @@ class Guest:
     def steps(self) -> list[int]:
         return [st.steps for st in self._states]
 
+    def first_step_ns(self) -> int | None:
+        """When the first vCPU completed its first access since ``start``, on CLOCK_MONOTONIC
+        (``time.monotonic_ns()``'s clock); None before that.  Only timed accesses count (``time_stalls``)."""
+        done = [self._stalls[i].first_step_ns for i in range(self.spec.vcpus) if self._stalls[i].first_step_ns]
+        return min(done, default=None)
+
     def live_steps(self) -> int:
         """Steps all vCPUs have executed so far, while they run (published every 1024 steps)."""
         return sum(self._stalls[i].steps_live for i in range(self.spec.vcpus))

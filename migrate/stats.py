@@ -248,6 +248,34 @@ class SourceStats(SideStats):
 
 
 @dataclass(frozen=True)
+class RestoreStats(Stats):
+    """What migrate-vmm reports: a snapshot restored through a page-fault handler, and its proof.
+
+    ``first_step_ms`` runs from the handoff message sent to the first vCPU's first access done (its
+    page placed by the handler if it was missing): Firecracker's time to resume, from the guest's
+    side.  ``pages_present_after_run`` are the pages the handler had placed when the vCPUs stopped;
+    the digest then faults in the rest.
+    """
+
+    firecracker: str  # the version whose handoff message was sent
+    regions: int
+    memory: str
+    page_size: int
+    pages_total: int
+    guest_mib: float
+    vcpus: int
+    workload: str
+    first_step_ms: float | None  # None: no vCPU took a step
+    run_s: float
+    vcpu_steps: tuple[int, ...]  # each vCPU's steps when it stopped (the snapshot's included)
+    steps_run: int  # steps run here, all vCPUs
+    pages_present_after_run: int
+    vcpu_stall_us: StallSummary
+    verified: bool
+    rss_mib: float
+
+
+@dataclass(frozen=True)
 class SourceCounters:
     """A running source's counters at one instant, as ``statistics()`` reads them from the native loops.
 
