@@ -101,13 +101,14 @@ class Destination:
                                       placement_s=placement_s, connect_s=time.monotonic() - t_connect,
                                       steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss)
 
-    async def _join(self) -> tuple[Guest | VmmMemory, Userfaultfd, Links]:
-        """Opens the session (its bulk connection learns the guest), maps and registers the guest (or takes a
-        VMM's memory and userfaultfd, with ``--handoff``), opens the other two connections, and readies the
-        vCPUs to resume."""
-        # Before connecting: a machine that cannot take the guest says so at once, and a VMM may come first.
-        listener = handoff.Listener(self.cfg.handoff) if self.cfg.handoff else None
-        uffd = None if listener else Userfaultfd()
+    async def _join(self) -> tuple[Served, Userfaultfd, Links]:
+        """Opens the session (its bulk connection learns the guest), maps and registers the guest (or, with
+        ``--handoff``, takes a VMM's memory and userfaultfd first), opens the other two connections, and
+        readies the vCPUs to resume."""
+        # Before connecting, a machine that cannot take the guest says so at once; and a VMM comes first, as
+        # the source switches over once every connection is up, and wants the vCPUs running soon after.
+        vmm = await self._wait_for_vmm(self.cfg.handoff) if self.cfg.handoff else None
+        uffd = Userfaultfd() if vmm is None else Userfaultfd.adopt(vmm.uffd)
         try:
             deadline = trio.current_time() + self.cfg.connect_timeout
             bulk = await self.connector.open(p.Channel.BULK, deadline)
@@ -117,17 +118,15 @@ class Destination:
                 self.connector.info = info
                 self.page_size = info.page_size
                 self.mode = info.mode
-                if listener is not None:
-                    guest, uffd = await self._take_vmm(listener, info)
-                else:
-                    assert uffd is not None
-                    guest = self._map_guest(info, uffd)
+                guest = self._map_guest(info, uffd) if vmm is None else self._serve_vmm(vmm, info, uffd)
             except BaseException:
                 bulk.close()
                 raise
-        finally:
-            if listener is not None:
-                listener.close()
+        except BaseException:
+            if vmm is not None:  # nothing was placed: the VMM's vCPUs wait, and its hangup tells it
+                uffd.close()
+                vmm.conn.close()
+            raise
         links = await self.connector.open_links(bulk, deadline)
         spec = guest.spec
         log.info("guest of %d pages of %d KiB (%d MiB, %s), %d vCPUs, %s; %s migration; waiting for %s",
@@ -155,22 +154,23 @@ class Destination:
         self.plane.attach(uffd.fd, [Region(guest.base, 0, spec.wire_pages)], spec.memory)
         return guest
 
-    async def _take_vmm(self, listener: handoff.Listener, info: p.GuestInfo) -> tuple[VmmMemory, Userfaultfd]:
-        """Waits for the VMM (``--handoff-timeout``) and points the loops at its regions and userfaultfd."""
-        log.info("waiting for a VMM on %s", listener.path)
-        vmm = await listener.accept(self.cfg.handoff_timeout)
-        uffd = Userfaultfd.adopt(vmm.uffd)
+    async def _wait_for_vmm(self, path: str) -> handoff.Handoff:
+        """Waits (``--handoff-timeout``) for one VMM to hand its memory over on the Unix socket ``path``."""
+        listener = handoff.Listener(path)
+        log.info("waiting for a VMM on %s", path)
         try:
-            memory = VmmMemory(vmm, info)
-        except BaseException:
-            uffd.close()
-            vmm.conn.close()
-            raise
+            return await listener.accept(self.cfg.handoff_timeout)
+        finally:
+            listener.close()
+
+    def _serve_vmm(self, vmm: handoff.Handoff, info: p.GuestInfo, uffd: Userfaultfd) -> VmmMemory:
+        """Points the loops at the VMM's regions and userfaultfd, once they are checked against ``info``."""
+        memory = VmmMemory(vmm, info)
         self.plane.attach(uffd.fd, memory.regions, memory.spec.memory, memory.pagemap_fd)
         self.vmm_pid = vmm.pid
         log.info("VMM pid %d handed over %d region%s of %d KiB pages", vmm.pid, len(memory.regions),
                  "s" * (len(memory.regions) > 1), info.page_size >> 10)
-        return memory, uffd
+        return memory
 
     async def _until_switchover(self, guest: Served, links: Links) -> tuple[p.CpuState, Links]:
         """Before switchover: places the precopy rounds (if any) until the CPU state arrives.
