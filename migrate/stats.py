@@ -215,6 +215,9 @@ class DestinationStats(SideStats):
     connect_attempts: int
     placed_timeline: tuple[tuple[float, int, int], ...]  # (seconds since switchover, bulk pages, urgent pages)
     vmm_pid: int | None = _optional(None)  # --handoff: the VMM whose memory was filled (it runs the vCPUs)
+    vmm_removes: int = _optional(0)  # UFFD_EVENT_REMOVE the VMM sent (a balloon, MADV_DONTNEED)
+    vmm_removed_pages: int = _optional(0)  # pages they named
+    vmm_holes_zeroed: int = _optional(0)  # pages of removed ranges still absent at the end, placed as zero pages
 
 
 @dataclass(frozen=True)
