@@ -215,8 +215,10 @@ class Handoff:
     conn: trio.socket.SocketType
 
     def close(self) -> None:
-        """Closes the userfaultfd and the connection."""
-        os.close(self.uffd)
+        """Closes the userfaultfd and the connection (once; again does nothing)."""
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
         self.conn.close()
 
 
