@@ -226,6 +226,8 @@ class Listener:
     """A Unix stream socket at ``path``, mode 0600, for one VMM to connect to.
 
     A socket file left at ``path`` by a handler that is gone (nothing accepts on it) is replaced.
+    Listen first, then start the VMM (Firecracker connects once, without retrying); close it inside
+    ``trio.run``, as any trio socket.
 
     Raises:
         UsageError: ``path`` exists and is not a stale socket, or cannot be bound.
