@@ -177,6 +177,19 @@ async def test_a_late_handler(tmp_path: Path, snapshots: dict[str, Snapshot]) ->
     assert 1 <= stalls.count <= snap.spec.vcpus and stalls.max > 500_000
 
 
+async def test_wrong_memory_does_not_verify(tmp_path: Path, snapshots: dict[str, Snapshot]) -> None:
+    """A handler that serves another snapshot's memory (same guest, other steps): the proof says no."""
+    snap, other = snapshots["anon"], snapshots["slow"]
+    assert snap.spec.size == other.spec.size
+
+    async def handler(got: Handoff) -> None:
+        await trio.to_thread.run_sync(place_all, got, other.memory_path)
+
+    rc, err, stats = await restore(tmp_path, snap, handler)
+    assert rc == 1 and err.splitlines()[-1] == "verified: NO"
+    assert stats is not None and stats.verified is False
+
+
 async def test_a_handler_that_hangs_up_ends_it_in_one_line(tmp_path: Path, snapshots: dict[str, Snapshot]) -> None:
     snap = snapshots["anon"]
 
