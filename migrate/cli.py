@@ -20,6 +20,7 @@ from . import handoff, progress, snapshot, vmm
 from .destination import Destination, DestinationConfig
 from .errors import MigrateError, UsageError, find, leaves
 from .guest import GuestSpec, Workload
+from .image import image_guest
 from .memory import Memory
 from .metrics import write_metrics
 from .prepage import POLICIES as PREPAGE_POLICIES
@@ -182,6 +183,10 @@ def src_parser() -> argparse.ArgumentParser:
     ap.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"address to listen on; port 0 picks a free one (default 127.0.0.1:{DEFAULT_PORT})")
     _guest_options(ap)
+    ap.add_argument("--memory-file", metavar="PATH",
+                    help="serve this memory image (a snapshot's raw guest memory, as Firecracker's memory file is; "
+                         "its state.json, when beside it, says the guest) instead of running a guest: postcopy, "
+                         "switching over as soon as a destination joins; --memory gives its page size")
     _add_seconds(ap, "--run-before", 1.0,
                  help="seconds the guest runs here before switchover, at the least (default 1)")
     ap.add_argument("--mode", choices=[m.name for m in Mode], default="postcopy",
@@ -237,7 +242,8 @@ def dst_parser() -> argparse.ArgumentParser:
         epilog="@FILE reads more options from FILE, one per line.")
     ap.add_argument("--connect", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
                     help=f"migrate-src address (default 127.0.0.1:{DEFAULT_PORT})")
-    _add_seconds(ap, "--run-after", 1.0, help="seconds the guest runs here once all memory arrived (default 1)")
+    ap.add_argument("--run-after", type=_number, metavar="S",
+                    help="seconds the guest runs here once all memory arrived (default 1)")
     ap.add_argument("--verify", action="store_true",
                     help="prove the migrated memory and CPU state equal a local replay of the same steps")
     ap.add_argument("--prefetch", type=_whole, default=0, metavar="N",
@@ -257,6 +263,15 @@ def dst_parser() -> argparse.ArgumentParser:
                       "switchover) within S seconds of connecting (default 300); it must exceed the source's "
                       "--run-before")
     _add_seconds(ap, "--watchdog", 2.0, help="report a vCPU that waits longer than S seconds for one page (default 2)")
+    vmm = ap.add_argument_group(
+        "serving a VMM's memory", "Firecracker's userfaultfd handoff (snapshot restore with a Uffd memory backend): "
+        "the VMM maps the guest, registers it with a userfaultfd and hands that over; migrate-dst fills the VMM's "
+        "memory from migrate-src (usually --memory-file): faults on demand, the rest streamed, no per-page state. "
+        "The VMM runs the vCPUs and proves its guest, so --verify, --run-after and --memory do not apply")
+    vmm.add_argument("--handoff", metavar="PATH",
+                     help="listen on the Unix socket PATH (mode 0600) for one VMM's handoff message and userfaultfd")
+    _add_seconds(vmm, "--handoff-timeout", 60.0,
+                 help="seconds to wait for the VMM to connect and send its message (default 60)")
     _common(ap)
     return ap
 
@@ -476,7 +491,12 @@ def source_config(args: argparse.Namespace) -> SourceConfig:
         raise UsageError(f"refusing to listen on {host} without TLS or a key: anyone who reaches the port gets "
                          "the guest", hint=f"give --tls-cert/--tls-key/--tls-ca (or at least --key-file PATH or "
                                            f"${KEY_ENV}) on both sides, or listen on 127.0.0.1")
-    cfg = SourceConfig(host=host, port=port, spec=spec, run_before=args.run_before, key=key,
+    if args.memory_file:
+        _require(mode is Mode.postcopy, f"--mode {mode.name} has nothing to do with a memory image, which never "
+                 "changes", "leave --mode out: an image is served in postcopy")
+        spec, _ = image_guest(args.memory_file, Memory[args.memory])
+    cfg = SourceConfig(host=host, port=port, spec=spec, memory_file=args.memory_file,
+                       run_before=0.0 if args.memory_file else args.run_before, key=key,
                        ready_file=args.ready_file, handshake_timeout=args.handshake_timeout,
                        reconnect_timeout=args.reconnect_timeout, link_timeout=args.link_timeout,
                        max_pending=args.max_pending, tls=tls, mode=mode, stream_order=StreamOrder(args.stream_order),
@@ -495,7 +515,15 @@ def destination_config(args: argparse.Namespace) -> DestinationConfig:
         UsageError: an option is out of range; the hint says what would do.
     """
     host, port = parse_address(args.connect, DEFAULT_PORT)
-    _require(args.run_after >= 0, "--run-after cannot be negative",
+    if args.handoff:
+        given = [flag for flag, value in (("--verify", args.verify), ("--run-after", args.run_after is not None),
+                                          ("--memory", args.memory)) if value]
+        _require(not given, f"{', '.join(given)} cannot go with --handoff: the VMM maps the guest, runs it and "
+                 "proves it", f"leave {', '.join(given)} out (the VMM's own checks say whether its guest is right)")
+        _require(args.handoff_timeout > 0, "--handoff-timeout must be more than 0",
+                 "seconds to wait for the VMM to connect and send its message, e.g. 60")
+    run_after = 0.0 if args.handoff else 1.0 if args.run_after is None else args.run_after
+    _require(run_after >= 0, "--run-after cannot be negative",
              "seconds the guest runs here once all memory arrived; 0 stops it at once")
     _require(0 <= args.prefetch < MAX_RUN_PAGES, f"--prefetch must be between 0 and {MAX_RUN_PAGES - 1}",
              "pages requested after each faulting page; 0 turns prefetching off")
@@ -506,12 +534,13 @@ def destination_config(args: argparse.Namespace) -> DestinationConfig:
     _check_common(args)
     _require(args.watchdog > 0, "--watchdog must be more than 0",
              "seconds a vCPU may wait for one page before it is reported, e.g. 2")
-    cfg = DestinationConfig(host=host, port=port, run_after=args.run_after, verify=args.verify,
+    cfg = DestinationConfig(host=host, port=port, run_after=run_after, verify=args.verify,
                             key=_read_key(args), prefetch=args.prefetch,
                             reconnect_timeout=args.reconnect_timeout, watchdog=args.watchdog,
                             link_timeout=args.link_timeout, connect_timeout=args.connect_timeout,
                             switchover_timeout=args.switchover_timeout, tls=_tls(args, server=False),
-                            memory=Memory[args.memory] if args.memory else None)
+                            memory=Memory[args.memory] if args.memory else None, handoff=args.handoff,
+                            handoff_timeout=args.handoff_timeout)
     return cfg
 
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 import os
 import threading
 import time
 from dataclasses import dataclass
 
 from ._native import ffi, lib
-from .errors import UffdError, UsageError
+from . import pagemap
 from . import protocol as p
+from .errors import UsageError
 from .memory import Memory, map_region
 from .metrics import StallHistogram
 from .uffd import PAGE_SIZE
@@ -243,43 +243,20 @@ class Guest:
         return out
 
     def absent_runs(self) -> list[tuple[int, int]]:
-        """Wire pages the kernel's page tables do not have yet, as (first page, count) runs.
-
-        Read from /proc/self/pagemap: this never touches guest memory, and it
-        is the whole record of what is missing after a lost link.
-        """
-        starts, counts, nxt = ffi.new("uint64_t[]", 4096), ffi.new("uint64_t[]", 4096), ffi.new("uint64_t *")
-        runs: list[tuple[int, int]] = []
-        first = 0
-        pages, shift = self.spec.wire_pages, self.spec.memory.page_shift
-        while first < pages:
-            n = lib.region_absent_runs(self.base, first, pages, shift, starts, counts, 4096, nxt)
-            if n < 0:
-                raise UffdError("reading /proc/self/pagemap", -n)
-            runs += [(starts[i], counts[i]) for i in range(n)]
-            first = nxt[0]
-        return runs
-
-    def present_pages(self) -> int:
-        """How many wire pages the kernel holds (present or swapped out), in one PAGEMAP_SCAN walk.
-
-        Never touches guest memory.  At switchover this is the base that the
-        placement counters add to: see ``dst_plane_t`` in native/dataplane.h.
-        A kernel older than 6.7 has no PAGEMAP_SCAN: the same bits are read
-        from /proc/self/pagemap instead (8 bytes a page, a few ms per GiB), so
-        postcopy needs nothing newer than userfaultfd itself.
-        """
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        """Wire pages the kernel's page tables do not have yet, as (first page, count) runs (migrate.pagemap)."""
+        fd = pagemap.open_pagemap()
         try:
-            out = ffi.new("uint64_t *")
-            rc = lib.region_present_pages(fd, self.base, self.spec.size, self.spec.memory.page_shift, out)
+            return pagemap.absent_runs(fd, self.base, self.spec.wire_pages, self.spec.memory.page_shift)
         finally:
             os.close(fd)
-        if rc == -errno.ENOTTY:
-            return self.spec.wire_pages - sum(count for _, count in self.absent_runs())
-        if rc < 0:
-            raise UffdError("PAGEMAP_SCAN of the present pages", -rc)
-        return out[0]
+
+    def present_pages(self) -> int:
+        """How many wire pages the kernel holds, in one PAGEMAP_SCAN walk (migrate.pagemap)."""
+        fd = pagemap.open_pagemap()
+        try:
+            return pagemap.present_pages(fd, self.base, self.spec.wire_pages, self.spec.memory.page_shift)
+        finally:
+            os.close(fd)
 
     def digest(self) -> int:
         """64-bit digest of all guest memory; every page must be present (or it faults)."""

@@ -214,6 +214,7 @@ class DestinationStats(SideStats):
     recoveries: tuple[Recovery, ...]
     connect_attempts: int
     placed_timeline: tuple[tuple[float, int, int], ...]  # (seconds since switchover, bulk pages, urgent pages)
+    vmm_pid: int | None = _optional(None)  # --handoff: the VMM whose memory was filled (it runs the vCPUs)
 
 
 @dataclass(frozen=True)

@@ -39,9 +39,10 @@ def print_summary(m: DestinationStats, out: IO[str]) -> None:
         if m.downtime_ms is not None else "downtime         unknown (a lost link took the source's figure)",
         f"memory arrived   in {m.total_s:.2f} s, {mib:.0f} MiB on the bulk channel ({m.stream_gbps:.2f} GB/s)",
         f"faults           {m.faults} in {m.requests} requests, {m.bytes_urgent / 2**20:.1f} MiB urgent",
-        f"vCPU stalls      {stall.count} accesses waited for a page, p50 {stall.p50:.0f} µs, "
-        f"p99 {stall.p99:.0f} µs, max {stall.max:.0f} µs, {stall.total_ms:.1f} ms in all",
-        f"                 ({stalls_vs_faults(stall.count, m.faults)})",
+        *([f"vCPU stalls      {stall.count} accesses waited for a page, p50 {stall.p50:.0f} µs, "
+           f"p99 {stall.p99:.0f} µs, max {stall.max:.0f} µs, {stall.total_ms:.1f} ms in all",
+           f"                 ({stalls_vs_faults(stall.count, m.faults)})"] if m.vmm_pid is None else
+          [f"vCPU stalls      in the VMM (pid {m.vmm_pid}), which runs the vCPUs: see its own report"]),
         *([f"not stalls       {stall.slow_other} slow accesses ({stall.slow_other_ms:.1f} ms) that never slept "
            "for a page (copy-on-write, preemption)"] if stall.slow_other else []),
         f"fault service    p50 {service.p50:.0f} µs, p99 {service.p99:.0f} µs, max {service.max:.0f} µs",
@@ -49,6 +50,7 @@ def print_summary(m: DestinationStats, out: IO[str]) -> None:
         *([f"encryption       {m.tls}"] if m.tls != "plaintext" else []),
         *(f"recovery         link lost and back in {r.reconnect_s * 1000:.0f} ms, "
           f"{r.pages_missing} pages still absent were streamed again" for r in m.recoveries),
-        f"verified: {'yes' if m.verified else 'NO' if m.verified is False else 'not checked (use --verify)'}",
+        f"verified: {'yes' if m.verified else 'NO' if m.verified is False else 'not checked (use --verify)'}"
+        if m.vmm_pid is None else f"verified: by the VMM (pid {m.vmm_pid}), which runs the guest",
     ]
     print("\n".join(lines), file=out, flush=True)

@@ -68,6 +68,13 @@ class Userfaultfd:
                         else lib.uffd_api_features(fd, want, features))
             self.features = features[0]
 
+    @classmethod
+    def adopt(cls, fd: int) -> Userfaultfd:
+        """A userfaultfd another process opened, registered and handed over (its handshake done there)."""
+        uffd = cls.__new__(cls)
+        uffd.fd, uffd.features = fd, 0
+        return uffd
+
     @staticmethod
     def offered() -> int:
         """The features this kernel's userfaultfd offers (a descriptor opened for the question, then closed)."""
@@ -89,7 +96,7 @@ class Userfaultfd:
         present pages are skipped."""
         _check_aligned(dst, length, page)
         out = ffi.new("uint64_t[2]")  # per call: placements may run in several threads
-        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, page, out, out + 1))
+        self._check("UFFDIO_COPY", lib.uffd_copy(self.fd, dst, ffi.from_buffer(src), length, page, out, out + 1, -1))
         return Placed(out[0], out[1] // page)
 
     def zeropage(self, dst: int, length: int, page: int = PAGE_SIZE) -> Placed:
@@ -97,7 +104,7 @@ class Userfaultfd:
         skipped."""
         _check_aligned(dst, length, page)
         out = ffi.new("uint64_t[2]")
-        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, page, out, out + 1))
+        self._check("UFFDIO_ZEROPAGE", lib.uffd_zeropage(self.fd, dst, length, page, out, out + 1, -1))
         return Placed(out[0], out[1] // page)
 
     def read_faults(self) -> list[tuple[int, int]]:

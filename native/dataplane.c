@@ -238,6 +238,47 @@ static uint64_t present_pages(const dst_plane_t *d)
     return d->present_base + load(&d->bulk.pages) + load(&d->urgent.pages) - d->placed_base;
 }
 
+/* The region that holds page (the regions cover every page), or NULL. */
+static const region_t *region_of_page(const dst_plane_t *d, uint64_t page)
+{
+    for (uint32_t i = 0; i < d->nregions; i++)
+        if (page - d->region[i].first < d->region[i].pages)
+            return &d->region[i];
+    return NULL;
+}
+
+/* The wire page at address addr (a fault's), or -1: not the guest's. */
+static int64_t page_at(const dst_plane_t *d, uint64_t addr)
+{
+    for (uint32_t i = 0; i < d->nregions; i++) {
+        const region_t *r = &d->region[i];
+        if (addr - r->base < r->pages << d->page_shift)
+            return (int64_t)(r->first + ((addr - r->base) >> d->page_shift));
+    }
+    return -1;
+}
+
+/* The pages [start, start + count) as stretches of one region each, for
+ * an operation on memory: fn(d, address, first page's index in the run, pages, arg). */
+typedef int (*stretch_fn)(const dst_plane_t *d, uint64_t addr, uint64_t at, uint64_t count, void *arg);
+
+static int for_each_stretch(const dst_plane_t *d, uint64_t start, uint64_t count, stretch_fn fn, void *arg)
+{
+    for (uint64_t at = 0; at < count;) {
+        const region_t *r = region_of_page(d, start + at);
+        if (!r)
+            return -EFAULT; /* never: wire_check bounds every run by the guest's pages */
+        uint64_t n = r->first + r->pages - (start + at);
+        if (n > count - at)
+            n = count - at;
+        int rc = fn(d, r->base + ((start + at - r->first) << d->page_shift), at, n, arg);
+        if (rc < 0)
+            return rc;
+        at += n;
+    }
+    return 0;
+}
+
 /* A frame a placer placed. */
 typedef struct {
     struct wire_frame f;
@@ -248,16 +289,43 @@ typedef struct {
 /* Discards the frame's run (MADV_DONTNEED, or MADV_REMOVE on a memfd): a
  * DISCARD frame, or a page or zero frame flagged WIRE_REPLACE, whose pages
  * are placed next. */
+static int discard_stretch(const dst_plane_t *d, uint64_t addr, uint64_t at, uint64_t count, void *arg)
+{
+    (void)at, (void)arg;
+    return region_discard(addr, count << d->page_shift, d->memory);
+}
+
 static int discard(const dst_placer_t *c, place_stats_t *me, const struct wire_frame *f, const char **why)
 {
     const dst_plane_t *d = c->plane;
-    int rc = region_discard(d->base + (f->start << d->page_shift), (uint64_t)f->count << d->page_shift, d->memory);
+    int rc = for_each_stretch(d, f->start, f->count, discard_stretch, NULL);
     if (rc < 0) {
         *why = d->memory == MEMORY_ANON ? "MADV_DONTNEED of a discarded run" : "MADV_REMOVE of a discarded run";
         return rc;
     }
     add(f->kind == WIRE_DISCARD ? &me->discarded : &me->replaced, f->count);
     return 0;
+}
+
+/* What a frame's placement did: its payload (NULL: zero pages), and the bytes placed and found present. */
+typedef struct {
+    const uint8_t *payload;
+    uint64_t placed;
+    uint64_t existed;
+} placing_t;
+
+static int place_stretch(const dst_plane_t *d, uint64_t addr, uint64_t at, uint64_t count, void *arg)
+{
+    placing_t *p = arg;
+    const uint64_t page = 1ull << d->page_shift;
+    uint64_t placed, existed;
+    int rc = p->payload ? uffd_copy(d->uffd, addr, p->payload + (at << d->page_shift), count << d->page_shift, page,
+                                    &placed, &existed, d->pagemap_fd)
+                        : uffd_zeropage(d->uffd, addr, count << d->page_shift, page, &placed, &existed,
+                                        d->pagemap_fd);
+    p->placed += placed;
+    p->existed += existed;
+    return rc;
 }
 
 /* Receives frames on the placer's link until one places pages, carrying out
@@ -267,7 +335,7 @@ static int discard(const dst_placer_t *c, place_stats_t *me, const struct wire_f
 static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *r, placement_t *out)
 {
     struct wire_frame *f = &out->f;
-    uint64_t plen = 0, existed = 0, dst;
+    uint64_t plen = 0;
     int rc;
     for (;;) {
         /* Every few frames, not each: a one-page frame is placed in about
@@ -287,18 +355,12 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
         counter_add(&me->frames, 1);
         counter_add(&me->bytes, WIRE_FRAME_SIZE);
     }
-    out->placed = 0;
     const uint32_t shift = c->plane->page_shift;
-    const uint64_t page = 1ull << shift;
-    dst = c->plane->base + (f->start << shift);
-    if (f->kind == WIRE_PAGES) {
-        rc = uffd_copy(c->plane->uffd, dst, r->rx->data + r->rx->start + WIRE_FRAME_SIZE, plen, page,
-                       &out->placed, &existed);
-        *r->io.why = "UFFDIO_COPY";
-    } else {
-        rc = uffd_zeropage(c->plane->uffd, dst, (uint64_t)f->count << shift, page, &out->placed, &existed);
-        *r->io.why = page == PAGE ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY of a zero huge page";
-    }
+    placing_t p = { f->kind == WIRE_PAGES ? r->rx->data + r->rx->start + WIRE_FRAME_SIZE : NULL, 0, 0 };
+    rc = for_each_stretch(c->plane, f->start, f->count, place_stretch, &p);
+    out->placed = p.placed;
+    *r->io.why = p.payload ? "UFFDIO_COPY" : shift == WIRE_PAGE_SHIFT ? "UFFDIO_ZEROPAGE"
+                                                                    : "UFFDIO_COPY of a zero huge page";
     if (rc == -ENOSPC)
         *r->io.why = "UFFDIO_COPY: EEXIST for a huge page not mapped here (the huge page pool is exhausted)";
     if (rc < 0)
@@ -306,7 +368,7 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
     r->rx->start += WIRE_FRAME_SIZE + plen;
     counter_add(&me->frames, 1);
     counter_add(&me->bytes, WIRE_FRAME_SIZE + plen);
-    counter_add(&me->eexist, existed >> shift);
+    counter_add(&me->eexist, p.existed >> shift);
     if (f->kind == WIRE_ZEROS)
         counter_add(&me->zero_pages, out->placed >> shift);
     add(&me->pages, out->placed >> shift);
@@ -451,7 +513,12 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
             /* A hugetlb fault names its huge page's aligned address. */
-            uint64_t page = (msgs[i].arg.pagefault.address - d->base) >> d->page_shift;
+            int64_t at = page_at(d, msgs[i].arg.pagefault.address);
+            if (at < 0) {
+                *why = "a fault outside the guest's regions";
+                return -EFAULT;
+            }
+            uint64_t page = (uint64_t)at;
             uint64_t count = d->pages - page < span ? d->pages - page : span;
             req.runs[k++] = (struct wire_run){ page, count };
             pages += count;

@@ -61,6 +61,17 @@ typedef struct {
     hist_t to_send;      /* faults read -> their request sent (send() included) */
 } fault_stats_t;
 
+/* Where the guest's pages are: pages [first, first + pages) at base.  Our
+ * own guest is one region; a VMM's memory (migrate-dst --handoff) is one per
+ * region it described, the wire's page numbers being offsets in its memory
+ * file.  The regions cover [0, dst_plane_t.pages) with no gap or overlap. */
+#define PLANE_REGIONS 64
+typedef struct {
+    uint64_t base;
+    uint64_t first;
+    uint64_t pages;
+} region_t;
+
 /* The destination's guest as its loops see it.  Completion: once the
  * discards are over (at switchover), the kernel is asked how many pages are
  * present (present_base, one PAGEMAP_SCAN walk) and the placement counters
@@ -69,7 +80,9 @@ typedef struct {
  * present_base + bulk.pages + urgent.pages - placed_base. */
 typedef struct {
     int uffd;
-    uint64_t base;
+    int pagemap_fd;       /* /proc/PID/pagemap of the process whose memory the uffd serves */
+    uint32_t nregions;
+    region_t region[PLANE_REGIONS];
     uint64_t pages;       /* wire pages, of 1 << page_shift bytes: the memory's page */
     uint32_t page_shift;  /* 12, or 21 on hugetlb */
     int memory;           /* enum memory_kind: how a run is discarded */

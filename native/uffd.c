@@ -67,15 +67,17 @@ int uffd_register(int fd, uint64_t addr, uint64_t len)
     return ioctl(fd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
 }
 
-/* Whether the page at addr is present, from one 8-byte read of pagemap. */
-static int page_present(uint64_t addr)
+/* Whether the page at addr is present, from one 8-byte read of pagemap
+ * (pagemap_fd, or /proc/self/pagemap when it is -1). */
+static int page_present(uint64_t addr, int pagemap_fd)
 {
     uint64_t entry = 0;
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    int fd = pagemap_fd >= 0 ? pagemap_fd : open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return 1; /* cannot tell: trust the kernel's -EEXIST */
     ssize_t n = pread(fd, &entry, sizeof entry, (off_t)(addr / PAGE * sizeof entry));
-    close(fd);
+    if (fd != pagemap_fd)
+        close(fd);
     return n != (ssize_t)sizeof entry || entry >> 62;
 }
 
@@ -83,7 +85,7 @@ static int page_present(uint64_t addr)
  * got in *done (negative errno otherwise), so the loop resumes there; on
  * -EEXIST the first page is already present and is skipped. */
 static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, uint64_t page,
-                 uint64_t *placed, uint64_t *existed)
+                 uint64_t *placed, uint64_t *existed, int pagemap_fd)
 {
     uint64_t off = 0;
     while (off < len) {
@@ -113,7 +115,7 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, 
          * the file but not mapped here (dropped by MADV_DONTNEED, which no
          * discard uses): belt and braces, as taking either for a page
          * already placed would leave its vCPU waiting, or reading old bytes. */
-        if (err == EEXIST && page > PAGE && !page_present(dst + off))
+        if (err == EEXIST && page > PAGE && !page_present(dst + off, pagemap_fd))
             return -ENOSPC;
         if (err == EEXIST) {
             *existed += page;
@@ -126,10 +128,10 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, 
 }
 
 int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page,
-              uint64_t *placed, uint64_t *existed)
+              uint64_t *placed, uint64_t *existed, int pagemap_fd)
 {
     *placed = *existed = 0;
-    return place(fd, 0, dst, src, len, page, placed, existed);
+    return place(fd, 0, dst, src, len, page, placed, existed, pagemap_fd);
 }
 
 /* The source of a zero huge page: hugetlb has no shared zero page and no
@@ -137,13 +139,14 @@ int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page
  * (experiments/huge_place.c).  Never written (bss: no space in the file). */
 static char huge_zeros[1u << WIRE_HUGE_SHIFT] __attribute__((aligned(4096)));
 
-int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t page, uint64_t *placed, uint64_t *existed)
+int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t page, uint64_t *placed, uint64_t *existed,
+                  int pagemap_fd)
 {
     *placed = *existed = 0;
     if (page == PAGE)
-        return place(fd, 1, dst, NULL, len, page, placed, existed);
+        return place(fd, 1, dst, NULL, len, page, placed, existed, pagemap_fd);
     for (uint64_t off = 0; off < len; off += page) {
-        int rc = place(fd, 0, dst + off, huge_zeros, page, page, placed, existed);
+        int rc = place(fd, 0, dst + off, huge_zeros, page, page, placed, existed, pagemap_fd);
         if (rc < 0)
             return rc;
     }
@@ -191,12 +194,18 @@ uint64_t region_map(uint64_t len, int memory)
     return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
 }
 
+uint64_t image_map(int fd, uint64_t len)
+{
+    void *p = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+    return p == MAP_FAILED ? 0 : (uint64_t)(uintptr_t)p;
+}
+
 int region_unmap(uint64_t addr, uint64_t len)
 {
     return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
 }
 
-int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t page_shift,
+int region_absent_runs(int fd, uint64_t addr, uint64_t first, uint64_t npages, uint32_t page_shift,
                        uint64_t *starts, uint64_t *counts, int max_runs,
                        uint64_t *next)
 {
@@ -204,19 +213,13 @@ int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t 
     static __thread uint64_t entries[BATCH];
     /* pagemap has an entry per 4 KiB on every kind: a page's first tells. */
     const uint64_t stride = 1ull << (page_shift - WIRE_PAGE_SHIFT);
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
     int runs = 0;
     uint64_t p = first;
     while (p < npages) {
         uint64_t want = (npages - p) * stride < BATCH ? (npages - p) * stride : BATCH;
         ssize_t got = pread(fd, entries, want * 8, (off_t)((addr / PAGE + p * stride) * 8));
-        if (got <= 0) {
-            int err = got < 0 ? errno : EIO;
-            close(fd);
-            return -err;
-        }
+        if (got <= 0)
+            return got < 0 ? -errno : -EIO;
         for (uint64_t i = 0; i < (uint64_t)got / 8; i += stride, p++) {
             /* bit 63: present; bit 62: swapped (then the data exists too) */
             if (entries[i] >> 62)
@@ -225,7 +228,6 @@ int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t 
                 counts[runs - 1]++;
             } else if (runs == max_runs) {
                 *next = p;
-                close(fd);
                 return runs;
             } else {
                 starts[runs] = p;
@@ -233,7 +235,6 @@ int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t 
             }
         }
     }
-    close(fd);
     *next = npages;
     return runs;
 }

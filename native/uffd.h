@@ -38,14 +38,15 @@ int uffd_register(int fd, uint64_t addr, uint64_t len);
  * size), one ioctl per stretch of absent pages.  Pages already present are
  * skipped and counted (in bytes, *existed): that is the fault/stream race the
  * kernel resolves for us, not an error.  -ENOSPC: -EEXIST for a huge page
- * that pagemap says is not mapped (the pool could not supply it). */
+ * that pagemap says is not mapped (the pool could not supply it): pagemap_fd
+ * is /proc/PID/pagemap of the process that owns dst (-1: this one). */
 int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page,
-              uint64_t *placed, uint64_t *existed);
+              uint64_t *placed, uint64_t *existed, int pagemap_fd);
 
 /* The same for zero pages: UFFDIO_ZEROPAGE, which hugetlb refuses (-EINVAL),
  * so huge pages (page > 4 KiB) are copied from a static zero page instead. */
 int uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t page,
-                  uint64_t *placed, uint64_t *existed);
+                  uint64_t *placed, uint64_t *existed, int pagemap_fd);
 
 /* Non-blocking read of up to max pagefault messages.  Returns the number of
  * faults stored in addrs/tids (0 when none is pending), or -errno. */
@@ -60,12 +61,16 @@ int uffd_read_faults(int fd, uint64_t *addrs, uint32_t *tids, int max);
 uint64_t region_map(uint64_t len, int memory);
 int region_unmap(uint64_t addr, uint64_t len);
 
+/* A memory image file (fd), len bytes, mapped read-only and private: what
+ * migrate-src --memory-file serves.  Returns the address, or 0 with errno set. */
+uint64_t image_map(int fd, uint64_t len);
+
 /* Absent pages (of 1 << page_shift bytes) of the npages-page region at addr, from page first on, as
  * runs (start page, count), asked of the kernel's page tables through
- * /proc/self/pagemap: after a lost link they are exactly what is still
+ * pagemap_fd (/proc/PID/pagemap of the process that owns addr): after a lost link they are exactly what is still
  * missing, with no record kept in userland.  Stores at most max_runs runs
  * and sets *next to the page to continue from (npages when done).  Returns
  * the number of runs stored, or -errno. */
-int region_absent_runs(uint64_t addr, uint64_t first, uint64_t npages, uint32_t page_shift,
+int region_absent_runs(int pagemap_fd, uint64_t addr, uint64_t first, uint64_t npages, uint32_t page_shift,
                        uint64_t *starts, uint64_t *counts, int max_runs,
                        uint64_t *next);

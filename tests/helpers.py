@@ -184,7 +184,8 @@ class Side:
         self.uffd = Userfaultfd()
         self.guest = Guest(GuestSpec(pages=pages, vcpus=1), fill=False)
         self.uffd.register(self.guest.base, self.guest.spec.size)
-        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "base": self.guest.base, "pages": pages,
+        self.plane = ffi.new("dst_plane_t *", {"uffd": self.uffd.fd, "pagemap_fd": -1, "nregions": 1,
+                                               "region": [(self.guest.base, 0, pages)], "pages": pages,
                                                "page_shift": 12})
         self.done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.plane.done_fd = self.done

@@ -23,6 +23,8 @@ class DestinationConfig:
     tls: TlsConfig | None = None  # mutual TLS 1.3 on every connection
     switchover_timeout: float = 300.0  # how long the source may run its guest before migrating it
     memory: Memory | None = None  # the guest's memory here (None: the source's kind)
+    handoff: str | None = None  # serve the memory of the VMM that connects to this Unix socket (migrate.handoff)
+    handoff_timeout: float = 60.0  # how long to wait for that VMM and its message
 
     @property
     def idle_ms(self) -> int:

@@ -14,6 +14,7 @@ import time
 
 import trio
 
+from .. import handoff
 from .. import protocol as p
 from ..errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link
 from ..guest import Guest, GuestSpec, replay
@@ -25,9 +26,12 @@ from ..uffd import Userfaultfd
 from ..wire import FrameSocket
 from .config import DestinationConfig
 from .connect import Connector, Links
-from .plane import Plane
+from .plane import Plane, Region
+from .vmm_memory import VmmMemory
 
 log = logging.getLogger(__package__)
+
+Served = Guest | VmmMemory  # the memory the phases fill: a guest of our own, or a VMM's (--handoff)
 
 # Samples of the placed-pages curves kept for plots: bounded, one per interval.
 TIMELINE_INTERVAL = 0.1
@@ -52,6 +56,7 @@ class Destination:
         self.missing_at_switchover = 0
         self.discarded_at_switchover = 0
         self._switchover_deadline = 0.0  # trio's clock: the source must begin migrating by then
+        self.vmm_pid: int | None = None  # --handoff: the VMM whose memory this fills
 
     def statistics(self) -> DestinationCounters:
         """The native loops' counters now: the progress line, the timeline and the final statistics read these."""
@@ -66,8 +71,7 @@ class Destination:
         missing (it would read as zeros).  The process is expected to exit.
         """
         t_connect = time.monotonic()
-        uffd = Userfaultfd()  # before connecting: a machine that cannot take the guest says so at once
-        guest, links = await self._join(uffd)
+        guest, uffd, links = await self._join()
         try:
             cpu, links = await self._until_switchover(guest, links)
             t_switch = await self._switch_over(guest, cpu, links.bulk)
@@ -76,6 +80,8 @@ class Destination:
             # Never close the uffd and let vCPUs go on: a missing page would read as
             # zeros.  Those asleep in a fault stay asleep until the process exits.
             guest.request_stop()
+            if isinstance(guest, VmmMemory) and (gone := guest.gone(within_ms=500)) is not None:
+                raise gone from None  # what failed with it (a placement into memory that is no more) follows
             raise
         placement_s = time.monotonic() - t_switch
         steps_placed = guest.live_steps_each()  # where the vCPUs were as the last page arrived
@@ -95,35 +101,34 @@ class Destination:
                                       placement_s=placement_s, connect_s=time.monotonic() - t_connect,
                                       steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss)
 
-    async def _join(self, uffd: Userfaultfd) -> tuple[Guest, Links]:
-        """Opens the session (its bulk connection learns the guest), maps and registers the guest, opens the
-        other two connections, and readies the vCPUs to resume."""
-        deadline = trio.current_time() + self.cfg.connect_timeout
-        bulk = await self.connector.open(p.Channel.BULK, deadline)
-        self._switchover_deadline = trio.current_time() + self.cfg.switchover_timeout
+    async def _join(self) -> tuple[Served, Userfaultfd, Links]:
+        """Opens the session (its bulk connection learns the guest), maps and registers the guest (or, with
+        ``--handoff``, takes a VMM's memory and userfaultfd first), opens the other two connections, and
+        readies the vCPUs to resume."""
+        # Before connecting, a machine that cannot take the guest says so at once; and a VMM comes first, as
+        # the source switches over once every connection is up, and wants the vCPUs running soon after.
+        vmm = await self._wait_for_vmm(self.cfg.handoff) if self.cfg.handoff else None
+        uffd = Userfaultfd() if vmm is None else Userfaultfd.adopt(vmm.uffd)
         try:
-            info = await bulk.expect(p.GuestInfo, within=self.cfg.link_timeout)  # follows the Welcome
+            deadline = trio.current_time() + self.cfg.connect_timeout
+            bulk = await self.connector.open(p.Channel.BULK, deadline)
+            self._switchover_deadline = trio.current_time() + self.cfg.switchover_timeout
+            try:
+                info = await bulk.expect(p.GuestInfo, within=self.cfg.link_timeout)  # follows the Welcome
+                self.connector.info = info
+                self.page_size = info.page_size
+                self.mode = info.mode
+                guest = self._map_guest(info, uffd) if vmm is None else self._serve_vmm(vmm, info, uffd)
+            except BaseException:
+                bulk.close()
+                raise
         except BaseException:
-            bulk.close()
+            if vmm is not None:  # nothing was placed: the VMM's vCPUs wait, and its hangup tells it
+                uffd.close()
+                vmm.conn.close()
             raise
-        self.connector.info = info
-        spec = GuestSpec.from_info(info, self.cfg.memory)
-        self.page_size = info.page_size
-        self.mode = info.mode
-        if spec.memory.page_size != info.page_size:
-            bulk.close()
-            raise UsageError(f"--memory {spec.memory.name} cannot take the source's {Memory(info.memory).name} guest "
-                             f"({info.page_size >> 10} KiB pages): a wire page must be the memory's page",
-                             hint="leave --memory out (the source's kind), or use anon or memfd for a 4 KiB guest")
-        if spec.memory is Memory.hugetlb and self.cfg.prefetch:
-            bulk.close()
-            raise UsageError("--prefetch asks for 4 KiB neighbours; a hugetlb guest's page is already 2 MiB",
-                             hint="leave --prefetch out for a hugetlb guest")
-        require_missing(spec.memory, uffd.features)
-        guest = Guest(spec, fill=False)
-        uffd.register(guest.base, spec.size)
-        self.plane.attach(uffd.fd, guest.base, spec.wire_pages, spec.memory)
         links = await self.connector.open_links(bulk, deadline)
+        spec = guest.spec
         log.info("guest of %d pages of %d KiB (%d MiB, %s), %d vCPUs, %s; %s migration; waiting for %s",
                  spec.wire_pages, info.page_size >> 10, spec.size >> 20, spec.memory.name, spec.vcpus,
                  spec.workload.name, self.mode.name,
@@ -131,9 +136,43 @@ class Destination:
         # Until every page is here, any access may stall; in precopy none can.
         guest.time_stalls(self.mode is not p.Mode.precopy)
         guest.start(gated=True)  # threads ready ahead of time: resuming is one wake-up
-        return guest, links
+        return guest, uffd, links
 
-    async def _until_switchover(self, guest: Guest, links: Links) -> tuple[p.CpuState, Links]:
+    def _map_guest(self, info: p.GuestInfo, uffd: Userfaultfd) -> Guest:
+        """Maps an empty guest of our own for what the source describes, and registers it with ``uffd``."""
+        spec = GuestSpec.from_info(info, self.cfg.memory)
+        if spec.memory.page_size != info.page_size:
+            raise UsageError(f"--memory {spec.memory.name} cannot take the source's {Memory(info.memory).name} guest "
+                             f"({info.page_size >> 10} KiB pages): a wire page must be the memory's page",
+                             hint="leave --memory out (the source's kind), or use anon or memfd for a 4 KiB guest")
+        if spec.memory is Memory.hugetlb and self.cfg.prefetch:
+            raise UsageError("--prefetch asks for 4 KiB neighbours; a hugetlb guest's page is already 2 MiB",
+                             hint="leave --prefetch out for a hugetlb guest")
+        require_missing(spec.memory, uffd.features)
+        guest = Guest(spec, fill=False)
+        uffd.register(guest.base, spec.size)
+        self.plane.attach(uffd.fd, [Region(guest.base, 0, spec.wire_pages)], spec.memory)
+        return guest
+
+    async def _wait_for_vmm(self, path: str) -> handoff.Handoff:
+        """Waits (``--handoff-timeout``) for one VMM to hand its memory over on the Unix socket ``path``."""
+        listener = handoff.Listener(path)
+        log.info("waiting for a VMM on %s", path)
+        try:
+            return await listener.accept(self.cfg.handoff_timeout)
+        finally:
+            listener.close()
+
+    def _serve_vmm(self, vmm: handoff.Handoff, info: p.GuestInfo, uffd: Userfaultfd) -> VmmMemory:
+        """Points the loops at the VMM's regions and userfaultfd, once they are checked against ``info``."""
+        memory = VmmMemory(vmm, info)
+        self.plane.attach(uffd.fd, memory.regions, memory.spec.memory, memory.pagemap_fd)
+        self.vmm_pid = vmm.pid
+        log.info("VMM pid %d handed over %d region%s of %d KiB pages", vmm.pid, len(memory.regions),
+                 "s" * (len(memory.regions) > 1), info.page_size >> 10)
+        return memory
+
+    async def _until_switchover(self, guest: Served, links: Links) -> tuple[p.CpuState, Links]:
         """Before switchover: places the precopy rounds (if any) until the CPU state arrives.
 
         Returns the CPU state and the live links.  A lost link reconnects with
@@ -184,7 +223,7 @@ class Destination:
                 with trio.fail_after(self.cfg.link_timeout):
                     event = await bulk.receive()
 
-    async def _switch_over(self, guest: Guest, cpu: p.CpuState, bulk: FrameSocket) -> float:
+    async def _switch_over(self, guest: Served, cpu: p.CpuState, bulk: FrameSocket) -> float:
         """Resumes the vCPUs from the CPU state and says so at once; returns when (time.monotonic()).
 
         The downtime is the source's to measure, on its clock: ``Running``
@@ -213,7 +252,7 @@ class Destination:
         log.info("vCPUs running again; %d of %d pages present", self.plane.placed_pages, pages)
         return t_switch
 
-    async def _postcopy(self, guest: Guest, links: Links, t_switch: float) -> Links:
+    async def _postcopy(self, guest: Served, links: Links, t_switch: float) -> Links:
         """Places pages until all are there, reconnecting when a link breaks; returns the live links.
 
         **Cancellation**: stops the native loops (each through its eventfd) and
@@ -223,6 +262,8 @@ class Destination:
         deadline: float | None = None  # of the recovery under way: progress resets it
         async with trio.open_nursery() as watching:
             watching.start_soon(self._watchdog, guest)
+            if isinstance(guest, VmmMemory):
+                watching.start_soon(self._watch_vmm, guest)
             while True:
                 placed_before = plane.placed_pages
                 try:
@@ -255,7 +296,7 @@ class Destination:
         log.info("downtime %.2f ms, as the source measured it: its vCPUs' stop to our report that they run",
                  answer.ns / 1e6)
 
-    async def _recover(self, guest: Guest, links: Links, failure: object, placed_before: int,
+    async def _recover(self, guest: Served, links: Links, failure: object, placed_before: int,
                        deadline: float | None, when: str) -> tuple[Links, float]:
         """Closes the lost links, reconnects, and tells the source what the kernel still lacks.
 
@@ -317,7 +358,7 @@ class Destination:
                     nursery.start_soon(_drain, links.replies)
         links.close()
 
-    async def _run_after(self, guest: Guest, uffd: Userfaultfd) -> None:
+    async def _run_after(self, guest: Served, uffd: Userfaultfd) -> None:
         """Lets the guest run here for ``--run-after``, then stops it."""
         await trio.sleep(self.cfg.run_after)
         await trio.to_thread.run_sync(guest.stop)
@@ -332,7 +373,7 @@ class Destination:
         want_digest, want_state = await trio.to_thread.run_sync(replay, guest.spec, steps)
         return digest == want_digest and guest.export_state() == want_state
 
-    async def _watchdog(self, guest: Guest) -> None:
+    async def _watchdog(self, guest: Served) -> None:
         """Names any vCPU stuck in one access (a fault) for longer than the threshold."""
         limit = self.cfg.watchdog
         while True:
@@ -341,7 +382,14 @@ class Destination:
                 log.warning("watchdog: vCPU %d has waited %.1f s for page %d (address %#x)", index, seconds, page,
                             guest.base + page * self.page_size)
 
-    async def _watch_progress(self, t0: float, guest: Guest) -> None:
+    async def _watch_vmm(self, vmm: VmmMemory) -> None:
+        """Ends the migration with one line when the VMM exits: it keeps its connection open while it lives
+        (anything it sends is dropped)."""
+        while await vmm.handoff.conn.recv(4096):
+            pass
+        raise vmm.gone(within_ms=0) or PeerError(f"the VMM (pid {vmm.handoff.pid}) hung up")
+
+    async def _watch_progress(self, t0: float, guest: Served) -> None:
         """Samples the placed-pages timeline and redraws the progress line, from ``statistics()``."""
         def line() -> str:  # built only when drawn (a terminal), and once more by finish() for the final figures
             now, elapsed = self.statistics(), max(time.monotonic() - t0, 1e-9)
@@ -390,6 +438,7 @@ class Destination:
             tls=self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
             tls_rekeys=self.cfg.tls.rekeys if self.cfg.tls else 0,
             placed_timeline=tuple(self.timeline),
+            vmm_pid=self.vmm_pid,
         )
 
 

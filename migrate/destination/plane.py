@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from typing import Callable, NamedTuple, Sequence
 
 import trio
 
@@ -30,6 +30,14 @@ from ..stats import DestinationCounters
 from ..wire import FrameSocket
 
 log = logging.getLogger(__package__)
+
+
+class Region(NamedTuple):
+    """Wire pages [first, first + pages) at address ``base``: the C ``region_t``."""
+
+    base: int
+    first: int
+    pages: int
 
 
 class Plane:
@@ -45,11 +53,18 @@ class Plane:
         self.idle_ms = idle_ms
         self.prefetch = prefetch
 
-    def attach(self, uffd: int, base: int, pages: int, memory: Memory) -> None:
-        """Points the loops at the guest (``pages`` wire pages of ``memory``) and its userfaultfd, and opens the
-        done eventfd, signalled once every page is present (``wait_done``)."""
+    def attach(self, uffd: int, regions: Sequence[Region], memory: Memory, pagemap_fd: int = -1) -> None:
+        """Points the loops at the guest (``regions`` of ``memory``, in page order, covering every page) and its
+        userfaultfd, and opens the done eventfd, signalled once every page is present (``wait_done``).
+        ``pagemap_fd``: the pagemap of the process the memory belongs to (-1: ours)."""
         c = self.c
-        c.uffd, c.base, c.pages, c.page_shift, c.memory = uffd, base, pages, memory.page_shift, memory
+        if not 0 < len(regions) <= len(c.region):
+            raise ValueError(f"{len(regions)} regions; the loops take 1 to {len(c.region)}")
+        for i, r in enumerate(regions):
+            c.region[i] = (r.base, r.first, r.pages)
+        c.nregions = len(regions)
+        c.uffd, c.pagemap_fd, c.page_shift, c.memory = uffd, pagemap_fd, memory.page_shift, memory
+        c.pages = sum(r.pages for r in regions)
         c.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     async def wait_done(self) -> None:

@@ -22,6 +22,7 @@ class SourceConfig:
     host: str
     port: int
     spec: GuestSpec
+    memory_file: str | None = None  # serve this image (migrate.image) instead of running a guest
     run_before: float = 1.0
     key: bytes = b""
     ready_file: str | None = None

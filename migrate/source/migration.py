@@ -22,6 +22,7 @@ from .._native import lib
 from ..dirty import DirtyTracker
 from ..errors import PeerError, lost_link
 from ..guest import Guest
+from ..image import Image, image_guest
 from ..memory import require_missing
 from ..metrics import Histogram, rss_mib
 from ..progress import Progress
@@ -62,15 +63,23 @@ class Source:
         require_missing(memory, Userfaultfd.offered())  # the destination maps the same kind
         if self.mode.tracks_writes:  # an old kernel says so now, not after --run-before
             await trio.to_thread.run_sync(DirtyTracker.check, memory, self.mode.wire.name)
-        guest = await trio.to_thread.run_sync(partial(Guest, self.cfg.spec, fill=True))
+        if self.cfg.memory_file:
+            guest: Guest | Image = Image(self.cfg.memory_file, *image_guest(self.cfg.memory_file, memory))
+        else:
+            guest = await trio.to_thread.run_sync(partial(Guest, self.cfg.spec, fill=True))
         guest.start()
         # --run-before counts guest time, not the fill before it; on trio's clock,
         # which is offset from time.monotonic() on purpose.
         migration = Migration(self.cfg, self.mode, guest, self.admission, t_guest=trio.current_time())
         listener = await self.admission.listen()
         port = listener.getsockname()[1]
-        log.info("guest of %d MiB (%s) with %d vCPUs running %s; listening on %s", self.cfg.spec.size >> 20,
-                 memory.name, self.cfg.spec.vcpus, self.cfg.spec.workload.name, format_address(self.cfg.host, port))
+        if self.cfg.memory_file:
+            log.info("serving the memory image %s (%d MiB, %s pages); listening on %s", self.cfg.memory_file,
+                     self.cfg.spec.size >> 20, memory.name, format_address(self.cfg.host, port))
+        else:
+            log.info("guest of %d MiB (%s) with %d vCPUs running %s; listening on %s", self.cfg.spec.size >> 20,
+                     memory.name, self.cfg.spec.vcpus, self.cfg.spec.workload.name,
+                     format_address(self.cfg.host, port))
         task_status.started(port)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.admission.accept_loop, listener)
@@ -99,12 +108,13 @@ class Migration:
     Args:
         cfg: the options.
         mode: postcopy, hybrid or precopy, with the stream's order.
-        guest: the running guest.
+        guest: the running guest, or a memory image (a guest stopped all along).
         admission: the session's connections, and where a lost destination comes back.
         t_guest: when the guest started (trio's clock): ``--run-before`` counts from it.
     """
 
-    def __init__(self, cfg: SourceConfig, mode: Mode, guest: Guest, admission: Admission, *, t_guest: float) -> None:
+    def __init__(self, cfg: SourceConfig, mode: Mode, guest: Guest | Image, admission: Admission, *,
+                 t_guest: float) -> None:
         self.cfg = cfg
         self.mode = mode
         self.guest = guest

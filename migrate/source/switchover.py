@@ -16,6 +16,7 @@ from typing import Any
 from .. import protocol as p
 from ..dirty import Runs
 from ..guest import Guest
+from ..image import Image
 from ..ranges import Remaining
 from ..wire import FrameSocket
 from .modes import Mode
@@ -34,7 +35,7 @@ class Switchover:
     and the working set's size.
     """
 
-    def __init__(self, mode: Mode, guest: Guest, scans: Scans, sender: Sender) -> None:
+    def __init__(self, mode: Mode, guest: Guest | Image, scans: Scans, sender: Sender) -> None:
         self.mode = mode
         self.guest = guest
         self.scans = scans

@@ -216,7 +216,11 @@ static void setup(void)
     CHECK(ready_fd >= 0 && stop_fd >= 0 && done_fd >= 0);
     plane.uffd = uffd;
     plane.page_shift = WIRE_PAGE_SHIFT;
-    plane.base = base;
+    plane.pagemap_fd = -1;
+    /* Two regions, so that runs across their boundary are placed in two stretches. */
+    plane.nregions = 2;
+    plane.region[0] = (region_t){ base, 0, GUEST_PAGES / 2 };
+    plane.region[1] = (region_t){ base + GUEST_PAGES / 2 * PAGE, GUEST_PAGES / 2, GUEST_PAGES - GUEST_PAGES / 2 };
     plane.done_fd = done_fd;
     /* The source's guest: some pages zero, some not (zero runs and page runs). */
     src_base = region_map(GUEST_PAGES * PAGE, MEMORY_ANON);
@@ -232,7 +236,7 @@ static void setup(void)
 static uint64_t present(void)
 {
     unsigned char vec[GUEST_PAGES];
-    CHECK(mincore((void *)(uintptr_t)plane.base, GUEST_PAGES * PAGE, vec) == 0);
+    CHECK(mincore((void *)(uintptr_t)plane.region[0].base, GUEST_PAGES * PAGE, vec) == 0);
     uint64_t n = 0;
     for (int i = 0; i < GUEST_PAGES; i++)
         n += vec[i] & 1;
@@ -295,7 +299,7 @@ static void run_destination(const uint8_t *cfg)
         CHECK(me->answered <= asked);
     }
     /* Next input: an empty region, as at the start. */
-    CHECK(region_discard(plane.base, GUEST_PAGES * PAGE, MEMORY_ANON) == 0);
+    CHECK(region_discard(plane.region[0].base, GUEST_PAGES * PAGE, MEMORY_ANON) == 0);
     uint64_t v;
     (void)!read(done_fd, &v, sizeof v);
 }

@@ -63,7 +63,7 @@
     } while (0)
 
 static uint64_t pages;
-static uint64_t src_base;
+static uint64_t src_base, dst_base;
 
 /* -- one loop a thread, as migrate/loops.py runs them ---------------------- */
 
@@ -146,7 +146,7 @@ static void *fault_reader(void *arg)
 static void *vcpu(void *arg)
 {
     (void)arg;
-    vcpu_run(dst.plane.base, 0, pages / 2, WL_UNIFORM, &dst.vcpu, UINT64_MAX, 0, &dst.vcpu_stop, &dst.stalls,
+    vcpu_run(dst_base, 0, pages / 2, WL_UNIFORM, &dst.vcpu, UINT64_MAX, 0, &dst.vcpu_stop, &dst.stalls,
              &dst.gate);
     return NULL;
 }
@@ -159,7 +159,7 @@ static void *reader(void *arg)
     uint64_t half = pages / 2, n = pages - half, ok = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t p = half + (n % 7919 ? (i * 7919) % n : i); /* 7919 is prime: a permutation */
-        const char *d = (const char *)(uintptr_t)(dst.plane.base + p * PAGE);
+        const char *d = (const char *)(uintptr_t)(dst_base + p * PAGE);
         const char *s = (const char *)(uintptr_t)(src_base + p * PAGE);
         ok += memcmp(d, s, PAGE) == 0;
     }
@@ -323,9 +323,14 @@ static void migrate_once(uint64_t seed, int tls)
     dst.plane.uffd = uffd;
     dst.plane.pages = pages;
     dst.plane.page_shift = WIRE_PAGE_SHIFT;
-    dst.plane.base = region_map(pages * PAGE, MEMORY_ANON);
-    CHECK(dst.plane.base);
-    CHECK(uffd_register(uffd, dst.plane.base, pages * PAGE) == 0);
+    dst_base = region_map(pages * PAGE, MEMORY_ANON);
+    CHECK(dst_base);
+    CHECK(uffd_register(uffd, dst_base, pages * PAGE) == 0);
+    /* Described as two regions, as a VMM's memory may be: frames across the boundary are placed in two stretches. */
+    dst.plane.pagemap_fd = -1;
+    dst.plane.nregions = 2;
+    dst.plane.region[0] = (region_t){ dst_base, 0, pages / 3 };
+    dst.plane.region[1] = (region_t){ dst_base + pages / 3 * PAGE, pages / 3, pages - pages / 3 };
     dst.plane.done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     CHECK(dst.plane.done_fd >= 0);
     dst.accept = 1u << WIRE_PAGES | 1u << WIRE_ZEROS | 1u << WIRE_CONTROL;
@@ -425,7 +430,7 @@ static void migrate_once(uint64_t seed, int tls)
     free(dst.bulk_rx.data);
     free(dst.replies_rx.data);
     free(src.requests_rx.data);
-    region_unmap(dst.plane.base, pages * PAGE);
+    region_unmap(dst_base, pages * PAGE);
     region_unmap(src_base, pages * PAGE);
 }
 
