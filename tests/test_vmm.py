@@ -5,16 +5,20 @@ that hangs up, or places nothing, ends the stand-in in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
+import os
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import trio
 
 from helpers import BIN, REPORT, start_source
 from test_memory import huge_pages  # noqa: F401 - a fixture
+from migrate import pagemap
 from migrate._native import ffi, lib
 from migrate.handoff import Handoff, Listener
 from migrate.memory import Memory
@@ -54,12 +58,23 @@ def place_all(got: Handoff, image: Path) -> int:
     job: a plain loop, one UFFDIO_COPY run per region).  Returns the bytes placed."""
     placed, existed = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     total = 0
-    with open(image, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, ffi.from_buffer(m) as src:
+    with open(image, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, ffi.from_buffer(m) as src, \
+            vmm_pagemap(got) as pm:
         for r in got.regions:
-            rc = lib.uffd_copy(got.uffd, r.base, src + r.offset, r.size, r.page_size, placed, existed)
+            rc = lib.uffd_copy(got.uffd, r.base, src + r.offset, r.size, r.page_size, placed, existed, pm)
             assert rc == 0, rc
             total += placed[0]
     return total
+
+
+@contextlib.contextmanager
+def vmm_pagemap(got: Handoff) -> Iterator[int]:
+    """The VMM's /proc/PID/pagemap, which uffd_copy reads to tell a huge page present from a pool run dry."""
+    fd = pagemap.open_pagemap(got.pid)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 async def serve_faults(got: Handoff, image: Path) -> None:
@@ -67,7 +82,8 @@ async def serve_faults(got: Handoff, image: Path) -> None:
     stay missing until the proof's digest faults on them."""
     placed, existed = ffi.new("uint64_t *"), ffi.new("uint64_t *")
     addrs, tids = ffi.new("uint64_t[64]"), ffi.new("uint32_t[64]")
-    with open(image, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, ffi.from_buffer(m) as src:
+    with open(image, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, ffi.from_buffer(m) as src, \
+            vmm_pagemap(got) as pm:
         while True:
             await trio.lowlevel.wait_readable(got.uffd)
             n = lib.uffd_read_faults(got.uffd, addrs, tids, 64)
@@ -76,7 +92,7 @@ async def serve_faults(got: Handoff, image: Path) -> None:
                 r = next(r for r in got.regions if r.base <= addr < r.base + r.size)
                 page = addr - addr % r.page_size
                 rc = lib.uffd_copy(got.uffd, page, src + r.offset + (page - r.base), r.page_size, r.page_size,
-                                   placed, existed)
+                                   placed, existed, pm)
                 assert rc == 0, rc
 
 
