@@ -81,7 +81,8 @@ class Restore:
         try:  # the version's message can describe this guest's pages (before 1.7: no huge pages)
             handoff.encode([Region(0, page, 0, page)], cfg.firecracker)
         except ValueError as exc:
-            raise UsageError(f"--firecracker {cfg.firecracker}: {exc}", hint="the handoff came in Firecracker 1.1; huge pages need 1.7 or later") from None
+            raise UsageError(f"--firecracker {cfg.firecracker}: {exc}",
+                             hint="the handoff came in Firecracker 1.1; huge pages need 1.7 or later") from None
         self.digesting = False
 
     async def run(self) -> RestoreStats:
