@@ -71,11 +71,11 @@ def assert_restored(vmm: subprocess.CompletedProcess, dst_rc: int, dst_err: str,
     assert "Traceback" not in err + dst_err
 
 
-# Every workload on 4 KiB and on 2 MiB pages; the regions and the message's version vary along (a huge page
+# Every workload on 4 KiB and on 2 MiB pages, and shared memory once; the regions and the message's version vary along (a huge page
 # needs 1.7 or later: before, the message had no page size).
 CASES = [(w, memory, regions, "1.7" if memory == "hugetlb" and version == "1.6" else version)
          for (w, regions, version) in zip(WORKLOADS, (1, 2, 3, 2), ("1.12", "1.7", "1.6", "1.12"))
-         for memory in ("anon", "hugetlb")]
+         for memory in ("anon", "hugetlb")] + [("hotset", "memfd", 2, "1.12")]
 
 
 @pytest.mark.parametrize("workload,memory,regions,version", CASES)

@@ -16,14 +16,14 @@ from typing import Iterator
 import pytest
 import trio
 
-from helpers import BIN, REPORT, start_source
+from helpers import BIN, REPORT
 from test_memory import huge_pages  # noqa: F401 - a fixture
 from migrate import pagemap
 from migrate._native import ffi, lib
 from migrate.handoff import Handoff, Listener
 from migrate.memory import Memory
 from migrate.snapshot import Snapshot, load
-from migrate.stats import DestinationStats, RestoreStats
+from migrate.stats import RestoreStats
 
 
 def take_snapshot(directory: Path, *args: str) -> Snapshot:
@@ -250,61 +250,3 @@ def test_usage_errors(tmp_path: Path, snapshots: dict[str, Snapshot]) -> None:
     assert vmm("--snapshot", snap)[0].startswith(
         "migrate-vmm: error: cannot hand the userfaultfd to the page-fault handler at ")
     assert Memory.anon.name in snap
-
-
-# --- the whole restore: migrate-src --memory-file, migrate-dst --handoff, migrate-vmm ----------------
-
-
-async def full_restore(tmp_path: Path, snap: Snapshot, *vmm_args: str) -> tuple[RestoreStats, DestinationStats]:
-    """Serves the snapshot's memory file from migrate-src to migrate-dst --handoff, which fills the memory of
-    migrate-vmm; every process must end well and the VMM's guest verify."""
-    src, port = await start_source(tmp_path, ["--memory-file", str(snap.memory_path)])
-    sock = tmp_path / "h.sock"
-    with trio.fail_after(90):
-        with open(tmp_path / "dst.err", "w") as err:
-            dst = await trio.lowlevel.open_process(
-                [BIN / "migrate-dst", "--handoff", sock, "--connect", f"127.0.0.1:{port}", "--no-progress",
-                 "--metrics", tmp_path / "dst.json"], stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            while not sock.exists():  # the handler listens first: Firecracker connects once
-                assert dst.poll() is None, (tmp_path / "dst.err").read_text()
-                await trio.sleep(0.05)
-            vmm = await trio.run_process(
-                [BIN / "migrate-vmm", "--snapshot", snap.directory, "--handoff", sock, "--seconds", "0.5",
-                 "--metrics", tmp_path / "vmm.json", *vmm_args], capture_stderr=True, check=False)
-            assert await dst.wait() == 0, (tmp_path / "dst.err").read_text()
-            assert await src.wait() == 0, (tmp_path / "src.err").read_text()
-        finally:
-            for proc in (dst, src):
-                if proc.poll() is None:
-                    proc.kill()
-    err = vmm.stderr.decode()
-    assert vmm.returncode == 0 and err.splitlines()[-1] == "verified: yes", err
-    return (RestoreStats.from_json(json.loads((tmp_path / "vmm.json").read_text())),
-            DestinationStats.from_json(json.loads((tmp_path / "dst.json").read_text())))
-
-
-RESTORES = [("anon", "hotset", 1, "1.12"), ("anon", "uniform", 2, "1.7"), ("memfd", "sequential", 2, "1.6"),
-            ("anon", "readmostly", 3, "1.12")]
-
-
-@pytest.mark.parametrize(("kind", "workload", "regions", "version"), RESTORES, ids=["-".join(map(str, r))
-                                                                                   for r in RESTORES])
-async def test_full_restore(tmp_path: Path, kind: str, workload: str, regions: int, version: str) -> None:
-    snap = await trio.to_thread.run_sync(take_snapshot, tmp_path / "snap", "--memory", kind, "--workload", workload,
-                                         "--guest-mib", "32")
-    vmm, dst = await full_restore(tmp_path, snap, "--regions", str(regions), "--firecracker", version)
-    assert vmm.verified and vmm.regions == regions and vmm.steps_run > 0
-    assert dst.pages_placed == dst.pages_total == snap.spec.wire_pages
-    REPORT.append(f"full restore 32 MiB {kind} {workload}, {regions} region(s), Firecracker {version}: first vCPU "
-                  f"step {vmm.first_step_ms:.2f} ms after the handoff, {dst.faults} faults, "
-                  f"{vmm.vcpu_stall_us.count} stalls (p50 {vmm.vcpu_stall_us.p50:.0f} µs), "
-                  f"stream {dst.stream_gbps:.2f} GB/s, verified")
-
-
-@pytest.mark.usefixtures("huge_pages")
-async def test_full_restore_on_huge_pages(tmp_path: Path) -> None:
-    snap = await trio.to_thread.run_sync(take_snapshot, tmp_path / "snap", "--memory", "hugetlb")
-    vmm, dst = await full_restore(tmp_path, snap, "--regions", "2")
-    assert vmm.verified and vmm.page_size == dst.page_size == 2 << 20
-    assert dst.pages_placed == dst.pages_total == 8
