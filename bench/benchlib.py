@@ -142,7 +142,8 @@ def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = Non
         "stream_gbps": dst.get("stream_gbps"),
         # Guest memory made present per second, zero pages and pages sent on
         # request included: the bulk stream alone carries neither.
-        "guest_gbps": round(pages * PAGE_SIZE / total / 1e9, 3) if pages and total else None,
+        # pages_total counts the memory's own pages (2 MiB on hugetlb: page_size).
+        "guest_gbps": round(pages * dst.get("page_size", PAGE_SIZE) / total / 1e9, 3) if pages and total else None,
         "downtime_ms": dst.get("downtime_ms"),
         "stall_count": stall.get("count"),
         "stall_p50_us": stall.get("p50"),

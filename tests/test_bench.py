@@ -66,6 +66,8 @@ def test_summarize_picks_the_figures_and_the_hops() -> None:
     assert s["rss_over_guest_mib_src"] == 16.0 and s["rss_over_guest_mib_dst"] == 26.0
     assert s["total_s_per_gib"] == 1.0
     assert s["guest_gbps"] == pytest.approx(1.074, abs=0.001)  # 1 GiB present in 1 s
+    huge = bl.summarize(_dst(pages_total=512, page_size=2 << 20), {}, 1024)
+    assert huge["guest_gbps"] == s["guest_gbps"]  # 512 pages of 2 MiB: the same GiB
     assert s["recoveries"] == 0
     assert s["stalled_fraction"] == 0.03  # 60 ms of stalls in 2 vCPUs x 1 s
     assert "postcopy_latency_dist" not in s  # absent from the metrics: left out, never made up
