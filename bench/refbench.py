@@ -8,12 +8,16 @@ migrate-src/migrate-dst, so each migration is compared with references
 measured next to it, under the same load.  TLS twins of the idle and busy
 guests (the same guest with --tls-* on both sides, certificates made once per
 run with the openssl CLI into bench/build/tls/) run right after their plaintext
-twin in every round.  Prints figures, ratios, the urgent path hop by hop, the
-targets of issue 9 and TLS against plaintext (issue 13); writes
-bench/results.json.  It reports, it never asserts: the exit status is non-zero
-only when something crashed or a migration failed its verification.
+twin in every round.  A memory section (issue 22; full runs and --only memory)
+runs the busy and QEMU-load guests on every memory kind (anon, memfd, hugetlb),
+each kind next to a placer and a fault floor that move its own page size in its
+own memory, the kinds interleaved round by round.  Prints figures, ratios, the
+urgent path hop by hop, the targets of issue 9, TLS against plaintext (issue
+13) and the memory kinds; writes bench/results.json.  It reports, it never
+asserts: the exit status is non-zero only when something crashed or a
+migration failed its verification.
 
-    scripts/bench [--quick] [--rounds N] [--no-tls] [--plot] [--python PATH]
+    scripts/bench [--quick] [--rounds N] [--no-tls] [--no-memory] [--only memory] [--plot] [--python PATH]
 
 This module runs things (scripts/bench starts it through bench/launcher.py,
 under the venv); the arithmetic (medians, paired ratios, the rows, the
@@ -443,21 +447,29 @@ def huge_pages_free():
 
 
 def reserve_huge_pages(need):
-    """Raises the huge page pool so that ``need`` pages are free; returns the pool's size before (to give
-    back), or None when it had enough.  Raises BenchError when it cannot (not root, memory fragmented)."""
+    """Raises the huge page pool so that ``need`` pages are free; returns how many it added (0 when the pool
+    had enough).  Raises BenchError when it cannot (not root, memory fragmented)."""
     free = huge_pages_free()
     if free >= need:
-        return None
+        return 0
     before = int(NR_HUGEPAGES.read_text())
     try:
         NR_HUGEPAGES.write_text(str(before + need - free))
     except OSError as e:
         raise BenchError(f"the hugetlb runs need {need} free 2 MiB huge pages, {free} are; raising "
                          f"{NR_HUGEPAGES} failed ({e.strerror}): as root, echo {before + need - free} > {NR_HUGEPAGES}")
+    added = int(NR_HUGEPAGES.read_text()) - before
     if huge_pages_free() < need:
-        NR_HUGEPAGES.write_text(str(before))
+        give_back_huge_pages(added)
         raise BenchError(f"the kernel reserved only {huge_pages_free()} of {need} huge pages (memory fragmented?)")
-    return before
+    return added
+
+
+def give_back_huge_pages(added):
+    """Lowers the pool by what reserve_huge_pages added, not to a size read before: other programs on the
+    machine (a test suite's fixture) may have raised or lowered it since, and their pages are theirs."""
+    if added:
+        NR_HUGEPAGES.write_text(str(max(0, int(NR_HUGEPAGES.read_text()) - added)))
 
 
 def memory_section(cmds, args, faults, state, results):
@@ -471,26 +483,28 @@ def memory_section(cmds, args, faults, state, results):
     mib = 256 if args.quick else 1024
     kinds = list(args.memory_kinds)
     rounds = args.rounds or (2 if args.quick else 3)
-    before, skipped = None, {}
+    added, skipped = 0, {}
     if "hugetlb" in kinds:
         need = 2 * mib // 2 + 8  # two guests of mib/2 pages, and a few for the pool's own fragmentation
         try:
-            before = reserve_huge_pages(need)
+            added = reserve_huge_pages(need)
             free = huge_pages_free()
-            log(f"memory: {free} free 2 MiB huge pages"
-                + (f" (pool raised from {before})" if before is not None else "") + "; warming them")
+            log(f"memory: {free} free 2 MiB huge pages" + (f" ({added} added to the pool)" if added else "")
+                + "; warming them")
             results["warmup"]["huge_pages"] = run_ref("warm_memory", 2 * free, "hugetlb")
             migrate_once(cmds, "busy", 256, args, "warmup-hugetlb", memory="hugetlb")
         except (BenchError, OSError, subprocess.TimeoutExpired) as e:
             log(f"memory: hugetlb skipped: {str(e).splitlines()[0]}")
             skipped["hugetlb"] = str(e)
             kinds.remove("hugetlb")
+            give_back_huge_pages(added)
+            added = 0
     try:
         blocks = run_memory_rounds(cmds, mib, kinds, rounds, args, faults, state)
     finally:
-        if before is not None:
-            NR_HUGEPAGES.write_text(str(before))
-            log(f"memory: huge page pool given back ({before})")
+        if added:
+            give_back_huge_pages(added)
+            log(f"memory: the {added} huge pages added given back (pool now {NR_HUGEPAGES.read_text().strip()})")
     results["memory_rounds"] = blocks
     results["memory"] = bl.memory_section(blocks, mib, kinds, args.quick)
     results["memory"]["skipped"] = skipped

@@ -681,3 +681,20 @@ def test_report_prints_kind_by_figure_with_the_references_beside() -> None:
     assert huge[7:10] == ["1300.0", "1000.0", "1.30"]  # its stall p50 beside its own floor
     assert "targets (issue 22, hugetlb):" in "\n".join(text)
     assert text[-1] == "\nmemory kinds: memfd skipped: no pool"
+
+
+def test_the_bench_gives_back_the_huge_pages_it_added_not_a_size_it_read(tmp_path, monkeypatch) -> None:
+    """Another program (a test suite's fixture) may raise or lower the pool while the bench runs: the
+    bench lowers it by what it added, and never below zero."""
+    import refbench
+
+    pool = tmp_path / "nr_hugepages"
+    monkeypatch.setattr(refbench, "NR_HUGEPAGES", pool)
+    pool.write_text("1064\n")  # 32 of another program's, 1032 the bench added
+    refbench.give_back_huge_pages(1032)
+    assert pool.read_text() == "32"
+    pool.write_text("100")  # the other program put back its own size meanwhile, taking some of ours
+    refbench.give_back_huge_pages(1032)
+    assert pool.read_text() == "0"
+    refbench.give_back_huge_pages(0)
+    assert pool.read_text() == "0"
