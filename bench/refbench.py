@@ -579,7 +579,7 @@ def parser():
                     help="skip the TLS twins of the idle and busy guests")
     ap.add_argument("--only", choices=["memory"],
                     help="run one section alone: 'memory' = the memory kinds (busy and QEMU-load guests on each "
-                         "--memory kind against references of its page size; 1 GiB, 3 rounds, about 5 minutes; "
+                         "--memory kind against references of its page size; 1 GiB, 3 rounds, about 3.5 minutes; "
                          "--quick: 256 MiB, 2 rounds)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="full run without the memory kinds section (--quick always leaves it out)")
