@@ -20,9 +20,9 @@ from .. import protocol as p
 from ..errors import MigrateError, PeerError, RemoteProtocolError, UffdError, UsageError, lost_link
 from ..guest import Guest, GuestSpec, replay
 from ..memory import Memory, require_missing
-from ..metrics import Histogram, StallHistogram, rss_mib
+from ..metrics import Histogram, StallHistogram, memory_held, rss_mib
 from ..progress import Progress, placed_line
-from ..stats import DestinationCounters, DestinationStats, Hops, Recovery
+from ..stats import DestinationCounters, DestinationStats, Hops, MemoryHeld, Recovery
 from ..uffd import Userfaultfd
 from ..wire import FrameSocket
 from .config import DestinationConfig
@@ -97,11 +97,13 @@ class Destination:
         await self._run_after(guest, uffd)
         steps, stalls = guest.steps(), guest.stalls()
         rss = rss_mib()  # before the replay, which maps a second guest for the proof
+        held = memory_held(guest.base, guest.spec.size)
         verified = await self._verify(guest, steps)
         guest.close()
         return self._final_statistics(guest.spec, now, verified=verified,
                                       placement_s=placement_s, connect_s=time.monotonic() - t_connect,
-                                      steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss)
+                                      steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss,
+                                      held=held)
 
     async def _join(self) -> tuple[Served, Userfaultfd, Links]:
         """Opens the session (its bulk connection learns the guest), maps and registers the guest (or, with
@@ -445,7 +447,8 @@ class Destination:
 
     def _final_statistics(self, spec: GuestSpec, now: DestinationCounters, *, verified: bool | None,
                           placement_s: float, connect_s: float, steps: list[int],
-                          steps_placed: list[int], stalls: StallHistogram, rss: float) -> DestinationStats:
+                          steps_placed: list[int], stalls: StallHistogram, rss: float,
+                          held: MemoryHeld | None = None) -> DestinationStats:
         """The metrics, from the counters as the last page arrived (``now``) and the guest's own figures."""
         urgent = self.plane.c.urgent
         return DestinationStats(
@@ -471,7 +474,7 @@ class Destination:
                          network=Histogram.from_c(urgent.network).summary(),
                          source_held=Histogram.from_c(urgent.held).summary(),
                          reply_to_placed=Histogram.from_c(urgent.place).summary()),
-            vcpu_steps=tuple(steps), vcpu_steps_at_placed=tuple(steps_placed), rss_mib=rss,
+            vcpu_steps=tuple(steps), vcpu_steps_at_placed=tuple(steps_placed), rss_mib=rss, memory_mib=held,
             guest_mib=spec.size / 2**20, workload=spec.workload.name, vcpus=spec.vcpus,
             recoveries=tuple(self.recoveries), connect_attempts=self.connector.attempts,
             tls=self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
