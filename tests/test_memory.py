@@ -82,17 +82,19 @@ async def test_postcopy_on_hugetlb_verifies(tmp_path: Path, workload: str, huge_
     report("hugetlb", "postcopy", m)
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
-async def test_rounds_on_memfd_verify(tmp_path: Path, mode: str) -> None:
+async def test_rounds_on_memfd_verify(tmp_path: Path, mode: str, workload: str) -> None:
     """Write tracking on shared memory, and discards by MADV_REMOVE (MADV_DONTNEED would leave the old page)."""
-    m, s = check_mode(await migrate(tmp_path, args("memfd", mode, "hotset"), DST, timeout=60), mode)
+    m, s = check_mode(await migrate(tmp_path, args("memfd", mode, workload), DST, timeout=60), mode)
     report("memfd", mode, m)
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
-async def test_rounds_on_hugetlb_verify(tmp_path: Path, mode: str, huge_pages: None) -> None:
+async def test_rounds_on_hugetlb_verify(tmp_path: Path, mode: str, workload: str, huge_pages: None) -> None:
     """Write tracking of huge pages, in 2 MiB granules; discards by MADV_REMOVE."""
-    m, s = check_mode(await migrate(tmp_path, args("hugetlb", mode, "hotset"), DST, timeout=60), mode)
+    m, s = check_mode(await migrate(tmp_path, args("hugetlb", mode, workload), DST, timeout=60), mode)
     assert all(r.pages <= GUEST_MIB // 2 for r in s.rounds)
     report("hugetlb", mode, m)
 

@@ -9,6 +9,7 @@ what the kernel still lacks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import time
@@ -90,6 +91,8 @@ class Destination:
         guest.time_stalls(False)  # every page is present: no access can stall any more
         self.progress.finish()
         now = self.statistics()
+        if isinstance(guest, VmmMemory):  # a page placed, then removed by the VMM, counted but gone: ask its kernel
+            now = dataclasses.replace(now, pages_placed=guest.present_pages())
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
                  now.pages_placed, placement_s, now.faults, now.requests, now.eexist)
         await self._close(links, {"pages_placed": now.pages_placed, "faults": now.faults, "eexist": now.eexist})
