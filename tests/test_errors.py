@@ -76,10 +76,10 @@ async def test_once_every_page_is_here_only_a_lost_link_is_forgiven() -> None:
                             replies=None)
     try:
         side = _Plane(PeerError("gone"), done)
-        assert await side.dst._postcopy(None, links, 0.0) is links  # type: ignore[arg-type]
+        assert await side.dst._postcopy(None, None, links, 0.0) is links  # type: ignore[arg-type]
         side = _Plane(ValueError("bug"), done)
         with pytest.raises(ExceptionGroup) as caught:
-            await side.dst._postcopy(None, links, 0.0)  # type: ignore[arg-type]
+            await side.dst._postcopy(None, None, links, 0.0)  # type: ignore[arg-type]
         assert caught.group_contains(ValueError, match="bug")
     finally:
         os.close(done)
