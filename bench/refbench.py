@@ -361,6 +361,13 @@ def run_step(cmds, step, name, mib, i, args, faults, tls, rnd, state):
             state["crashed"] = True
 
 
+def failed(rnd: dict, state: dict, name: str, e: Exception) -> None:
+    """Records a step that failed (its first line logged, the whole in results.json); the round goes on."""
+    log(f"  {name} failed: {str(e).splitlines()[0]} (details in results.json)")
+    rnd["errors"][name] = str(e)
+    state["crashed"] = True
+
+
 def run_rounds(cmds, mib, scenarios, rounds, args, faults, state, tls=None):
     """Runs `rounds` interleaved rounds at one guest size; returns them as a list.
 
@@ -375,9 +382,7 @@ def run_rounds(cmds, mib, scenarios, rounds, args, faults, state, tls=None):
             try:
                 run_step(cmds, step, name, mib, i, args, faults, tls, rnd, state)
             except (BenchError, subprocess.TimeoutExpired, ValueError) as e:
-                log(f"  {name} failed: {str(e).splitlines()[0]} (details in results.json)")
-                rnd["errors"][name] = str(e)
-                state["crashed"] = True
+                failed(rnd, state, name, e)
         out.append(rnd)
     return out
 
@@ -425,9 +430,7 @@ def run_memory_rounds(cmds, mib, kinds, rounds, args, faults, state):
                     log(f"  {key}/{mib}: VERIFICATION FAILED (logs: {BUILD / 'logs'})")
                     state["crashed"] = True
             except (BenchError, subprocess.TimeoutExpired, ValueError) as e:
-                log(f"  {key} failed: {str(e).splitlines()[0]} (details in results.json)")
-                rnd["errors"][key] = str(e)
-                state["crashed"] = True
+                failed(rnd, state, key, e)
         out.append(rnd)
     return out
 
