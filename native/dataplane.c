@@ -311,6 +311,11 @@ static int discard(const dst_placer_t *c, place_stats_t *me, const struct wire_f
 
 /* A VMM's removed ranges (see plane_track_removes in dataplane.h). */
 #define REMOVES_MAX PLANE_REMOVES_MAX
+/* With a VMM's removes, a placement holds the lock shared for at most this
+ * many bytes (or one huge page): the fault reader, which needs it exclusively
+ * to read the faults too, waits at most one such copy (a 1 MiB frame under
+ * one hold made every fault wait for the bulk placer's copy in progress). */
+#define REMOVES_SLICE (64u << 10)
 /* How long a placement waits before it tries again when the memory's layout
  * is changing (-EAGAIN: a remove event not read yet, which the fault reader
  * reads within microseconds). */
@@ -426,8 +431,9 @@ static int place_stretch(const dst_plane_t *d, uint64_t addr, uint64_t at, uint6
         uint64_t n = count - done, placed = 0, existed = 0;
         int removed = 0, rc;
         if (r) {
+            uint64_t slice = REMOVES_SLICE >> shift ? REMOVES_SLICE >> shift : 1;
             pthread_rwlock_rdlock(&r->lock);
-            n = removes_span(r, p->start + at + done, n, &removed);
+            n = removes_span(r, p->start + at + done, n < slice ? n : slice, &removed);
         }
         if (p->payload && !removed)
             rc = uffd_copy(d->uffd, addr + (done << shift), p->payload + ((at + done) << shift), n << shift, page,
