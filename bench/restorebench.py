@@ -277,6 +277,41 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def link_goodput(link: Any) -> float:
+    """GB/s of bench/ref/tcp_bulk.c through the link, best of two 2 s runs: what the link can carry."""
+    from linkbench import _json_out, build_tools
+
+    tcp_bulk = build_tools()["tcp_bulk"]
+    runs = [_json_out([str(tcp_bulk), str(round(link.spec.bytes_per_s * 2)), link.netns_path("src"),
+                       link.netns_path("dst"), link.dst_addr], timeout=120) for _ in range(2)]
+    return max(r["tcp_gbps"] for r in runs)
+
+
+def against_link(rows: list[dict[str, Any]], gbps: float | None) -> list[dict[str, Any]]:
+    """Each restore over the link beside the link's own floor: the guest's bytes at tcp_bulk's goodput."""
+    if not gbps:
+        return []
+    out = []
+    for r in rows:
+        if r["variant"].startswith("ours over"):
+            floor_s = r["mib"] * 2**20 / (gbps * 1e9)
+            out.append({"mib": r["mib"], "workload": r["workload"], "variant": r["variant"],
+                        "all_present_s": r["all_present_s"], "link_floor_s": round(floor_s, 3),
+                        "x_all_present": round(r["all_present_s"] / floor_s, 2) if r["all_present_s"] else None,
+                        "stream_gbps": r["stream_gbps"],
+                        "x_stream": round(r["stream_gbps"] / gbps, 2) if r["stream_gbps"] else None})
+    return out
+
+
+def link_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| MiB | load | all present s | the guest at tcp_bulk's goodput s | × | stream GB/s | × goodput |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['mib']} | {r['workload']} | {_fmt(r['all_present_s'], 3)} | {r['link_floor_s']:.3f} | "
+                   f"{_fmt(r['x_all_present'], 2)} | {_fmt(r['stream_gbps'], 3)} | {_fmt(r['x_stream'], 2)} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------- main
 
 def parser() -> argparse.ArgumentParser:
@@ -343,6 +378,8 @@ def main() -> int:
             from wan import LinkSpec, LinkUnavailable, emulated_link
             try:
                 with emulated_link(LinkSpec.parse(args.wan)) as link:
+                    result["wan_tcp_gbps"] = link_goodput(link)
+                    log(f"{link.spec.name}: tcp_bulk goodput {result['wan_tcp_gbps']:.3f} GB/s (best of 2)")
                     over = Restorer(python, handler, work, link)
                     name = f"ours over {link.spec.name}"
                     for (mib, workload), snap in snaps.items():
@@ -362,12 +399,16 @@ def main() -> int:
                 log(f"the emulated link is not available here: {exc}")
                 result["wan_error"] = str(exc)
     result["rows"] = summarize(runs)
+    result["wan_rows"] = against_link(result["rows"], result.get("wan_tcp_gbps"))
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     result["loadavg_end"] = os.getloadavg()[0]
     whole = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     whole["restore"] = result
     RESULTS.write_text(json.dumps(whole, indent=2) + "\n")
     print(table(result["rows"]))
+    if result["wan_rows"]:
+        print(f"\nAgainst the link itself (tcp_bulk's goodput through it, {result['wan_tcp_gbps']:.3f} GB/s):\n")
+        print(link_table(result["wan_rows"]))
     log(f"\nwrote {RESULTS.relative_to(ROOT)} (key restore) in {result['elapsed_s']} s; "
         f"load average {result['loadavg_start']:.1f} → {result['loadavg_end']:.1f}")
     return 1 if failed else 0
