@@ -314,19 +314,38 @@ def link_table(rows: list[dict[str, Any]]) -> str:
 
 # ---------------------------------------------------------------- main
 
+def _link(text: str) -> str:
+    from wan import LinkSpec
+
+    try:
+        return LinkSpec.parse(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="scripts/bench-restore", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mib", type=int, nargs="+", default=[1024, 256], help="guest sizes in MiB (default 1024 256)")
-    ap.add_argument("--workloads", nargs="+", default=["hotset", "sequential"],
+    ap.add_argument("--mib", type=_positive, nargs="+", metavar="MIB", default=[1024, 256], help="guest sizes in MiB (default 1024 256)")
+    ap.add_argument("--workloads", nargs="+", metavar="LOAD", default=["hotset", "sequential"],
                     choices=["uniform", "hotset", "sequential", "readmostly"],
-                    help="the guests' loads, flat out (default hotset sequential)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every handler (default 3)")
-    ap.add_argument("--wan", default="1Gbit,1ms", metavar="RATE,RTT",
+                    help="the guests' loads, flat out: uniform, hotset, sequential, readmostly (default hotset sequential)")
+    ap.add_argument("--rounds", type=_positive, default=3, metavar="N", help="interleaved rounds of every handler (default 3)")
+    ap.add_argument("--wan", type=_link, default="1Gbit,1ms", metavar="RATE,RTT",
                     help="also restore over this emulated link (bench/wan.py; root), RATE,RTT (default 1Gbit,1ms)")
     ap.add_argument("--no-wan", dest="wan", action="store_const", const=None, help="skip the emulated link")
-    ap.add_argument("--wan-rounds", type=int, default=2, help="restores over the link per guest (default 2)")
+    ap.add_argument("--wan-rounds", type=_positive, default=2, metavar="N", help="restores over the link per guest (default 2)")
     ap.add_argument("--quick", action="store_true", help="256 MiB, hotset, 2 rounds, one restore over the link")
-    ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
+    ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"), metavar="PATH",
                     help="interpreter of the venv where uffd-migrate is installed (default .venv)")
     return ap
 
