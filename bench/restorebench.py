@@ -109,8 +109,9 @@ def _wait_for(path: Path, procs: list[subprocess.Popen], what: str, timeout: flo
 class Restorer:
     """Runs one restore of a snapshot in ``migrate-vmm`` against a handler; returns its figures."""
 
-    def __init__(self, python: Path, handler: Path, work: Path, link: Any = None) -> None:
+    def __init__(self, python: Path, handler: Path, work: Path, link: Any = None, run_s: float = RUN_S) -> None:
         self.bin = python.parent
+        self.run_s = run_s
         self.handler = handler
         self.work = work
         self.link = link
@@ -119,7 +120,7 @@ class Restorer:
         err = self.work / "vmm.err"
         with open(err, "w") as e:
             r = subprocess.run([*pre, str(self.bin / "migrate-vmm"), "--snapshot", str(snap), "--handoff", str(sock),
-                                "--seconds", str(RUN_S), "--timeout", "60", "--metrics", str(self.work / "vmm.json"),
+                                "--seconds", str(self.run_s), "--timeout", "60", "--metrics", str(self.work / "vmm.json"),
                                 "--log-format", "json", "--no-progress"], stdout=subprocess.DEVNULL, stderr=e,
                                timeout=600)
         if r.returncode:
@@ -344,6 +345,9 @@ def parser() -> argparse.ArgumentParser:
                     help="also restore over this emulated link (bench/wan.py; root), RATE,RTT (default 1Gbit,1ms)")
     ap.add_argument("--no-wan", dest="wan", action="store_const", const=None, help="skip the emulated link")
     ap.add_argument("--wan-rounds", type=_positive, default=2, metavar="N", help="restores over the link per guest (default 2)")
+    ap.add_argument("--run-seconds", type=float, default=RUN_S, metavar="S",
+                    help=f"seconds the restored vCPUs run before the VMM stops them and proves the guest; the stall "
+                         f"is measured over them (default {RUN_S:g})")
     ap.add_argument("--quick", action="store_true", help="256 MiB, hotset, 2 rounds, one restore over the link")
     ap.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"), metavar="PATH",
                     help="interpreter of the venv where uffd-migrate is installed (default .venv)")
@@ -363,13 +367,13 @@ def main() -> int:
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     t0 = time.monotonic()
     result: dict[str, Any] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": rev.stdout.strip(),
-                              "loadavg_start": os.getloadavg()[0], "vcpus": 2, "run_s": RUN_S, "rounds": args.rounds,
+                              "loadavg_start": os.getloadavg()[0], "vcpus": 2, "run_s": args.run_seconds, "rounds": args.rounds,
                               "wan": args.wan, "runs": []}
     runs = result["runs"]
     failed = 0
     with tempfile.TemporaryDirectory(prefix="bench-restore-") as tmp:
         work = Path(tmp)
-        restorer = Restorer(python, handler, work)
+        restorer = Restorer(python, handler, work, run_s=args.run_seconds)
         snaps = {}
         for mib in args.mib:
             for workload in args.workloads:
@@ -399,7 +403,7 @@ def main() -> int:
                 with emulated_link(LinkSpec.parse(args.wan)) as link:
                     result["wan_tcp_gbps"] = link_goodput(link)
                     log(f"{link.spec.name}: tcp_bulk goodput {result['wan_tcp_gbps']:.3f} GB/s (best of 2)")
-                    over = Restorer(python, handler, work, link)
+                    over = Restorer(python, handler, work, link, run_s=args.run_seconds)
                     name = f"ours over {link.spec.name}"
                     for (mib, workload), snap in snaps.items():
                         for rnd in range(args.wan_rounds):
