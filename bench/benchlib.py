@@ -103,6 +103,21 @@ def add_dists(dists: Iterable[list[int] | None]) -> list[int] | None:
     return out
 
 
+def held_beyond_guest(side: Mapping) -> float | None:
+    """MiB a process held beyond its guest: its ``memory_mib.beyond_guest``; None when it did not say.
+
+    Not ``rss_mib - guest MiB``: a guest's zero pages that no one wrote are never resident (the
+    shared zero page), which made that difference negative for a zero-heavy guest (QEMU's load at
+    4 GiB: -238 MiB), and huge pages are outside RSS altogether.  The process measures it itself
+    (``migrate.metrics.memory_held``): its peak RSS plus the huge pages it maps, less the guest's
+    pages present (smaps), so a guest's pages count once, whatever its kind, and never negatively.
+    """
+    held = side.get("memory_mib")
+    if not isinstance(held, Mapping) or held.get("beyond_guest") is None:
+        return None
+    return round(held["beyond_guest"], 1)
+
+
 def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = None,
               cpu: Mapping[str, Mapping[str, float]] | None = None) -> dict:
     """The figures one migration is judged by, picked out of both sides' metrics.
@@ -127,7 +142,8 @@ def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = Non
         "stream_gbps": dst.get("stream_gbps"),
         # Guest memory made present per second, zero pages and pages sent on
         # request included: the bulk stream alone carries neither.
-        "guest_gbps": round(pages * PAGE_SIZE / total / 1e9, 3) if pages and total else None,
+        # pages_total counts the memory's own pages (2 MiB on hugetlb: page_size).
+        "guest_gbps": round(pages * dst.get("page_size", PAGE_SIZE) / total / 1e9, 3) if pages and total else None,
         "downtime_ms": dst.get("downtime_ms"),
         "stall_count": stall.get("count"),
         "stall_p50_us": stall.get("p50"),
@@ -148,8 +164,10 @@ def summarize(dst: Mapping, src: Mapping, mib: float, wall_s: float | None = Non
         "pages_placed_urgent": dst.get("pages_placed_urgent"),
         "eexist": dst.get("eexist"),
         "zero_pages": dst.get("zero_pages"),
-        "rss_over_guest_mib_src": round(src["rss_mib"] - mib, 1) if src.get("rss_mib") is not None else None,
-        "rss_over_guest_mib_dst": round(dst["rss_mib"] - mib, 1) if dst.get("rss_mib") is not None else None,
+        # What each process holds beyond its guest, on every memory kind (held_beyond_guest).
+        "rss_over_guest_mib_src": held_beyond_guest(src),
+        "rss_over_guest_mib_dst": held_beyond_guest(dst),
+        "memory": dst.get("memory"),
         "recoveries": len(dst.get("recoveries") or []),
         "wall_s": wall_s,
         # "plaintext", or TLS's protocol and cipher as the destination negotiated them.
@@ -578,6 +596,115 @@ def compute(results: dict, blocks: Mapping[int, Sequence[Mapping]], head: int, q
     sc = scaling(rows, refs, sorted(blocks))
     if sc is not None:
         results["scaling"] = sc
+
+
+# -- memory kinds (issue 22) ----------------------------------------------------------------------
+
+# The guest memory kinds (migrate-src --memory) and the guests measured on each: the busy guest
+# (the demo's: uniform, flat out) and QEMU's load.  anon is today's memory, the one the others are
+# compared with in the same round.
+MEMORY_KINDS: tuple[str, ...] = ("anon", "memfd", "hugetlb")
+MEMORY_SCENARIOS: tuple[str, ...] = ("busy", "qemu")
+# A kind's page: what a fault asks for and a placement places (the wire page).
+MEMORY_PAGE_KIB: dict[str, int] = {"anon": 4, "memfd": 4, "hugetlb": 2048}
+# Figures of a kind compared with anon's, run by run in the same round: what 2 MiB pages buy.
+VS_ANON: tuple[str, ...] = ("faults", "stall_total_ms", "total_s")
+
+
+def memory_key(kind: str, name: str) -> str:
+    """The key of a kind's run or reference in a memory round: "hugetlb:busy", "memfd:placer_same"."""
+    return f"{kind}:{name}"
+
+
+def memory_targets() -> list[Target]:
+    """The targets of issue 22, for every memory kind, against references of the kind's page and memory."""
+    return [
+        Target("stream_ratio", ">=", 0.9, "busy: stream / same-load C placer of the same page size and memory"),
+        Target("fault_p50_ratio", "<=", 2, "busy: vCPU stall p50 / same-load C fault floor moving the same page"),
+        Target("downtime_ms", "<=", 1, "downtime, median of the kind's runs, ms"),
+    ]
+
+
+def memory_row(rounds: Sequence[Mapping], kind: str, scenario: str) -> dict | None:
+    """One kind's scenario over the rounds: medians, ratios to the kind's own references round by round,
+    and faults, total stall and total time against anon's run of the same scenario in the same round."""
+    key = memory_key(kind, scenario)
+    have = [r for r in rounds if key in r["runs"]]
+    if not have:
+        return None
+    row = combine([r["runs"][key] for r in have])
+    placer, floor = memory_key(kind, "placer_same"), memory_key(kind, "floor_same")
+    ratios = {
+        "stream_ratio": paired_ratios(pick(have, lambda r: r["runs"][key]["stream_gbps"]),
+                                      pick(have, lambda r: r["refs"][placer]["placer_gbps"])),
+        "fault_p50_ratio": paired_ratios(pick(have, lambda r: r["runs"][key]["stall_p50_us"]),
+                                         pick(have, lambda r: r["refs"][floor]["fault_loaded_us"]["p50"])),
+        "fault_p99_ratio": paired_ratios(pick(have, lambda r: r["runs"][key]["stall_p99_us"]),
+                                         pick(have, lambda r: r["refs"][floor]["fault_loaded_us"]["p99"])),
+    }
+    anon = memory_key("anon", scenario)
+    for f in VS_ANON:
+        ratios[f"{f}_vs_anon"] = paired_ratios(pick(have, lambda r: r["runs"][key][f]),
+                                               pick(have, lambda r: r["runs"][anon][f]))
+    for k, v in ratios.items():
+        row[k] = _r(median(v))
+        row[f"{k}_by_round"] = _rounded(v)
+    row["downtime_runs_ms"] = [r["runs"][key]["downtime_ms"] for r in have]
+    return row
+
+
+def memory_refs(rounds: Sequence[Mapping], kind: str) -> dict:
+    """A kind's same-load references over the rounds: the placer's GB/s and the fault floor with a stream."""
+    placer, floor = memory_key(kind, "placer_same"), memory_key(kind, "floor_same")
+    gbps = pick(rounds, lambda r: r["refs"][placer]["placer_gbps"])
+    got = [r["refs"][floor] for r in rounds if floor in r["refs"]]
+    return {"placer_gbps": median(gbps), "placer_gbps_by_round": gbps,
+            "floor_us": fault_floor(got, "fault_loaded_us") if got else None,
+            "floor_link_idle_us": fault_floor(got, "fault_idle_us") if got else None,
+            "floor_by_round_p50_us": [g["fault_loaded_us"]["p50"] for g in got],
+            "floor_by_round_p99_us": [g["fault_loaded_us"]["p99"] for g in got]}
+
+
+def memory_section(rounds: Sequence[Mapping], mib: int, kinds: Sequence[str] = MEMORY_KINDS,
+                   quick: bool = False) -> dict:
+    """results.json's ``memory``: every kind's busy and QEMU-load guests against its own references.
+
+    ``rounds``: {"refs": {memory_key(kind, "placer_same" | "floor_same"): reference JSON},
+    "runs": {memory_key(kind, scenario): summary}} each.  A kind's headline figures (``stream_ratio``,
+    ``fault_p50_ratio``, ``fault_p99_ratio``, the stall p50/p99 and the floor's) are its busy guest's,
+    as issue 9's are; ``downtime_ms`` and the RSS beyond the guest take every run of the kind.
+    """
+    out: dict[str, object] = {"guest_mib": mib, "rounds": len(rounds),
+                              "kinds": [k for k in kinds if any(memory_key(k, s) in r["runs"]
+                                                                for r in rounds for s in MEMORY_SCENARIOS)]}
+    notes = {k: f"--quick: {mib} MiB guests" for k in ("stream_ratio", "fault_p50_ratio")} if quick else {}
+    for kind in kinds:
+        rows = {s: row for s in MEMORY_SCENARIOS if (row := memory_row(rounds, kind, s)) is not None}
+        if not rows:
+            continue
+        refs = memory_refs(rounds, kind)
+        busy = rows.get("busy", {})
+        runs = runs_of(rounds, [memory_key(kind, s) for s in MEMORY_SCENARIOS])
+        downtimes = worst(runs, "downtime_ms")
+        entry: dict[str, object] = {
+            "page_kib": MEMORY_PAGE_KIB.get(kind),
+            "stream_ratio": busy.get("stream_ratio"), "fault_p50_ratio": busy.get("fault_p50_ratio"),
+            "fault_p99_ratio": busy.get("fault_p99_ratio"),
+            "stall_p50_us": busy.get("stall_p50_us"), "stall_p99_us": busy.get("stall_p99_us"),
+            "floor_p50_us": (refs["floor_us"] or {}).get("p50"), "floor_p99_us": (refs["floor_us"] or {}).get("p99"),
+            "placer_gbps": refs["placer_gbps"], "stream_gbps": busy.get("stream_gbps"),
+            "downtime_ms": median(downtimes), "downtime_runs_ms": downtimes,
+            "rss_over_guest_mib": {side: max(worst(runs, f"rss_over_guest_mib_{side}"), default=None)
+                                   for side in ("src", "dst")},
+            "verified": all(r.get("verified") for r in runs) if runs else None,
+            "refs": refs, "scenarios": rows,
+        }
+        values = {t: entry[t] for t in ("stream_ratio", "fault_p50_ratio", "downtime_ms")}
+        per_run = {"stream_ratio": busy.get("stream_ratio_by_round", []),
+                   "fault_p50_ratio": busy.get("fault_p50_ratio_by_round", []), "downtime_ms": downtimes}
+        entry["targets"] = evaluate(values, per_run, None, notes, memory_targets())
+        out[kind] = entry
+    return out
 
 
 # -- tables ----------------------------------------------------------------------------------------

@@ -8,12 +8,16 @@ migrate-src/migrate-dst, so each migration is compared with references
 measured next to it, under the same load.  TLS twins of the idle and busy
 guests (the same guest with --tls-* on both sides, certificates made once per
 run with the openssl CLI into bench/build/tls/) run right after their plaintext
-twin in every round.  Prints figures, ratios, the urgent path hop by hop, the
-targets of issue 9 and TLS against plaintext (issue 13); writes
-bench/results.json.  It reports, it never asserts: the exit status is non-zero
-only when something crashed or a migration failed its verification.
+twin in every round.  A memory section (issue 22; full runs and --only memory)
+runs the busy and QEMU-load guests on every memory kind (anon, memfd, hugetlb),
+each kind next to a placer and a fault floor that move its own page size in its
+own memory, the kinds interleaved round by round.  Prints figures, ratios, the
+urgent path hop by hop, the targets of issue 9, TLS against plaintext (issue
+13) and the memory kinds; writes bench/results.json.  It reports, it never
+asserts: the exit status is non-zero only when something crashed or a
+migration failed its verification.
 
-    scripts/bench [--quick] [--rounds N] [--no-tls] [--plot] [--python PATH]
+    scripts/bench [--quick] [--rounds N] [--no-tls] [--no-memory] [--only memory] [--plot] [--python PATH]
 
 This module runs things (scripts/bench starts it through bench/launcher.py,
 under the venv); the arithmetic (medians, paired ratios, the rows, the
@@ -215,9 +219,12 @@ def _poll(p, cpu, name):
     return p.returncode
 
 
-def source_args(scenario, mib, args, tls):
-    """migrate-src's arguments for a scenario, after --listen and --metrics: the guest, then TLS if a twin."""
+def source_args(scenario, mib, args, tls, memory=None):
+    """migrate-src's arguments for a scenario, after --listen and --metrics: the guest (of memory kind
+    ``memory``, if given), then TLS if a twin."""
     workload, extra, _ = SCENARIOS[scenario]
+    if memory is not None:
+        extra = ["--memory", memory, *extra]
     twin = bl.TLS_TWINS.get(scenario)
     if (twin or scenario) == "idle":
         extra = ["--rate", str(args.idle_rate), *extra]
@@ -283,10 +290,11 @@ def with_log_tails(e, files: dict[str, IO[str]], logdir, tag):
     return BenchError("\n".join([str(e), *tails, f"logs: {logdir}/{tag}.*"]))
 
 
-def migrate_once(cmds, scenario, mib, args, tag, tls=None):
+def migrate_once(cmds, scenario, mib, args, tag, tls=None, memory=None):
     """One migration; returns {"dst": metrics, "src": metrics, "wall_s": ..., "cpu_s": {side: {user, sys}}}.
 
-    ``tls``: each side's --tls-* arguments (make_tls), for the TLS scenarios.
+    ``tls``: each side's --tls-* arguments (make_tls), for the TLS scenarios; ``memory``: the guest's
+    memory kind (migrate-src --memory; the destination maps what the source says).
     """
     twin = bl.TLS_TWINS.get(scenario)
     if twin is not None and not tls:
@@ -299,7 +307,7 @@ def migrate_once(cmds, scenario, mib, args, tag, tls=None):
         src_metrics, dst_metrics = Path(tmp, "src.json"), Path(tmp, "dst.json")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         src_cmd = [cmds["migrate-src"], "--listen", "127.0.0.1:0", "--metrics", str(src_metrics),
-                   *source_args(scenario, mib, args, tls)]
+                   *source_args(scenario, mib, args, tls, memory)]
         files = {n: open(logdir / f"{tag}.{n}", "w") for n in ("src.out", "src.err", "dst.out", "dst.err")}
         procs = []
         try:
@@ -374,6 +382,135 @@ def run_rounds(cmds, mib, scenarios, rounds, args, faults, state, tls=None):
     return out
 
 
+# ---------------------------------------------------------------- memory kinds (issue 22)
+
+HUGE_FLOOR_MIB = 64  # the hugetlb fault floor's region (32 pages, touched in passes) and as much bulk target
+HUGE_FLOOR_FAULTS = 2000  # 2 MiB each: about 1 s per phase of the floor; 1000 with --quick
+
+
+def memory_round_steps(kinds, i):
+    """Round i of the memory section: per kind, its placer, its busy guest, its fault floor, its QEMU load;
+    the kinds' order rotates from round to round, so none always runs first (or next to the same one)."""
+    return [(step, bl.memory_key(kind, name)) for kind in bl.rotated(kinds, i)
+            for step, name in (("ref", "placer_same"), ("mig", "busy"), ("ref", "floor_same"), ("mig", "qemu"))]
+
+
+def memory_reference(key, mib, faults, quick):
+    """One reference of a kind, under the same load as its guests (VCPUS spinners), at its page size."""
+    kind, name = key.split(":")
+    huge = kind == "hugetlb"
+    if name == "placer_same":
+        return run_ref("ideal_placer", mib, 2048 if huge else 256, VCPUS, kind)
+    if huge:
+        return run_ref("fault_floor", HUGE_FLOOR_FAULTS // (2 if quick else 1), HUGE_FLOOR_MIB, VCPUS, kind)
+    return run_ref("fault_floor", faults, 256, VCPUS, kind)
+
+
+def run_memory_rounds(cmds, mib, kinds, rounds, args, faults, state):
+    """The memory section's rounds (memory_round_steps), shaped as run_rounds' are."""
+    out = []
+    for i in range(rounds):
+        rnd = {"refs": {}, "runs": {}, "raw": {}, "errors": {}}
+        for step, key in memory_round_steps(kinds, i):
+            log(f"memory {mib} MiB round {i + 1}/{rounds}: {'migrating ' + key if step == 'mig' else key}")
+            try:
+                if step == "ref":
+                    rnd["refs"][key] = memory_reference(key, mib, faults, args.quick)
+                    continue
+                kind, scenario = key.split(":")
+                run = migrate_once(cmds, scenario, mib, args, f"{kind}-{scenario}-{mib}-r{i + 1}", memory=kind)
+                rnd["raw"][key] = run
+                rnd["runs"][key] = bl.summarize(run["dst"], run.get("src", {}), mib, run["wall_s"], run.get("cpu_s"))
+                if run["dst"].get("verified") is False:
+                    log(f"  {key}/{mib}: VERIFICATION FAILED (logs: {BUILD / 'logs'})")
+                    state["crashed"] = True
+            except (BenchError, subprocess.TimeoutExpired, ValueError) as e:
+                log(f"  {key} failed: {str(e).splitlines()[0]} (details in results.json)")
+                rnd["errors"][key] = str(e)
+                state["crashed"] = True
+        out.append(rnd)
+    return out
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def huge_pages_free():
+    """Free 2 MiB huge pages not promised to a mapping (HugePages_Free - HugePages_Rsvd), from /proc/meminfo."""
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = int(value.split()[0])
+    if info.get("Hugepagesize") != 2048:
+        raise BenchError(f"the default huge page is {info.get('Hugepagesize')} kB, not 2048")
+    return info["HugePages_Free"] - info["HugePages_Rsvd"]
+
+
+def reserve_huge_pages(need):
+    """Raises the huge page pool so that ``need`` pages are free; returns how many it added (0 when the pool
+    had enough).  Raises BenchError when it cannot (not root, memory fragmented)."""
+    free = huge_pages_free()
+    if free >= need:
+        return 0
+    before = int(NR_HUGEPAGES.read_text())
+    try:
+        NR_HUGEPAGES.write_text(str(before + need - free))
+    except OSError as e:
+        raise BenchError(f"the hugetlb runs need {need} free 2 MiB huge pages, {free} are; raising "
+                         f"{NR_HUGEPAGES} failed ({e.strerror}): as root, echo {before + need - free} > {NR_HUGEPAGES}")
+    added = int(NR_HUGEPAGES.read_text()) - before
+    if huge_pages_free() < need:
+        give_back_huge_pages(added)
+        raise BenchError(f"the kernel reserved only {huge_pages_free()} of {need} huge pages (memory fragmented?)")
+    return added
+
+
+def give_back_huge_pages(added):
+    """Lowers the pool by what reserve_huge_pages added, not to a size read before: other programs on the
+    machine (a test suite's fixture) may have raised or lowered it since, and their pages are theirs."""
+    if added:
+        NR_HUGEPAGES.write_text(str(max(0, int(NR_HUGEPAGES.read_text()) - added)))
+
+
+def memory_section(cmds, args, faults, state, results):
+    """The memory kinds' section (issue 22): every kind's busy and QEMU-load guests against a placer and a
+    fault floor of the kind's page size and memory, interleaved with anon's; fills results["memory"].
+
+    Reserves the huge pages the hugetlb runs need (both sides of a migration hold a whole guest: no
+    MAP_NORESERVE) and gives them back; warms them first (freshly reserved pages are cold host memory),
+    with one untimed hugetlb migration as well.  Without them, the other kinds run and the section says why.
+    """
+    mib = 256 if args.quick else 1024
+    kinds = list(args.memory_kinds)
+    rounds = args.rounds or (2 if args.quick else 3)
+    added, skipped = 0, {}
+    if "hugetlb" in kinds:
+        need = 2 * mib // 2 + 8  # two guests of mib/2 pages, and a few for the pool's own fragmentation
+        try:
+            added = reserve_huge_pages(need)
+            free = huge_pages_free()
+            log(f"memory: {free} free 2 MiB huge pages" + (f" ({added} added to the pool)" if added else "")
+                + "; warming them")
+            results["warmup"]["huge_pages"] = run_ref("warm_memory", 2 * free, "hugetlb")
+            migrate_once(cmds, "busy", 256, args, "warmup-hugetlb", memory="hugetlb")
+        except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+            log(f"memory: hugetlb skipped: {str(e).splitlines()[0]}")
+            skipped["hugetlb"] = str(e)
+            kinds.remove("hugetlb")
+            give_back_huge_pages(added)
+            added = 0
+    try:
+        blocks = run_memory_rounds(cmds, mib, kinds, rounds, args, faults, state)
+    finally:
+        if added:
+            give_back_huge_pages(added)
+            log(f"memory: the {added} huge pages added given back (pool now {NR_HUGEPAGES.read_text().strip()})")
+    results["memory_rounds"] = blocks
+    results["memory"] = bl.memory_section(blocks, mib, kinds, args.quick)
+    results["memory"]["skipped"] = skipped
+    results["memory"]["fault_floor_faults"] = {"4k": faults, "2m": HUGE_FLOOR_FAULTS // (2 if args.quick else 1)}
+
+
 # ---------------------------------------------------------------- plot
 
 def first_round_timelines(results):
@@ -440,6 +577,15 @@ def parser():
     ap.add_argument("--refs-only", action="store_true", help="measure the C references only")
     ap.add_argument("--no-tls", dest="tls", action="store_false",
                     help="skip the TLS twins of the idle and busy guests")
+    ap.add_argument("--only", choices=["memory"],
+                    help="run one section alone: 'memory' = the memory kinds (busy and QEMU-load guests on each "
+                         "--memory kind against references of its page size; 1 GiB, 3 rounds, about 3.5 minutes; "
+                         "--quick: 256 MiB, 2 rounds)")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="full run without the memory kinds section (--quick always leaves it out)")
+    ap.add_argument("--memory-kinds", type=lambda v: v.split(","), default=list(bl.MEMORY_KINDS), metavar="K,K",
+                    help="the memory section's kinds (default anon,memfd,hugetlb; hugetlb reserves its huge pages "
+                         "as root and gives them back)")
     return ap
 
 
@@ -467,7 +613,8 @@ def new_results(args, python, plan, faults):
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                     "loadavg_at_start": list(os.getloadavg())},
         "python": python,
-        "head_mib": plan[0][0],
+        "head_mib": plan[0][0] if plan else None,
+        "only": args.only,
         "plan": plan_json(plan),
         "run_before_s": args.run_before,
         "run_after_s": args.run_after,
@@ -540,9 +687,12 @@ def main():
         ap.error("--rounds must be at least 1")
     # scripts/bench (bench/launcher.py) has installed the project into .venv if it was missing.
     python = args.python or str(ROOT / ".venv" / "bin" / "python")
-    plan = make_plan(args.quick, args.rounds, args.scaling, args.tls and not args.refs_only)
-    head = plan[0][0]
-    largest = max(mib for mib, _, _ in plan)
+    plan = [] if args.only else make_plan(args.quick, args.rounds, args.scaling, args.tls and not args.refs_only)
+    memory = not args.refs_only and (args.only == "memory" or (args.memory and not args.quick))
+    if memory and (bad := [k for k in args.memory_kinds if k not in bl.MEMORY_KINDS]):
+        ap.error(f"--memory-kinds: {', '.join(bad)}: not a memory kind ({', '.join(bl.MEMORY_KINDS)})")
+    head = plan[0][0] if plan else (256 if args.quick else 1024)
+    largest = max([mib for mib, _, _ in plan] or [head])
     warm_mib = args.warm_mib if args.warm_mib is not None else max(1024, 2 * largest)
     faults = 10000 if args.quick else 20000  # p99 of fewer swings 100x between runs
     results = new_results(args, python, plan, faults)
@@ -556,10 +706,12 @@ def main():
         results["error"] = str(e)
         state["crashed"] = True
 
-    if "error" not in results:
+    if "error" not in results and plan:
         blocks = {mib: run_rounds(cmds, mib, scenarios, n, args, faults, state, tls) for mib, scenarios, n in plan}
         results["rounds"] = {str(m): r for m, r in blocks.items()}
         bl.compute(results, blocks, head, args.quick, LOADS, VCPUS)
+    if "error" not in results and memory:
+        memory_section(cmds, args, faults, state, results)
     results["elapsed_s"] = round(time.monotonic() - T0, 1)
 
     try:  # scripts/bench-restore keeps its results in the same file, under "restore"

@@ -212,6 +212,44 @@ def scaling(sc: Mapping | None) -> list[str]:
             f"ours beyond it {fmt(sc['beyond_placer'])}"]
 
 
+def memory(section: Mapping | None) -> list[str]:
+    """The memory kinds (issue 22): kind x figure, each kind's own same-load references beside its figures,
+    the ratios to anon's runs of the same round, and the targets."""
+    if not section or not section.get("kinds"):
+        return [f"\nmemory kinds: {k} skipped: {e.splitlines()[0]}" for k, e in (section or {}).get("skipped", {}).items()]
+    out = [f"\nmemory kinds ({section['guest_mib']} MiB, {section['rounds']} rounds; each kind's placer and fault floor "
+           "move its own page in its own memory under the same load; x = median of per-round ratios; vs anon = "
+           "against anon's run of the same guest in the same round):"]
+    cols = ["kind", "guest", "page", "ok", "GB/s", "placer", "x placer", "stall p50", "floor p50", "x p50",
+            "p99 us", "floor p99", "x p99", "faults", "vs anon", "stall ms", "vs anon", "total s", "vs anon",
+            "down ms", "held+src", "held+dst"]
+    rows = []
+    for kind in section["kinds"]:
+        k = section[kind]
+        refs, floor = k["refs"], k["refs"].get("floor_us") or {}
+        for scen, row in k["scenarios"].items():
+            rows.append([kind, scen, f"{k['page_kib']}K", fmt(row["verified"]), fmt(row["stream_gbps"]),
+                         fmt(refs["placer_gbps"]), fmt(row["stream_ratio"]),
+                         fmt(row["stall_p50_us"], 1), fmt(floor.get("p50"), 1), fmt(row["fault_p50_ratio"]),
+                         fmt(row["stall_p99_us"], 0), fmt(floor.get("p99"), 0), fmt(row["fault_p99_ratio"]),
+                         fmt(row["faults"], 0), fmt(row["faults_vs_anon"], 3),
+                         fmt(row["stall_total_ms"], 0), fmt(row["stall_total_ms_vs_anon"]),
+                         fmt(row["total_s"]), fmt(row["total_s_vs_anon"]), fmt(row["downtime_ms"]),
+                         fmt(row["worst_rss_over_guest_mib_src"], 1), fmt(row["worst_rss_over_guest_mib_dst"], 1)])
+    out += table(rows, cols)
+    out.append("  GB/s: the bulk stream (pages sent on request are not on it); held+: MiB a process held beyond its "
+               "guest's present pages (peak RSS + huge pages - guest), worst run.")
+    for kind in section["kinds"]:
+        out.append(f"\ntargets (issue 22, {kind}):")
+        k = section[kind]
+        by_round = {"stream_ratio": k["scenarios"].get("busy", {}).get("stream_ratio_by_round"),
+                    "fault_p50_ratio": k["scenarios"].get("busy", {}).get("fault_p50_ratio_by_round"),
+                    "downtime_ms": k["downtime_runs_ms"]}
+        out += [target_line(name, t, by_round.get(name)) for name, t in k["targets"].items()]
+    out += [f"\nmemory kinds: {kind} skipped: {e.splitlines()[0]}" for kind, e in section.get("skipped", {}).items()]
+    return out
+
+
 def failures(rounds_by_size: Mapping[str, Sequence[Mapping]]) -> list[str]:
     """Every step of every round that failed, with its message."""
     return [f"\n{step} at {mib} MiB, round {i + 1} failed: {err}"
@@ -228,5 +266,8 @@ def report(results: Mapping) -> list[str]:
     if rows_by_key:
         out += scenarios(rows_by_key) + hops(rows_by_key) + latency_dists(rows_by_key)
     out += headline(results) + targets(results) + tls(results.get("tls"))
-    out += scaling(results.get("scaling")) + failures(results.get("rounds", {}))
+    out += scaling(results.get("scaling")) + memory(results.get("memory"))
+    out += failures(results.get("rounds", {}))
+    if results.get("memory_rounds"):  # its steps are named by kind ("hugetlb:busy")
+        out += failures({str(results["memory"]["guest_mib"]): results["memory_rounds"]})
     return out

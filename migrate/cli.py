@@ -318,6 +318,10 @@ def vmm_parser() -> argparse.ArgumentParser:
                          "(default 1.12)")
     ap.add_argument("--regions", type=_whole, default=1, metavar="N",
                     help="describe the guest as N regions, adjacent, each with its own offset (default 1)")
+    ap.add_argument("--remove", type=_whole, default=0, metavar="N",
+                    help="drop N ranges of memory (MADV_DONTNEED, as a balloon does) while the handler fills it, "
+                         "before the vCPUs resume: the handler is told (UFFD_EVENT_REMOVE), and they must read as "
+                         "zeros, which the proof checks (default 0)")
     _add_seconds(ap, "--seconds", 1.0, help="seconds the vCPUs run before they stop and the restore is proven "
                                             "(default 1)")
     _add_seconds(ap, "--timeout", 10.0,
@@ -579,7 +583,7 @@ def _run_vmm(args: argparse.Namespace) -> int:
     _require(args.seconds >= 0, "--seconds cannot be negative", "seconds the vCPUs run before the proof, e.g. 1")
     _require(args.timeout > 0, "--timeout must be more than 0", "seconds to wait for a page, e.g. 10")
     cfg = vmm.VmmConfig(snapshot=args.snapshot, handoff=args.handoff, firecracker=args.firecracker,
-                        regions=args.regions, seconds=args.seconds, timeout=args.timeout)
+                        regions=args.regions, seconds=args.seconds, timeout=args.timeout, remove=args.remove)
     stats = _run_trio(vmm.restore, cfg)
     write_metrics(stats.to_json(), args.metrics, sys.stdout)
     stall = stats.vcpu_stall_us

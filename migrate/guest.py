@@ -289,15 +289,26 @@ class Guest:
             lib.region_unmap(self._control, self._control_size)
 
 
-def replay(spec: GuestSpec, steps: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
+def replay(spec: GuestSpec, steps: list[int],
+           removed: tuple[list[int], list[tuple[int, int]]] | None = None) -> tuple[int, list[tuple[int, int, int]]]:
     """Runs the workload on a fresh guest for exactly ``steps[i]`` steps per vCPU, without migration.
+
+    ``removed``: (steps, runs): at those steps, the runs of wire pages were dropped and read as zeros
+    from then on (a VMM's ``MADV_DONTNEED``).
 
     Returns:
         (digest, CPU states): what a correctly migrated guest must show.
     """
     # The rate shapes timing, never results; nor does the memory's kind (no second pool of huge pages).
     guest = Guest(dataclasses.replace(spec, rate=0, memory=Memory.anon), fill=True)
+    page = spec.memory.page_size
     try:
+        if removed is not None:
+            at, runs = removed
+            guest.start(max_steps=at)
+            guest.join()
+            for first, count in runs:
+                lib.region_discard(guest.base + first * page, count * page, Memory.anon)
         guest.start(max_steps=steps)
         guest.join()
         return guest.digest(), guest.export_state()

@@ -100,11 +100,13 @@ def _show(value: int) -> str:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    for k in keys:
-        if keys.count(k) > 1:
+    """An object's keys, each once: serde would refuse a repeated field, and a second value must not win."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
             raise ValueError(f"the key {k!r} appears twice in one object")
-    return dict(pairs)
+        out[k] = v
+    return out
 
 
 def _integer(i: int, obj: dict[str, Any], name: str) -> int:
@@ -175,33 +177,48 @@ def parse(data: bytes) -> list[Region]:
     return regions
 
 
-def _complete(data: bytes) -> bool:
-    """Whether ``data`` holds a whole JSON array: its brackets close (strings skipped).
+class _ArrayEnd:
+    """Finds where a JSON array that arrives in pieces closes: its brackets balance, strings skipped.
 
-    Raises:
-        RemoteProtocolError: the message does not start as an array.
+    Fed each piece once (a VMM dripping a byte at a time costs one pass in all, not one per byte).
     """
-    text = data.lstrip()
-    if text and text[:1] != b"[":
-        raise _bad("not a JSON array")
-    depth, in_string, escaped = 0, False, False
-    for byte in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
+
+    def __init__(self) -> None:
+        self.started = False
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, chunk: bytes) -> bool:
+        """Whether the array closed within ``chunk``.
+
+        Raises:
+            RemoteProtocolError: the message does not start as an array.
+        """
+        if not self.started:
+            chunk = chunk.lstrip()
+            if not chunk:
+                return False
+            if chunk[:1] != b"[":
+                raise _bad("not a JSON array")
+            self.started = True
+        for byte in chunk:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif byte == 0x5C:  # backslash
+                    self.escaped = True
+                elif byte == 0x22:  # quote
+                    self.in_string = False
             elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in b"[{":
-            depth += 1
-        elif byte in b"]}":
-            depth -= 1
-            if depth == 0:
-                return True
-    return False
+                self.in_string = True
+            elif byte in b"[{":
+                self.depth += 1
+            elif byte in b"]}":
+                self.depth -= 1
+                if self.depth == 0:
+                    return True
+        return False
 
 
 @dataclass
@@ -215,8 +232,10 @@ class Handoff:
     conn: trio.socket.SocketType
 
     def close(self) -> None:
-        """Closes the userfaultfd and the connection."""
-        os.close(self.uffd)
+        """Closes the userfaultfd and the connection (once; again does nothing)."""
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
         self.conn.close()
 
 
@@ -224,6 +243,8 @@ class Listener:
     """A Unix stream socket at ``path``, mode 0600, for one VMM to connect to.
 
     A socket file left at ``path`` by a handler that is gone (nothing accepts on it) is replaced.
+    Listen first, then start the VMM (Firecracker connects once, without retrying); close it inside
+    ``trio.run``, as any trio socket.
 
     Raises:
         UsageError: ``path`` exists and is not a stale socket, or cannot be bound.
@@ -340,7 +361,7 @@ async def _receive(conn: trio.socket.SocketType, fds: list[int]) -> bytes:
     Firecracker writes it in one ``sendmsg``; reading on until the array closes also takes one that a
     stream socket split.
     """
-    data = b""
+    data, end = bytearray(), _ArrayEnd()  # appended in place: a drip costs no copy per byte
     while True:
         chunk, ancdata, flags, _ = await conn.recvmsg(MAX_MESSAGE + 1 - len(data), socket.CMSG_SPACE(_MAX_FDS * 4),
                                                        socket.MSG_CMSG_CLOEXEC)
@@ -354,8 +375,8 @@ async def _receive(conn: trio.socket.SocketType, fds: list[int]) -> bytes:
         data += chunk
         if len(data) > MAX_MESSAGE:
             raise _bad(f"more than the {MAX_MESSAGE} bytes this handler reads")
-        if _complete(data):
-            return data
+        if end.feed(chunk):
+            return bytes(data)
 
 
 def _check_uffd(fd: int) -> None:

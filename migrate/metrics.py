@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import resource
 from dataclasses import dataclass, field
-from typing import IO
+from pathlib import Path
+from typing import IO, Iterable
 
 from ._native import lib
-from .stats import LatencySummary, StallSummary
+from .stats import LatencySummary, MemoryHeld, StallSummary
 
 BUCKETS: int = lib.HIST_BUCKETS
 # QEMU 10.1 query-migrate "postcopy-latency-dist": bucket N counts faults
@@ -127,6 +128,57 @@ def rss_mib() -> float:
     except OSError:
         pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _kib_fields(lines: Iterable[str], keys: Iterable[str]) -> dict[str, int]:
+    """The ``Key:   N kB`` lines of a /proc file whose key is in ``keys``, as kB (0 where a key is absent)."""
+    want = dict.fromkeys(keys, 0)
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in want:
+            want[key] = int(value.split()[0])
+    return want
+
+
+def guest_present_kib(smaps: str, base: int) -> int:
+    """kB of the mapping that starts at ``base`` that are present: its ``Rss`` plus its huge pages.
+
+    ``Rss`` leaves out the shared zero page (what ``UFFDIO_ZEROPAGE`` maps into anonymous memory, and
+    a read of an untouched anonymous page), so a guest's zero pages that no one wrote count for
+    nothing, as in ``VmRSS``; huge pages are only in ``Shared_Hugetlb`` / ``Private_Hugetlb``.  0 when
+    no mapping starts at ``base``.
+    """
+    fields = ("Rss", "Shared_Hugetlb", "Private_Hugetlb")
+    kb, inside = 0, False
+    for line in smaps.splitlines():
+        if line[:1] in tuple("0123456789abcdef"):  # a mapping's line: "start-end perms offset dev inode path"
+            inside = int(line.split("-", 1)[0], 16) == base
+        elif inside and line.partition(":")[0] in fields:
+            kb += int(line.split()[1])
+    return kb
+
+
+def memory_held(base: int, size: int, status: str | None = None, smaps: str | None = None) -> MemoryHeld:
+    """What this process holds, and how much of it is beyond its guest (``MemoryHeld``), in MiB.
+
+    Args:
+        base, size: the guest's mapping (``size`` is only reported, the mapping is found by ``base``).
+        status, smaps: the text of /proc/self/status and /proc/self/smaps; read here when None (tests
+            pass their own).
+    """
+    if status is None:
+        status = Path("/proc/self/status").read_text()
+    if smaps is None:
+        smaps = Path("/proc/self/smaps").read_text()
+    kb = _kib_fields(status.splitlines(), ("VmHWM", "RssAnon", "RssFile", "RssShmem", "HugetlbPages"))
+    guest = min(guest_present_kib(smaps, base), size // 1024)
+
+    def mib(k: int) -> float:
+        return round(k / 1024, 1)
+
+    return MemoryHeld(peak_rss=mib(kb["VmHWM"]), rss_anon=mib(kb["RssAnon"]), rss_file=mib(kb["RssFile"]),
+                      rss_shmem=mib(kb["RssShmem"]), hugetlb=mib(kb["HugetlbPages"]), guest_present=mib(guest),
+                      beyond_guest=mib(kb["VmHWM"] + kb["HugetlbPages"] - guest))
 
 
 def write_metrics(metrics: dict[str, object], path: str | None, stdout: IO[str]) -> None:

@@ -158,6 +158,27 @@ class FirstWindow(Stats):
 
 
 @dataclass(frozen=True)
+class MemoryHeld(Stats):
+    """What the process holds in memory, MiB, from /proc/self/status and the guest's line of /proc/self/smaps.
+
+    ``rss_mib`` (``VmHWM``) alone misjudges it both ways: the guest's zero pages that no one wrote are
+    never resident (anonymous memory maps the shared zero page), so "RSS - guest" went negative for a
+    zero-heavy guest, and huge pages are not in RSS at all (``HugetlbPages``), while shared memory is
+    (``RssShmem``).  ``beyond_guest`` is the peak RSS plus the huge pages mapped, less the guest's pages
+    present when measured: at least what the process holds beside its guest then, at most its peak of it
+    (the guest's present pages only grow before the measurement).
+    """
+
+    peak_rss: float  # VmHWM: the peak of RssAnon + RssFile + RssShmem
+    rss_anon: float
+    rss_file: float
+    rss_shmem: float
+    hugetlb: float  # HugetlbPages: huge pages mapped, outside RSS
+    guest_present: float  # the guest mapping's Rss (not the shared zero page) plus its huge pages
+    beyond_guest: float  # peak_rss + hugetlb - guest_present
+
+
+@dataclass(frozen=True)
 class SideStats(Stats):
     """What both sides report alike: the guest, the bytes of each channel, TLS, and the process's peak RSS."""
 
@@ -172,6 +193,9 @@ class SideStats(Stats):
     tls: str  # the negotiated protocol and cipher, or "plaintext"
     tls_rekeys: int
     rss_mib: float
+    # What the process holds beyond its guest, kind by kind (MemoryHeld); keyword-only, so it may
+    # come last and stay out of the JSON where a side did not measure it.
+    memory_mib: MemoryHeld | None = field(default=None, kw_only=True, metadata={"optional": True})
 
 
 @dataclass(frozen=True)
@@ -215,6 +239,9 @@ class DestinationStats(SideStats):
     connect_attempts: int
     placed_timeline: tuple[tuple[float, int, int], ...]  # (seconds since switchover, bulk pages, urgent pages)
     vmm_pid: int | None = _optional(None)  # --handoff: the VMM whose memory was filled (it runs the vCPUs)
+    vmm_removes: int = _optional(0)  # UFFD_EVENT_REMOVE the VMM sent (a balloon, MADV_DONTNEED)
+    vmm_removed_pages: int = _optional(0)  # pages they named
+    vmm_holes_zeroed: int = _optional(0)  # pages of removed ranges still absent at the end, placed as zero pages
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ while something waits for one for ``timeout`` seconds, ends it with one line.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,19 @@ class VmmConfig:
     regions: int = 1
     seconds: float = 1.0
     timeout: float = 10.0
+    remove: int = 0  # ranges dropped (MADV_DONTNEED / MADV_REMOVE) while the handler fills the memory
+
+
+def removals(spec: GuestSpec, n: int) -> list[tuple[int, int]]:
+    """``n`` runs of wire pages to drop, as a balloon would: 1 to 16 pages each (1 or 2 huge pages), spread
+    over the guest, the same for the same guest (seeded by its seed)."""
+    rng = random.Random(spec.seed)
+    most = 2 if spec.memory.page_size > 4096 else 16
+    runs = []
+    for _ in range(n):
+        count = rng.randint(1, min(most, spec.wire_pages))
+        runs.append((rng.randrange(spec.wire_pages - count + 1), count))
+    return runs
 
 
 def split(base: int, spec: GuestSpec, n: int) -> list[Region]:
@@ -81,7 +95,8 @@ class Restore:
         try:  # the version's message can describe this guest's pages (before 1.7: no huge pages)
             handoff.encode([Region(0, page, 0, page)], cfg.firecracker)
         except ValueError as exc:
-            raise UsageError(f"--firecracker {cfg.firecracker}: {exc}", hint="the handoff came in Firecracker 1.1; huge pages need 1.7 or later") from None
+            raise UsageError(f"--firecracker {cfg.firecracker}: {exc}",
+                             hint="the handoff came in Firecracker 1.1; huge pages need 1.7 or later") from None
         self.digesting = False
 
     async def run(self) -> RestoreStats:
@@ -108,6 +123,7 @@ class Restore:
             conn = trio.socket.from_stdlib_socket(
                 handoff.send(self.cfg.handoff, regions, uffd.fd, self.cfg.firecracker))
             sent_ns = time.monotonic_ns()
+            removed = await self._remove(guest) if self.cfg.remove else []
             guest.release()
             log.info("handed %d region(s) of %d MiB (%s, %d KiB pages) to the handler at %s as Firecracker %s; "
                      "%d vCPUs resumed at steps %s", len(regions), spec.size >> 20, spec.memory.name,
@@ -130,7 +146,8 @@ class Restore:
         rss = rss_mib()  # before the replay, which maps a second guest
         log.info("vCPUs stopped at steps %s; %d of %d pages were present then; replaying to prove it", steps,
                  present, spec.wire_pages)
-        want_digest, want_state = await trio.to_thread.run_sync(replay, spec, steps)
+        want_digest, want_state = await trio.to_thread.run_sync(
+            replay, spec, steps, (self.snap.steps(), removed) if removed else None)
         verified = digest == want_digest and guest.export_state() == want_state
         guest.close()
         uffd.close()  # every page is present: the digest read them all
@@ -142,6 +159,26 @@ class Restore:
             first_step_ms=None if first is None else round((first - sent_ns) / 1e6, 3), run_s=self.cfg.seconds,
             vcpu_steps=tuple(steps), steps_run=sum(steps) - sum(self.snap.steps()),
             pages_present_after_run=present, vcpu_stall_us=stalls.summary(), verified=verified, rss_mib=rss)
+
+    async def _remove(self, guest: Guest) -> list[tuple[int, int]]:
+        """Drops ``--remove`` ranges of the memory while the handler streams it in, before the vCPUs resume
+        (so the replay knows what they read): the kernel tells the handler (``UFFD_EVENT_REMOVE``), and each
+        range must read as zeros from then on, whatever the handler had under way.  Starts once a tenth of
+        the memory is there, so that much of the stream is still to come."""
+        spec, page = self.spec, self.spec.memory.page_size
+        with trio.move_on_after(self.cfg.timeout):
+            while guest.present_pages() < spec.wire_pages // 10:
+                await trio.sleep(0.001)
+        runs = removals(spec, self.cfg.remove)
+
+        def drop() -> None:  # each madvise waits until the handler has read the event
+            for first, count in runs:
+                if lib.region_discard(guest.base + first * page, count * page, spec.memory) < 0:
+                    raise UsageError(f"dropping pages {first}+{count} failed")
+        await trio.to_thread.run_sync(drop, abandon_on_cancel=True)
+        log.info("dropped %d ranges (%d pages) while the handler filled the memory", len(runs),
+                 sum(count for _, count in runs))
+        return runs
 
     async def _watch_handler(self, conn: trio.socket.SocketType, guest: Guest) -> None:
         """Ends the restore when the handler hangs up before every page is present.

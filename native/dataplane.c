@@ -41,6 +41,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -272,8 +274,8 @@ static int for_each_stretch(const dst_plane_t *d, uint64_t start, uint64_t count
         if (n > count - at)
             n = count - at;
         int rc = fn(d, r->base + ((start + at - r->first) << d->page_shift), at, n, arg);
-        if (rc < 0)
-            return rc;
+        if (rc)
+            return rc; /* an error, or LOOP_STOPPED */
         at += n;
     }
     return 0;
@@ -307,25 +309,145 @@ static int discard(const dst_placer_t *c, place_stats_t *me, const struct wire_f
     return 0;
 }
 
-/* What a frame's placement did: its payload (NULL: zero pages), and the bytes placed and found present. */
+/* A VMM's removed ranges (see plane_track_removes in dataplane.h). */
+#define REMOVES_MAX PLANE_REMOVES_MAX
+/* How long a placement waits before it tries again when the memory's layout
+ * is changing (-EAGAIN: a remove event not read yet, which the fault reader
+ * reads within microseconds). */
+#define LAYOUT_WAIT_MS 1
+
+struct removes {
+    pthread_rwlock_t lock; /* placements shared, the fault reader exclusive around read() */
+    uint32_t n;
+    struct wire_run run[REMOVES_MAX]; /* in page order, disjoint, not adjacent */
+};
+
+int plane_track_removes(dst_plane_t *d)
+{
+    struct removes *r = calloc(1, sizeof *r);
+    pthread_rwlockattr_t attr;
+    if (!r)
+        return -ENOMEM;
+    /* The fault reader must get the lock between two placements, however
+     * busy both placers are: a writer waiting goes first. */
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&r->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    d->removes = r;
+    return 0;
+}
+
+void plane_untrack_removes(dst_plane_t *d)
+{
+    struct removes *r = d->removes;
+    if (r) {
+        pthread_rwlock_destroy(&r->lock);
+        free(r);
+        d->removes = NULL;
+    }
+}
+
+int plane_removed_runs(dst_plane_t *d, struct wire_run *out, int max)
+{
+    struct removes *r = d->removes;
+    if (!r)
+        return 0;
+    pthread_rwlock_rdlock(&r->lock);
+    int n = (int)r->n < max ? (int)r->n : max;
+    memcpy(out, r->run, (size_t)n * sizeof *out);
+    pthread_rwlock_unlock(&r->lock);
+    return n;
+}
+
+/* Adds pages [start, start + count) to the removed ranges, merged with those
+ * it touches; under the lock, exclusively.  -ENOSPC: the list is full. */
+static int removes_add(struct removes *r, uint64_t start, uint64_t count)
+{
+    uint64_t end = start + count;
+    uint32_t i = 0, j;
+    while (i < r->n && r->run[i].start + r->run[i].count < start)
+        i++; /* runs wholly before, not adjacent */
+    for (j = i; j < r->n && r->run[j].start <= end; j++) { /* runs it touches: merged into it */
+        if (r->run[j].start < start)
+            start = r->run[j].start;
+        if (r->run[j].start + r->run[j].count > end)
+            end = r->run[j].start + r->run[j].count;
+    }
+    if (j == i && r->n == REMOVES_MAX)
+        return -ENOSPC;
+    memmove(&r->run[i + 1], &r->run[j], (r->n - j) * sizeof r->run[0]);
+    r->n = r->n - (j - i) + 1;
+    r->run[i] = (struct wire_run){ start, end - start };
+    return 0;
+}
+
+/* Of pages [page, page + count): how many from page on are all removed
+ * (*removed = 1) or none removed (*removed = 0).  Under the lock, shared. */
+static uint64_t removes_span(const struct removes *r, uint64_t page, uint64_t count, int *removed)
+{
+    for (uint32_t i = 0; i < r->n; i++) {
+        const struct wire_run *w = &r->run[i];
+        if (w->start + w->count <= page)
+            continue;
+        if (w->start <= page) {
+            *removed = 1;
+            return w->start + w->count - page < count ? w->start + w->count - page : count;
+        }
+        *removed = 0;
+        return w->start - page < count ? w->start - page : count;
+    }
+    *removed = 0;
+    return count;
+}
+
+/* What a frame's placement does: its first page and payload (NULL: zero
+ * pages), the bytes placed and found present, and the placer's stop. */
 typedef struct {
+    uint64_t start;
     const uint8_t *payload;
     uint64_t placed;
     uint64_t existed;
+    int stop_fd;
 } placing_t;
 
+/* Places one stretch (one region's part of a frame).  With a VMM's removes,
+ * each piece is placed holding the lock shared, as zero pages where the VMM
+ * removed the range, and a layout change under way (-EAGAIN) is waited out
+ * with the lock released, or the fault reader could never read its event. */
 static int place_stretch(const dst_plane_t *d, uint64_t addr, uint64_t at, uint64_t count, void *arg)
 {
     placing_t *p = arg;
-    const uint64_t page = 1ull << d->page_shift;
-    uint64_t placed, existed;
-    int rc = p->payload ? uffd_copy(d->uffd, addr, p->payload + (at << d->page_shift), count << d->page_shift, page,
-                                    &placed, &existed, d->pagemap_fd)
-                        : uffd_zeropage(d->uffd, addr, count << d->page_shift, page, &placed, &existed,
-                                        d->pagemap_fd);
-    p->placed += placed;
-    p->existed += existed;
-    return rc;
+    struct removes *r = d->removes;
+    const uint32_t shift = d->page_shift;
+    const uint64_t page = 1ull << shift;
+    uint64_t done = 0;
+    while (done < count) {
+        uint64_t n = count - done, placed = 0, existed = 0;
+        int removed = 0, rc;
+        if (r) {
+            pthread_rwlock_rdlock(&r->lock);
+            n = removes_span(r, p->start + at + done, n, &removed);
+        }
+        if (p->payload && !removed)
+            rc = uffd_copy(d->uffd, addr + (done << shift), p->payload + ((at + done) << shift), n << shift, page,
+                           &placed, &existed, d->pagemap_fd);
+        else
+            rc = uffd_zeropage(d->uffd, addr + (done << shift), n << shift, page, &placed, &existed, d->pagemap_fd);
+        if (r)
+            pthread_rwlock_unlock(&r->lock);
+        p->placed += placed;
+        p->existed += existed;
+        done += (placed + existed) >> shift;
+        if (rc == -EAGAIN) {
+            struct pollfd stop = { p->stop_fd, POLLIN, 0 };
+            if (poll(&stop, 1, LAYOUT_WAIT_MS) > 0)
+                return LOOP_STOPPED;
+        } else if (rc < 0) {
+            return rc;
+        }
+    }
+    return 0;
 }
 
 /* Receives frames on the placer's link until one places pages, carrying out
@@ -356,8 +478,11 @@ static int place_next(const dst_placer_t *c, place_stats_t *me, const reader_t *
         counter_add(&me->bytes, WIRE_FRAME_SIZE);
     }
     const uint32_t shift = c->plane->page_shift;
-    placing_t p = { f->kind == WIRE_PAGES ? r->rx->data + r->rx->start + WIRE_FRAME_SIZE : NULL, 0, 0 };
+    placing_t p = { f->start, f->kind == WIRE_PAGES ? r->rx->data + r->rx->start + WIRE_FRAME_SIZE : NULL, 0, 0,
+                    r->io.stop_fd };
     rc = for_each_stretch(c->plane, f->start, f->count, place_stretch, &p);
+    if (rc == LOOP_STOPPED)
+        return rc;
     out->placed = p.placed;
     *r->io.why = p.payload ? "UFFDIO_COPY" : shift == WIRE_PAGE_SHIFT ? "UFFDIO_ZEROPAGE"
                                                                     : "UFFDIO_COPY of a zero huge page";
@@ -479,6 +604,56 @@ static int send_all(const io_t *io, const void *buf, size_t len)
     return 0;
 }
 
+/* Records a VMM's UFFD_EVENT_REMOVE of [start, end) (addresses; a range
+ * may cross regions, and parts outside the guest are not ours); under the
+ * lock, exclusively. */
+static int record_remove(dst_plane_t *d, uint64_t start, uint64_t end, const char **why)
+{
+    const uint64_t page = 1ull << d->page_shift;
+    for (uint64_t a = start & ~(page - 1); a < end; a += page) {
+        int64_t p = page_at(d, a);
+        if (p < 0)
+            continue;
+        uint64_t n = 1;
+        while (a + n * page < end && page_at(d, a + n * page) == p + (int64_t)n)
+            n++;
+        if (removes_add(d->removes, (uint64_t)p, n) < 0) {
+            *why = "recording the VMM's removes (more separate ranges than PLANE_REMOVES_MAX)";
+            return -ENOSPC;
+        }
+        add(&d->removed_pages, n);
+        a += (n - 1) * page;
+    }
+    add(&d->remove_events, 1);
+    return 0;
+}
+
+/* Reads what the userfaultfd has (faults, and a VMM's removes, which are
+ * recorded before any placement may look again: see plane_track_removes).
+ * Returns the bytes read, or -errno. */
+static ssize_t read_events(dst_plane_t *d, struct uffd_msg *msgs, size_t size, const char **why)
+{
+    struct removes *r = d->removes;
+    if (r)
+        pthread_rwlock_wrlock(&r->lock);
+    ssize_t n = read(d->uffd, msgs, size);
+    int err = errno;
+    for (ssize_t i = 0; r && n > 0 && i < n / (ssize_t)sizeof msgs[0]; i++) {
+        if (msgs[i].event != UFFD_EVENT_REMOVE)
+            continue;
+        int rc = record_remove(d, msgs[i].arg.remove.start, msgs[i].arg.remove.end, why);
+        if (rc < 0) {
+            n = rc;
+            err = -rc;
+        }
+    }
+    if (r)
+        pthread_rwlock_unlock(&r->lock);
+    if (n < 0 && err != EAGAIN && err != EINTR && err != ENOSPC)
+        *why = "reading the userfaultfd";
+    return n < 0 ? -err : n;
+}
+
 int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int stop_fd,
                    const char **why)
 {
@@ -500,12 +675,11 @@ int dst_fault_loop(dst_plane_t *d, link_t *l, int idle_ms, uint32_t span, int st
         }
         if (pfd[1].revents)
             return LOOP_STOPPED;
-        ssize_t n = read(d->uffd, msgs, sizeof msgs);
+        ssize_t n = read_events(d, msgs, sizeof msgs, why);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
+            if (n == -EAGAIN || n == -EINTR)
                 continue;
-            *why = "reading the userfaultfd";
-            return -errno;
+            return (int)n;
         }
         uint64_t t_read = mono_ns(), pages = 0;
         uint32_t k = 0;

@@ -92,7 +92,28 @@ typedef struct {
     place_stats_t bulk;   /* the placer's */
     place_stats_t urgent; /* the reply placer's */
     fault_stats_t faults; /* the fault reader's */
+    void *removes;        /* a VMM's memory: the ranges it removed (see plane_track_removes); NULL: our own */
+    uint64_t remove_events;  /* UFFD_EVENT_REMOVE read, written by the fault reader */
+    uint64_t removed_pages;  /* pages they named */
 } dst_plane_t;
+
+/* A VMM's memory (migrate-dst --handoff) with UFFD_EVENT_REMOVE: after the
+ * VMM drops a range (MADV_DONTNEED, a balloon), its kernel says the range
+ * reads as zeros, so no page may be placed there with the image's old bytes,
+ * from a stream frame or a reply already under way.  No per-page state: the
+ * fault reader records each removed range (a bounded list of events, merged,
+ * never forgotten: a remove can come at any time, its frames later) while it
+ * holds a lock exclusively around read(); every placement holds the same
+ * lock shared around its look at the list and its UFFDIO_COPY, and places
+ * zero pages wherever the list says.  So a placement either ends before the
+ * remove event is read (and the kernel's zap after it clears the page), or
+ * starts after and sees the range.  Returns 0 or -ENOMEM. */
+#define PLANE_REMOVES_MAX 4096
+int plane_track_removes(dst_plane_t *d);
+void plane_untrack_removes(dst_plane_t *d);
+
+/* The removed ranges now, in page order, at most max of them; returns how many. */
+int plane_removed_runs(dst_plane_t *d, struct wire_run *out, int max);
 
 /* A placer's context: the bulk placer's, or the reply placer's. */
 typedef struct {

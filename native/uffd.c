@@ -120,7 +120,10 @@ static int place(int fd, int zero, uint64_t dst, const char *src, uint64_t len, 
         if (err == EEXIST) {
             *existed += page;
             off += page;
-        } else if (err != EAGAIN) {
+        } else if (err != EAGAIN || done <= 0) {
+            /* -EAGAIN with nothing placed: the memory's layout is changing
+             * (a VMM's madvise waits for its handler to read UFFD_EVENT_REMOVE);
+             * calling again at once would spin until the event is read. */
             return -err;
         }
     }

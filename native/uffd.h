@@ -38,7 +38,9 @@ int uffd_register(int fd, uint64_t addr, uint64_t len);
  * size), one ioctl per stretch of absent pages.  Pages already present are
  * skipped and counted (in bytes, *existed): that is the fault/stream race the
  * kernel resolves for us, not an error.  -ENOSPC: -EEXIST for a huge page
- * that pagemap says is not mapped (the pool could not supply it): pagemap_fd
+ * that pagemap says is not mapped (the pool could not supply it).  -EAGAIN:
+ * the memory's layout is changing (an event such as UFFD_EVENT_REMOVE is not
+ * read yet); *placed + *existed say how far it got.  pagemap_fd
  * is /proc/PID/pagemap of the process that owns dst (-1: this one). */
 int uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t page,
               uint64_t *placed, uint64_t *existed, int pagemap_fd);

@@ -12,11 +12,17 @@ def _hop(p50: float, p99: float, total_ms: float, count: int = 10) -> dict:
     return {"count": count, "p50": p50, "p99": p99, "max": p99 * 2, "total_ms": total_ms}
 
 
+def _held(beyond: float, guest: float = 1024.0) -> dict:
+    """A side's ``memory_mib`` for an anonymous guest all present, holding ``beyond`` MiB besides it."""
+    return {"peak_rss": guest + beyond, "rss_anon": guest + beyond - 8, "rss_file": 8.0, "rss_shmem": 0.0,
+            "hugetlb": 0.0, "guest_present": guest, "beyond_guest": beyond}
+
+
 def _dst(**over: object) -> dict:
     m = {
         "pages_total": 262144, "pages_placed": 262144, "verified": True, "downtime_ms": 0.7, "total_s": 1.0,
         "bytes_bulk": 10**9, "stream_gbps": 1.0, "faults": 100, "requests": 80, "pages_placed_urgent": 90,
-        "eexist": 3, "zero_pages": 5, "rss_mib": 1050.0, "recoveries": [], "vcpus": 2,
+        "eexist": 3, "zero_pages": 5, "rss_mib": 1050.0, "memory_mib": _held(26.0), "recoveries": [], "vcpus": 2,
         "vcpu_stall_us": {"count": 120, "p50": 40.0, "p99": 900.0, "max": 5000.0, "total_ms": 60.0},
         "fault_service_us": {"count": 80, "p50": 25.0, "p99": 700.0, "max": 4000.0, "total_ms": 30.0},
         "hops_us": {"fault_to_request": _hop(0.1, 0.3, 0.01), "network": _hop(15, 600, 20),
@@ -51,7 +57,7 @@ def test_spread() -> None:
 
 
 def test_summarize_picks_the_figures_and_the_hops() -> None:
-    s = bl.summarize(_dst(), {"rss_mib": 1040.0}, 1024, wall_s=5.0)
+    s = bl.summarize(_dst(), {"rss_mib": 1040.0, "memory_mib": _held(16.0)}, 1024, wall_s=5.0)
     assert s["stream_gbps"] == 1.0
     assert s["stall_p50_us"] == 40.0 and s["stall_total_ms"] == 60.0
     assert s["service_p50_us"] == 25.0
@@ -60,6 +66,8 @@ def test_summarize_picks_the_figures_and_the_hops() -> None:
     assert s["rss_over_guest_mib_src"] == 16.0 and s["rss_over_guest_mib_dst"] == 26.0
     assert s["total_s_per_gib"] == 1.0
     assert s["guest_gbps"] == pytest.approx(1.074, abs=0.001)  # 1 GiB present in 1 s
+    huge = bl.summarize(_dst(pages_total=512, page_size=2 << 20), {}, 1024)
+    assert huge["guest_gbps"] == s["guest_gbps"]  # 512 pages of 2 MiB: the same GiB
     assert s["recoveries"] == 0
     assert s["stalled_fraction"] == 0.03  # 60 ms of stalls in 2 vCPUs x 1 s
     assert "postcopy_latency_dist" not in s  # absent from the metrics: left out, never made up
@@ -88,7 +96,7 @@ def test_latency_dist_buckets_double_from_one_microsecond() -> None:
 
 
 def test_combine_takes_medians_and_worst_cases() -> None:
-    runs = [bl.summarize(_dst(stream_gbps=g, rss_mib=r), {"rss_mib": 1030.0}, 1024)
+    runs = [bl.summarize(_dst(stream_gbps=g, memory_mib=_held(r - 1024)), {"memory_mib": _held(6.0)}, 1024)
             for g, r in ((1.0, 1050.0), (1.2, 1060.0), (0.8, 1040.0))]
     runs[1]["hops_us"]["network"]["p50"] = 30
     row = bl.combine(runs)
@@ -326,7 +334,7 @@ def test_ref_summary_medians_over_the_rounds_a_reference_ran_in() -> None:
 def _computed(quick: bool = False, tls: bool = True) -> dict:
     head = [_bench_round(1.0, 2.0, 40.0, 20.0, downtime=0.5, tls=tls),
             _bench_round(0.9, 1.0, 60.0, 20.0, downtime=1.5, tls=tls)]
-    small_idle = bl.summarize(_dst(total_s=0.2, rss_mib=270.0), {}, 256)
+    small_idle = bl.summarize(_dst(total_s=0.2, memory_mib=_held(14.0, 256)), {}, 256)
     small = [{"refs": _refs(2.2, 2.0, 20.0, 80.0), "runs": {"idle": small_idle}}]
     results: dict = {"refs": {}, "tls": {"aes_128_gcm_one_core": {"encrypt_gbps": 3.0}}}
     bl.compute(results, {1024: head, 256: small}, 1024, quick, LOADS, 2)
@@ -534,3 +542,159 @@ def test_launcher_runs_the_bench_under_the_python_it_is_given() -> None:
     assert launcher.interpreter(["--quick"]) == launcher.VENV / "bin" / "python"
     assert str(launcher.interpreter(["--quick", "--python", "/v/bin/python"])) == "/v/bin/python"
     assert str(launcher.interpreter(["--python=/w/bin/python"])) == "/w/bin/python"
+
+
+# -- memory kinds (issue 22): what a process holds beyond its guest, and the memory section ---------
+
+GUEST_BASE = 0x7F0000000000
+
+
+def _status(hwm_mib: float, anon: float, file: float = 9.0, shmem: float = 0.0, hugetlb: float = 0.0) -> str:
+    """/proc/self/status as the kernel writes it, for the fields memory_held reads (MiB in, kB out)."""
+    kb = {k: int(v * 1024) for k, v in (("VmHWM", hwm_mib), ("RssAnon", anon), ("RssFile", file),
+                                         ("RssShmem", shmem), ("HugetlbPages", hugetlb))}
+    return ("Name:\tmigrate-dst\nVmPeak:\t 9999999 kB\n"
+            f"VmHWM:\t{kb['VmHWM']:>8} kB\nVmRSS:\t{kb['RssAnon'] + kb['RssFile'] + kb['RssShmem']:>8} kB\n"
+            f"RssAnon:\t{kb['RssAnon']:>8} kB\nRssFile:\t{kb['RssFile']:>8} kB\nRssShmem:\t{kb['RssShmem']:>8} kB\n"
+            f"VmData:\t 1200000 kB\nHugetlbPages:\t{kb['HugetlbPages']:>8} kB\nThreads:\t8\n")
+
+
+def _smaps(guest_rss_mib: float, guest_huge_mib: float = 0.0, shared: bool = False) -> str:
+    """/proc/self/smaps: the interpreter's heap, the 1 GiB guest at GUEST_BASE, a library; each with its Rss."""
+    def mapping(start: int, end: int, perms: str, path: str, rss_kb: int, huge_kb: int = 0) -> str:
+        return (f"{start:x}-{end:x} {perms} 00000000 00:01 4242    {path}\n"
+                f"Size:            {(end - start) >> 10} kB\nKernelPageSize:        4 kB\nRss:      {rss_kb:>10} kB\n"
+                f"Pss:      {rss_kb:>10} kB\nPss_Shmem:      {rss_kb if shared else 0} kB\n"
+                f"Private_Dirty:  {rss_kb} kB\nAnonHugePages:         0 kB\nShared_Hugetlb:  {huge_kb:>8} kB\n"
+                f"Private_Hugetlb:        0 kB\nSwap:                  0 kB\nLocked:                0 kB\n"
+                f"THPeligible:    0\nVmFlags: rd wr mr mw me {'sh ' if shared else ''}ac\n")
+    return (mapping(0x55550000, 0x55560000 + (30 << 20), "rw-p", "[heap]", 30 << 10)
+            + mapping(GUEST_BASE, GUEST_BASE + (1 << 30), "rw-s" if shared else "rw-p",
+                      "/memfd:uffd-migrate guest (deleted)" if shared else "", int(guest_rss_mib * 1024),
+                      int(guest_huge_mib * 1024))
+            + mapping(0x7FFF00000000, 0x7FFF00200000, "r-xp", "/usr/lib/libpython3.11.so", 2048))
+
+
+def test_rss_over_the_guest_is_what_a_process_holds_beside_its_guest_on_every_kind() -> None:
+    """A zero-heavy anonymous guest (QEMU's load: the zero pages no one wrote are never resident) made
+    "rss_mib - guest" negative; a hugetlb guest is outside RSS, a memfd guest inside it (RssShmem).  The
+    column is the peak RSS plus the huge pages, less the guest's pages present: the same 30 MiB on all three."""
+    from migrate.metrics import memory_held
+
+    kinds = {  # a 1 GiB guest: (/proc/self/status, /proc/self/smaps) of the process at the end
+        "anon, 30% zero pages never written": (_status(800, 791), _smaps(770)),
+        "memfd": (_status(1054, 21, shmem=1024), _smaps(1024, shared=True)),
+        "hugetlb": (_status(30, 21, hugetlb=1024), _smaps(0, guest_huge_mib=1024, shared=True)),
+    }
+    for kind, (status, smaps) in kinds.items():
+        held = memory_held(GUEST_BASE, 1 << 30, status, smaps).to_json()
+        dst = _dst(rss_mib=held["peak_rss"], memory_mib=held)
+        s = bl.summarize(dst, {"rss_mib": held["peak_rss"], "memory_mib": held}, 1024)
+        assert s["rss_over_guest_mib_dst"] == s["rss_over_guest_mib_src"] == 30.0, (kind, held)
+    held = memory_held(GUEST_BASE, 1 << 30, *kinds["anon, 30% zero pages never written"])
+    assert held.peak_rss - 1024 == -224  # what the column said before
+    assert (held.guest_present, held.rss_anon, held.rss_file) == (770, 791, 9)
+    huge = memory_held(GUEST_BASE, 1 << 30, *kinds["hugetlb"])
+    assert (huge.hugetlb, huge.guest_present, huge.peak_rss) == (1024, 1024, 30)
+    assert memory_held(0x1000, 1 << 30, *kinds["memfd"]).guest_present == 0  # no guest there: nothing is its own
+    # Metrics of a command that did not measure it: no figure, never rss_mib - guest.
+    assert bl.summarize(_dst(memory_mib=None), {"rss_mib": 800.0}, 1024)["rss_over_guest_mib_src"] is None
+
+
+def _kind_round(kind_gbps: float, placer: float, kind_p50: float, floor_p50: float, kind_faults: int,
+                downtimes: tuple[float, float] = (0.5, 0.7)) -> dict:
+    """A memory round with anon and hugetlb: each kind's busy and qemu runs and its own references."""
+    def run(faults: int, gbps: float, p50: float, total_ms: float, total_s: float, downtime: float,
+            beyond: float) -> dict:
+        stall = dict(_dst()["vcpu_stall_us"], p50=p50, total_ms=total_ms)
+        return bl.summarize(_dst(faults=faults, stream_gbps=gbps, vcpu_stall_us=stall, total_s=total_s,
+                                 downtime_ms=downtime, memory_mib=_held(beyond)), {"memory_mib": _held(20.0)}, 1024)
+
+    def refs(gbps: float, p50: float) -> dict:
+        return {"placer_gbps": gbps}, {"fault_idle_us": {"p50": p50, "p99": 2 * p50, "max": 9 * p50},
+                                       "fault_loaded_us": {"p50": p50, "p99": 4 * p50, "max": 9 * p50}}
+
+    (ap, af), (hp, hf) = refs(1.5, 25.0), refs(placer, floor_p50)
+    return {"refs": {"anon:placer_same": ap, "anon:floor_same": af, "hugetlb:placer_same": hp,
+                     "hugetlb:floor_same": hf},
+            "runs": {"anon:busy": run(4000, 1.2, 50.0, 1000.0, 1.0, 0.8, 30.0),
+                     "anon:qemu": run(3000, 1.0, 50.0, 800.0, 0.8, 0.9, 31.0),
+                     "hugetlb:busy": run(kind_faults, kind_gbps, kind_p50, 250.0, 0.25, downtimes[0], 35.0),
+                     "hugetlb:qemu": run(kind_faults // 2, kind_gbps, kind_p50, 80.0, 0.4, downtimes[1], 33.0)}}
+
+
+def test_memory_section_compares_each_kind_with_references_of_its_page_and_with_anon() -> None:
+    rounds = [_kind_round(1.8, 2.0, 1300.0, 1000.0, 200), _kind_round(1.2, 2.0, 2000.0, 800.0, 100, (1.5, 2.5))]
+    m = bl.memory_section(rounds, 1024)
+    assert m["kinds"] == ["anon", "hugetlb"] and m["guest_mib"] == 1024 and m["rounds"] == 2  # memfd never ran
+    h = m["hugetlb"]
+    assert h["page_kib"] == 2048
+    # Against its own placer and floor, round by round (the 2 MiB floor, not anon's 25 µs).
+    assert h["scenarios"]["busy"]["stream_ratio_by_round"] == [0.9, 0.6] and h["stream_ratio"] == 0.75
+    assert h["scenarios"]["busy"]["fault_p50_ratio_by_round"] == [1.3, 2.5] and h["fault_p50_ratio"] == 1.9
+    assert h["placer_gbps"] == 2.0 and h["floor_p50_us"] == 900.0 and h["stall_p50_us"] == 1650.0
+    # Against anon's run of the same guest in the same round: what 2 MiB pages buy.
+    busy = h["scenarios"]["busy"]
+    assert busy["faults_vs_anon_by_round"] == [0.05, 0.025] and busy["faults_vs_anon"] == 0.0375
+    assert busy["stall_total_ms_vs_anon"] == 0.25 and busy["total_s_vs_anon"] == 0.25
+    assert h["scenarios"]["qemu"]["stall_total_ms_vs_anon"] == 0.1
+    assert m["anon"]["scenarios"]["busy"]["faults_vs_anon"] == 1.0
+    # Downtime over both guests of the kind, every round; held beyond the guest, worst run.
+    assert h["downtime_runs_ms"] == [0.5, 0.7, 1.5, 2.5] and h["downtime_ms"] == 1.1
+    assert h["rss_over_guest_mib"] == {"src": 20.0, "dst": 35.0}
+    t = h["targets"]
+    assert (t["stream_ratio"]["met"], t["stream_ratio"]["runs_met"]) == (False, [1, 2])
+    assert (t["fault_p50_ratio"]["met"], t["fault_p50_ratio"]["runs_met"]) == (True, [1, 2])
+    assert (t["downtime_ms"]["met"], t["downtime_ms"]["runs_met"]) == (False, [2, 4])
+    assert m["anon"]["targets"]["stream_ratio"]["value"] == 0.8  # 1.2 over anon's own placer, 1.5
+
+
+def test_memory_rounds_interleave_every_kind_with_anon_and_its_own_references() -> None:
+    import argparse
+
+    import refbench
+
+    kinds = ["anon", "memfd", "hugetlb"]
+    first, second = refbench.memory_round_steps(kinds, 0), refbench.memory_round_steps(kinds, 1)
+    assert first[:4] == [("ref", "anon:placer_same"), ("mig", "anon:busy"), ("ref", "anon:floor_same"),
+                         ("mig", "anon:qemu")]
+    assert [k for _, k in first[8:]] == ["hugetlb:placer_same", "hugetlb:busy", "hugetlb:floor_same", "hugetlb:qemu"]
+    assert [k.split(":")[0] for _, k in second[::4]] == ["memfd", "hugetlb", "anon"]  # no kind always first
+    args = refbench.parser().parse_args(["--only", "memory", "--memory-kinds", "anon,hugetlb"])
+    assert args.only == "memory" and args.memory_kinds == ["anon", "hugetlb"]
+    assert refbench.parser().parse_args([]).memory is True  # a full run has the section
+    src = refbench.source_args("qemu", 1024, argparse.Namespace(idle_rate=1, run_before=1.0), None, "hugetlb")
+    assert src[-6:] == ["--memory", "hugetlb", "--rate", "25000", "--zero-fraction", "0.3"]
+    assert "--memory" not in refbench.source_args("qemu", 1024, argparse.Namespace(idle_rate=1, run_before=1.0), None)
+
+
+def test_report_prints_kind_by_figure_with_the_references_beside() -> None:
+    import refreport
+
+    m = bl.memory_section([_kind_round(1.8, 2.0, 1300.0, 1000.0, 200)], 1024)
+    m["skipped"] = {"memfd": "no pool\nmore"}
+    text = refreport.memory(m)
+    header = next(line for line in text if "x placer" in line).split()
+    assert header[:8] == ["kind", "guest", "page", "ok", "GB/s", "placer", "x", "placer"]
+    huge = next(line for line in text if line.split()[:2] == ["hugetlb", "busy"]).split()
+    assert huge[2:7] == ["2048K", "yes", "1.80", "2.00", "0.90"]  # its stream beside its own placer
+    assert huge[7:10] == ["1300.0", "1000.0", "1.30"]  # its stall p50 beside its own floor
+    assert "targets (issue 22, hugetlb):" in "\n".join(text)
+    assert text[-1] == "\nmemory kinds: memfd skipped: no pool"
+
+
+def test_the_bench_gives_back_the_huge_pages_it_added_not_a_size_it_read(tmp_path, monkeypatch) -> None:
+    """Another program (a test suite's fixture) may raise or lower the pool while the bench runs: the
+    bench lowers it by what it added, and never below zero."""
+    import refbench
+
+    pool = tmp_path / "nr_hugepages"
+    monkeypatch.setattr(refbench, "NR_HUGEPAGES", pool)
+    pool.write_text("1064\n")  # 32 of another program's, 1032 the bench added
+    refbench.give_back_huge_pages(1032)
+    assert pool.read_text() == "32"
+    pool.write_text("100")  # the other program put back its own size meanwhile, taking some of ours
+    refbench.give_back_huge_pages(1032)
+    assert pool.read_text() == "0"
+    refbench.give_back_huge_pages(0)
+    assert pool.read_text() == "0"

@@ -184,6 +184,30 @@ async def test_a_message_split_in_two_writes_is_read_whole(tmp_path: Path, guest
         vmm.close()
 
 
+async def test_a_message_dripped_a_byte_at_a_time(tmp_path: Path, guest: Guest) -> None:
+    """Brackets inside strings do not end it early; the array's own closing bracket does."""
+    path = tmp_path / "uffd.sock"
+    r = guest.regions()[0]
+    message = (f'[{{"note":"]}}[\\"]","base_host_virt_addr":{r.base},"size":{r.size},"offset":0}}]').encode()
+    with trio.fail_after(10):
+        listener = Listener(path)
+        vmm = socket.socket(socket.AF_UNIX)
+        vmm.connect(str(path))
+        socket.send_fds(vmm, [message[:1]], [guest.uffd.fd])
+
+        async def drip() -> None:
+            for i in range(1, len(message)):
+                await trio.sleep(0.001)
+                vmm.send(message[i:i + 1])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drip)
+            got = await listener.accept(5)
+        assert got.regions == [r]
+        got.close()
+        vmm.close()
+
+
 FD_CASES = [("none", "no descriptor came with it"), ("two", "2 descriptors came with it"),
             ("pipe", "is not a userfaultfd but pipe:"), ("nine", "more than 8 descriptors")]
 

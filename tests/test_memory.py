@@ -22,8 +22,8 @@ from typing import Iterator
 import pytest
 import trio
 
-from helpers import BIN, DST, REPORT, migrate, run_destination, start_source
-from migrate._native import lib
+from helpers import BIN, DST, REPORT, Pki, migrate, run_destination, start_source
+from migrate._native import ffi, lib
 from migrate.errors import UffdError, UsageError
 from migrate.memory import (HUGE_PAGE_SIZE, NR_HUGEPAGES, Memory, huge_pages_available, map_region, require_missing,
                             require_write_tracking)
@@ -82,19 +82,38 @@ async def test_postcopy_on_hugetlb_verifies(tmp_path: Path, workload: str, huge_
     report("hugetlb", "postcopy", m)
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
-async def test_rounds_on_memfd_verify(tmp_path: Path, mode: str) -> None:
+async def test_rounds_on_memfd_verify(tmp_path: Path, mode: str, workload: str) -> None:
     """Write tracking on shared memory, and discards by MADV_REMOVE (MADV_DONTNEED would leave the old page)."""
-    m, s = check_mode(await migrate(tmp_path, args("memfd", mode, "hotset"), DST, timeout=60), mode)
+    m, s = check_mode(await migrate(tmp_path, args("memfd", mode, workload), DST, timeout=60), mode)
     report("memfd", mode, m)
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("mode", ["hybrid", "precopy"])
-async def test_rounds_on_hugetlb_verify(tmp_path: Path, mode: str, huge_pages: None) -> None:
+async def test_rounds_on_hugetlb_verify(tmp_path: Path, mode: str, workload: str, huge_pages: None) -> None:
     """Write tracking of huge pages, in 2 MiB granules; discards by MADV_REMOVE."""
-    m, s = check_mode(await migrate(tmp_path, args("hugetlb", mode, "hotset"), DST, timeout=60), mode)
+    m, s = check_mode(await migrate(tmp_path, args("hugetlb", mode, workload), DST, timeout=60), mode)
     assert all(r.pages <= GUEST_MIB // 2 for r in s.rounds)
     report("hugetlb", mode, m)
+
+
+@pytest.mark.parametrize("memory", ["memfd", "hugetlb"])
+async def test_tls_migration_on_shared_memory_and_huge_pages_verifies(tmp_path: Path, memory: str,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """Mutual TLS on every connection: a 2 MiB page is one wire page but 128 TLS records, on the stream
+    and in each reply; the faulted pages come back whole over TLS and the guest verifies."""
+    if memory == "hugetlb":
+        request.getfixturevalue("huge_pages")
+    pki = Pki(tmp_path / "pki")
+    run = await migrate(tmp_path, [*args(memory, "postcopy", "uniform"), "--zero-fraction", "0", *pki.args("src")],
+                        [*DST, *pki.args("dst")], timeout=60)
+    m, s = check_mode(run, "postcopy")
+    assert m.memory == s.memory == memory and m.page_size == Memory[memory].page_size
+    assert m.tls.startswith("TLSv1.3") and s.tls.startswith("TLSv1.3")
+    assert m.pages_placed_urgent > 0 and m.bytes_urgent >= m.pages_placed_urgent * m.page_size  # replies, over TLS
+    report(memory, "postcopy over TLS", m)
 
 
 async def test_a_memfd_guest_into_anonymous_memory_verifies(tmp_path: Path) -> None:
@@ -242,3 +261,44 @@ async def test_hugetlb_recovers_from_cut_links(tmp_path: Path, huge_pages: None)
                    "uniform", "--mode", "hybrid", "--run-before", "0.3"], [8 << 20, 40 << 20])
     assert m.memory == "hugetlb" and len(m.recoveries) == 2
     REPORT.append(f"hugetlb hybrid recovery: {[r.to_json() for r in m.recoveries]}, verified")
+
+
+CORPUS = Path(__file__).parent / "fuzz" / "corpus" / "wire"
+
+
+def wire_check_as_fuzzed(data: bytes) -> tuple[int, int, int]:
+    """What tests/fuzz/fuzz_wire.c does with an input: (wire_check's length or -errno, wire_check_runs', shift).
+
+    The input is a struct wire_frame, the guest's pages (8 bytes), the accept mask (its top bit: 2 MiB
+    wire pages), then struct wire_run entries."""
+    data = data.ljust(41, b"\0")
+    frame, why = ffi.new("struct wire_frame *"), ffi.new("const char **")
+    ffi.memmove(frame, data[:32], 32)
+    pages, mask = int.from_bytes(data[32:40], "little"), data[40]
+    shift = lib.WIRE_HUGE_SHIFT if mask & 0x80 else lib.WIRE_PAGE_SHIFT
+    n = (len(data) - 41) // 16
+    runs = ffi.new("struct wire_run[]", max(n, 1))
+    ffi.memmove(runs, data[41:41 + 16 * n], 16 * n)
+    return lib.wire_check(frame, pages, shift, mask & 0x7F, why), lib.wire_check_runs(runs, n, pages, shift, why), shift
+
+
+def test_the_wire_fuzz_corpus_has_seeds_at_2_mib_pages() -> None:
+    """The fuzz target checks wire_check at a hugetlb guest's 2 MiB pages too (its mask's top bit); its
+    seeds there: a frame of one huge page is the largest payload, a run of two is refused (while the
+    same header at 4 KiB is 8 KiB of pages), a zero reply, a request for whole huge pages."""
+    import sys
+    sys.path.insert(0, str(CORPUS.parent.parent))
+    import seeds
+    from migrate import protocol as p
+
+    made = seeds.huge_wire_seeds(seeds.masks())
+    assert {f"seed-{name}": data for name, data in made.items()} == {
+        f.name: f.read_bytes() for f in CORPUS.glob("seed-huge-*")}  # the corpus is what seeds.py makes
+    page, runs, shift = wire_check_as_fuzzed(made["huge-page"])
+    assert (page, runs, shift) == (HUGE_PAGE_SIZE, 0, lib.WIRE_HUGE_SHIFT) and page == lib.WIRE_MAX_PAYLOAD
+    two = made["huge-two-pages"]
+    assert wire_check_as_fuzzed(two)[0] == -errno.EBADMSG
+    assert wire_check_as_fuzzed(two[:40] + bytes([two[40] & 0x7F]))[0] == 2 * p.PAGE_SIZE  # at 4 KiB: two pages
+    assert wire_check_as_fuzzed(made["huge-reply"])[:2] == (0, 0)
+    request, runs, _ = wire_check_as_fuzzed(made["huge-request"])
+    assert (request, runs) == (3 * 16, 0)  # three runs of one huge page each, all in the 16-page guest

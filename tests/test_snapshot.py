@@ -21,8 +21,8 @@ from migrate.uffd import PAGE_SIZE
 
 def file_digest(path: Path, pages: int) -> int:
     """The guest digest of a memory image, computed by C over the file mapped read-only."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        return lib.guest_digest(int(ffi.cast("uintptr_t", ffi.from_buffer(m))), pages)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m, ffi.from_buffer(m) as buf:
+        return lib.guest_digest(int(ffi.cast("uintptr_t", buf)), pages)
 
 
 @pytest.mark.parametrize("memory", [Memory.anon, Memory.memfd])

@@ -169,21 +169,86 @@ static inline void uffd_register(int uffd, void *addr, size_t len)
         die("UFFDIO_REGISTER");
 }
 
-/* A fresh anonymous region registered for MISSING faults. */
-static inline char *uffd_region(int uffd, size_t len)
+/* The guest memory kinds of migrate-src --memory, mapped as native/uffd.c's
+ * region_map maps them: private anonymous memory; a memfd mapped shared
+ * (shmem); a hugetlb memfd (MFD_HUGETLB, 2 MiB pages) mapped shared, without
+ * MAP_NORESERVE (the whole region is reserved from the pool at mmap).  A
+ * reference of a kind places and faults pages of that kind's size, so it is
+ * compared with a migration of the same kind. */
+enum mem_kind { KIND_ANON, KIND_MEMFD, KIND_HUGETLB };
+#define HUGE_PAGE (2 * MIB)
+
+/* "anon", "memfd" or "hugetlb" (exits 2 on anything else). */
+static inline enum mem_kind kind_of(const char *s)
 {
-    char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!strcmp(s, "anon"))
+        return KIND_ANON;
+    if (!strcmp(s, "memfd"))
+        return KIND_MEMFD;
+    if (!strcmp(s, "hugetlb"))
+        return KIND_HUGETLB;
+    fprintf(stderr, "memory kind: anon, memfd or hugetlb, not %s\n", s);
+    exit(2);
+}
+
+static inline const char *kind_name(enum mem_kind k)
+{
+    return k == KIND_HUGETLB ? "hugetlb" : k == KIND_MEMFD ? "memfd" : "anon";
+}
+
+/* The kind's page: what one fault asks for and one placement places. */
+static inline size_t kind_page(enum mem_kind k)
+{
+    return k == KIND_HUGETLB ? HUGE_PAGE : PAGE;
+}
+
+static inline char *kind_map(enum mem_kind k, size_t len)
+{
+    void *p;
+    if (k == KIND_ANON) {
+        p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    } else {
+        int fd = memfd_create("bench-ref", MFD_CLOEXEC | (k == KIND_HUGETLB ? MFD_HUGETLB : 0));
+        if (fd < 0 || ftruncate(fd, (off_t)len))
+            die("memfd_create");
+        p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+    }
     if (p == MAP_FAILED)
-        die("mmap");
+        die(k == KIND_HUGETLB ? "mmap hugetlb (too few free huge pages? /proc/sys/vm/nr_hugepages)" : "mmap");
+    return p;
+}
+
+/* Makes [p, p + len) missing again: MADV_DONTNEED only unmaps a memfd's
+ * pages (they stay in the file), so shared memory takes MADV_REMOVE, as the
+ * destination's discards do. */
+static inline void kind_zap(enum mem_kind k, char *p, size_t len)
+{
+    if (madvise(p, len, k == KIND_ANON ? MADV_DONTNEED : MADV_REMOVE))
+        die("madvise zap");
+}
+
+/* A fresh region of kind k registered for MISSING faults. */
+static inline char *uffd_region_kind(int uffd, enum mem_kind k, size_t len)
+{
+    char *p = kind_map(k, len);
     uffd_register(uffd, p, len);
     return p;
 }
 
-/* Place len bytes at dst; returns the bytes this call actually placed.
- * A range that meets an existing page fails with EAGAIN and copy = bytes
- * placed before it; retrying at that page fails with EEXIST: skip the page.
- * EAGAIN with copy <= 0 means the mm changed under us: retry as is. */
-static inline size_t uffd_place(int uffd, char *dst, const char *src, size_t len, uint64_t *eexist)
+/* A fresh anonymous region registered for MISSING faults. */
+static inline char *uffd_region(int uffd, size_t len)
+{
+    return uffd_region_kind(uffd, KIND_ANON, len);
+}
+
+/* Place len bytes of pages of `page` bytes at dst; returns the bytes this
+ * call actually placed.  A range that meets an existing page fails with
+ * EAGAIN and copy = bytes placed before it; retrying at that page fails with
+ * EEXIST: skip the page.  EAGAIN with copy <= 0 means the mm changed under
+ * us: retry as is. */
+static inline size_t uffd_place_pages(int uffd, char *dst, const char *src, size_t len, size_t page,
+                                      uint64_t *eexist)
 {
     size_t placed = 0;
     while (len) {
@@ -199,7 +264,7 @@ static inline size_t uffd_place(int uffd, char *dst, const char *src, size_t len
             step = c.copy;
             placed += step;
         } else if (errno == EEXIST) {
-            step = PAGE;
+            step = page;
             if (eexist)
                 ++*eexist;
         } else {
@@ -208,6 +273,12 @@ static inline size_t uffd_place(int uffd, char *dst, const char *src, size_t len
         dst += step, src += step, len -= step;
     }
     return placed;
+}
+
+/* uffd_place_pages of 4 KiB pages. */
+static inline size_t uffd_place(int uffd, char *dst, const char *src, size_t len, uint64_t *eexist)
+{
+    return uffd_place_pages(uffd, dst, src, len, PAGE, eexist);
 }
 
 static inline int cmp_double(const void *a, const void *b)

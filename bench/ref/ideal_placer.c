@@ -1,13 +1,15 @@
 /* ideal_placer: the ceiling of the postcopy bulk stream.
- *   usage: ideal_placer [MIB=1024] [RUN_KIB=256] [SPINNERS=0]
+ *   usage: ideal_placer [MIB=1024] [RUN_KIB=256] [SPINNERS=0] [KIND=anon]
  * A sender thread streams a region of MIB MiB over loopback TCP; the main
  * thread receives it in runs of RUN_KIB KiB (each received fully into a
- * buffer) and places every run with one UFFDIO_COPY into an anonymous region
- * registered MISSING with userfaultfd.  That is exactly the destination's
+ * buffer) and places every run with one UFFDIO_COPY into a region of memory
+ * KIND (anon, memfd or hugetlb: as migrate-src --memory maps it) registered
+ * MISSING with userfaultfd; on hugetlb a run is whole 2 MiB pages (RUN_KIB a
+ * multiple of 2048), as the wire carries them.  That is exactly the destination's
  * placer with no framing, no interpreter and no faults competing.  SPINNERS
  * threads burn CPU for the whole run: the load of a guest with as many vCPUs
  * running flat out, which a migration's placer competes with.
- * Prints {"placer_gbps": ..., "spinners": N, ...}. */
+ * Prints {"placer_gbps": ..., "spinners": N, "memory": KIND, "page_kib": ..., ...}. */
 #include "common.h"
 
 static size_t region_len;
@@ -36,14 +38,16 @@ int main(int argc, char **argv)
     size_t mib = argc > 1 ? strtoul(argv[1], NULL, 10) : 1024;
     size_t run = (argc > 2 ? strtoul(argv[2], NULL, 10) : 256) * 1024;
     int spinners = argc > 3 ? atoi(argv[3]) : 0;
-    if (!mib || !run || run % PAGE) {
-        fprintf(stderr, "usage: ideal_placer [MIB] [RUN_KIB, multiple of 4] [SPINNERS]\n");
+    enum mem_kind kind = argc > 4 ? kind_of(argv[4]) : KIND_ANON;
+    size_t page = kind_page(kind);
+    if (!mib || !run || run % page || (mib * MIB) % page) {
+        fprintf(stderr, "usage: ideal_placer [MIB] [RUN_KIB, whole pages of KIND] [SPINNERS] [KIND]\n");
         return 2;
     }
     region_len = mib * MIB;
 
     int uffd = uffd_open();
-    char *dst = uffd_region(uffd, region_len);
+    char *dst = uffd_region_kind(uffd, kind, region_len);
     char *buf = aligned_alloc(PAGE, run);
     memset(buf, 0, run);                   /* fault the bounce buffer in now */
 
@@ -65,7 +69,7 @@ int main(int argc, char **argv)
         }
         if (!off)
             t0 = now_s();
-        placed += uffd_place(uffd, dst + off, buf, n, &eexist);
+        placed += uffd_place_pages(uffd, dst + off, buf, n, page, &eexist);
     }
     double dt = now_s() - t0;
     pthread_join(t, NULL);
@@ -77,7 +81,7 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("{\"placer_gbps\": %.3f, \"bytes\": %lu, \"run_kib\": %zu, \"seconds\": %.4f, "
-           "\"eexist\": %lu, \"spinners\": %d}\n", placed / dt / 1e9, placed, run / 1024, dt, eexist,
-           spinners);
+           "\"eexist\": %lu, \"spinners\": %d, \"memory\": \"%s\", \"page_kib\": %zu}\n",
+           placed / dt / 1e9, placed, run / 1024, dt, eexist, spinners, kind_name(kind), page / 1024);
     return 0;
 }

@@ -9,6 +9,8 @@ what the kernel still lacks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import logging
 import time
 
@@ -16,12 +18,12 @@ import trio
 
 from .. import handoff
 from .. import protocol as p
-from ..errors import MigrateError, PeerError, RemoteProtocolError, UsageError, lost_link
+from ..errors import MigrateError, PeerError, RemoteProtocolError, UffdError, UsageError, lost_link
 from ..guest import Guest, GuestSpec, replay
 from ..memory import Memory, require_missing
-from ..metrics import Histogram, StallHistogram, rss_mib
+from ..metrics import Histogram, StallHistogram, memory_held, rss_mib
 from ..progress import Progress, placed_line
-from ..stats import DestinationCounters, DestinationStats, Hops, Recovery
+from ..stats import DestinationCounters, DestinationStats, Hops, MemoryHeld, Recovery
 from ..uffd import Userfaultfd
 from ..wire import FrameSocket
 from .config import DestinationConfig
@@ -57,6 +59,7 @@ class Destination:
         self.discarded_at_switchover = 0
         self._switchover_deadline = 0.0  # trio's clock: the source must begin migrating by then
         self.vmm_pid: int | None = None  # --handoff: the VMM whose memory this fills
+        self.holes_filled = 0  # --handoff: absent pages of removed ranges placed as zeros at the end
 
     def statistics(self) -> DestinationCounters:
         """The native loops' counters now: the progress line, the timeline and the final statistics read these."""
@@ -75,7 +78,7 @@ class Destination:
         try:
             cpu, links = await self._until_switchover(guest, links)
             t_switch = await self._switch_over(guest, cpu, links.bulk)
-            links = await self._postcopy(guest, links, t_switch)
+            links = await self._postcopy(guest, uffd, links, t_switch)
         except BaseException:
             # Never close the uffd and let vCPUs go on: a missing page would read as
             # zeros.  Those asleep in a fault stay asleep until the process exits.
@@ -88,6 +91,8 @@ class Destination:
         guest.time_stalls(False)  # every page is present: no access can stall any more
         self.progress.finish()
         now = self.statistics()
+        if isinstance(guest, VmmMemory):  # a page placed, then removed by the VMM, counted but gone: ask its kernel
+            now = dataclasses.replace(now, pages_placed=guest.present_pages())
         log.info("all %d pages placed in %.2f s: %d faults, %d requests, %d races absorbed by the kernel",
                  now.pages_placed, placement_s, now.faults, now.requests, now.eexist)
         await self._close(links, {"pages_placed": now.pages_placed, "faults": now.faults, "eexist": now.eexist})
@@ -95,11 +100,13 @@ class Destination:
         await self._run_after(guest, uffd)
         steps, stalls = guest.steps(), guest.stalls()
         rss = rss_mib()  # before the replay, which maps a second guest for the proof
+        held = memory_held(guest.base, guest.spec.size)
         verified = await self._verify(guest, steps)
         guest.close()
         return self._final_statistics(guest.spec, now, verified=verified,
                                       placement_s=placement_s, connect_s=time.monotonic() - t_connect,
-                                      steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss)
+                                      steps=steps, steps_placed=steps_placed, stalls=stalls, rss=rss,
+                                      held=held)
 
     async def _join(self) -> tuple[Served, Userfaultfd, Links]:
         """Opens the session (its bulk connection learns the guest), maps and registers the guest (or, with
@@ -252,7 +259,7 @@ class Destination:
         log.info("vCPUs running again; %d of %d pages present", self.plane.placed_pages, pages)
         return t_switch
 
-    async def _postcopy(self, guest: Served, links: Links, t_switch: float) -> Links:
+    async def _postcopy(self, guest: Served, uffd: Userfaultfd, links: Links, t_switch: float) -> Links:
         """Places pages until all are there, reconnecting when a link breaks; returns the live links.
 
         **Cancellation**: stops the native loops (each through its eventfd) and
@@ -270,11 +277,14 @@ class Destination:
                     if plane.placed_pages >= plane.pages:
                         break  # precopy, or nothing was written after the last round
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(plane.placer, links.bulk, self._took)
+                        streamed = trio.Event()
+                        nursery.start_soon(self._place_stream, links.bulk, streamed)
                         nursery.start_soon(plane.fault_reader, links.requests)
                         nursery.start_soon(plane.reply_placer, links.replies)
                         nursery.start_soon(self._watch_progress, t_switch, guest)
                         await plane.wait_done()
+                        if isinstance(guest, VmmMemory) and plane.removes[0]:
+                            await self._fill_removed(guest, uffd, streamed)
                         nursery.cancel_scope.cancel()
                     break
                 except Exception as exc:
@@ -289,6 +299,40 @@ class Destination:
             with contextlib.suppress(PeerError):  # the figure is lost with the link, not the migration
                 self._took(await links.bulk.expect(p.Downtime, within=self.cfg.link_timeout))
         return links
+
+    async def _place_stream(self, bulk: FrameSocket, streamed: trio.Event) -> None:
+        """The placer, until the source says the stream is complete (``streamed`` is then set)."""
+        await self.plane.placer(bulk, self._took)
+        streamed.set()
+
+    async def _fill_removed(self, vmm: VmmMemory, uffd: Userfaultfd, streamed: trio.Event) -> None:
+        """After a VMM removed memory, the counters overcount (a page placed, then removed, counted but gone):
+        its page tables say what is still absent.  Once the stream is complete every page not removed was
+        placed, so what is absent lies in removed ranges, which read as zeros: placed as zero pages.
+
+        The fault reader runs meanwhile: a placement that finds the layout changing (``-EAGAIN``: a remove
+        event not read yet) waits for it to read the event."""
+        await streamed.wait()  # the placer's own silence bound ends it if the source goes quiet
+        removed = self.plane.removed_runs()  # merged: a hole in removed ranges lies in one of them
+        holes = vmm.absent_runs()
+        page = self.page_size
+        for start, count in holes:
+            if not any(s <= start and start + count <= s + n for s, n in removed):
+                raise MigrateError(f"pages {start}..{start + count - 1} of the VMM are absent after the stream's "
+                                   "end, and the VMM never removed them", hint="this is a bug: please report it")
+            for addr, pages in vmm.addresses(start, count):
+                while True:
+                    try:
+                        uffd.zeropage(addr, pages * page, page)
+                        break
+                    except UffdError as exc:
+                        if exc.errno != errno.EAGAIN:
+                            raise
+                        await trio.sleep(0.001)  # a remove under way: the fault reader reads it
+        self.holes_filled = sum(count for _, count in holes)
+        events, pages = self.plane.removes
+        log.info("the VMM removed %d pages in %d events; %d absent ones placed as zero pages at the end",
+                 pages, events, self.holes_filled)
 
     def _took(self, answer: p.Downtime) -> None:
         """The source's downtime, measured on its clock from its vCPUs' stop to our ``Running``."""
@@ -406,7 +450,8 @@ class Destination:
 
     def _final_statistics(self, spec: GuestSpec, now: DestinationCounters, *, verified: bool | None,
                           placement_s: float, connect_s: float, steps: list[int],
-                          steps_placed: list[int], stalls: StallHistogram, rss: float) -> DestinationStats:
+                          steps_placed: list[int], stalls: StallHistogram, rss: float,
+                          held: MemoryHeld | None = None) -> DestinationStats:
         """The metrics, from the counters as the last page arrived (``now``) and the guest's own figures."""
         urgent = self.plane.c.urgent
         return DestinationStats(
@@ -432,13 +477,14 @@ class Destination:
                          network=Histogram.from_c(urgent.network).summary(),
                          source_held=Histogram.from_c(urgent.held).summary(),
                          reply_to_placed=Histogram.from_c(urgent.place).summary()),
-            vcpu_steps=tuple(steps), vcpu_steps_at_placed=tuple(steps_placed), rss_mib=rss,
+            vcpu_steps=tuple(steps), vcpu_steps_at_placed=tuple(steps_placed), rss_mib=rss, memory_mib=held,
             guest_mib=spec.size / 2**20, workload=spec.workload.name, vcpus=spec.vcpus,
             recoveries=tuple(self.recoveries), connect_attempts=self.connector.attempts,
             tls=self.cfg.tls.negotiated if self.cfg.tls else "plaintext",
             tls_rekeys=self.cfg.tls.rekeys if self.cfg.tls else 0,
             placed_timeline=tuple(self.timeline),
-            vmm_pid=self.vmm_pid,
+            vmm_pid=self.vmm_pid, vmm_removes=self.plane.removes[0], vmm_removed_pages=self.plane.removes[1],
+            vmm_holes_zeroed=self.holes_filled,
         )
 
 

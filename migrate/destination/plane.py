@@ -56,7 +56,8 @@ class Plane:
     def attach(self, uffd: int, regions: Sequence[Region], memory: Memory, pagemap_fd: int = -1) -> None:
         """Points the loops at the guest (``regions`` of ``memory``, in page order, covering every page) and its
         userfaultfd, and opens the done eventfd, signalled once every page is present (``wait_done``).
-        ``pagemap_fd``: the pagemap of the process the memory belongs to (-1: ours)."""
+        ``pagemap_fd``: the pagemap of the process the memory belongs to (-1: ours), which may remove memory
+        (a VMM's ``UFFD_EVENT_REMOVE``, see ``plane_track_removes`` in native/dataplane.h)."""
         c = self.c
         if not 0 < len(regions) <= len(c.region):
             raise ValueError(f"{len(regions)} regions; the loops take 1 to {len(c.region)}")
@@ -65,6 +66,8 @@ class Plane:
         c.nregions = len(regions)
         c.uffd, c.pagemap_fd, c.page_shift, c.memory = uffd, pagemap_fd, memory.page_shift, memory
         c.pages = sum(r.pages for r in regions)
+        if pagemap_fd >= 0 and lib.plane_track_removes(c) < 0:
+            raise MemoryError("no memory for the list of removed ranges")
         c.done_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
     async def wait_done(self) -> None:
@@ -72,8 +75,19 @@ class Plane:
         await trio.lowlevel.wait_readable(self.c.done_fd)
 
     def detach(self) -> None:
-        """Closes the done eventfd: every page is present, no loop runs."""
+        """Closes the done eventfd and forgets the removes: every page is present, no loop runs."""
         os.close(self.c.done_fd)
+        lib.plane_untrack_removes(self.c)
+
+    @property
+    def removes(self) -> tuple[int, int]:
+        """The VMM's removes so far: (events, pages they named)."""
+        return self.c.remove_events, self.c.removed_pages
+
+    def removed_runs(self) -> list[tuple[int, int]]:
+        """The ranges the VMM removed, merged, as (page, count) runs in page order."""
+        out = ffi.new("struct wire_run[]", lib.PLANE_REMOVES_MAX)
+        return [(out[i].start, out[i].count) for i in range(lib.plane_removed_runs(self.c, out, len(out)))]
 
     @property
     def pages(self) -> int:

@@ -84,6 +84,16 @@ class VmmMemory:
         """The first region's address: where the watchdog's page numbers would point (no vCPU here waits)."""
         return self.regions[0].base
 
+    def addresses(self, start: int, count: int) -> list[tuple[int, int]]:
+        """Pages [start, start + count) as (address, pages) stretches, one per region they cross."""
+        out = []
+        shift = self.spec.memory.page_shift
+        for r in self.regions:
+            lo, hi = max(start, r.first), min(start + count, r.first + r.pages)
+            if lo < hi:
+                out.append((r.base + ((lo - r.first) << shift), hi - lo))
+        return out
+
     def absent_runs(self) -> list[tuple[int, int]]:
         """Pages the VMM's page tables do not have yet, as (page, count) runs (pages numbered as on the wire)."""
         shift = self.spec.memory.page_shift

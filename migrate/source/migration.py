@@ -24,7 +24,7 @@ from ..errors import PeerError, lost_link
 from ..guest import Guest
 from ..image import Image, image_guest
 from ..memory import require_missing
-from ..metrics import Histogram, rss_mib
+from ..metrics import Histogram, memory_held, rss_mib
 from ..progress import Progress
 from ..stats import GuestPace, Round, SourceCounters, SourceStats
 from ..uffd import Userfaultfd
@@ -322,7 +322,8 @@ class Migration:
             prepage_stats=streamer.policy.statistics(), window_pages=streamer.window_pages,
             pacer_waits=now.pacer_waits, pacer_waited_ms=round(now.pacer_waited_ns / 1e6, 3),
             stream_timeline=tuple(streamer.timeline),
-            rss_mib=rss_mib(), guest_mib=spec.size / 2**20, vcpu_steps=tuple(self.guest.steps()),
+            rss_mib=rss_mib(), memory_mib=memory_held(self.guest.base, spec.size),
+            guest_mib=spec.size / 2**20, vcpu_steps=tuple(self.guest.steps()),
             rounds=tuple(Round(**entry) for entry in self.rounds.entries) if self.rounds is not None else (),
             guest_steps_per_s=GuestPace(before=round(before), during_precopy=None if during is None else round(during),
                                         ratio=ratio),

@@ -2,8 +2,8 @@
 the codec (migrate/protocol), in each target's input format (see the harness's opening comment).
 
 Deterministic: running it again rewrites the same files.  The corpus also keeps inputs the fuzzers
-found (scripts/fuzz --save); this script touches only the seed-* files.
-    python tests/fuzz/seeds.py
+found (scripts/fuzz --save); this script touches only the seed-* files, of the targets named (default: all).
+    python tests/fuzz/seeds.py [wire|frames|link|control ...]
 """
 
 from __future__ import annotations
@@ -50,7 +50,31 @@ def wire_seeds(m: dict[str, tuple[int, int]]) -> dict[str, bytes]:
     }
     request = wire(p.PageRequest(((0, 1), (50, 50), (99, 1)), stamp=12345))
     seeds["request"] = request[:p.FRAME_SIZE] + guest + bytes([m["requesting"][1]]) + request[p.FRAME_SIZE:]
+    seeds.update(huge_wire_seeds(m))
     return seeds
+
+
+HUGE_BIT = 0x80  # fuzz_wire.c: the mask byte's top bit selects 2 MiB wire pages (a hugetlb guest)
+HUGE_PAGES = 16  # a 32 MiB hugetlb guest
+
+
+def huge_wire_seeds(m: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """fuzz_wire.c at 2 MiB pages: a frame of one huge page (a 2 MiB payload, the largest frame), a
+    run of two (refused: one huge page a frame), a reply at the guest's last page, and a request for
+    whole huge pages.  A frame's header counts pages; only the page's size differs from 4 KiB."""
+    guest = struct.pack("<Q", HUGE_PAGES)
+    header = wire(p.PageRun(3, 1, b"\x5a" * PAGE))[:p.FRAME_SIZE]
+    two = bytearray(header)
+    struct.pack_into("<I", two, 4, 2)  # struct wire_frame's count
+    request = wire(p.PageRequest(((0, 1), (7, 1), (HUGE_PAGES - 1, 1)), stamp=54321))
+    return {
+        "huge-page": header + guest + bytes([m["streaming"][0] | HUGE_BIT]),
+        "huge-two-pages": bytes(two) + guest + bytes([m["streaming"][0] | HUGE_BIT]),
+        "huge-reply": wire(p.ZeroRun(HUGE_PAGES - 1, 1, echo=3, held_ns=9)) + guest
+        + bytes([m["replying"][0] | HUGE_BIT]),
+        "huge-request": request[:p.FRAME_SIZE] + guest + bytes([m["requesting"][1] | HUGE_BIT])
+        + request[p.FRAME_SIZE:],
+    }
 
 
 def frames_seeds(m: dict[str, tuple[int, int]]) -> dict[str, bytes]:
@@ -113,10 +137,16 @@ def control_seeds() -> dict[str, bytes]:
     return {f"{i:02}-{type(e).__name__.lower()}": wire(e)[p.FRAME_SIZE:] for i, e in enumerate(events)}
 
 
-def main() -> None:
+TARGETS = ("wire", "frames", "link", "control")
+
+
+def main(targets: list[str]) -> None:
+    """Rewrites the seeds of ``targets`` (default: every target's)."""
     m = masks()
-    for target, seeds in (("wire", wire_seeds(m)), ("frames", frames_seeds(m)), ("link", link_seeds()),
-                          ("control", control_seeds())):
+    makers = {"wire": lambda: wire_seeds(m), "frames": lambda: frames_seeds(m), "link": link_seeds,
+              "control": control_seeds}
+    for target in targets or TARGETS:
+        seeds = makers[target]()
         d = HERE / "corpus" / target
         d.mkdir(parents=True, exist_ok=True)
         for old in d.glob("seed-*"):
@@ -127,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
