@@ -102,29 +102,8 @@ static const struct region *find(uint64_t addr)
 static uint64_t copy(int uffd, const struct region *r, const char *file, uint64_t addr, uint64_t len,
                      uint64_t *eexist)
 {
-    uint64_t placed = 0;
-    while (len) {
-        struct uffdio_copy c = { .dst = addr, .src = (uintptr_t)(file + r->offset + (addr - r->base)),
-                                 .len = len };
-        if (ioctl(uffd, UFFDIO_COPY, &c) == 0) {
-            placed += len;
-            break;
-        }
-        uint64_t step;
-        if (errno == EAGAIN) {
-            if (c.copy <= 0)
-                continue;
-            step = c.copy;
-            placed += step;
-        } else if (errno == EEXIST) {
-            step = r->page;
-            ++*eexist;
-        } else {
-            die("UFFDIO_COPY");
-        }
-        addr += step, len -= step;
-    }
-    return placed / r->page;
+    return uffd_place_pages(uffd, (char *)(uintptr_t)addr, file + r->offset + (addr - r->base), len, r->page,
+                            eexist) / r->page;
 }
 
 int main(int argc, char **argv)
