@@ -615,20 +615,20 @@ static int send_all(const io_t *io, const void *buf, size_t len)
  * lock, exclusively. */
 static int record_remove(dst_plane_t *d, uint64_t start, uint64_t end, const char **why)
 {
-    const uint64_t page = 1ull << d->page_shift;
-    for (uint64_t a = start & ~(page - 1); a < end; a += page) {
-        int64_t p = page_at(d, a);
-        if (p < 0)
+    const uint32_t shift = d->page_shift;
+    for (uint32_t i = 0; i < d->nregions; i++) { /* the part in each region: a run of its pages */
+        const region_t *r = &d->region[i];
+        uint64_t lo = start > r->base ? start : r->base, hi = r->base + (r->pages << shift);
+        if (end < hi)
+            hi = end;
+        if (lo >= hi)
             continue;
-        uint64_t n = 1;
-        while (a + n * page < end && page_at(d, a + n * page) == p + (int64_t)n)
-            n++;
-        if (removes_add(d->removes, (uint64_t)p, n) < 0) {
+        uint64_t first = (lo - r->base) >> shift, last = (hi - r->base + (1ull << shift) - 1) >> shift;
+        if (removes_add(d->removes, r->first + first, last - first) < 0) {
             *why = "recording the VMM's removes (more separate ranges than PLANE_REMOVES_MAX)";
             return -ENOSPC;
         }
-        add(&d->removed_pages, n);
-        a += (n - 1) * page;
+        add(&d->removed_pages, last - first);
     }
     add(&d->remove_events, 1);
     return 0;

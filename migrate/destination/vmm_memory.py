@@ -81,8 +81,9 @@ class VmmMemory:
 
     @property
     def base(self) -> int:
-        """The first region's address: where the watchdog's page numbers would point (no vCPU here waits)."""
-        return self.regions[0].base
+        """The guest's mapping in this process: none (0).  The VMM's addresses mean nothing here, and one that
+        happened to match a mapping of ours would have its pages counted as the guest's (``memory_held``)."""
+        return 0
 
     def addresses(self, start: int, count: int) -> list[tuple[int, int]]:
         """Pages [start, start + count) as (address, pages) stretches, one per region they cross."""
