@@ -48,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +373,21 @@ def main() -> int:
                               "wan": args.wan, "runs": []}
     runs = result["runs"]
     failed = 0
+
+    def attempt(label: str, restore: Callable[[], dict[str, Any]], **where: Any) -> None:
+        """One restore, its figures kept with ``where`` and logged under ``label``; a failure is counted."""
+        nonlocal failed
+        try:
+            fig = restore()
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            failed += 1
+            log(f"  {where['variant']} failed: {str(exc).splitlines()[0]}")
+            return
+        fig.update(where)
+        runs.append(fig)
+        log(f"  {label}: first step {fig['first_step_ms']} ms, stall {fig['stall_total_ms']:.0f} ms, "
+            f"{fig['faults']} faults, all present {fig['all_present_s']} s, stream {fig['stream_gbps']} GB/s")
+
     with tempfile.TemporaryDirectory(prefix="bench-restore-") as tmp:
         work = Path(tmp)
         restorer = Restorer(python, handler, work, run_s=args.run_seconds)
@@ -384,19 +401,12 @@ def main() -> int:
                 for rnd in range(args.rounds):
                     order = VARIANTS[rnd % 3:] + VARIANTS[:rnd % 3]
                     for variant in order:
-                        try:
-                            fig = (restorer.ours(snaps[mib, workload]) if variant == "ours" else
-                                   restorer.floor(snaps[mib, workload], variant.replace("floor-", "") if
-                                                  variant != "floor" else "ondemand"))
-                        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                            failed += 1
-                            log(f"  {variant} failed: {str(exc).splitlines()[0]}")
-                            continue
-                        fig.update(mib=mib, workload=workload, variant=variant, round=rnd)
-                        runs.append(fig)
-                        log(f"  round {rnd + 1} {variant:9}: first step {fig['first_step_ms']} ms, stall "
-                            f"{fig['stall_total_ms']:.0f} ms, {fig['faults']} faults, all present "
-                            f"{fig['all_present_s']} s, stream {fig['stream_gbps']} GB/s")
+                        snap = snaps[mib, workload]
+                        restore = (partial(restorer.ours, snap) if variant == "ours" else
+                                   partial(restorer.floor, snap, variant.replace("floor-", "")
+                                           if variant != "floor" else "ondemand"))
+                        attempt(f"round {rnd + 1} {variant:9}", restore, mib=mib, workload=workload,
+                                variant=variant, round=rnd)
         if args.wan:
             from wan import LinkSpec, LinkUnavailable, emulated_link
             try:
@@ -407,17 +417,8 @@ def main() -> int:
                     name = f"ours over {link.spec.name}"
                     for (mib, workload), snap in snaps.items():
                         for rnd in range(args.wan_rounds):
-                            try:
-                                fig = over.ours(snap)
-                            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                                failed += 1
-                                log(f"  {name} failed: {str(exc).splitlines()[0]}")
-                                continue
-                            fig.update(mib=mib, workload=workload, variant=name, round=rnd)
-                            runs.append(fig)
-                            log(f"  {mib} MiB {workload} {name}: first step {fig['first_step_ms']} ms, stall "
-                                f"{fig['stall_total_ms']:.0f} ms, {fig['faults']} faults, all present "
-                                f"{fig['all_present_s']} s, stream {fig['stream_gbps']} GB/s")
+                            attempt(f"{mib} MiB {workload} {name}", partial(over.ours, snap), mib=mib,
+                                    workload=workload, variant=name, round=rnd)
             except LinkUnavailable as exc:
                 log(f"the emulated link is not available here: {exc}")
                 result["wan_error"] = str(exc)
